@@ -1,0 +1,9 @@
+"""The method registry: each method class registers itself under its ``name`` on import.
+
+Adding a method is one file in this package plus one import line here.
+"""
+
+from passes import lora  # noqa: F401
+from surgeon.spec import METHODS
+
+__all__ = ["METHODS"]

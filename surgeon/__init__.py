@@ -1,0 +1,20 @@
+"""surgeon: a declarative model-surgery compiler for PyTorch."""
+
+import passes.registry  # noqa: F401  (registers every method)
+from passes.lora import LoRA
+from surgeon.compiled import CompiledModel, compile
+from surgeon.errors import SpecError
+from surgeon.load import load
+from surgeon.spec import MethodSpec, Spec, load_spec
+
+__all__ = [
+    "CompiledModel",
+    "LoRA",
+    "MethodSpec",
+    "Spec",
+    "SpecError",
+    "compile",
+    "load",
+    "load_spec",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,340 @@
+"""`surgeon.compile` and the compiled model it returns."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon.adapter import AdapterLayer
+from surgeon.errors import SpecError
+from surgeon.graph import Graph
+from surgeon.rewrite import escape, install, leaf_region, reached_layers, rewrite_region
+from surgeon.spec import MethodSpec, Spec, as_spec, check_adapter_name
+from surgeon.trace import trace_regions
+
+
+class AdapterStore(nn.Module):
+    """Adapter parameters, apart from the graphs: recompiling never reallocates them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict()
+        self.specs: dict[str, MethodSpec] = {}
+
+    def add(self, name: str, spec: MethodSpec, layers: Mapping[str, AdapterLayer]) -> None:
+        self.layers[name] = nn.ModuleDict({escape(p): layer for p, layer in layers.items()})
+        self.paths[name] = list(layers)
+        self.specs[name] = spec
+
+    def remove(self, name: str) -> None:
+        del self.layers[name]
+        del self.specs[name]
+        del self.paths[name]
+
+    def items(self, name: str) -> list[tuple[str, AdapterLayer]]:
+        group = self.layers[name]
+        return [(p, group[escape(p)]) for p in self.paths[name]]
+
+    @property
+    def paths(self) -> dict[str, list[str]]:
+        if "_paths" not in self.__dict__:
+            self.__dict__["_paths"] = {}
+        return self.__dict__["_paths"]
+
+
+class CompiledModel(nn.Module):
+    """The user's model with adapters grafted in. Calls, attributes and ``generate`` pass through."""
+
+    def __init__(self, model: nn.Module, graph: Graph) -> None:
+        super().__init__()
+        self.model = model
+        self.store = AdapterStore()
+        self.graph = graph
+        self._active: tuple[str, ...] = ()
+        self._merged: list[str] = []
+        self._disabled = False
+        self._frozen = False
+
+    # -- passing through to the model ---------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__["_modules"].get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    def __repr__(self) -> str:
+        return f"CompiledModel({type(self.model).__name__}, adapters={self.adapters}, active={self.active})"
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._recompile()  # dtype casts in the graphs depend on parameter dtypes
+        return out
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.store.specs)
+
+    @property
+    def active(self) -> list[str]:
+        return list(self._active)
+
+    def spec(self, name: str) -> MethodSpec:
+        self._require(name)
+        return self.store.specs[name]
+
+    def add_adapter(self, name: str, method: MethodSpec, activate: bool | None = None) -> None:
+        """Add an adapter; it becomes active if it is the first one (or when ``activate``)."""
+        self._build_adapter(name, method)
+        if activate or (activate is None and not self._active):
+            self._active = (*self._active, name)
+        self._recompile()
+
+    def _build_adapter(
+        self, name: str, method: MethodSpec, tensors: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Create (and fill from ``tensors``) an adapter; on any error the model is left as it was."""
+        check_adapter_name(name)
+        if name in self.store.specs:
+            raise SpecError(
+                f"adapter {name!r} already exists; delete_adapter({name!r}) first or pick another name"
+            )
+        if not isinstance(method, MethodSpec):
+            raise SpecError(
+                f"adapter {name!r}: expected a method such as surgeon.LoRA(...), got {type(method).__name__}"
+            )
+        paths = method.select(self.model)
+        with _unchanged_on_error(self.model, _rewritten_weights(self.model, method, paths)):
+            layers = {p: method.create_layer(self.model.get_submodule(p), p) for p in paths}
+            base_trainable = method.trainable_base_parameters(self.model, paths)
+            if tensors is not None:
+                from surgeon.io import fill_adapter
+
+                fill_adapter(self.model, name, layers, base_trainable, tensors)
+        self._freeze_base()
+        params = dict(self.model.named_parameters())
+        for pname in base_trainable:
+            params[pname].requires_grad_(True)
+        self.store.add(name, method, layers)
+        self._add_unreached_layers(paths)
+
+    def set_active(self, names: str | Sequence[str] | None) -> None:
+        """Which adapters run: a name, several names (applied in order), or None for none."""
+        chosen = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+        for n in chosen:
+            self._require(n)
+        if len(set(chosen)) != len(chosen):
+            raise SpecError(f"set_active: adapter names repeat in {list(chosen)}")
+        self._active = chosen
+        self._recompile()
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if name in self._merged:
+            raise SpecError(
+                f"adapter {name!r} is merged into the weights; unmerge() before deleting it"
+            )
+        self.store.remove(name)
+        self._active = tuple(n for n in self._active if n != name)
+        self._recompile()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model: adapters off (merged ones are unmerged for the duration)."""
+        merged = list(self._merged)
+        if merged:
+            self.unmerge()
+        self._disabled = True
+        self._recompile()
+        try:
+            yield
+        finally:
+            self._disabled = False
+            if merged:
+                self.merge(merged)
+            self._recompile()
+
+    def _require(self, name: str) -> None:
+        if name not in self.store.specs:
+            from surgeon.errors import did_you_mean
+
+            raise SpecError(
+                f"no adapter named {name!r}{did_you_mean(name, self.adapters)} "
+                f"(adapters: {', '.join(self.adapters) or 'none'})"
+            )
+
+    # -- merging ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, names: Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights; `unmerge` reverses it."""
+        for name in self._merge_candidates(names):
+            for _, layer in self.store.items(name):
+                weight = layer.base.weight
+                weight.add_(layer.delta_weight().to(weight.dtype))
+            self._merged.append(name)
+        self._recompile()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for name in reversed(self._merged):
+            for _, layer in self.store.items(name):
+                weight = layer.base.weight
+                weight.sub_(layer.delta_weight().to(weight.dtype))
+        self._merged = []
+        self._recompile()
+
+    def _merge_candidates(self, names: Sequence[str] | None) -> list[str]:
+        chosen = list(self._active if names is None else names)
+        for n in chosen:
+            self._require(n)
+        return [n for n in chosen if n not in self._merged]
+
+    @property
+    def merged(self) -> list[str]:
+        return list(self._merged)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapters in and hand back the plain model (no surgeon code left in it)."""
+        self.merge()
+        for region in self.graph.regions:
+            install(self.model, region, None, {})
+        for name in list(self.store.specs):
+            self.store.remove(name)
+        self._active, self._merged = (), []
+        return self.model
+
+    # -- compiling ----------------------------------------------------------------------------
+
+    def _freeze_base(self) -> None:
+        if not self._frozen:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self._frozen = True
+
+    def _add_unreached_layers(self, paths: Sequence[str]) -> None:
+        """Targets that no region's graph calls (called from outside, say) get a region of their own."""
+        reached = reached_layers(self.model, self.graph.regions)
+        for path in paths:
+            if id(self.model.get_submodule(path)) not in reached:
+                self.graph.regions.append(leaf_region(self.model, path))
+
+    def _active_layers(self) -> dict[int, list[tuple[str, AdapterLayer]]]:
+        active: dict[int, list[tuple[str, AdapterLayer]]] = {}
+        if self._disabled:
+            return active
+        for name in self._active:
+            if name in self._merged:
+                continue
+            for _, layer in self.store.items(name):
+                active.setdefault(id(layer.base), []).append((name, layer))
+        return active
+
+    def _recompile(self) -> None:
+        if "graph" not in self.__dict__:
+            return  # during nn.Module.__init__-time .to() calls
+        active = self._active_layers()
+        for region in self.graph.regions:
+            if active and reached_layers(self.model, [region]) & active.keys():
+                graph, root = rewrite_region(self.model, region, active)
+                install(self.model, region, graph, root)
+            elif region.graph is not None or region.gm is not None:
+                install(self.model, region, None, {})
+                region.adapted = {}
+
+    # -- reporting, files ---------------------------------------------------------------------
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def inspect(self):
+        from surgeon.inspect import Report
+
+        return Report.of(self)
+
+    def save_adapters(self, path: str | Path, names: Sequence[str] | None = None) -> None:
+        from surgeon.io import save_adapters
+
+        save_adapters(self, Path(path), names)
+
+    def load_adapters(
+        self, path: str | Path, name: str = "default", activate: bool | None = None
+    ) -> None:
+        from surgeon.io import read_adapter
+
+        method, tensors = read_adapter(Path(path))
+        self._build_adapter(name, method, tensors)
+        if activate or (activate is None and not self._active):
+            self._active = (*self._active, name)
+        self._recompile()
+
+
+@contextlib.contextmanager
+def _unchanged_on_error(model: nn.Module, rewritten: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Leave ``model`` as it was if the block fails: trainable flags, and the base weights that
+    residual initialisations (PiSSA, OLoRA) rewrite in place (copied only for those methods)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    copies = [(w, w.detach().clone()) for w in rewritten]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for w, saved in copies:
+                w.copy_(saved)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
+def _rewritten_weights(
+    model: nn.Module, method: MethodSpec, paths: Sequence[str]
+) -> list[torch.Tensor]:
+    if not method.rewrites_base:
+        return []
+    return [model.get_submodule(p).weight for p in paths]
+
+
+def compile(
+    model: nn.Module,
+    spec_or_method: Spec | MethodSpec | Mapping[str, Any] | None = None,
+    name: str = "default",
+    fuse: bool = False,
+) -> CompiledModel:
+    """Trace ``model`` into regions and graft the spec's adapters in (all of them active)."""
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"compile: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, CompiledModel):
+        raise SpecError(
+            "compile: this model is already compiled; use add_adapter() to add another adapter"
+        )
+    if fuse:
+        raise SpecError("compile(fuse=True): the fusion pass is not available in this version")
+    spec = as_spec(spec_or_method, name) if spec_or_method is not None else None
+    result = trace_regions(model)
+    cm = CompiledModel(model, Graph(result.regions, result.breaks, result.seconds))
+    if spec is not None:
+        rewritten = [
+            w for m in spec.adapters.values() for w in _rewritten_weights(model, m, m.select(model))
+        ]
+        with _unchanged_on_error(model, rewritten):
+            for adapter_name, method in spec.adapters.items():
+                cm._build_adapter(adapter_name, method)
+        cm._active = tuple(spec.adapters)
+        cm._recompile()
+    return cm

@@ -1,0 +1,140 @@
+"""The IR as users see it: regions (FX graphs), graph breaks, code, networkx and DOT views."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import networkx as nx
+import torch.fx as fx
+
+from surgeon.targets import layer_index
+from surgeon.trace import Break, Region
+
+
+class Graph:
+    """The traced model: sound regions plus the modules that broke tracing."""
+
+    def __init__(self, regions: list[Region], breaks: list[Break], trace_seconds: float) -> None:
+        self.regions = regions
+        self.breaks = breaks
+        self.trace_seconds = trace_seconds
+
+    def __repr__(self) -> str:
+        adapted = sum(1 for r in self.regions if r.graph is not None)
+        return f"Graph({len(self.regions)} regions, {adapted} rewritten, {len(self.breaks)} breaks)"
+
+    def region(self, path: str) -> Region:
+        for region in self.regions:
+            if region.path == path:
+                return region
+        known = ", ".join(repr(r.path) for r in self.regions[:10])
+        raise KeyError(
+            f"no region at {path!r}; regions: {known}{' ...' if len(self.regions) > 10 else ''}"
+        )
+
+    def region_of(self, module_path: str) -> Region | None:
+        """The region whose subtree holds ``module_path``."""
+        best = None
+        for region in self.regions:
+            p = region.path
+            inside = p == "" or module_path == p or module_path.startswith(p + ".")
+            if inside and (best is None or len(p) > len(best.path)):
+                best = region
+        return best
+
+    def rewritten(self) -> Iterator[Region]:
+        return (r for r in self.regions if r.graph is not None)
+
+    def code(self, path: str | None = None) -> str:
+        """Python code of one region (by module path), or of every rewritten region."""
+        if path is not None:
+            return _region_code(self.region(path))
+        chosen = list(self.rewritten()) or self.regions
+        return "\n".join(_region_code(r) for r in chosen)
+
+    def regions_per_layer(self) -> float | None:
+        """Mean number of regions per decoder layer (None for models without numbered layers)."""
+        counts = Counter(i for r in self.regions if (i := layer_index(r.path + ".")) is not None)
+        return sum(counts.values()) / len(counts) if counts else None
+
+    def to_networkx(self) -> nx.DiGraph:
+        """One node per FX node (``"<region>::<node>"``), with op, target, region and adapter attributes."""
+        g = nx.DiGraph()
+        for region in self.regions:
+            prefix = region.path or "<root>"
+            for node in region.current.nodes:
+                tag = node.meta.get("surgeon", {})
+                g.add_node(
+                    f"{prefix}::{node.name}",
+                    op=node.op,
+                    target=_target_name(node),
+                    region=prefix,
+                    adapter=tag.get("adapter"),
+                    method=tag.get("method"),
+                )
+                for src in node.all_input_nodes:
+                    g.add_edge(f"{prefix}::{src.name}", f"{prefix}::{node.name}")
+        return g
+
+    def to_dot(self, path: str | Path | None = None) -> str:
+        """Graphviz DOT text, one cluster per region, inserted adapter nodes filled."""
+        g = self.to_networkx()
+        lines = ["digraph surgeon {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+        by_region: dict[str, list[str]] = {}
+        for n, data in g.nodes(data=True):
+            by_region.setdefault(data["region"], []).append(n)
+        for i, (region, nodes) in enumerate(by_region.items()):
+            lines.append(f"  subgraph cluster_{i} {{")
+            lines.append(f"    label={_quote(region)};")
+            for n in nodes:
+                data = g.nodes[n]
+                label = f"{data['op']}\\n{data['target']}"
+                style = ', style=filled, fillcolor="#ffd59e"' if data["adapter"] else ""
+                lines.append(f"    {_quote(n)} [label={_quote(label)}{style}];")
+            lines.append("  }")
+        lines.extend(f"  {_quote(a)} -> {_quote(b)};" for a, b in g.edges)
+        lines.append("}")
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def check(self) -> None:
+        """The IR's invariants; raise AssertionError naming the region that breaks one."""
+        for region in self.regions:
+            region.base.lint()
+            if region.graph is None:
+                continue
+            region.graph.lint()
+            targets = {n.target for n in region.base.nodes if n.op == "call_module"}
+            kept = {
+                n.target
+                for n in region.graph.nodes
+                if n.op == "call_module" and "surgeon" not in n.meta
+            }
+            assert targets == kept, (
+                f"region {region.path!r}: base layer calls changed: {targets ^ kept}"
+            )
+            for node in region.graph.nodes:
+                if "surgeon" in node.meta:
+                    assert node.meta["surgeon"].get("adapter"), (
+                        f"region {region.path!r}: untagged {node}"
+                    )
+
+
+def _region_code(region: Region) -> str:
+    graph = region.current
+    header = f"# region {region.path or '<root>'} ({region.module_type}{', leaf' if region.leaf else ''})"
+    body = graph.python_code("self").src.strip("\n")
+    return f"{header}\n{body}\n"
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return getattr(target, "__name__", None) or str(target)
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\\\\n", "\\n") + '"'

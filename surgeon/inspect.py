@@ -1,0 +1,112 @@
+"""`cm.inspect()`: what was grafted where, as a table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from surgeon.compiled import CompiledModel
+
+
+@dataclass
+class Row:
+    target: str
+    method: str
+    adapter: str
+    rank: int | None
+    params: int
+    region: str
+    active: bool
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    trainable: int
+    total: int
+    regions: int
+    breaks: list[tuple[str, str, str]]
+    regions_per_layer: float | None
+    trace_seconds: float
+    merged: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, cm: CompiledModel) -> Report:
+        rows = []
+        for name in cm.adapters:
+            method = cm.spec(name).name
+            for path, layer in cm.store.items(name):
+                region = cm.graph.region_of(path)
+                rows.append(
+                    Row(
+                        target=path,
+                        method=method,
+                        adapter=name,
+                        rank=getattr(layer, "rank", None),
+                        params=sum(p.numel() for p in layer.parameters()),
+                        region=(region.path or "<root>") if region is not None else "-",
+                        active=name in cm.active,
+                    )
+                )
+        graph = cm.graph
+        return cls(
+            rows=rows,
+            trainable=cm.num_trainable(),
+            total=cm.num_parameters(),
+            regions=len(graph.regions),
+            breaks=[(b.path or "<root>", b.module_type, b.reason) for b in graph.breaks],
+            regions_per_layer=graph.regions_per_layer(),
+            trace_seconds=graph.trace_seconds,
+            merged=cm.merged,
+        )
+
+    def table(self) -> str:
+        headers = ("target", "method", "adapter", "rank", "params", "region")
+        body = [
+            (
+                r.target,
+                r.method,
+                r.adapter + ("" if r.active else " (inactive)"),
+                "-" if r.rank is None else str(r.rank),
+                f"{r.params:,}",
+                r.region,
+            )
+            for r in self.rows
+        ]
+        widths = [
+            max(len(h), *(len(row[i]) for row in body)) if body else len(h)
+            for i, h in enumerate(headers)
+        ]
+
+        def line(cells):
+            return "  ".join(
+                c.rjust(w) if i in (3, 4) else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths))
+            )
+
+        out = [line(headers), line(tuple("-" * w for w in widths))]
+        out.extend(line(row) for row in body)
+        return "\n".join(out)
+
+    def summary(self) -> str:
+        share = 100.0 * self.trainable / self.total if self.total else 0.0
+        per_layer = f"{self.regions_per_layer:.1f}" if self.regions_per_layer is not None else "n/a"
+        lines = [
+            f"trainable params: {self.trainable:,} of {self.total:,} ({share:.4f}%)",
+            f"regions: {self.regions} ({per_layer} per decoder layer), graph breaks: {len(self.breaks)}, "
+            f"traced in {self.trace_seconds * 1000:.0f} ms",
+        ]
+        if self.merged:
+            lines.append(f"merged into the weights: {', '.join(self.merged)}")
+        return "\n".join(lines)
+
+    def breaks_table(self, limit: int = 20) -> str:
+        shown = self.breaks[:limit]
+        lines = [f"{path} ({kind}): {reason}" for path, kind, reason in shown]
+        if len(self.breaks) > limit:
+            lines.append(f"... and {len(self.breaks) - limit} more")
+        return "\n".join(lines) or "(no graph breaks)"
+
+    def __str__(self) -> str:
+        return f"{self.table()}\n\n{self.summary()}"

@@ -1,0 +1,155 @@
+"""Target selection: which modules of a model a method adapts.
+
+Selectors follow PEFT's semantics so that PEFT configs mean the same thing here:
+a list of names matches a module whose path equals the name or ends with ``.name``;
+a string is a regex matched against the whole path, or one of the presets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from surgeon.errors import SpecError, closest
+from surgeon.layers import gpt2_conv1d_type
+
+LAYER_CONTAINERS = ("layers", "h", "block", "blocks", "layer")
+_LAYER_INDEX = re.compile(rf"(?:^|.*\.)(?:{'|'.join(LAYER_CONTAINERS)})\.(\d+)(?:\.|$)")
+_ATTENTION_WORDS = ("attn", "attention")
+_MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "output", "fc")
+
+
+def linear_types() -> tuple[type, ...]:
+    """Layer types that count as "linear" for presets (PEFT counts GPT-2's Conv1D too)."""
+    types: list[type] = [nn.Linear]
+    conv1d = gpt2_conv1d_type()
+    if conv1d is not None:
+        types.append(conv1d)
+    return tuple(types)
+
+
+def layer_index(path: str) -> int | None:
+    match = _LAYER_INDEX.match(path)
+    return int(match.group(1)) if match else None
+
+
+def matches_suffix(path: str, suffix: str) -> bool:
+    return path == suffix or path.endswith("." + suffix)
+
+
+def matches_selector(path: str, selector: str | Sequence[str]) -> bool:
+    if isinstance(selector, str):
+        return re.fullmatch(selector, path) is not None
+    return any(matches_suffix(path, s) for s in selector)
+
+
+def _is_attention(path: str) -> bool:
+    return any(w in part.lower() for part in path.split(".")[:-1] for w in _ATTENTION_WORDS)
+
+
+def _is_mlp(path: str) -> bool:
+    parts = [p.lower() for p in path.split(".")[:-1]]
+    return not _is_attention(path) and any(any(w in p for w in _MLP_WORDS) for p in parts)
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            return getter()
+        except (NotImplementedError, AttributeError):
+            return None
+    return None
+
+
+def preset_paths(model: nn.Module, preset: str) -> list[str]:
+    linear = linear_types()
+    head = output_head(model)
+    paths = [p for p, m in model.named_modules() if p and isinstance(m, linear) and m is not head]
+    if preset == "attention":
+        return [p for p in paths if _is_attention(p)]
+    if preset == "mlp":
+        return [p for p in paths if _is_mlp(p)]
+    return paths
+
+
+def select_targets(
+    model: nn.Module,
+    owner: str,
+    targets: str | Sequence[str],
+    supported: Callable[[nn.Module], bool],
+    layers: Sequence[int] | None = None,
+    exclude: str | Sequence[str] = (),
+) -> list[str]:
+    """Module paths that ``targets`` selects, after ``layers`` and ``exclude``.
+
+    Every selector must match something, and every matched module must be one the method
+    supports; otherwise `SpecError` names the selector and suggests close module names.
+    """
+    modules = dict(model.named_modules())
+    modules.pop("", None)
+    matched = _match_each_selector(model, modules, owner, targets)
+    unsupported = [p for p in matched if not supported(modules[p])]
+    if unsupported and (
+        not isinstance(targets, str) or targets not in ("attention", "mlp", "all-linear")
+    ):
+        shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in unsupported[:3])
+        raise SpecError(
+            f"{owner}.targets={_show(targets)} matches {shown}{' ...' if len(unsupported) > 3 else ''}, "
+            f"which {owner} cannot adapt; target the layers inside instead"
+        )
+    selected = [p for p in matched if p not in set(unsupported)]
+    if layers is not None:
+        selected = [p for p in selected if layer_index(p) in set(layers)]
+        if not selected:
+            found = sorted({i for p in matched if (i := layer_index(p)) is not None})
+            raise SpecError(
+                f"{owner}.layers={list(layers)}: no targeted module lies in those layers "
+                f"(targeted modules are in layers {found or 'none (no layer index in their paths)'})"
+            )
+    if exclude:
+        kept = [p for p in selected if not matches_selector(p, exclude)]
+        if len(kept) == len(selected):
+            raise SpecError(
+                f"{owner}.exclude={_show(exclude)} matches none of the targeted modules"
+            )
+        if not kept:
+            raise SpecError(f"{owner}.exclude={_show(exclude)} excludes every targeted module")
+        selected = kept
+    return selected
+
+
+def _match_each_selector(
+    model: nn.Module, modules: dict[str, nn.Module], owner: str, targets: str | Sequence[str]
+) -> list[str]:
+    names = list(modules)
+    if isinstance(targets, str):
+        if targets in ("attention", "mlp", "all-linear"):
+            hits = preset_paths(model, targets)
+        else:
+            hits = [p for p in names if re.fullmatch(targets, p)]
+        if not hits:
+            raise SpecError(f"{owner}.targets={targets!r} matches no module{_hint(targets, names)}")
+        return hits
+    hits: list[str] = []
+    for suffix in targets:
+        found = [p for p in names if matches_suffix(p, suffix)]
+        if not found:
+            raise SpecError(f"{owner}.targets: {suffix!r} matches no module{_hint(suffix, names)}")
+        hits.extend(p for p in found if p not in hits)
+    return [p for p in names if p in set(hits)]
+
+
+def _hint(word: str, paths: Sequence[str]) -> str:
+    suffixes = {p.split(".")[-1] for p in paths} | {".".join(p.split(".")[-2:]) for p in paths}
+    near = closest(word, sorted(suffixes)) or closest(word, paths)
+    if near:
+        return f"; closest module names: {', '.join(near)}"
+    sample = sorted({p.split(".")[-1] for p in paths})[:8]
+    return f"; module names include: {', '.join(sample)}"
+
+
+def _show(selector: str | Sequence[str]) -> str:
+    return repr(selector) if isinstance(selector, str) else repr(list(selector))

@@ -1,0 +1,274 @@
+"""Region tracing: torch.fx graphs for the largest subtrees that trace *soundly*.
+
+A subtree is traced as one region when its graph does not depend on Python values that can
+change from call to call. Two such values are checked by tracing twice and comparing:
+
+* the training flag (trace in train and in eval mode: `F.dropout(..., training=self.training)`
+  and friends bake the flag into the graph);
+* whether optional arguments are ``None`` (a Proxy is never ``None``, so ``if mask is not None``
+  silently takes one branch; we also trace with those arguments fixed to ``None``).
+
+A subtree that fails either check, or does not trace at all, is a graph break: its reason is
+recorded and its children are tried. Adaptable layers (Linear, Conv, Embedding, ...) are leaves:
+they always appear as ``call_module`` nodes, and one reached from a broken parent becomes a
+region of its own. Subtrees without adaptable layers are not traced: no adapter can land there.
+
+Structurally identical subtrees (the decoder layers of an LLM) are traced once: the graph only
+names submodules relative to its root, so it serves every instance with the same structure.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from surgeon.layers import gpt2_conv1d_type
+
+_PRIMITIVES = (int, float, bool, str, type(None))
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
+
+
+@dataclass
+class Break:
+    """A module that could not be traced as one region, and why."""
+
+    path: str
+    module_type: str
+    reason: str
+
+
+@dataclass
+class Region:
+    """A traced subtree. ``base`` is the graph as traced; ``graph`` is what runs now."""
+
+    path: str
+    module_type: str
+    base: fx.Graph
+    leaf: bool = False
+    graph: fx.Graph | None = None
+    gm: fx.GraphModule | None = None
+    adapted: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def current(self) -> fx.Graph:
+        return self.graph if self.graph is not None else self.base
+
+
+class _Unsound(Exception):
+    pass
+
+
+class RegionTracer(fx.Tracer):
+    """An FX tracer that keeps adaptable layers as opaque ``call_module`` leaves."""
+
+    def __init__(self, leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+
+def adaptable_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding]
+    conv1d = gpt2_conv1d_type()
+    if conv1d is not None:
+        types.append(conv1d)
+    return tuple(types)
+
+
+@dataclass
+class TraceResult:
+    regions: list[Region]
+    breaks: list[Break]
+    seconds: float
+
+
+class _Cache:
+    """Graphs by structural key; failures by a weaker key (reusing a failure is only conservative)."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[Any, fx.Graph] = {}
+        self.failures: dict[Any, str] = {}
+
+
+def trace_regions(model: nn.Module, leaf_types: tuple[type, ...] | None = None) -> TraceResult:
+    """Split ``model`` into sound regions and graph breaks."""
+    start = time.perf_counter()
+    leaf_types = leaf_types or adaptable_types()
+    regions: list[Region] = []
+    breaks: list[Break] = []
+    cache = _Cache()
+    contains = _adaptable_subtrees(model, leaf_types)
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if isinstance(module, leaf_types):
+            regions.append(Region(path, type(module).__name__, leaf_graph(module, path), leaf=True))
+            continue
+        if id(module) not in contains:
+            continue
+        try:
+            graph = _trace_cached(module, leaf_types, cache)
+        except _Unsound as err:
+            breaks.append(Break(path, type(module).__name__, str(err)))
+            children = [(f"{path}.{n}" if path else n, c) for n, c in module.named_children()]
+            stack.extend(reversed(children))
+            continue
+        regions.append(Region(path, type(module).__name__, graph))
+    return TraceResult(regions, breaks, time.perf_counter() - start)
+
+
+def _adaptable_subtrees(model: nn.Module, leaf_types: tuple[type, ...]) -> set[int]:
+    """ids of modules whose subtree holds at least one adaptable layer."""
+    found: set[int] = set()
+
+    def visit(module: nn.Module) -> bool:
+        hit = isinstance(module, leaf_types)
+        for child in module.children():
+            hit = visit(child) or hit
+        if hit:
+            found.add(id(module))
+        return hit
+
+    visit(model)
+    return found
+
+
+def leaf_graph(module: nn.Module, path: str) -> fx.Graph:
+    """The one-node graph of an adaptable layer traced on its own."""
+    graph = fx.Graph()
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    args = []
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = () if p.default is inspect.Parameter.empty else (p.default,)
+        args.append(
+            graph.placeholder(
+                p.name, default_value=default[0] if default else inspect.Parameter.empty
+            )
+        )
+    name = path.rsplit(".", 1)[-1] or "layer"
+    out = graph.call_module(
+        name, tuple(args[:1]), {p.name: a for p, a in zip(params[1:], args[1:])}
+    )
+    graph.output(out)
+    return graph
+
+
+def _trace_cached(module: nn.Module, leaf_types: tuple[type, ...], cache: _Cache) -> fx.Graph:
+    weak = _weak_key(module)
+    if weak in cache.failures:
+        raise _Unsound(cache.failures[weak])
+    strong = (weak, _attribute_key(module))
+    if strong in cache.graphs:
+        return cache.graphs[strong]
+    try:
+        graph = _trace_soundly(module, leaf_types)
+    except _Unsound as err:
+        cache.failures[weak] = str(err)
+        raise
+    cache.graphs[strong] = graph
+    return graph
+
+
+def _trace_soundly(module: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
+    none_args = _none_default_args(module)
+    with _training_mode(module, True):
+        train = _trace(module, leaf_types)
+        if none_args:
+            specialised = _trace(module, leaf_types, {a: None for a in none_args})
+            if _fingerprint(train) != _fingerprint(specialised):
+                names = ", ".join(none_args)
+                raise _Unsound(f"forward branches on whether optional argument(s) {names} are None")
+    with _training_mode(module, False):
+        evaluation = _trace(module, leaf_types)
+    if _fingerprint(train) != _fingerprint(evaluation):
+        raise _Unsound(
+            "graph depends on the training flag (e.g. F.dropout(..., training=self.training))"
+        )
+    return train
+
+
+def _trace(
+    module: nn.Module, leaf_types: tuple[type, ...], concrete: dict | None = None
+) -> fx.Graph:
+    try:
+        return RegionTracer(leaf_types).trace(module, concrete_args=concrete)
+    except Exception as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise _Unsound(f"{type(err).__name__}: {message[:200]}") from None
+
+
+def _none_default_args(module: nn.Module) -> list[str]:
+    try:
+        params = inspect.signature(type(module).forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is None and p.kind is not p.VAR_KEYWORD]
+
+
+class _training_mode:
+    """Temporarily set a subtree's training flags, restoring each module's own flag after."""
+
+    def __init__(self, module: nn.Module, mode: bool) -> None:
+        self.module = module
+        self.mode = mode
+        self.saved: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [(m, m.training) for m in self.module.modules()]
+        self.module.train(self.mode)
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.saved:
+            m.training = flag
+
+
+def _fingerprint(graph: fx.Graph) -> list[tuple]:
+    """The graph's computation, ignoring placeholder renames and None-specialisation guards."""
+    index: dict[fx.Node, Any] = {}
+    out = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            index[node] = ("arg", node.target.lstrip("*"))
+            continue
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
+            continue
+        index[node] = len(out)
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: ("node", index.get(n)))
+        out.append((node.op, str(node.target), repr(args)))
+    return out
+
+
+def _weak_key(module: nn.Module) -> tuple:
+    return tuple((name, type(m)) for name, m in module.named_modules())
+
+
+def _attribute_key(module: nn.Module) -> tuple:
+    """Plain Python attributes of every module in the subtree: they may be baked into a graph.
+
+    Primitives are compared by value; other objects (configs, callables) by identity, so
+    layers that share one config object share one graph.
+    """
+    items = []
+    for name, m in module.named_modules():
+        for attr, value in vars(m).items():
+            if attr in _MODULE_INTERNALS:
+                continue
+            if isinstance(value, _PRIMITIVES) or (
+                isinstance(value, tuple) and all(isinstance(v, _PRIMITIVES) for v in value)
+            ):
+                items.append((name, attr, value))
+            elif isinstance(value, torch.dtype):
+                items.append((name, attr, str(value)))
+            else:
+                items.append((name, attr, id(value)))
+    return tuple(items)
