@@ -201,7 +201,25 @@ class CompiledModel(nn.Module):
         chosen = list(self._active if names is None else names)
         for n in chosen:
             self._require(n)
-        return [n for n in chosen if n not in self._merged]
+        chosen = [n for n in chosen if n not in self._merged]
+        self._refuse_tied_weights(chosen)
+        return chosen
+
+    def _refuse_tied_weights(self, names: Sequence[str]) -> None:
+        """Folding into a weight another module shares (tied embeddings) would change that module too."""
+        owners: dict[int, list[str]] = {}
+        for pname, p in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
+        for name in names:
+            for path, layer in self.store.items(name):
+                shared = owners.get(id(layer.base.weight), [])
+                if len(shared) > 1:
+                    others = ", ".join(n for n in shared if n != f"{path}.weight")
+                    raise SpecError(
+                        f"cannot merge adapter {name!r}: {path}.weight is tied to {others}, so merging would "
+                        f"change that layer too. Use the adapter unmerged, or untie the weights first "
+                        f"(e.g. give the other layer its own copy of the weight)"
+                    )
 
     @property
     def merged(self) -> list[str]:

@@ -66,25 +66,48 @@ class OptionalMaskBlock(nn.Module):
 def tiny_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(config)
 
 
 def tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                        bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=96,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return GPT2LMHeadModel(config)
 
 
 def tiny_bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    config = BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -113,8 +136,12 @@ ZOO = {
     e.name: e
     for e in [
         ZooEntry("mlp", MLP, lambda: {"x": torch.randn(4, 12)}, ("body.0", "body.3", "head")),
-        ZooEntry("cnn", CNN, lambda: {"x": torch.randn(2, 3, 6, 6)}, ("conv1", "conv2", "seq", "fc")),
-        ZooEntry("llama", tiny_llama, _ids, ("q_proj", "v_proj", "down_proj", "embed_tokens"), hf=True),
+        ZooEntry(
+            "cnn", CNN, lambda: {"x": torch.randn(2, 3, 6, 6)}, ("conv1", "conv2", "seq", "fc")
+        ),
+        ZooEntry(
+            "llama", tiny_llama, _ids, ("q_proj", "v_proj", "down_proj", "embed_tokens"), hf=True
+        ),
         ZooEntry("gpt2", tiny_gpt2, _ids, ("c_attn", "c_fc", "wte"), hf=True),
         ZooEntry("bert", tiny_bert, _ids, ("query", "value", "dense"), hf=True),
     ]
@@ -133,4 +160,6 @@ def randomize(cm: Any, seed: int = 2, scale: float = 0.1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in cm.store.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * scale)
+            p.copy_(
+                torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * scale
+            )

@@ -1,0 +1,295 @@
+"""LoRA against its formula, per layer kind, init, dtype and device; golden rewritten graphs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo import ZOO, logits, randomize
+
+import surgeon
+
+
+class One(nn.Module):
+    """Wraps one layer so it can be targeted by name."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _conv1d_gpt2():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(6, 5)
+
+
+def _expected(layer: nn.Module, adapter, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA formula written out: W x + b + scale * B A x (per layer kind)."""
+    a, b, s = adapter.lora_A, adapter.lora_B, adapter.scale
+    if isinstance(layer, nn.Embedding):
+        return F.embedding(x, layer.weight) + s * (F.embedding(x, a.t()) @ b.t())
+    if isinstance(layer, nn.Conv2d):
+        low = F.conv2d(F.conv2d(x, a, stride=layer.stride, padding=layer.padding), b)
+        return layer(x) + s * low
+    if isinstance(layer, nn.Conv1d):
+        low = F.conv1d(F.conv1d(x, a, stride=layer.stride, padding=layer.padding), b)
+        return layer(x) + s * low
+    base = x @ layer.weight + layer.bias if not isinstance(layer, nn.Linear) else layer(x)
+    return base + s * (x @ a.t() @ b.t())
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(5, 6), lambda: torch.randn(3, 5)),
+    "conv1d_gpt2": (_conv1d_gpt2, lambda: torch.randn(2, 3, 5)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 7, 7)),
+    "conv2d_1x1": (lambda: nn.Conv2d(3, 4, 1), lambda: torch.randn(2, 3, 5, 5)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 9)),
+    "embedding": (lambda: nn.Embedding(11, 6, padding_idx=0), lambda: torch.randint(0, 11, (2, 4))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("rslora", [False, True])
+def test_output_is_the_lora_formula_and_merge_matches(kind, rslora):
+    build, make_x = LAYERS[kind]
+    torch.manual_seed(0)
+    model = One(build())
+    x = make_x()
+    cm = surgeon.compile(model, surgeon.LoRA(rank=3, alpha=5, targets=("layer",), rslora=rslora))
+    randomize(cm, scale=0.3)
+    ((_, adapter),) = cm.store.items("default")
+    assert adapter.scale == pytest.approx(5 / (math.sqrt(3) if rslora else 3))
+    expected = _expected(model.layer, adapter, x)
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+    cm.merge()
+    torch.testing.assert_close(cm(x), expected, rtol=1e-4, atol=1e-4)
+    cm.unmerge()
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_default_init_is_peft_init_and_leaves_outputs_unchanged(kind):
+    build, make_x = LAYERS[kind]
+    torch.manual_seed(0)
+    model = One(build())
+    x = make_x()
+    before = model(x)
+    cm = surgeon.compile(model, surgeon.LoRA(rank=4, targets=("layer",)))
+    ((_, adapter),) = cm.store.items("default")
+    if kind == "embedding":  # A zeros, B normal
+        assert torch.count_nonzero(adapter.lora_A) == 0 and adapter.lora_B.std() > 0.5
+    else:  # A kaiming-uniform(a=sqrt(5)) bound = 1/sqrt(fan_in), B zeros
+        fan_in = adapter.lora_A[0].numel()
+        assert adapter.lora_A.abs().max() <= 1 / math.sqrt(fan_in) + 1e-6
+        assert torch.count_nonzero(adapter.lora_B) == 0
+    torch.testing.assert_close(cm(x), before)
+
+
+def test_gaussian_init_has_std_one_over_rank():
+    torch.manual_seed(0)
+    cm = surgeon.compile(
+        One(nn.Linear(400, 8)), surgeon.LoRA(rank=4, targets=("layer",), init="gaussian")
+    )
+    ((_, adapter),) = cm.store.items("default")
+    assert adapter.lora_A.std().item() == pytest.approx(1 / 4, rel=0.05)
+    assert torch.count_nonzero(adapter.lora_B) == 0
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2"])
+def test_residual_inits_keep_outputs_and_factor_the_weight(init, kind):
+    build, make_x = LAYERS[kind]
+    torch.manual_seed(0)
+    model = One(build())
+    x = make_x()
+    original = model.layer.weight.detach().clone()
+    before = model(x)
+    cm = surgeon.compile(model, surgeon.LoRA(rank=2, alpha=4, targets=("layer",), init=init))
+    ((_, adapter),) = cm.store.items("default")
+    torch.testing.assert_close(cm(x), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.layer.weight + adapter.delta_weight(), original, rtol=1e-5, atol=1e-5
+    )
+    w = original.t() if kind == "conv1d_gpt2" else original
+    if init == "pissa":  # B A / scale is the best rank-2 approximation of W
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        best = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
+        torch.testing.assert_close(
+            adapter.lora_B @ adapter.lora_A * adapter.scale, best, rtol=1e-4, atol=1e-5
+        )
+    else:  # B has orthonormal columns (Q of a QR)
+        torch.testing.assert_close(
+            adapter.lora_B.t() @ adapter.lora_B, torch.eye(2), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_residual_init_on_an_embedding_is_refused_and_leaves_the_model():
+    torch.manual_seed(0)
+    model = One(nn.Embedding(10, 4))
+    saved = model.layer.weight.detach().clone()
+    with pytest.raises(surgeon.SpecError, match="init='pissa' supports Linear and Conv1D"):
+        surgeon.compile(model, surgeon.LoRA(targets=("layer",), init="pissa"))
+    assert torch.equal(model.layer.weight, saved) and model.layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_bias_modes_choose_trainable_base_biases(bias):
+    cm = surgeon.compile(ZOO["mlp"].model(), surgeon.LoRA(rank=2, targets=("head",), bias=bias))
+    trainable = {n for n, p in cm.model.named_parameters() if p.requires_grad}
+    expected = {
+        "none": set(),
+        "all": {"body.0.bias", "body.3.bias", "head.bias"},
+        "lora_only": {"head.bias"},
+    }
+    assert trainable == expected[bias]
+    adapter_params = 2 * 24 + 5 * 2
+    assert cm.num_trainable() == adapter_params + sum(
+        cm.model.get_parameter(n).numel() for n in trainable
+    )
+
+
+def test_dropout_is_live_in_train_mode_and_off_in_eval():
+    cm = surgeon.compile(ZOO["mlp"].model(), surgeon.LoRA(rank=4, targets=("head",), dropout=0.5))
+    randomize(cm)
+    x = torch.randn(8, 12)
+    cm.eval()
+    torch.testing.assert_close(cm(x), cm(x))
+    cm.train()
+    torch.manual_seed(0)
+    first = cm(x)
+    assert not torch.allclose(first, cm(x))
+    cm.eval()
+    ((_, adapter),) = cm.store.items("default")
+    assert not adapter.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_precision_bases_get_float32_adapters_like_peft(dtype):
+    entry = ZOO["llama"]
+    model = entry.model().to(dtype)
+    cm = surgeon.compile(model, surgeon.LoRA(rank=4, targets=("q_proj", "v_proj")))
+    randomize(cm)
+    (_, adapter), *_ = cm.store.items("default")
+    assert adapter.lora_A.dtype == torch.float32
+    x = entry.example()
+    out = logits(cm(**x))
+    assert out.dtype == dtype
+    reference = entry.model().to(torch.float32)
+    reference_cm = surgeon.compile(reference, surgeon.LoRA(rank=4, targets=("q_proj", "v_proj")))
+    reference_cm.store.load_state_dict(cm.store.state_dict())
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]
+    torch.testing.assert_close(
+        out.float(), logits(reference_cm(**x)), rtol=tolerance, atol=tolerance
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_peft(dtype, tmp_path):
+    peft = pytest.importorskip("peft")
+    entry = ZOO["llama"]
+    cm = surgeon.compile(
+        entry.model().to(dtype), surgeon.LoRA(rank=4, targets=("q_proj", "v_proj"))
+    )
+    randomize(cm)
+    cm.save_adapters(tmp_path)
+    pm = peft.PeftModel.from_pretrained(entry.model().to(dtype), tmp_path).eval()
+    x = entry.example()
+    torch.testing.assert_close(logits(cm(**x)), logits(pm(**x)), rtol=0, atol=0)
+
+
+def test_backward_reaches_only_adapters():
+    cm = surgeon.compile(ZOO["llama"].model(), surgeon.LoRA(rank=4, targets=("q_proj", "v_proj")))
+    randomize(cm)
+    cm.train()
+    logits(cm(**ZOO["llama"].example())).float().pow(2).mean().backward()
+    grads = {n for n, p in cm.named_parameters() if p.grad is not None}
+    assert grads and all(n.startswith("store.") for n in grads)
+    assert len(grads) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+
+
+def test_compiles_on_the_meta_device():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        vocab_size=1000,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    cm = surgeon.compile(model, surgeon.LoRA(rank=8, targets=("q_proj", "v_proj")))
+    (_, adapter), *_ = cm.store.items("default")
+    assert adapter.lora_A.is_meta and adapter.lora_A.shape == (8, 512)
+    assert cm.num_trainable() == 4 * 2 * (8 * 512 + 512 * 8 * 1) - 4 * (512 * 8 - 8 * 512)
+    out = cm(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
+    assert out.logits.shape == (1, 3, 1000) and out.logits.is_meta
+
+
+GOLDEN_MLP = """\
+def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
+    body_0 = getattr(self.body, "0")(x);  x = None
+    body_1 = getattr(self.body, "1")(body_0);  body_0 = None
+    body_2 = getattr(self.body, "2")(body_1);  body_1 = None
+    body_3 = getattr(self.body, "3")(body_2);  body_2 = None
+    relu = torch.relu(body_3);  body_3 = None
+    head = self.head(relu)
+    adapters_default_head_lora_a = self.adapters.default.head.lora_A
+    adapters_default_head_lora_b = self.adapters.default.head.lora_B
+    adapters_default_head_dropout = self.adapters.default.head.dropout(relu);  relu = None
+    linear = torch._C._nn.linear(adapters_default_head_dropout, adapters_default_head_lora_a);  adapters_default_head_dropout = adapters_default_head_lora_a = None
+    linear_1 = torch._C._nn.linear(linear, adapters_default_head_lora_b);  linear = adapters_default_head_lora_b = None
+    mul = torch.mul(linear_1, 2.0);  linear_1 = None
+    add = torch.add(head, mul);  head = mul = None
+    return add"""
+
+GOLDEN_LEAF = """\
+def forward(self, input):
+    input_1 = input
+    embed_tokens = self.embed_tokens(input_1)
+    adapters_default_embed_tokens_lora_a = self.adapters.default.embed_tokens.lora_A
+    adapters_default_embed_tokens_lora_b = self.adapters.default.embed_tokens.lora_B
+    t = adapters_default_embed_tokens_lora_a.t();  adapters_default_embed_tokens_lora_a = None
+    embedding = torch.nn.functional.embedding(input_1, t, 0, None, 2.0, False, False);  input_1 = t = None
+    t_1 = adapters_default_embed_tokens_lora_b.t();  adapters_default_embed_tokens_lora_b = None
+    matmul = torch.matmul(embedding, t_1);  embedding = t_1 = None
+    mul = torch.mul(matmul, 4.0);  matmul = None
+    add = torch.add(embed_tokens, mul);  embed_tokens = mul = None
+    return add"""
+
+
+def _code(cm, path):
+    return cm.graph.code(path).split("\n", 1)[1].strip()
+
+
+def test_golden_graph_of_a_whole_model_region_with_dropout():
+    cm = surgeon.compile(
+        ZOO["mlp"].model(), surgeon.LoRA(rank=4, alpha=8, targets=("head",), dropout=0.1)
+    )
+    assert _code(cm, "") == GOLDEN_MLP
+
+
+def test_golden_graph_of_a_leaf_region():
+    cm = surgeon.compile(
+        ZOO["llama"].model(), surgeon.LoRA(rank=2, alpha=8, targets=("embed_tokens",))
+    )
+    assert _code(cm, "model.embed_tokens") == GOLDEN_LEAF
+
+
+def test_graph_shows_no_adapter_nodes_when_merged_or_disabled():
+    cm = surgeon.compile(ZOO["mlp"].model(), surgeon.LoRA(rank=4, targets=("head",)))
+    assert "lora_A" in cm.graph.code()
+    cm.merge()
+    assert "lora_A" not in cm.graph.code("")
+    cm.unmerge()
+    with cm.disabled():
+        assert "lora_A" not in cm.graph.code("")
+    assert "lora_A" in cm.graph.code("")
