@@ -15,9 +15,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_minilm_classifier  # noqa: E402
+from common import load_minilm_classifier
 
-import surgeon  # noqa: E402
+import surgeon
 
 # A handful of hand-written sentences (written for this demo; public domain).
 TEXTS = [

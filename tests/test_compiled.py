@@ -55,7 +55,7 @@ def test_merging_into_tied_weights_is_refused():
 
 
 def test_unmerge_restores_base_weights():
-    entry, cm = _compiled()
+    _, cm = _compiled()
     before = {k: v.clone() for k, v in cm.model.state_dict().items()}
     cm.merge()
     assert not torch.equal(
@@ -140,7 +140,7 @@ def test_to_dtype_recompiles_the_casts():
 
 
 def test_attributes_and_module_protocol_pass_through():
-    entry, cm = _compiled()
+    _, cm = _compiled()
     assert cm.config.hidden_size == 32
     assert cm.get_input_embeddings() is cm.model.model.embed_tokens
     assert "store" in dict(cm.named_children())
@@ -149,13 +149,13 @@ def test_attributes_and_module_protocol_pass_through():
 
 
 def test_num_trainable_counts_adapters_only():
-    entry, cm = _compiled("gpt2", targets=("c_attn",))
+    _, cm = _compiled("gpt2", targets=("c_attn",))
     # c_attn is Conv1D(32 -> 96): A is 2 x 32, B is 96 x 2, in each of 2 layers
     assert cm.num_trainable() == 2 * (2 * 32 + 96 * 2)
 
 
 def test_inspect_table_lists_targets():
-    entry, cm = _compiled("llama", targets=("q_proj",))
+    _, cm = _compiled("llama", targets=("q_proj",))
     report = cm.inspect()
     text = str(report)
     header = text.splitlines()[0].split()
@@ -169,7 +169,7 @@ def test_inspect_table_lists_targets():
 
 
 def test_graph_views():
-    entry, cm = _compiled("mlp", targets=("head",))
+    _, cm = _compiled("mlp", targets=("head",))
     g = cm.graph.to_networkx()
     assert isinstance(g, nx.DiGraph) and nx.is_directed_acyclic_graph(g)
     inserted = [n for n, d in g.nodes(data=True) if d["adapter"] == "default"]
@@ -182,9 +182,9 @@ def test_graph_views():
 
 def test_compile_refuses_bad_arguments():
     entry = ZOO["mlp"]
-    with pytest.raises(surgeon.SpecError, match="expected a torch.nn.Module"):
+    with pytest.raises(surgeon.SpecError, match=r"expected a torch\.nn\.Module"):
         surgeon.compile("model", surgeon.LoRA())
-    with pytest.raises(surgeon.SpecError, match="expected a surgeon.Spec"):
+    with pytest.raises(surgeon.SpecError, match=r"expected a surgeon\.Spec"):
         surgeon.compile(entry.model(), 42)
     cm = surgeon.compile(entry.model(), surgeon.LoRA(targets=("head",)))
     with pytest.raises(surgeon.SpecError, match="already compiled"):
