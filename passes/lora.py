@@ -32,6 +32,7 @@ from surgeon.spec import (
     check_pattern_map,
     check_targets,
 )
+from surgeon.targets import LAYER_CONTAINERS, peft_selection
 
 INITS = ("default", "gaussian", "pissa", "olora")
 # fan_in_fan_out is implied by the layer type (PEFT corrects it the same way).
@@ -153,21 +154,18 @@ class LoRA(MethodSpec):
         return []
 
     def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        targets: Any = list(self.targets) if isinstance(self.targets, tuple) else self.targets
-        if self.targets in ("attention", "mlp"):
-            targets = sorted(paths)  # PEFT has no such presets: name the layers they chose
-        exclude: Any = list(self.exclude) if isinstance(self.exclude, tuple) else self.exclude
+        targets, exclude, layers = peft_selection(self, paths)
         return {
             "peft_type": "LORA",
             "r": self.rank,
             "lora_alpha": self.alpha,
             "target_modules": targets,
-            "exclude_modules": exclude or None,
+            "exclude_modules": exclude,
             "lora_dropout": self.dropout,
             "bias": self.bias,
             "use_rslora": self.rslora,
             "init_lora_weights": True if self.init == "default" else self.init,
-            "layers_to_transform": list(self.layers) if self.layers is not None else None,
+            "layers_to_transform": layers,
             "layers_pattern": None,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
@@ -193,8 +191,6 @@ class LoRA(MethodSpec):
         layers_pattern = config.get("layers_pattern")
         if layers_pattern and config.get("layers_to_transform") is not None:
             patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-            from surgeon.targets import LAYER_CONTAINERS
-
             if any(p not in LAYER_CONTAINERS for p in patterns):
                 raise SpecError(
                     f"{where}: layers_pattern={layers_pattern!r} is not supported "

@@ -188,12 +188,14 @@ class Spec:
         adapters = data["adapters"]
         if not isinstance(adapters, Mapping):
             raise SpecError(f"{where}: 'adapters' must be a table of name -> method")
-        return cls(
-            {
-                name: MethodSpec.from_dict(m, f"{where}: adapters.{name}")
-                for name, m in adapters.items()
-            }
-        )
+        methods = {
+            name: MethodSpec.from_dict(m, f"{where}: adapters.{name}")
+            for name, m in adapters.items()
+        }
+        try:
+            return cls(methods)
+        except SpecError as err:  # a bad adapter name, or no adapters: name the file
+            raise SpecError(f"{where}: {err}") from None
 
 
 def as_spec(spec_or_method: Spec | MethodSpec | Mapping[str, Any], name: str = "default") -> Spec:
@@ -327,6 +329,7 @@ def check_targets(
 def check_layers(owner: str, field: str, value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
+    given = value  # the error names what the user wrote, not the tuple made of it
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
     if (
@@ -336,7 +339,7 @@ def check_layers(owner: str, field: str, value: Any) -> tuple[int, ...] | None:
     ):
         return tuple(value)
     raise SpecError(
-        f"{owner}.{field}={value!r}: expected a layer index or a non-empty list of indices >= 0"
+        f"{owner}.{field}={given!r}: expected a layer index or a non-empty list of indices >= 0"
     )
 
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import nn
 
 from surgeon.errors import SpecError, closest
 from surgeon.layers import gpt2_conv1d_type
+from surgeon.spec import PRESETS
 
 LAYER_CONTAINERS = ("layers", "h", "block", "blocks", "layer")
-_LAYER_INDEX = re.compile(rf"(?:^|.*\.)(?:{'|'.join(LAYER_CONTAINERS)})\.(\d+)(?:\.|$)")
+# Lazy prefix: the first container index counts, as in PEFT (T5's block.1.layer.0 is layer 1).
+_LAYER_INDEX = re.compile(rf"(?:^|.*?\.)(?:{'|'.join(LAYER_CONTAINERS)})\.(\d+)(?:\.|$)")
 _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "output", "fc")
 
@@ -92,9 +95,7 @@ def select_targets(
     modules.pop("", None)
     matched = _match_each_selector(model, modules, owner, targets)
     unsupported = [p for p in matched if not supported(modules[p])]
-    if unsupported and (
-        not isinstance(targets, str) or targets not in ("attention", "mlp", "all-linear")
-    ):
+    if unsupported and (not isinstance(targets, str) or targets not in PRESETS):
         shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in unsupported[:3])
         raise SpecError(
             f"{owner}.targets={_show(targets)} matches {shown}{' ...' if len(unsupported) > 3 else ''}, "
@@ -110,7 +111,12 @@ def select_targets(
                 f"(targeted modules are in layers {found or 'none (no layer index in their paths)'})"
             )
     if exclude:
-        kept = [p for p in selected if not matches_selector(p, exclude)]
+        dropped = set(preset_paths(model, exclude)) if exclude in PRESETS else None
+        kept = [
+            p
+            for p in selected
+            if not (p in dropped if dropped is not None else matches_selector(p, exclude))
+        ]
         if len(kept) == len(selected):
             raise SpecError(
                 f"{owner}.exclude={_show(exclude)} matches none of the targeted modules"
@@ -126,7 +132,7 @@ def _match_each_selector(
 ) -> list[str]:
     names = list(modules)
     if isinstance(targets, str):
-        if targets in ("attention", "mlp", "all-linear"):
+        if targets in PRESETS:
             hits = preset_paths(model, targets)
         else:
             hits = [p for p in names if re.fullmatch(targets, p)]
@@ -153,3 +159,26 @@ def _hint(word: str, paths: Sequence[str]) -> str:
 
 def _show(selector: str | Sequence[str]) -> str:
     return repr(selector) if isinstance(selector, str) else repr(list(selector))
+
+
+def peft_selection(
+    spec: Any, paths: Sequence[str]
+) -> tuple[str | list[str], str | list[str] | None, list[int] | None]:
+    """``target_modules``, ``exclude_modules``, ``layers_to_transform`` for PEFT's adapter_config.json.
+
+    The user's selectors are kept where PEFT reads them the same way; otherwise (presets PEFT
+    lacks, a regex together with layers, which PEFT refuses) the chosen module paths are written.
+    """
+    targets, exclude, layers = spec.targets, spec.exclude, spec.layers
+    exact = (
+        targets not in ("attention", "mlp")
+        and exclude not in PRESETS
+        and not (isinstance(targets, str) and layers is not None)
+    )
+    if not exact:
+        return sorted(paths), None, None
+    return (
+        list(targets) if isinstance(targets, tuple) else targets,
+        (list(exclude) if isinstance(exclude, tuple) else exclude) or None,
+        list(layers) if layers is not None else None,
+    )

@@ -102,6 +102,34 @@ def test_residual_inits_round_trip_with_peft(init, tmp_path):
     torch.testing.assert_close(logits(cm(**x)), logits(pm(**x)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "selection",
+    [
+        {"targets": "all-linear", "layers": [1]},
+        {"targets": "all-linear", "exclude": "attention"},
+        {"targets": "mlp"},
+        {"targets": r".*\.(q|v)_proj", "exclude": ["layers.0.self_attn.q_proj"]},
+    ],
+    ids=["regex-with-layers", "preset-exclude", "preset", "regex-exclude"],
+)
+def test_selectors_peft_lacks_are_saved_as_the_chosen_paths(selection, tmp_path):
+    entry = ZOO["llama"]
+    cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, **selection))
+    randomize(cm)
+    cm.save_adapters(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path).eval()
+    adapted = sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in loaded.named_modules()
+        if hasattr(m, "lora_A")
+    )
+    assert adapted == sorted(cm.store.paths["default"])
+    x = entry.example()
+    torch.testing.assert_close(logits(loaded(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-5)
+    back = surgeon.load(entry.model(), tmp_path)
+    assert back.store.paths["default"] == cm.store.paths["default"]
+
+
 def test_surgeon_round_trip_keeps_every_tensor(tmp_path):
     entry = ZOO["gpt2"]
     cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=entry.targets))
