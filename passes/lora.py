@@ -305,6 +305,7 @@ class LoRALayer(AdapterLayer):
         a = ctx.attr("lora_A", self.lora_A)
         b = ctx.attr("lora_B", self.lora_B)
         cast = self.lora_A.dtype != self.base.weight.dtype
+        # the scale multiplies the rank-r intermediate: r/out of the work of scaling the output
         if self.kind == "embedding":
             emb = self.base
             hidden = ctx.call(
@@ -317,7 +318,9 @@ class LoRALayer(AdapterLayer):
                 emb.scale_grad_by_freq,
                 emb.sparse,
             )
-            delta = ctx.call(torch.matmul, hidden, ctx.method("t", b))
+            delta = ctx.call(
+                torch.matmul, ctx.call(torch.mul, hidden, self.scale), ctx.method("t", b)
+            )
         else:
             h = ctx.method("to", x, self.lora_A.dtype) if cast else x
             if self.dropout is not None:
@@ -325,10 +328,11 @@ class LoRALayer(AdapterLayer):
             if self.kind == "conv":
                 conv = getattr(F, f"conv{len(self.base.kernel_size)}d")
                 h = ctx.call(conv, h, a, None, self.base.stride, self.base.padding)
-                delta = ctx.call(conv, h, b)
+                delta = ctx.call(conv, ctx.call(torch.mul, h, self.scale), b)
             else:
-                delta = ctx.call(F.linear, ctx.call(F.linear, h, a), b)
-        out = ctx.call(torch.add, base_out, ctx.call(torch.mul, delta, self.scale))
+                h = ctx.call(F.linear, h, a)
+                delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b)
+        out = ctx.call(torch.add, base_out, delta)
         return ctx.method("to", out, self.base.weight.dtype) if cast else out
 
     def delta_weight(self) -> torch.Tensor:

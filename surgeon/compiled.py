@@ -25,6 +25,7 @@ class AdapterStore(nn.Module):
         super().__init__()
         self.layers = nn.ModuleDict()
         self.specs: dict[str, MethodSpec] = {}
+        self.paths: dict[str, list[str]] = {}
 
     def add(self, name: str, spec: MethodSpec, layers: Mapping[str, AdapterLayer]) -> None:
         self.layers[name] = nn.ModuleDict({escape(p): layer for p, layer in layers.items()})
@@ -39,12 +40,6 @@ class AdapterStore(nn.Module):
     def items(self, name: str) -> list[tuple[str, AdapterLayer]]:
         group = self.layers[name]
         return [(p, group[escape(p)]) for p in self.paths[name]]
-
-    @property
-    def paths(self) -> dict[str, list[str]]:
-        if "_paths" not in self.__dict__:
-            self.__dict__["_paths"] = {}
-        return self.__dict__["_paths"]
 
 
 class CompiledModel(nn.Module):

@@ -8,9 +8,11 @@ graph and a `GraphModule` that refers to the same parameter objects.
 from __future__ import annotations
 
 import copy
+import linecache
 import operator
 import os
 import sys
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,12 +77,15 @@ def _emit_adapters(
     region: Region,
 ) -> None:
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
-    local = region.path.rsplit(".", 1)[-1] if region.leaf else str(node.target)
     inserted: set[fx.Node] = set()
     out = node
     with graph.inserting_before(node.next):
         for name, adapter in adapters:
-            ctx = EmitContext(graph, root, f"adapters.{name}.{escape(local)}", name, adapter.method)
+            # leaf regions all read "self.adapters.<name>": one compiled forward serves them all
+            prefix = (
+                f"adapters.{name}" if region.leaf else f"adapters.{name}.{escape(str(node.target))}"
+            )
+            ctx = EmitContext(graph, root, prefix, name, adapter.method)
             out = adapter.emit(ctx, x, out)
             inserted.update(ctx.inserted)
             region.adapted.setdefault(_full_path(region, str(node.target)), []).append(name)
@@ -106,7 +111,7 @@ def reached_layers(model: nn.Module, regions: Sequence[Region]) -> set[int]:
 
 def leaf_region(model: nn.Module, path: str) -> Region:
     layer = model.get_submodule(path)
-    return Region(path, type(layer).__name__, leaf_graph(layer, path), leaf=True)
+    return Region(path, type(layer).__name__, leaf_graph(layer), leaf=True)
 
 
 def install(model: nn.Module, region: Region, graph: fx.Graph | None, root: dict[str, Any]) -> None:
@@ -116,10 +121,58 @@ def install(model: nn.Module, region: Region, graph: fx.Graph | None, root: dict
     region.graph, region.gm = None, None
     if graph is None:
         return
-    gm = fx.GraphModule(root, graph, class_name=f"{region.module_type}Rewritten")
-    region.graph, region.gm = graph, gm
-    module.forward = gm.forward
+    holder = RegionModule(root, graph, f"{region.module_type}Rewritten")
+    region.graph, region.gm = graph, holder
+    module.forward = types.MethodType(holder.run, holder)
     _maybe_dump(region)
+
+
+class RegionModule(nn.Module):
+    """What a rewritten region's code refers to (``self.<target>``), plus that code.
+
+    Regions with the same rewritten graph (all the q_proj leaves of a model, say) share one
+    compiled function: generating and compiling Python per region would dominate compile time.
+    """
+
+    def __init__(self, root: dict[str, Any], graph: fx.Graph, class_name: str) -> None:
+        super().__init__()
+        for target, value in root.items():
+            _place(self, target, value)
+        self.class_name = class_name
+        self.run, self.code = _compiled_forward(graph)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(self, *args, **kwargs)
+
+
+def _place(holder: nn.Module, target: str, value: Any) -> None:
+    *parents, leaf = target.split(".")
+    for name in parents:
+        child = getattr(holder, name, None)
+        if child is None:
+            child = nn.Module()
+            holder.add_module(name, child)
+        holder = child
+    setattr(holder, leaf, value)
+
+
+_FORWARDS: dict[tuple, tuple[Any, str]] = {}
+
+
+def _compiled_forward(graph: fx.Graph) -> tuple[Any, str]:
+    key = tuple(
+        (n.op, n.name, str(n.target), repr(n.args), repr(n.kwargs), repr(n.type))
+        for n in graph.nodes
+    )
+    hit = _FORWARDS.get(key)
+    if hit is None:
+        code = graph.python_code("self")
+        filename = f"<surgeon region {len(_FORWARDS)}>"
+        linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+        namespace = dict(code.globals)
+        exec(compile(code.src, filename, "exec"), namespace)
+        hit = _FORWARDS[key] = (namespace["forward"], code.src)
+    return hit
 
 
 def _maybe_dump(region: Region) -> None:

@@ -19,6 +19,7 @@ names submodules relative to its root, so it serves every instance with the same
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ class Region:
     base: fx.Graph
     leaf: bool = False
     graph: fx.Graph | None = None
-    gm: fx.GraphModule | None = None
+    gm: nn.Module | None = None
     adapted: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -91,11 +92,38 @@ class TraceResult:
 
 
 class _Cache:
-    """Graphs by structural key; failures by a weaker key (reusing a failure is only conservative)."""
+    """Traced graphs and failures of earlier modules, looked up for structurally identical ones.
+
+    Keys are computed only once a second module of the same class shows up, so one-off modules
+    (the root, the decoder stack) are never walked just to build a key. A failure is reused by
+    the weaker key (class and submodule structure): reusing a failure only gives smaller regions.
+    """
 
     def __init__(self) -> None:
-        self.graphs: dict[Any, fx.Graph] = {}
-        self.failures: dict[Any, str] = {}
+        self.by_class: dict[type, list[tuple[nn.Module, fx.Graph | str]]] = {}
+        self.keys: dict[int, tuple[tuple, tuple | None]] = {}
+
+    def _keys(self, module: nn.Module, strong: bool) -> tuple[tuple, tuple | None]:
+        weak, attributes = self.keys.get(id(module), (None, None))
+        if weak is None:
+            weak = _weak_key(module)
+        if strong and attributes is None:
+            attributes = _attribute_key(module)
+        self.keys[id(module)] = (weak, attributes)
+        return weak, attributes
+
+    def lookup(self, module: nn.Module) -> fx.Graph | str | None:
+        for other, outcome in self.by_class.get(type(module), ()):
+            if self._keys(module, False)[0] != self._keys(other, False)[0]:
+                continue
+            if isinstance(outcome, str):
+                return outcome
+            if self._keys(module, True)[1] == self._keys(other, True)[1]:
+                return outcome
+        return None
+
+    def record(self, module: nn.Module, outcome: fx.Graph | str) -> None:
+        self.by_class.setdefault(type(module), []).append((module, outcome))
 
 
 def trace_regions(model: nn.Module, leaf_types: tuple[type, ...] | None = None) -> TraceResult:
@@ -110,7 +138,7 @@ def trace_regions(model: nn.Module, leaf_types: tuple[type, ...] | None = None) 
     while stack:
         path, module = stack.pop()
         if isinstance(module, leaf_types):
-            regions.append(Region(path, type(module).__name__, leaf_graph(module, path), leaf=True))
+            regions.append(Region(path, type(module).__name__, leaf_graph(module), leaf=True))
             continue
         if id(module) not in contains:
             continue
@@ -141,60 +169,59 @@ def _adaptable_subtrees(model: nn.Module, leaf_types: tuple[type, ...]) -> set[i
     return found
 
 
-def leaf_graph(module: nn.Module, path: str) -> fx.Graph:
-    """The one-node graph of an adaptable layer traced on its own."""
+LEAF_TARGET = "base"
+
+
+def leaf_graph(module: nn.Module) -> fx.Graph:
+    """The one-node graph of an adaptable layer traced on its own (the layer is ``self.base``)."""
     graph = fx.Graph()
-    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    args = []
-    for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        default = () if p.default is inspect.Parameter.empty else (p.default,)
-        args.append(
-            graph.placeholder(
-                p.name, default_value=default[0] if default else inspect.Parameter.empty
-            )
-        )
-    name = path.rsplit(".", 1)[-1] or "layer"
+    params = _forward_parameters(type(module))
+    args = [graph.placeholder(p.name, default_value=p.default) for p in params]
     out = graph.call_module(
-        name, tuple(args[:1]), {p.name: a for p, a in zip(params[1:], args[1:])}
+        LEAF_TARGET, tuple(args[:1]), {p.name: a for p, a in zip(params[1:], args[1:])}
     )
     graph.output(out)
     return graph
 
 
+@functools.cache
+def _forward_parameters(cls: type) -> list[inspect.Parameter]:
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
 def _trace_cached(module: nn.Module, leaf_types: tuple[type, ...], cache: _Cache) -> fx.Graph:
-    weak = _weak_key(module)
-    if weak in cache.failures:
-        raise _Unsound(cache.failures[weak])
-    strong = (weak, _attribute_key(module))
-    if strong in cache.graphs:
-        return cache.graphs[strong]
-    try:
-        graph = _trace_soundly(module, leaf_types)
-    except _Unsound as err:
-        cache.failures[weak] = str(err)
-        raise
-    cache.graphs[strong] = graph
-    return graph
+    if type(module).forward is nn.Module.forward:
+        raise _Unsound(f"{type(module).__name__} has no forward of its own (a container)")
+    outcome = cache.lookup(module)
+    if outcome is None:
+        try:
+            outcome = _trace_soundly(module, leaf_types)
+        except _Unsound as err:
+            outcome = str(err)
+        cache.record(module, outcome)
+    if isinstance(outcome, str):
+        raise _Unsound(outcome)
+    return outcome
 
 
 def _trace_soundly(module: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
+    """Trace in the current mode; accept only if the other mode and None-valued optional
+    arguments give the same computation."""
+    first = _trace(module, leaf_types)
     none_args = _none_default_args(module)
-    with _training_mode(module, True):
-        train = _trace(module, leaf_types)
-        if none_args:
-            specialised = _trace(module, leaf_types, {a: None for a in none_args})
-            if _fingerprint(train) != _fingerprint(specialised):
-                names = ", ".join(none_args)
-                raise _Unsound(f"forward branches on whether optional argument(s) {names} are None")
-    with _training_mode(module, False):
-        evaluation = _trace(module, leaf_types)
-    if _fingerprint(train) != _fingerprint(evaluation):
+    if none_args:
+        specialised = _trace(module, leaf_types, {a: None for a in none_args})
+        if _fingerprint(first) != _fingerprint(specialised):
+            names = ", ".join(none_args)
+            raise _Unsound(f"forward branches on whether optional argument(s) {names} are None")
+    with _training_mode(module, not module.training):
+        other = _trace(module, leaf_types)
+    if _fingerprint(first) != _fingerprint(other):
         raise _Unsound(
             "graph depends on the training flag (e.g. F.dropout(..., training=self.training))"
         )
-    return train
+    return first
 
 
 def _trace(

@@ -246,23 +246,23 @@ def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
     adapters_default_head_lora_b = self.adapters.default.head.lora_B
     adapters_default_head_dropout = self.adapters.default.head.dropout(relu);  relu = None
     linear = torch._C._nn.linear(adapters_default_head_dropout, adapters_default_head_lora_a);  adapters_default_head_dropout = adapters_default_head_lora_a = None
-    linear_1 = torch._C._nn.linear(linear, adapters_default_head_lora_b);  linear = adapters_default_head_lora_b = None
-    mul = torch.mul(linear_1, 2.0);  linear_1 = None
-    add = torch.add(head, mul);  head = mul = None
+    mul = torch.mul(linear, 2.0);  linear = None
+    linear_1 = torch._C._nn.linear(mul, adapters_default_head_lora_b);  mul = adapters_default_head_lora_b = None
+    add = torch.add(head, linear_1);  head = linear_1 = None
     return add"""
 
 GOLDEN_LEAF = """\
 def forward(self, input):
     input_1 = input
-    embed_tokens = self.embed_tokens(input_1)
-    adapters_default_embed_tokens_lora_a = self.adapters.default.embed_tokens.lora_A
-    adapters_default_embed_tokens_lora_b = self.adapters.default.embed_tokens.lora_B
-    t = adapters_default_embed_tokens_lora_a.t();  adapters_default_embed_tokens_lora_a = None
+    base = self.base(input_1)
+    adapters_default_lora_a = self.adapters.default.lora_A
+    adapters_default_lora_b = self.adapters.default.lora_B
+    t = adapters_default_lora_a.t();  adapters_default_lora_a = None
     embedding = torch.nn.functional.embedding(input_1, t, 0, None, 2.0, False, False);  input_1 = t = None
-    t_1 = adapters_default_embed_tokens_lora_b.t();  adapters_default_embed_tokens_lora_b = None
-    matmul = torch.matmul(embedding, t_1);  embedding = t_1 = None
-    mul = torch.mul(matmul, 4.0);  matmul = None
-    add = torch.add(embed_tokens, mul);  embed_tokens = mul = None
+    mul = torch.mul(embedding, 4.0);  embedding = None
+    t_1 = adapters_default_lora_b.t();  adapters_default_lora_b = None
+    matmul = torch.matmul(mul, t_1);  mul = t_1 = None
+    add = torch.add(base, matmul);  base = matmul = None
     return add"""
 
 
