@@ -71,9 +71,30 @@ class AdapterLayer(nn.Module):
         """Add this adapter's nodes; return the node that replaces ``base_out``."""
         raise NotImplementedError
 
+    def emit_input(self, ctx: EmitContext, x: fx.Node) -> fx.Node | None:
+        """Optionally transform the base layer's input (IA³ on feed-forward layers scales it).
+
+        Return the node the base layer should read instead of ``x``, or None to leave it.
+        Other adapters on the same layer still see the original ``x``.
+        """
+        return None
+
     def delta_weight(self) -> torch.Tensor:
         """What merging adds to the base weight (same shape and layout as ``base.weight``)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold this adapter into the base layer in place. Additive by default; methods whose
+        fold is not a sum (IA³ scales, DoRA renormalises) override `merge` and `unmerge`."""
+        weight = self.base.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge` (exactly in float32, up to rounding in half precision)."""
+        weight = self.base.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """State-dict entries under the layer's path, in PEFT's naming without the adapter name."""

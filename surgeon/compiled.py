@@ -113,12 +113,12 @@ class CompiledModel(nn.Module):
             )
         paths = method.select(self.model)
         with _unchanged_on_error(self.model, _rewritten_weights(self.model, method, paths)):
-            layers = {p: method.create_layer(self.model.get_submodule(p), p) for p in paths}
+            layers = method.create_layers(self.model, paths)
             base_trainable = method.trainable_base_parameters(self.model, paths)
             if tensors is not None:
                 from surgeon.io import fill_adapter
 
-                fill_adapter(self.model, name, layers, base_trainable, tensors)
+                fill_adapter(self.model, name, method, layers, base_trainable, tensors)
         self._freeze_base()
         params = dict(self.model.named_parameters())
         for pname in base_trainable:
@@ -178,17 +178,15 @@ class CompiledModel(nn.Module):
         """Fold adapters (default: the active ones) into the base weights; `unmerge` reverses it."""
         for name in self._merge_candidates(names):
             for _, layer in self.store.items(name):
-                weight = layer.base.weight
-                weight.add_(layer.delta_weight().to(weight.dtype))
+                layer.merge()
             self._merged.append(name)
         self._recompile()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         for name in reversed(self._merged):
-            for _, layer in self.store.items(name):
-                weight = layer.base.weight
-                weight.sub_(layer.delta_weight().to(weight.dtype))
+            for _, layer in reversed(self.store.items(name)):
+                layer.unmerge()
         self._merged = []
         self._recompile()
 

@@ -166,15 +166,13 @@ def _normalise_key(key: str) -> str:
 def fill_adapter(
     model: nn.Module,
     name: str,
+    method: MethodSpec,
     layers: Mapping[str, AdapterLayer],
     base_trainable: Sequence[str],
     tensors: Mapping[str, torch.Tensor],
 ) -> None:
     """Copy file tensors into freshly built adapter layers, checking every key and shape first."""
-    wanted: dict[str, torch.Tensor] = {}
-    for path, layer in layers.items():
-        for suffix, param in layer.peft_tensors().items():
-            wanted[f"{PREFIX}{path}.{suffix}"] = param
+    wanted = _layer_tensors(method, layers)
     base_params = dict(model.named_parameters())
     for pname in base_trainable:
         wanted[PREFIX + pname] = base_params[pname]
@@ -209,13 +207,20 @@ def fill_adapter(
 # -- writing ----------------------------------------------------------------------------------
 
 
-def adapter_tensors(cm: CompiledModel, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's state dict under PEFT's keys (biases of targeted layers under ``base_layer``)."""
-    out: dict[str, torch.Tensor] = {}
-    paths = cm.store.paths[name]
-    for path, layer in cm.store.items(name):
+def _layer_tensors(
+    method: MethodSpec, layers: Mapping[str, AdapterLayer]
+) -> dict[str, torch.Tensor]:
+    out = dict(method.peft_shared_tensors(layers))
+    for path, layer in layers.items():
         for suffix, tensor in layer.peft_tensors().items():
             out[f"{PREFIX}{path}.{suffix}"] = tensor
+    return out
+
+
+def adapter_tensors(cm: CompiledModel, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's state dict under PEFT's keys (biases of targeted layers under ``base_layer``)."""
+    paths = cm.store.paths[name]
+    out = _layer_tensors(cm.spec(name), dict(cm.store.items(name)))
     targeted = set(paths)
     params = dict(cm.model.named_parameters())
     for pname in cm.spec(name).trainable_base_parameters(cm.model, paths):

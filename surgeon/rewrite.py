@@ -79,17 +79,28 @@ def _emit_adapters(
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     inserted: set[fx.Node] = set()
     out = node
+    for name, adapter in adapters:
+        with graph.inserting_before(node):
+            ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
+            new_x = adapter.emit_input(ctx, x)
+        if new_x is not None and node.args:
+            node.args = (new_x, *node.args[1:])
+        elif new_x is not None:
+            node.kwargs = {**node.kwargs, next(iter(node.kwargs)): new_x}
     with graph.inserting_before(node.next):
         for name, adapter in adapters:
-            # leaf regions all read "self.adapters.<name>": one compiled forward serves them all
-            prefix = (
-                f"adapters.{name}" if region.leaf else f"adapters.{name}.{escape(str(node.target))}"
-            )
-            ctx = EmitContext(graph, root, prefix, name, adapter.method)
+            ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
             out = adapter.emit(ctx, x, out)
             inserted.update(ctx.inserted)
             region.adapted.setdefault(_full_path(region, str(node.target)), []).append(name)
     node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
+
+
+def _prefix(region: Region, node: fx.Node, adapter: str) -> str:
+    # leaf regions all read "self.adapters.<name>": one compiled forward serves them all
+    if region.leaf:
+        return f"adapters.{adapter}"
+    return f"adapters.{adapter}.{escape(str(node.target))}"
 
 
 def _full_path(region: Region, target: str) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 from surgeon.errors import SpecError, did_you_mean
@@ -79,6 +80,15 @@ class MethodSpec(metaclass=_ValidatingMeta):
     def create_layer(self, layer: nn.Module, path: str) -> AdapterLayer:
         """The adapter parameters for one targeted layer (on the layer's device)."""
         raise NotImplementedError
+
+    def create_layers(self, model: nn.Module, paths: Sequence[str]) -> dict[str, AdapterLayer]:
+        """Adapter layers for every target. Methods with state shared across layers (VeRA's
+        projections) override this; the others build each layer on its own."""
+        return {p: self.create_layer(model.get_submodule(p), p) for p in paths}
+
+    def peft_shared_tensors(self, layers: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+        """Adapter-wide tensors (not under one layer's path), by their full PEFT key."""
+        return {}
 
     def select(self, model: nn.Module) -> list[str]:
         """Paths of the layers this method adapts in ``model``."""
