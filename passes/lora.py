@@ -176,6 +176,10 @@ class LoRA(MethodSpec):
         }
 
     @classmethod
+    def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
+        return not config.get("use_dora", False)
+
+    @classmethod
     def from_peft_config(cls, config: Mapping[str, Any], where: str) -> LoRA:
         from surgeon.io import check_peft_fields
 

@@ -266,6 +266,23 @@ class CompiledModel(nn.Module):
                 install(self.model, region, None, {})
                 region.adapted = {}
 
+    # -- training hooks -----------------------------------------------------------------------
+
+    def update_ranks(self, step: int) -> None:
+        """Call after ``loss.backward()`` and before ``optimizer.step()`` in a custom loop: methods
+        that adapt during training (AdaLoRA's rank allocation) do their per-step work here."""
+        for name in self._active:
+            self.store.specs[name].after_backward(dict(self.store.items(name)), step)
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The sum of the active methods' loss terms (AdaLoRA's orthogonality), or None."""
+        terms = [
+            t
+            for name in self._active
+            if (t := self.store.specs[name].loss_term(dict(self.store.items(name)))) is not None
+        ]
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
+
     # -- reporting, files ---------------------------------------------------------------------
 
     def num_trainable(self) -> int:

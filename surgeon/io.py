@@ -102,13 +102,14 @@ def method_from_peft_config(config: Any, where: str) -> MethodSpec:
     if not isinstance(config, Mapping):
         raise SpecError(f"{where}: expected a JSON object")
     peft_type = config.get("peft_type")
-    by_type = {cls.peft_type: cls for cls in METHODS.values() if cls.peft_type}
-    if peft_type not in by_type:
+    candidates = [c for c in METHODS.values() if c.peft_type == peft_type]
+    if not candidates:
+        known = sorted({c.peft_type for c in METHODS.values() if c.peft_type})
         raise SpecError(
-            f"{where}: peft_type={peft_type!r} is not supported "
-            f"(supported: {', '.join(sorted(by_type))})"
+            f"{where}: peft_type={peft_type!r} is not supported (supported: {', '.join(known)})"
         )
-    cls = by_type[peft_type]
+    claiming = [c for c in candidates if c.accepts_peft_config(config)]
+    cls = claiming[0] if claiming else candidates[0]
     try:
         return cls.from_peft_config(config, where)
     except SpecError as err:

@@ -115,6 +115,21 @@ class MethodSpec(metaclass=_ValidatingMeta):
     def from_peft_config(cls, config: Mapping[str, Any], where: str) -> MethodSpec:
         raise SpecError(f"{where}: {cls.__name__} cannot be read from PEFT's format yet")
 
+    @classmethod
+    def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
+        """Whether a config of this class's ``peft_type`` is this method (PEFT writes DoRA as
+        LORA with ``use_dora``: LoRA and DoRA each claim their half)."""
+        return True
+
+    # -- training hooks (surgeon.train and custom loops call them through the compiled model) --
+
+    def after_backward(self, layers: Mapping[str, AdapterLayer], step: int) -> None:
+        """Called after each backward, before the optimizer step (AdaLoRA allocates ranks here)."""
+
+    def loss_term(self, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
+        """A regulariser to add to the training loss (AdaLoRA's orthogonality term), or None."""
+        return None
+
     def _set(self, field: str, value: Any) -> None:
         object.__setattr__(self, field, value)
 
