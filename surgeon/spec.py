@@ -107,8 +107,8 @@ class MethodSpec(metaclass=_ValidatingMeta):
         """Names of base-model parameters this method trains too (e.g. LoRA's ``bias="all"``)."""
         return []
 
-    def to_peft_config(self) -> dict[str, Any]:
-        """This spec as PEFT's adapter_config.json fields."""
+    def to_peft_config(self, paths: Sequence[str]) -> dict[str, Any]:
+        """This spec as PEFT's adapter_config.json fields (``paths``: the layers it adapted)."""
         raise SpecError(f"{type(self).__name__} cannot be saved in PEFT's format yet")
 
     @classmethod
