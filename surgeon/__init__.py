@@ -4,16 +4,20 @@ import passes.registry  # noqa: F401  (registers every method)
 from passes.lora import LoRA
 from surgeon.compiled import CompiledModel, compile
 from surgeon.errors import SpecError
+from surgeon.export import ExportError, ExportReport, export_onnx
 from surgeon.load import load
 from surgeon.spec import MethodSpec, Spec, load_spec
 
 __all__ = [
     "CompiledModel",
+    "ExportError",
+    "ExportReport",
     "LoRA",
     "MethodSpec",
     "Spec",
     "SpecError",
     "compile",
+    "export_onnx",
     "load",
     "load_spec",
 ]

@@ -54,6 +54,7 @@ class CompiledModel(nn.Module):
         self._merged: list[str] = []
         self._disabled = False
         self._frozen = False
+        self.training = model.training  # cm.training mirrors the model it wraps
 
     # -- passing through to the model ---------------------------------------------------------
 
@@ -123,6 +124,8 @@ class CompiledModel(nn.Module):
         params = dict(self.model.named_parameters())
         for pname in base_trainable:
             params[pname].requires_grad_(True)
+        for layer in layers.values():
+            layer.train(self.model.training)  # new adapters follow the model's mode
         self.store.add(name, method, layers)
         self._add_unreached_layers(paths)
 

@@ -215,7 +215,7 @@ def _trace_soundly(module: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
         if _fingerprint(first) != _fingerprint(specialised):
             names = ", ".join(none_args)
             raise _Unsound(f"forward branches on whether optional argument(s) {names} are None")
-    with _training_mode(module, not module.training):
+    with training_mode(module, not module.training):
         other = _trace(module, leaf_types)
     if _fingerprint(first) != _fingerprint(other):
         raise _Unsound(
@@ -242,7 +242,7 @@ def _none_default_args(module: nn.Module) -> list[str]:
     return [p.name for p in params if p.default is None and p.kind is not p.VAR_KEYWORD]
 
 
-class _training_mode:
+class training_mode:
     """Temporarily set a subtree's training flags, restoring each module's own flag after."""
 
     def __init__(self, module: nn.Module, mode: bool) -> None:
