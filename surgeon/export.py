@@ -197,18 +197,27 @@ DynamicAxes = Mapping[str, Mapping[int, str]]
 
 def default_axes(inputs: Mapping[str, torch.Tensor]) -> dict[str, dict[int, str]]:
     """Batch on axis 0; sequence on axis 1 of integer (token) inputs; for float inputs, the axes
-    after the channel axis (length, or height/width/depth). Pass ``dynamic={...}`` otherwise."""
+    after the channel axis (length, or height/width/depth). Inputs whose example sizes differ on
+    such an axis (an encoder-decoder's two sequences) get axes of their own. Pass ``dynamic={...}``
+    to choose otherwise."""
     axes: dict[str, dict[int, str]] = {}
+    labels_by_size: dict[tuple[str, int], str] = {}
     for name, value in inputs.items():
         dims = {0: "batch"} if value.ndim >= 1 else {}
         if not value.is_floating_point() and value.ndim >= 2:
-            dims[1] = "sequence"
+            roles = {1: "sequence"}
         elif value.is_floating_point() and value.ndim == 3:
-            dims[2] = "length"
+            roles = {2: "length"}
         elif value.is_floating_point() and value.ndim > 3:
-            dims.update(
-                {axis: n for axis, n in zip(range(2, value.ndim), ("height", "width", "depth"))}
+            roles = dict(zip(range(2, value.ndim), ("height", "width", "depth")))
+        else:
+            roles = {}
+        for axis, role in roles.items():
+            taken = {label for (r, _), label in labels_by_size.items() if r == role}
+            label = labels_by_size.setdefault(
+                (role, value.shape[axis]), role if not taken else f"{name}_{role}"
             )
+            dims[axis] = label
         axes[name] = dims
     return axes
 

@@ -149,3 +149,63 @@ def test_bad_arguments_are_spec_errors(tmp_path, kwargs, match):
     with pytest.raises(surgeon.SpecError, match=match):
         surgeon.export_onnx(cm, **args)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_encoder_decoder_exports_with_separate_sequence_axes(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+    )
+    cm = surgeon.compile(
+        T5ForConditionalGeneration(config).eval(), surgeon.LoRA(rank=2, targets=("q", "v"))
+    )
+    randomize(cm)
+    x = {
+        "input_ids": torch.randint(1, 64, (2, 7)),
+        "decoder_input_ids": torch.randint(1, 64, (2, 5)),
+    }
+    report = surgeon.export_onnx(cm, tmp_path / "t5.onnx", x)
+    assert report.outputs[0] == "logits" and report.max_abs_diff < 1e-4
+    assert report.verified_shapes["input_ids"][1] != report.verified_shapes["decoder_input_ids"][1]
+
+
+def test_vision_model_exports(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    cm = surgeon.compile(
+        ViTForImageClassification(config).eval(), surgeon.LoRA(rank=2, targets="attention")
+    )
+    randomize(cm)
+    report = surgeon.export_onnx(
+        cm,
+        tmp_path / "vit.onnx",
+        {"pixel_values": torch.randn(2, 3, 16, 16)},
+        dynamic={"pixel_values": {0: "batch"}},
+    )
+    assert report.max_abs_diff < 1e-4 and report.verified_shapes == {"pixel_values": (3, 3, 16, 16)}
+
+
+def test_large_models_keep_weights_in_a_side_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("surgeon.export._needs_external_data", lambda model: True)
+    entry, cm = _compiled("mlp")
+    report = surgeon.export_onnx(cm, tmp_path / "m.onnx", entry.example())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert report.file_bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
