@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_minilm_classifier  # noqa: E402
+from common import load_minilm_classifier
 
-import surgeon  # noqa: E402
+import surgeon
 
 
 def main() -> None:

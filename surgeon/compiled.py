@@ -13,9 +13,12 @@ from torch import nn
 from surgeon.adapter import AdapterLayer
 from surgeon.errors import SpecError
 from surgeon.graph import Graph
-from surgeon.rewrite import escape, install, leaf_region, reached_layers, rewrite_region
+from surgeon.rewrite import escape, install, leaf_region, mixed_rows, reached_layers, rewrite_region
 from surgeon.spec import MethodSpec, Spec, as_spec, check_adapter_name
 from surgeon.trace import trace_regions
+
+BASE = "__base__"
+"""In ``adapter_names``: this row runs the base model."""
 
 
 class AdapterStore(nn.Module):
@@ -55,11 +58,46 @@ class CompiledModel(nn.Module):
         self._disabled = False
         self._frozen = False
         self.training = model.training  # cm.training mirrors the model it wraps
+        self._plans: dict[tuple, list] = {}
 
     # -- passing through to the model ---------------------------------------------------------
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none)
+        runs each row through its own adapter in one call."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._mixed(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(
+        self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
+        """The model's ``generate``, with ``adapter_names`` as in `forward` (greedy and sampling;
+        beam search multiplies rows and is refused with a clear error)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self._mixed(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        if isinstance(adapter_names, str) or not adapter_names:
+            raise SpecError("adapter_names: expected a list with one adapter name per batch row")
+        for n in set(adapter_names) - {BASE}:
+            self._require(n)
+        if self._merged:
+            raise SpecError(
+                f"adapter_names: adapters {self._merged} are merged into the weights; "
+                f"unmerge() first, or every row would get them"
+            )
+        names = tuple(sorted(set(adapter_names) - {BASE}))
+        self._install(names, mixed=True)
+        try:
+            with mixed_rows(list(adapter_names)):
+                yield
+        finally:
+            self._recompile()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -75,6 +113,8 @@ class CompiledModel(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
+        if "_plans" in self.__dict__:
+            self._forget_plans()
         self._recompile()  # dtype casts in the graphs depend on parameter dtypes
         return out
 
@@ -128,6 +168,7 @@ class CompiledModel(nn.Module):
             layer.train(self.model.training)  # new adapters follow the model's mode
         self.store.add(name, method, layers)
         self._add_unreached_layers(paths)
+        self._forget_plans()
 
     def set_active(self, names: str | Sequence[str] | None) -> None:
         """Which adapters run: a name, several names (applied in order), or None for none."""
@@ -147,6 +188,7 @@ class CompiledModel(nn.Module):
             )
         self.store.remove(name)
         self._active = tuple(n for n in self._active if n != name)
+        self._forget_plans()
         self._recompile()
 
     @contextlib.contextmanager
@@ -236,10 +278,11 @@ class CompiledModel(nn.Module):
         """Fold the active adapters in and hand back the plain model (no surgeon code left in it)."""
         self.merge()
         for region in self.graph.regions:
-            install(self.model, region, None, {})
+            install(self.model, region, None)
         for name in list(self.store.specs):
             self.store.remove(name)
         self._active, self._merged = (), []
+        self._forget_plans()
         return self.model
 
     # -- compiling ----------------------------------------------------------------------------
@@ -257,28 +300,44 @@ class CompiledModel(nn.Module):
             if id(self.model.get_submodule(path)) not in reached:
                 self.graph.regions.append(leaf_region(self.model, path))
 
-    def _active_layers(self) -> dict[int, list[tuple[str, AdapterLayer]]]:
+    def _layers_of(self, names: Sequence[str]) -> dict[int, list[tuple[str, AdapterLayer]]]:
+        """id(base layer) -> the named adapters' layers on it, in order."""
         active: dict[int, list[tuple[str, AdapterLayer]]] = {}
-        if self._disabled:
-            return active
-        for name in self._active:
-            if name in self._merged:
-                continue
+        for name in names:
             for _, layer in self.store.items(name):
                 active.setdefault(id(layer.base), []).append((name, layer))
         return active
 
+    def _running(self) -> tuple[str, ...]:
+        """The adapters the graphs run now: active, not merged, not disabled."""
+        if self._disabled:
+            return ()
+        return tuple(n for n in self._active if n not in self._merged)
+
     def _recompile(self) -> None:
         if "graph" not in self.__dict__:
             return  # during nn.Module.__init__-time .to() calls
-        active = self._active_layers()
-        for region in self.graph.regions:
-            if active and reached_layers(self.model, [region]) & active.keys():
-                graph, root = rewrite_region(self.model, region, active)
-                install(self.model, region, graph, root)
-            elif region.graph is not None or region.gm is not None:
-                install(self.model, region, None, {})
-                region.adapted = {}
+        self._install(self._running())
+
+    def _install(self, names: tuple[str, ...], mixed: bool = False) -> None:
+        """Install the rewrites for running ``names``; a set seen before reuses its rewrites, so
+        switching adapters costs no tracing or code generation."""
+        key = (names, mixed)
+        if key not in self._plans:
+            active = self._layers_of(names)
+            self._plans[key] = [
+                (region, rewrite_region(self.model, region, active, mixed))
+                if active and reached_layers(self.model, [region]) & active.keys()
+                else (region, None)
+                for region in self.graph.regions
+            ]
+        for region, rewrite in self._plans[key]:
+            if rewrite is not None or region.gm is not None:
+                install(self.model, region, rewrite)
+
+    def _forget_plans(self) -> None:
+        """Adapters, regions or dtypes changed: earlier rewrites no longer apply."""
+        self._plans.clear()
 
     # -- training hooks -----------------------------------------------------------------------
 
@@ -314,6 +373,32 @@ class CompiledModel(nn.Module):
         from surgeon.io import save_adapters
 
         save_adapters(self, Path(path), names)
+
+    def hotswap_adapter(self, path: str | Path, name: str = "default") -> None:
+        """Replace adapter ``name``'s weights in place from a saved adapter (for serving): no
+        parameter is reallocated, and nothing is recompiled unless the scaling (alpha) differs.
+        The file must adapt the same layers with the same shapes; otherwise nothing changes."""
+        from surgeon.io import fill_adapter, read_adapter
+
+        self._require(name)
+        method, tensors = read_adapter(Path(path))
+        current = self.store.specs[name]
+        if type(method) is not type(current):
+            raise SpecError(
+                f"hotswap_adapter: {path} holds a {method.name} adapter, {name!r} is {current.name}"
+            )
+        paths = method.select(self.model)
+        if paths != self.store.paths[name]:
+            raise SpecError(f"hotswap_adapter: {path} adapts other layers than adapter {name!r}")
+        layers = dict(self.store.items(name))
+        base_trainable = method.trainable_base_parameters(self.model, paths)
+        fill_adapter(self.model, name, method, layers, base_trainable, tensors)
+        self.store.specs[name] = method
+        if method != current and hasattr(method, "rank_and_scale"):
+            for p, layer in layers.items():
+                layer.scale = method.rank_and_scale(p)[1]
+            self._forget_plans()
+            self._recompile()
 
     def load_adapters(
         self, path: str | Path, name: str = "default", activate: bool | None = None

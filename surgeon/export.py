@@ -69,7 +69,7 @@ def lowered(cm: CompiledModel) -> Iterator[nn.Module]:
         for layer in layers:
             layer.merge()
         for region in cm.graph.regions:
-            install(cm.model, region, None, {})
+            install(cm.model, region, None)
         yield cm.model
     finally:
         for module, name, param in originals:

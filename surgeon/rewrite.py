@@ -7,19 +7,24 @@ graph and a `GraphModule` that refers to the same parameter objects.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import linecache
 import operator
 import os
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.errors import SpecError
 from surgeon.trace import Region, leaf_graph
 
 ActiveLayers = Mapping[int, Sequence[tuple[str, AdapterLayer]]]
@@ -45,14 +50,26 @@ def escape(path: str) -> str:
     return path.replace(".", "_") or "root"
 
 
+@dataclass
+class Rewrite:
+    """One region's rewritten graph, the module its code runs on, and what it adapted."""
+
+    graph: fx.Graph
+    holder: RegionModule
+    adapted: dict[str, list[str]]
+
+
 def rewrite_region(
-    model: nn.Module, region: Region, active: ActiveLayers
-) -> tuple[fx.Graph, dict[str, Any]]:
-    """A copy of the region's base graph with adapter subgraphs after each targeted layer node."""
+    model: nn.Module, region: Region, active: ActiveLayers, mixed: bool = False
+) -> Rewrite:
+    """A copy of the region's base graph with adapter subgraphs after each targeted layer node.
+
+    ``mixed``: each adapter runs only on the batch rows assigned to it (``adapter_names``).
+    """
     module = region_module(model, region)
     graph = copy.deepcopy(region.base)
     root: dict[str, Any] = {}
-    region.adapted = {}
+    adapted: dict[str, list[str]] = {}
     for node in list(graph.nodes):
         if node.op not in ("call_module", "get_attr"):
             continue
@@ -63,16 +80,17 @@ def rewrite_region(
             root[node.target] = operator.attrgetter(node.target)(module)
             layer = root[node.target]
         if node.op == "call_module" and id(layer) in active:
-            _emit_adapters(graph, root, node, layer, active[id(layer)], region)
+            emit = _emit_mixed if mixed else _emit_adapters
+            emit(graph, root, node, active[id(layer)], region)
+            adapted[_full_path(region, str(node.target))] = [n for n, _ in active[id(layer)]]
     graph.lint()
-    return graph, root
+    return Rewrite(graph, RegionModule(root, graph, f"{region.module_type}Rewritten"), adapted)
 
 
 def _emit_adapters(
     graph: fx.Graph,
     root: dict[str, Any],
     node: fx.Node,
-    layer: nn.Module,
     adapters: Sequence[tuple[str, AdapterLayer]],
     region: Region,
 ) -> None:
@@ -92,8 +110,68 @@ def _emit_adapters(
             ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
             out = adapter.emit(ctx, x, out)
             inserted.update(ctx.inserted)
-            region.adapted.setdefault(_full_path(region, str(node.target)), []).append(name)
     node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
+
+
+def _emit_mixed(
+    graph: fx.Graph,
+    root: dict[str, Any],
+    node: fx.Node,
+    adapters: Sequence[tuple[str, AdapterLayer]],
+    region: Region,
+) -> None:
+    """Per adapter: gather its rows of the batch, run it there, scatter the result back."""
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    inserted: set[fx.Node] = set()
+    out = node
+    with graph.inserting_before(node.next):
+        for name, adapter in adapters:
+            if type(adapter).emit_input is not AdapterLayer.emit_input:
+                raise SpecError(
+                    f"adapter {name!r} ({adapter.method}) transforms its layer's input; "
+                    f"mixed batches do not support that yet"
+                )
+            ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
+            rows = ctx.call(batch_rows, name, x)
+            part = adapter.emit(
+                ctx,
+                ctx.call(torch.index_select, x, 0, rows),
+                ctx.call(torch.index_select, node, 0, rows),
+            )
+            out = ctx.call(torch.index_copy, out, 0, rows, part)
+            inserted.update(ctx.inserted)
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
+
+
+_ROWS: contextvars.ContextVar[dict[str, list[int]] | None] = contextvars.ContextVar(
+    "surgeon_rows", default=None
+)
+
+
+@contextlib.contextmanager
+def mixed_rows(adapter_names: Sequence[str]) -> Iterator[None]:
+    """Within the block, mixed-batch graphs read which rows each adapter owns."""
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(adapter_names):
+        rows.setdefault(name, []).append(i)
+    token = _ROWS.set({"__count__": [len(adapter_names)], **rows})
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def batch_rows(adapter: str, like: torch.Tensor) -> torch.Tensor:
+    """The batch rows that ``adapter`` owns in the current mixed-batch call, on ``like``'s device."""
+    rows = _ROWS.get()
+    if rows is None:
+        raise RuntimeError("a mixed-batch graph ran outside a call with adapter_names")
+    if like.shape[0] != rows["__count__"][0]:
+        raise SpecError(
+            f"adapter_names has {rows['__count__'][0]} entries but the batch has "
+            f"{like.shape[0]} rows"
+        )
+    return torch.tensor(rows.get(adapter, []), dtype=torch.long, device=like.device)
 
 
 def _prefix(region: Region, node: fx.Node, adapter: str) -> str:
@@ -125,16 +203,15 @@ def leaf_region(model: nn.Module, path: str) -> Region:
     return Region(path, type(layer).__name__, leaf_graph(layer), leaf=True)
 
 
-def install(model: nn.Module, region: Region, graph: fx.Graph | None, root: dict[str, Any]) -> None:
-    """Run ``graph`` as the region module's forward (or restore its own forward when None)."""
+def install(model: nn.Module, region: Region, rewrite: Rewrite | None) -> None:
+    """Run a rewrite as the region module's forward (or restore its own forward when None)."""
     module = region_module(model, region)
     module.__dict__.pop("forward", None)
-    region.graph, region.gm = None, None
-    if graph is None:
+    region.graph, region.gm, region.adapted = None, None, {}
+    if rewrite is None:
         return
-    holder = RegionModule(root, graph, f"{region.module_type}Rewritten")
-    region.graph, region.gm = graph, holder
-    module.forward = types.MethodType(holder.run, holder)
+    region.graph, region.gm, region.adapted = rewrite.graph, rewrite.holder, rewrite.adapted
+    module.forward = types.MethodType(rewrite.holder.run, rewrite.holder)
     _maybe_dump(region)
 
 
