@@ -1,7 +1,9 @@
 """surgeon: a declarative model-surgery compiler for PyTorch."""
 
 import passes.registry  # noqa: F401  (registers every method)
+from passes.ia3 import IA3
 from passes.lora import LoRA
+from passes.vera import VeRA
 from surgeon.compiled import CompiledModel, compile
 from surgeon.errors import SpecError
 from surgeon.export import ExportError, ExportReport, export_onnx
@@ -9,6 +11,7 @@ from surgeon.load import load
 from surgeon.spec import MethodSpec, Spec, load_spec
 
 __all__ = [
+    "IA3",
     "CompiledModel",
     "ExportError",
     "ExportReport",
@@ -16,6 +19,7 @@ __all__ = [
     "MethodSpec",
     "Spec",
     "SpecError",
+    "VeRA",
     "compile",
     "export_onnx",
     "load",

@@ -58,6 +58,11 @@ class AdapterLayer(nn.Module):
 
     method: ClassVar[str]
 
+    @property
+    def transforms_input(self) -> bool:
+        """Whether `emit_input` changes this layer's input (mixed batches cannot do that yet)."""
+        return False
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         # Kept outside the module tree: the base layer belongs to the user's model.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -386,6 +387,18 @@ class CompiledModel(nn.Module):
         if type(method) is not type(current):
             raise SpecError(
                 f"hotswap_adapter: {path} holds a {method.name} adapter, {name!r} is {current.name}"
+            )
+        changed = sorted(
+            f.name
+            for f in dataclasses.fields(method)
+            if getattr(method, f.name) != getattr(current, f.name)
+        )
+        if set(changed) - {"alpha", "alpha_pattern"} or (
+            changed and not hasattr(method, "rank_and_scale")
+        ):
+            raise SpecError(
+                f"hotswap_adapter: {path} differs from adapter {name!r} in {', '.join(changed)}; "
+                f"only weights (and LoRA's alpha) can be swapped in place: use load_adapters instead"
             )
         paths = method.select(self.model)
         if paths != self.store.paths[name]:

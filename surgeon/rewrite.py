@@ -126,7 +126,7 @@ def _emit_mixed(
     out = node
     with graph.inserting_before(node.next):
         for name, adapter in adapters:
-            if type(adapter).emit_input is not AdapterLayer.emit_input:
+            if adapter.transforms_input:
                 raise SpecError(
                     f"adapter {name!r} ({adapter.method}) transforms its layer's input; "
                     f"mixed batches do not support that yet"

@@ -1,0 +1,238 @@
+"""VeRA: ``base(x) + λ_b ⊙ (B (λ_d ⊙ (A dropout(x))))`` (Kopiczko et al., 2024).
+
+``A`` (r x in) and ``B`` (out x r) are frozen random projections shared by every targeted layer:
+one pair per adapter, sized for the largest target and sliced per layer. They come from a
+`torch.Generator` seeded with ``seed``, exactly as PEFT draws them from ``projection_prng_key``,
+so an adapter saved without its projections still reloads to the same outputs. Only the vectors
+``λ_b`` (out, starts at zero: a fresh adapter changes nothing) and ``λ_d`` (r, starts at
+``d_initial``) train.
+
+Layers: Linear and transformers' GPT-2 ``Conv1D`` (those PEFT's VeRA supports).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from passes.ia3 import in_out_features
+from passes.lora import adapter_dtype, layer_kind
+from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.errors import SpecError
+from surgeon.spec import (
+    MethodSpec,
+    check_bool,
+    check_int,
+    check_layers,
+    check_number,
+    check_targets,
+)
+from surgeon.targets import LAYER_CONTAINERS, peft_selection
+
+# fan_in_fan_out is implied by the layer type; init_weights only decides values the file replaces.
+PEFT_FIELDS = {
+    "r",
+    "target_modules",
+    "projection_prng_key",
+    "save_projection",
+    "vera_dropout",
+    "d_initial",
+    "fan_in_fan_out",
+    "bias",
+    "init_weights",
+    "layers_to_transform",
+    "layers_pattern",
+}
+PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
+
+
+@dataclass(frozen=True)
+class VeRA(MethodSpec):
+    """Vector-based random matrix adaptation."""
+
+    name = "vera"
+    peft_type = "VERA"
+
+    rank: int = 256
+    targets: str | tuple[str, ...] = ("q_proj", "v_proj")
+    d_initial: float = 0.1
+    seed: int = 0
+    dropout: float = 0.0
+    save_projection: bool = True
+    layers: int | tuple[int, ...] | None = None
+    exclude: str | tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        check_int(owner, "rank", self.rank)
+        self._set("targets", check_targets(owner, "targets", self.targets))
+        check_number(owner, "d_initial", self.d_initial, 0)
+        check_int(owner, "seed", self.seed, minimum=0)
+        check_number(owner, "dropout", self.dropout, 0, 1, low_inclusive=True)
+        check_bool(owner, "save_projection", self.save_projection)
+        self._set("layers", check_layers(owner, "layers", self.layers))
+        self._set("exclude", check_targets(owner, "exclude", self.exclude, allow_empty=True))
+
+    def supports(self, layer: nn.Module) -> bool:
+        return layer_kind(layer) in ("linear", "conv1d_gpt2")
+
+    def create_layers(self, model: nn.Module, paths: Sequence[str]) -> dict[str, VeRALayer]:
+        bases = {p: model.get_submodule(p) for p in paths}
+        sizes = [in_out_features(b) for b in bases.values()]
+        projections = Projections(
+            self.rank,
+            max(i for i, _ in sizes),
+            max(o for _, o in sizes),
+            self.seed,
+            next(iter(bases.values())).weight,
+        )
+        return {
+            p: VeRALayer(b, projections, self.dropout, self.d_initial) for p, b in bases.items()
+        }
+
+    def peft_shared_tensors(self, layers: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+        if not self.save_projection:
+            return {}
+        projections = next(iter(layers.values())).projections
+        return dict(zip(PROJECTION_KEYS, (projections.vera_A, projections.vera_B)))
+
+    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
+        targets, exclude, layers = peft_selection(self, paths)
+        if exclude is not None:  # PEFT's VeRA has no exclude_modules: name the chosen modules
+            targets, layers = sorted(paths), None
+        return {
+            "peft_type": "VERA",
+            "r": self.rank,
+            "target_modules": targets,
+            "projection_prng_key": self.seed,
+            "save_projection": self.save_projection,
+            "vera_dropout": self.dropout,
+            "d_initial": self.d_initial,
+            "fan_in_fan_out": False,
+            "bias": "none",
+            "init_weights": True,
+            "layers_to_transform": layers,
+            "layers_pattern": None,
+            "modules_to_save": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> VeRA:
+        from surgeon.io import check_peft_fields
+
+        check_peft_fields(config, PEFT_FIELDS, where)
+        if config.get("bias", "none") != "none":
+            raise SpecError(
+                f"{where}: bias={config['bias']!r} (training base biases) is not supported for "
+                f"VeRA yet; supported: 'none'"
+            )
+        layers_pattern = config.get("layers_pattern")
+        if layers_pattern and config.get("layers_to_transform") is not None:
+            patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+            if any(p not in LAYER_CONTAINERS for p in patterns):
+                raise SpecError(
+                    f"{where}: layers_pattern={layers_pattern!r} is not supported "
+                    f"(supported: {', '.join(LAYER_CONTAINERS)})"
+                )
+        targets = config.get("target_modules")
+        if targets is None:
+            raise SpecError(
+                f"{where}: target_modules is missing; surgeon needs the targeted modules named"
+            )
+        return cls(
+            rank=config.get("r", 256),
+            targets=targets if isinstance(targets, str) else tuple(targets),
+            d_initial=config.get("d_initial", 0.1),
+            seed=config.get("projection_prng_key", 0),
+            dropout=config.get("vera_dropout", 0.0),
+            save_projection=config.get("save_projection", True),
+            layers=config.get("layers_to_transform"),
+        )
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Kaiming-uniform (gain sqrt(2), fan_in = shape[1]) drawn from ``generator``, as PEFT draws."""
+    bound = math.sqrt(6 / shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def through_base_dtype(value: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
+    """``value`` rounded to the base weight's dtype, kept in the adapter's dtype: PEFT first moves
+    adapter tensors to the base dtype, then upcasts half precision to float32."""
+    device = base_weight.device
+    return value.to(base_weight.dtype).to(device=device, dtype=adapter_dtype(base_weight))
+
+
+class Projections(nn.Module):
+    """The frozen ``vera_A`` (r x max_in) and ``vera_B`` (max_out x r) of one adapter; buffers,
+    shared by all of its layers."""
+
+    def __init__(
+        self, rank: int, max_in: int, max_out: int, seed: int, base_weight: torch.Tensor
+    ) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)  # on the CPU, as PEFT, whatever the device
+        a = kaiming_uniform((rank, max_in), generator)
+        b = kaiming_uniform((max_out, rank), generator)
+        self.register_buffer("vera_A", through_base_dtype(a, base_weight))
+        self.register_buffer("vera_B", through_base_dtype(b, base_weight))
+
+
+class VeRALayer(AdapterLayer):
+    """``vera_lambda_b`` (out) and ``vera_lambda_d`` (r) of one layer, over shared projections."""
+
+    method = "vera"
+
+    def __init__(
+        self, base: nn.Module, projections: Projections, dropout: float, d_initial: float
+    ) -> None:
+        super().__init__(base)
+        self.kind = layer_kind(base)
+        self.in_features, self.out_features = in_out_features(base)
+        self.rank = projections.vera_A.shape[0]
+        self.projections = projections
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        weight = base.weight
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **factory))
+        d = torch.full((self.rank,), d_initial, dtype=torch.float32)
+        self.vera_lambda_d = nn.Parameter(through_base_dtype(d, weight))
+
+    def _sliced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's views of the shared projections (no copies)."""
+        return (
+            self.projections.vera_A[:, : self.in_features],
+            self.projections.vera_B[: self.out_features],
+        )
+
+    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
+        sliced_a, sliced_b = self._sliced()
+        a = ctx.attr("vera_A", sliced_a)  # sliced once here, not on every call
+        b = ctx.attr("vera_B", sliced_b)
+        lambda_d = ctx.attr("vera_lambda_d", self.vera_lambda_d)
+        lambda_b = ctx.attr("vera_lambda_b", self.vera_lambda_b)
+        dtype = self.vera_lambda_d.dtype
+        cast = dtype != self.base.weight.dtype
+        h = ctx.method("to", x, dtype) if cast else x
+        if self.dropout is not None:
+            h = ctx.module("dropout", self.dropout, h)
+        # λ_d scales the rank-r intermediate; λ_b the output, which it must
+        h = ctx.call(torch.mul, ctx.call(F.linear, h, a), lambda_d)
+        delta = ctx.call(torch.mul, ctx.call(F.linear, h, b), lambda_b)
+        out = ctx.call(torch.add, base_out, delta)
+        return ctx.method("to", out, self.base.weight.dtype) if cast else out
+
+    def delta_weight(self) -> torch.Tensor:
+        sliced_a, sliced_b = self._sliced()
+        delta = (self.vera_lambda_b[:, None] * sliced_b) @ (self.vera_lambda_d[:, None] * sliced_a)
+        return delta.t() if self.kind == "conv1d_gpt2" else delta
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
