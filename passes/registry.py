@@ -3,7 +3,7 @@
 Adding a method is one file in this package plus one import line here.
 """
 
-from passes import ia3, lora, vera  # noqa: F401
+from passes import adalora, dora, ia3, lora, vera  # noqa: F401
 from surgeon.spec import METHODS
 
 __all__ = ["METHODS"]

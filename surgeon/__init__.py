@@ -1,6 +1,8 @@
 """surgeon: a declarative model-surgery compiler for PyTorch."""
 
 import passes.registry  # noqa: F401  (registers every method)
+from passes.adalora import AdaLoRA
+from passes.dora import DoRA
 from passes.ia3 import IA3
 from passes.lora import LoRA
 from passes.vera import VeRA
@@ -12,7 +14,9 @@ from surgeon.spec import MethodSpec, Spec, load_spec
 
 __all__ = [
     "IA3",
+    "AdaLoRA",
     "CompiledModel",
+    "DoRA",
     "ExportError",
     "ExportReport",
     "LoRA",

@@ -343,8 +343,9 @@ class CompiledModel(nn.Module):
     # -- training hooks -----------------------------------------------------------------------
 
     def update_ranks(self, step: int) -> None:
-        """Call after ``loss.backward()`` and before ``optimizer.step()`` in a custom loop: methods
-        that adapt during training (AdaLoRA's rank allocation) do their per-step work here."""
+        """In a custom loop, call after ``optimizer.step()`` and before ``zero_grad()`` (as PEFT's
+        update_and_allocate): methods that adapt while training (AdaLoRA's rank allocation) do
+        their per-step work here."""
         for name in self._active:
             self.store.specs[name].after_backward(dict(self.store.items(name)), step)
 

@@ -236,6 +236,7 @@ def adapter_config(cm: CompiledModel, name: str) -> dict[str, Any]:
 
     spec = cm.spec(name)
     config = spec.to_peft_config(cm.store.paths[name])
+    config.update(spec.peft_config_from_training(dict(cm.store.items(name))))
     try:
         surgeon_version = version("surgeon-peft")
     except PackageNotFoundError:

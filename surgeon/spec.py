@@ -115,6 +115,10 @@ class MethodSpec(metaclass=_ValidatingMeta):
     def from_peft_config(cls, config: Mapping[str, Any], where: str) -> MethodSpec:
         raise SpecError(f"{where}: {cls.__name__} cannot be read from PEFT's format yet")
 
+    def peft_config_from_training(self, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+        """adapter_config.json fields that training decided (AdaLoRA's final rank_pattern)."""
+        return {}
+
     @classmethod
     def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
         """Whether a config of this class's ``peft_type`` is this method (PEFT writes DoRA as
@@ -124,7 +128,8 @@ class MethodSpec(metaclass=_ValidatingMeta):
     # -- training hooks (surgeon.train and custom loops call them through the compiled model) --
 
     def after_backward(self, layers: Mapping[str, AdapterLayer], step: int) -> None:
-        """Called after each backward, before the optimizer step (AdaLoRA allocates ranks here)."""
+        """Called once per step while gradients exist: after ``optimizer.step()``, before
+        ``zero_grad()`` (AdaLoRA allocates ranks here, as PEFT's update_and_allocate)."""
 
     def loss_term(self, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
         """A regulariser to add to the training loss (AdaLoRA's orthogonality term), or None."""

@@ -235,7 +235,7 @@ def test_malformed_config_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("use_dora", True, "use_dora=True selects a variant"),
+        ("lora_bias", True, "lora_bias=True selects a variant"),
         ("modules_to_save", ["head"], "modules_to_save"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq' is not supported"),
         ("peft_type", "BOFT", "peft_type='BOFT' is not supported"),

@@ -1,0 +1,242 @@
+"""DoRA: weight-decomposed LoRA (Liu et al., 2024).
+
+The adapted weight is ``m ⊙ (W + scale·B·A) / ‖W + scale·B·A‖``: a trainable magnitude ``m`` per
+output feature times the LoRA-updated weight normalised per output feature (the norm runs over
+the input dims). As in the paper (§4.3) and PEFT, the norm is a constant in backward.
+
+With ``f = m / ‖W + scale·B·A‖`` the output is ``f ⊙ (W x + scale·B A x) + b``, emitted as
+``f ⊙ base(x) + (f·scale ⊙ B)(A x) + (1 - f) ⊙ b``: the factor scales B (out x r), the bias
+shift rides along as the second matmul's bias, and one ``addcmul`` finishes, so the full-size
+work is what LoRA does. In eval mode the norm is cached until W, A, B or the scale change.
+
+With dropout, PEFT feeds the dropped input to the base weight too while training (its output is
+``base(x) + (f - 1) ⊙ W·drop(x) + f·scale ⊙ B A drop(x)``); a small module adds that difference
+in training and is a pass-through in eval, where dropout is the identity.
+
+Layers: Linear, Conv1d/2d/3d, Embedding and GPT-2's ``Conv1D``, as PEFT. The magnitude is saved
+as PEFT's ``lora_magnitude_vector`` (shape ``(out,)``, convolutions ``(1, out, 1, ...)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from passes.lora import LoRA, LoRALayer
+from surgeon.adapter import EmitContext
+
+
+@dataclass(frozen=True)
+class DoRA(LoRA):
+    """Weight-decomposed low-rank adaptation; the same fields as `LoRA`."""
+
+    name = "dora"
+    peft_type = "LORA"
+
+    def create_layer(self, layer: nn.Module, path: str) -> DoRALayer:
+        rank, scale = self.rank_and_scale(path)
+        return DoRALayer(layer, path, rank, scale, self.dropout, self.init)
+
+    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
+        return {**super().to_peft_config(paths), "use_dora": True}
+
+    @classmethod
+    def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
+        return bool(config.get("use_dora", False))
+
+    @classmethod
+    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> DoRA:
+        return super().from_peft_config({k: v for k, v in config.items() if k != "use_dora"}, where)
+
+
+class WeightNorm(nn.Module):
+    """``‖W + scale·B·A‖`` per output feature, detached. Recomputed on every training forward;
+    in eval mode cached until the weight, A, B or the scale change (their version counters,
+    storage and dtype key the cache; writes through ``.data`` bypass version counters)."""
+
+    def __init__(self, layer: DoRALayer) -> None:
+        super().__init__()
+        # a back-reference, outside the module tree
+        object.__setattr__(self, "_layer", layer)
+        self._cached: tuple[tuple, torch.Tensor] | None = None
+
+    def forward(self) -> torch.Tensor:
+        if self.training:
+            self._cached = None
+            return self._layer.weight_norm_now()
+        key = self._key()
+        cached = self._cached
+        stale = cached is None or cached[0] != key
+        # inference-mode tensors cannot enter autograd later (the magnitude still gets gradients)
+        if stale or (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
+            self._cached = cached = (key, self._layer.weight_norm_now())
+        return cached[1]
+
+    def _key(self) -> tuple:
+        layer = self._layer
+        tensors = (layer.base.weight, layer.lora_A, layer.lora_B)
+        return (layer.scale, *((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+
+
+class DropoutCorrection(nn.Module):
+    """While training with dropout, adds ``(f - 1) ⊙ W·(drop(x) - x)``, turning the eval-mode
+    formula into PEFT's training one; in eval mode dropout is the identity and it adds nothing."""
+
+    def __init__(self, layer: DoRALayer) -> None:
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+
+    def forward(
+        self, out: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor, factor: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.training:
+            return out
+        return torch.addcmul(out, factor - 1, self._layer.base_without_bias(dropped - x))
+
+
+class DoRALayer(LoRALayer):
+    """LoRA's ``lora_A``, ``lora_B`` plus the magnitude ``m``, initialised to ``‖W + scale·B·A‖``
+    so the adapted layer starts as the base layer (as PEFT)."""
+
+    method = "dora"
+
+    def __init__(
+        self, base: nn.Module, path: str, rank: int, scale: float, dropout: float, init: str
+    ) -> None:
+        super().__init__(base, path, rank, scale, dropout, init)
+        self.weight_norm = WeightNorm(self)
+        self.magnitude = nn.Parameter(self.weight_norm_now())
+        uses_dropout = self.dropout is not None and self.kind != "embedding"
+        self.dropout_correction = DropoutCorrection(self) if uses_dropout else None
+        self._merged_norm: torch.Tensor | None = None
+
+    # -- weight math, shared by forward, merge and unmerge ---------------------------------------
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with output features first (GPT-2's Conv1D and embeddings store them last)."""
+        return weight.t() if self.kind in ("conv1d_gpt2", "embedding") else weight
+
+    def _magnitude_shape(self) -> tuple[int, ...]:
+        """PEFT's: ``(out,)``, and ``(1, out, 1, ...)`` for convolutions (it broadcasts over NCHW)."""
+        rows = self._rows(self.base.weight)
+        if self.kind == "conv":
+            return (1, rows.shape[0], *(1,) * (rows.dim() - 2))
+        return (rows.shape[0],)
+
+    def _adapted_rows(self) -> torch.Tensor:
+        """``W + scale·B·A`` with output features first, in the adapter's dtype."""
+        weight = self.base.weight.to(self.lora_A.dtype)
+        return self._rows(weight) + self._rows(LoRALayer.delta_weight(self))
+
+    @staticmethod
+    def _row_norm(rows: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(rows.flatten(1), dim=1)
+
+    @torch.no_grad()
+    def weight_norm_now(self) -> torch.Tensor:
+        """``‖W + scale·B·A‖`` per output feature, computed now, in the magnitude's shape."""
+        return self._row_norm(self._adapted_rows()).view(self._magnitude_shape())
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's weight applied to ``x`` (in ``x``'s dtype), without its bias."""
+        weight = self.base.weight.to(x.dtype)
+        if self.kind == "conv":
+            conv = getattr(F, f"conv{len(self.base.kernel_size)}d")
+            return conv(x, weight, None, self.base.stride, self.base.padding)
+        return F.linear(x, self._rows(weight))
+
+    def _fold(self, rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """Per-output-feature scaling of ``rows``, back in the base weight's layout and dtype."""
+        scaled = rows * factor.view(-1, *(1,) * (rows.dim() - 1))
+        return self._rows(scaled).to(self.base.weight.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """What merging adds: ``f ⊙ (W + scale·B·A) - W`` (not a sum of its own, so DoRA merges
+        and unmerges itself)."""
+        rows = self._adapted_rows()
+        factor = self.magnitude.flatten() / self._row_norm(rows)
+        return self._fold(rows, factor) - self.base.weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        rows = self._adapted_rows()
+        # unmerge needs the norm of the unmerged weight, which the merged weight no longer shows
+        self._merged_norm = self._row_norm(rows)
+        self.base.weight.copy_(self._fold(rows, self.magnitude.flatten() / self._merged_norm))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._merged_norm is None:
+            raise RuntimeError("DoRA unmerge() without a merge() before it")
+        weight = self.base.weight
+        factor = self.magnitude.flatten() / self._merged_norm.to(weight.device)
+        rows = self._rows(weight.to(self.lora_A.dtype))
+        rows = rows / factor.view(-1, *(1,) * (rows.dim() - 1))
+        weight.copy_(self._rows(rows - self._rows(LoRALayer.delta_weight(self))).to(weight.dtype))
+        self._merged_norm = None
+
+    # -- the graph ---------------------------------------------------------------------------
+
+    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
+        a = ctx.attr("lora_A", self.lora_A)
+        b = ctx.attr("lora_B", self.lora_B)
+        factor = ctx.call(
+            torch.div,
+            ctx.attr("magnitude", self.magnitude),
+            ctx.module("weight_norm", self.weight_norm),
+        )
+        flat = ctx.method("view", factor, -1) if self.kind == "conv" else factor
+        per_row = (-1, *(1,) * (self.lora_B.dim() - 1))
+        b_scaled = ctx.call(
+            torch.mul, b, ctx.method("view", ctx.call(torch.mul, flat, self.scale), *per_row)
+        )
+        cast = self.lora_A.dtype != self.base.weight.dtype
+        if self.kind == "embedding":
+            low = self._emit_embedding(ctx, x, a, b_scaled)
+        else:
+            h = ctx.method("to", x, self.lora_A.dtype) if cast else x
+            dropped = ctx.module("dropout", self.dropout, h) if self.dropout is not None else h
+            low = self._emit_low_rank(ctx, dropped, a, b_scaled, self._emit_bias_shift(ctx, flat))
+        out = ctx.call(torch.addcmul, low, base_out, factor)
+        if self.dropout_correction is not None:
+            out = ctx.module("dropout_correction", self.dropout_correction, out, h, dropped, factor)
+        return ctx.method("to", out, self.base.weight.dtype) if cast else out
+
+    def _emit_bias_shift(self, ctx: EmitContext, flat: fx.Node) -> fx.Node | None:
+        """``(1 - f) ⊙ b``: the base output carries ``b``, the adapted one ``b`` too."""
+        if self.base.bias is None:
+            return None
+        bias = ctx.attr("base_bias", self.base.bias)
+        return ctx.call(torch.addcmul, bias, bias, flat, value=-1)
+
+    def _emit_low_rank(
+        self, ctx: EmitContext, h: fx.Node, a: fx.Node, b: fx.Node, bias: fx.Node | None
+    ) -> fx.Node:
+        if self.kind == "conv":
+            conv = getattr(F, f"conv{len(self.base.kernel_size)}d")
+            hidden = ctx.call(conv, h, a, None, self.base.stride, self.base.padding)
+            return ctx.call(conv, hidden, b, bias)
+        return ctx.call(F.linear, ctx.call(F.linear, h, a), b, bias)
+
+    def _emit_embedding(self, ctx: EmitContext, x: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
+        emb = self.base
+        hidden = ctx.call(
+            F.embedding,
+            x,
+            ctx.method("t", a),
+            emb.padding_idx,
+            emb.max_norm,
+            emb.norm_type,
+            emb.scale_grad_by_freq,
+            emb.sparse,
+        )
+        return ctx.call(torch.matmul, hidden, ctx.method("t", b))
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().peft_tensors(), "lora_magnitude_vector": self.magnitude}

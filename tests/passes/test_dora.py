@@ -1,0 +1,534 @@
+"""DoRA against its formula per layer kind, PEFT parity both ways (eval, training with dropout and
+gradients, half precision), merge/unmerge, the eval-mode norm cache, spec checks, golden graphs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from zoo import ZOO, logits, randomize
+
+import surgeon
+from passes.dora import DoRA, DoRALayer
+from passes.lora import LoRA
+from surgeon.io import CONFIG_NAME, WEIGHTS_NAME, method_from_peft_config
+from surgeon.spec import METHODS, MethodSpec
+
+peft = pytest.importorskip("peft")
+
+
+class One(nn.Module):
+    """Wraps one layer so it can be targeted by name."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _conv1d_gpt2():
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(6, 5)
+    nn.init.normal_(layer.bias)
+    return layer
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(5, 6), lambda: torch.randn(3, 5)),
+    "conv1d_gpt2": (_conv1d_gpt2, lambda: torch.randn(2, 3, 5)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 7, 7)),
+    "conv2d_1x1": (lambda: nn.Conv2d(3, 4, 1), lambda: torch.randn(2, 3, 5, 5)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 9)),
+    "embedding": (lambda: nn.Embedding(11, 6, padding_idx=0), lambda: torch.randint(0, 11, (2, 4))),
+}
+
+
+def _dora_weight(layer: nn.Module, adapter, detach_norm: bool = True) -> torch.Tensor:
+    """The DoRA weight written out: m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm per output feature."""
+    a, b, s, m = adapter.lora_A, adapter.lora_B, adapter.scale, adapter.magnitude
+    out_first = not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))  # Embedding, GPT-2 Conv1D
+    weight = layer.weight.t() if out_first else layer.weight
+    adapted = weight + s * (b.flatten(1) @ a.flatten(1)).view(weight.shape)
+    norm = adapted.flatten(1).norm(dim=1)
+    norm = norm.detach() if detach_norm else norm
+    scaled = adapted * (m.flatten() / norm).view(-1, *(1,) * (adapted.dim() - 1))
+    return scaled.t() if out_first else scaled
+
+
+def _expected(layer: nn.Module, adapter, x: torch.Tensor, detach_norm: bool = True):
+    """The layer run with its weight replaced by the DoRA weight (bias unchanged)."""
+    weight = _dora_weight(layer, adapter, detach_norm)
+    return torch.func.functional_call(layer, {"weight": weight}, (x,))
+
+
+def _single(kind: str, **fields):
+    build, make_x = LAYERS[kind]
+    torch.manual_seed(0)
+    model = One(build())
+    cm = surgeon.compile(model, DoRA(targets=("layer",), **{"rank": 3, "alpha": 5, **fields}))
+    randomize(cm, scale=0.3)
+    ((_, adapter),) = cm.store.items("default")
+    return model, cm, adapter, make_x()
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_output_is_the_dora_formula_and_merge_unmerge_keep_it(kind):
+    model, cm, adapter, x = _single(kind)
+    original = model.layer.weight.detach().clone()
+    merged_weight = _dora_weight(model.layer, adapter).detach()
+    expected = _expected(model.layer, adapter, x)
+    assert not torch.allclose(expected, model.layer(x), atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+    cm.merge()
+    torch.testing.assert_close(model.layer.weight, merged_weight)
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+    cm.unmerge()
+    torch.testing.assert_close(model.layer.weight, original, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
+def test_delta_weight_is_what_merging_adds(kind):
+    model, _, adapter, _ = _single(kind)
+    torch.testing.assert_close(
+        model.layer.weight + adapter.delta_weight(), _dora_weight(model.layer, adapter)
+    )
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2", "conv2d"])
+def test_the_norm_gets_no_gradient(kind):
+    """DoRA §4.3: the norm is a constant in backward; gradients differ if it were not."""
+    model, cm, adapter, x = _single(kind)
+    cm.train()
+    target = torch.randn_like(cm(x))
+    params = (adapter.lora_A, adapter.lora_B, adapter.magnitude)
+
+    def grads(out):
+        return torch.autograd.grad((out * target).sum(), params)
+
+    ours = grads(cm(x))
+    detached = grads(_expected(model.layer, adapter, x, detach_norm=True))
+    attached = grads(_expected(model.layer, adapter, x, detach_norm=False))
+    for g, d in zip(ours, detached):
+        torch.testing.assert_close(g, d, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours[1], attached[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_init_is_the_weight_norm_and_leaves_outputs_unchanged(kind):
+    build, make_x = LAYERS[kind]
+    torch.manual_seed(0)
+    model = One(build())
+    x = make_x()
+    before = model(x)
+    cm = surgeon.compile(model, DoRA(rank=4, targets=("layer",)))
+    ((_, adapter),) = cm.store.items("default")
+    out_first = kind in ("conv1d_gpt2", "embedding")
+    weight = model.layer.weight.t() if out_first else model.layer.weight
+    torch.testing.assert_close(adapter.magnitude.flatten(), weight.flatten(1).norm(dim=1))
+    assert torch.equal(cm(x), before)
+
+
+def test_init_matches_peft():
+    entry = ZOO["llama"]
+    cm = surgeon.compile(entry.model(), DoRA(rank=4, targets=entry.targets))
+    pm = peft.get_peft_model(
+        entry.model(), peft.LoraConfig(r=4, target_modules=list(entry.targets), use_dora=True)
+    )
+    for path, layer in cm.store.items("default"):
+        theirs = pm.get_submodule(f"base_model.model.{path}").lora_magnitude_vector["default"]
+        torch.testing.assert_close(layer.magnitude, theirs.weight)
+
+
+def test_half_precision_init_is_the_identity():
+    """PEFT computes the initial magnitude in the base dtype, so its bf16 output moves at init
+    (by ~1e-3 on this model); surgeon's float32 magnitude keeps the output exactly."""
+    entry = ZOO["llama"]
+    model = entry.model().to(torch.bfloat16)
+    x = entry.example()
+    before = logits(model(**x))
+    cm = surgeon.compile(model, DoRA(rank=4, targets=entry.targets))
+    (_, adapter), *_ = cm.store.items("default")
+    assert adapter.magnitude.dtype == torch.float32
+    assert torch.equal(logits(cm(**x)), before)
+
+
+# -- PEFT parity ----------------------------------------------------------------------------------
+
+
+def _peft_dora(entry, dtype=torch.float32, **config):
+    model = peft.get_peft_model(
+        entry.model().to(dtype),
+        peft.LoraConfig(target_modules=list(entry.targets), use_dora=True, **config),
+    )
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * 0.1)
+    return model.eval()
+
+
+def _peft_load(entry, path, dtype=torch.float32, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(entry.model().to(dtype), path, **kwargs)
+
+
+def test_saved_by_surgeon_loads_in_peft_with_same_outputs(zoo_entry, tmp_path):
+    cm = surgeon.compile(zoo_entry.model(), DoRA(rank=2, alpha=4, targets=zoo_entry.targets))
+    randomize(cm)
+    x = zoo_entry.example()
+    expected = logits(cm(**x))
+    assert not torch.allclose(expected, logits(zoo_entry.model()(**x)), atol=1e-3)
+    cm.save_adapters(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["use_dora"] is True
+    loaded = _peft_load(zoo_entry, tmp_path).eval()
+    torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_by_peft_loads_in_surgeon_with_same_outputs(zoo_entry, tmp_path):
+    pm = _peft_dora(zoo_entry, r=3, lora_alpha=5, lora_dropout=0.1)
+    x = zoo_entry.example()
+    expected = logits(pm(**x))
+    pm.save_pretrained(tmp_path)
+    cm = surgeon.load(zoo_entry.model(), tmp_path)
+    assert isinstance(cm.spec("default"), DoRA) and cm.spec("default").dropout == 0.1
+    assert not torch.allclose(expected, logits(zoo_entry.model()(**x)), atol=1e-3)
+    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_files_hold_peft_keys_and_shapes(tmp_path):
+    entry = ZOO["cnn"]
+    cm = surgeon.compile(entry.model(), DoRA(rank=2, targets=entry.targets))
+    cm.save_adapters(tmp_path)
+    _peft_dora(entry, r=2).save_pretrained(tmp_path / "peft")
+    ours = load_file(tmp_path / WEIGHTS_NAME)
+    theirs = load_file(tmp_path / "peft" / WEIGHTS_NAME)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert ours["base_model.model.conv1.lora_magnitude_vector"].shape == (1, 8, 1, 1)
+    assert ours["base_model.model.seq.lora_magnitude_vector"].shape == (1, 8, 1)
+    assert ours["base_model.model.fc.lora_magnitude_vector"].shape == (4,)
+
+
+@pytest.mark.parametrize("name", ["mlp", "llama", "cnn", "gpt2"])
+def test_training_with_dropout_matches_peft_outputs_and_gradients(name, tmp_path):
+    """PEFT feeds the dropped input to the base weight while training; same masks, same numbers."""
+    entry = ZOO[name]
+    targets = tuple(t for t in entry.targets if t not in ("embed_tokens", "wte"))
+    cm = surgeon.compile(entry.model(), DoRA(rank=2, alpha=4, targets=targets, dropout=0.3))
+    randomize(cm)
+    cm.save_adapters(tmp_path)
+    pm = _peft_load(entry, tmp_path, is_trainable=True)
+    cm.train()
+    pm.train()
+    x = entry.example()
+    torch.manual_seed(3)
+    ours = logits(cm(**x))
+    torch.manual_seed(3)
+    theirs = logits(pm(**x))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, logits(cm(**x)))  # dropout is live
+    ours.pow(2).mean().backward()
+    theirs.pow(2).mean().backward()
+    names = {
+        "lora_A": "lora_A.default.weight",
+        "lora_B": "lora_B.default.weight",
+        "magnitude": "lora_magnitude_vector.default.weight",
+    }
+    for path, layer in cm.store.items("default"):
+        peft_layer = pm.get_submodule(f"base_model.model.{path}")
+        for ours_name, peft_name in names.items():
+            expected = peft_layer.get_parameter(peft_name).grad
+            torch.testing.assert_close(
+                getattr(layer, ours_name).grad, expected, rtol=1e-4, atol=1e-7
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["llama", "cnn"])
+def test_half_precision_matches_peft(name, dtype, tmp_path):
+    entry = ZOO[name]
+    cm = surgeon.compile(entry.model().to(dtype), DoRA(rank=4, targets=entry.targets))
+    randomize(cm)
+    (_, adapter), *_ = cm.store.items("default")
+    assert adapter.magnitude.dtype == adapter.lora_A.dtype == torch.float32
+    cm.save_adapters(tmp_path)
+    pm = _peft_load(entry, tmp_path, dtype).eval()
+    x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in entry.example().items()}
+    ours = logits(cm(**x))
+    assert ours.dtype == dtype
+    # one rounding step of the output (PEFT subtracts the bias in half precision first)
+    tolerance = {torch.bfloat16: 2e-3, torch.float16: 3e-4}[dtype]
+    torch.testing.assert_close(ours, logits(pm(**x)), rtol=0, atol=tolerance)
+
+
+# -- merging --------------------------------------------------------------------------------------
+
+
+def test_merge_unmerge_and_merge_and_unload_keep_outputs():
+    entry = ZOO["llama"]
+    model = entry.model()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    cm = surgeon.compile(model, DoRA(rank=4, targets=("q_proj", "v_proj", "down_proj")))
+    randomize(cm, scale=0.3)
+    x = entry.example()
+    expected = logits(cm(**x))
+    cm.merge()
+    assert "magnitude" not in cm.graph.code("model.layers.0.self_attn.q_proj")
+    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
+    cm.unmerge()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, original[k], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
+    plain = cm.merge_and_unload()
+    assert not any(isinstance(m, DoRALayer) for m in plain.modules())
+    torch.testing.assert_close(logits(plain(**x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_in_half_precision_is_undone_up_to_rounding():
+    model = One(nn.Linear(64, 32)).to(torch.bfloat16)
+    original = model.layer.weight.detach().clone()
+    cm = surgeon.compile(model, DoRA(rank=4, targets=("layer",)))
+    randomize(cm)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = cm(x)
+    cm.merge()
+    assert not torch.equal(model.layer.weight, original)
+    torch.testing.assert_close(cm(x), expected, rtol=2e-2, atol=2e-2)
+    cm.unmerge()
+    torch.testing.assert_close(model.layer.weight, original, rtol=1e-2, atol=1e-3)
+
+
+# -- the eval-mode norm cache ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts how often a DoRA norm is computed."""
+    calls = []
+    compute = DoRALayer.weight_norm_now
+
+    def counting(self):
+        calls.append(self)
+        return compute(self)
+
+    monkeypatch.setattr(DoRALayer, "weight_norm_now", counting)
+    return calls
+
+
+def test_eval_mode_computes_the_norm_once_until_a_weight_changes(counted):
+    model, cm, adapter, x = _single("linear")
+    cm.eval()
+    counted.clear()
+    for _ in range(3):
+        cm(x)
+    assert len(counted) == 1
+    with torch.no_grad():
+        adapter.lora_B.mul_(2)  # an in-place change to B
+    torch.testing.assert_close(cm(x), _expected(model.layer, adapter, x), rtol=1e-5, atol=1e-5)
+    assert len(counted) == 2
+    optimizer = torch.optim.SGD([adapter.lora_A], lr=0.1)
+    cm(x).sum().backward()
+    optimizer.step()
+    torch.testing.assert_close(cm(x), _expected(model.layer, adapter, x), rtol=1e-5, atol=1e-5)
+    assert len(counted) == 3
+    cm.merge()
+    cm.unmerge()  # the base weight was written twice
+    torch.testing.assert_close(cm(x), _expected(model.layer, adapter, x), rtol=1e-5, atol=1e-5)
+    assert len(counted) == 4
+    with torch.no_grad():
+        adapter.magnitude.mul_(3)  # the magnitude is not part of the norm
+    torch.testing.assert_close(cm(x), _expected(model.layer, adapter, x), rtol=1e-5, atol=1e-5)
+    assert len(counted) == 4
+
+
+def test_training_mode_computes_the_norm_every_forward(counted):
+    _, cm, _, x = _single("linear")
+    cm.train()
+    counted.clear()
+    for _ in range(3):
+        cm(x)
+    assert len(counted) == 3
+
+
+def test_a_norm_cached_in_inference_mode_still_allows_gradients():
+    _, cm, adapter, x = _single("linear")
+    cm.eval()
+    with torch.inference_mode():
+        cm(x)
+    cm(x).sum().backward()  # would fail on an inference tensor saved for backward
+    assert adapter.magnitude.grad is not None
+
+
+# -- dropout, training, devices -------------------------------------------------------------------
+
+
+def test_dropout_is_live_in_train_mode_and_off_in_eval():
+    _, cm, adapter, x = _single("linear", dropout=0.5)
+    _, plain, _, _ = _single("linear")
+    cm.eval()
+    torch.testing.assert_close(cm(x), plain(x))  # eval: dropout and its correction do nothing
+    cm.train()
+    torch.manual_seed(0)
+    first = cm(x)
+    assert not torch.allclose(first, cm(x))
+    cm.eval()
+    assert not adapter.training and not adapter.dropout_correction.training
+
+
+def test_backward_reaches_only_adapters():
+    cm = surgeon.compile(ZOO["llama"].model(), DoRA(rank=4, targets=("q_proj", "v_proj")))
+    randomize(cm)
+    cm.train()
+    logits(cm(**ZOO["llama"].example())).float().pow(2).mean().backward()
+    grads = {n for n, p in cm.named_parameters() if p.grad is not None}
+    assert grads and all(n.startswith("store.") for n in grads)
+    assert len(grads) == 2 * 2 * 3  # 2 layers x (q, v) x (A, B, magnitude)
+
+
+def test_compiles_on_the_meta_device():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        vocab_size=1000,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    cm = surgeon.compile(model, DoRA(rank=8, targets=("q_proj", "v_proj")))
+    (_, adapter), *_ = cm.store.items("default")
+    assert adapter.magnitude.is_meta and adapter.magnitude.shape == (512,)
+    assert cm.num_trainable() == 2 * 2 * (8 * 512 + 512 * 8 + 512)
+    out = cm(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
+    assert out.logits.shape == (1, 3, 1000) and out.logits.is_meta
+
+
+# -- the spec -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"rank": 0}, r"DoRA\.rank=0: expected an integer >= 1"),
+        ({"dropout": 1.5}, r"DoRA\.dropout=1\.5: expected a number >= 0 and < 1"),
+        ({"bias": "some"}, r"DoRA\.bias='some': expected one of 'none', 'all', 'lora_only'"),
+        ({"init": "eva"}, r"DoRA\.init='eva': expected one of 'default', 'gaussian'"),
+        ({"magnitude": 1}, r"DoRA has no field 'magnitude'"),
+    ],
+)
+def test_bad_fields_raise_spec_errors(fields, match):
+    with pytest.raises(surgeon.SpecError, match=match):
+        DoRA(**fields)
+
+
+def test_registered_under_its_name_with_lora_fields():
+    assert METHODS["dora"] is DoRA and issubclass(DoRA, LoRA) and DoRA.peft_type == "LORA"
+    spec = MethodSpec.from_dict({"method": "dora", "rank": 4, "targets": ["q_proj"]})
+    assert spec == DoRA(rank=4, targets=("q_proj",))
+    assert MethodSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_peft_configs_go_to_lora_or_dora_by_use_dora():
+    config = DoRA(rank=4, rslora=True).to_peft_config(["q_proj"])
+    assert config == {**LoRA(rank=4, rslora=True).to_peft_config(["q_proj"]), "use_dora": True}
+    assert type(method_from_peft_config(config, "cfg")) is DoRA
+    assert type(method_from_peft_config({**config, "use_dora": False}, "cfg")) is LoRA
+    assert method_from_peft_config(config, "cfg") == DoRA(rank=4, rslora=True)
+
+
+# -- golden graphs --------------------------------------------------------------------------------
+
+GOLDEN_MLP = """\
+def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
+    body_0 = getattr(self.body, "0")(x);  x = None
+    body_1 = getattr(self.body, "1")(body_0);  body_0 = None
+    body_2 = getattr(self.body, "2")(body_1);  body_1 = None
+    body_3 = getattr(self.body, "3")(body_2);  body_2 = None
+    relu = torch.relu(body_3);  body_3 = None
+    head = self.head(relu)
+    adapters_default_head_lora_a = self.adapters.default.head.lora_A
+    adapters_default_head_lora_b = self.adapters.default.head.lora_B
+    adapters_default_head_magnitude = self.adapters.default.head.magnitude
+    adapters_default_head_weight_norm = self.adapters.default.head.weight_norm()
+    div = torch.div(adapters_default_head_magnitude, adapters_default_head_weight_norm);  adapters_default_head_magnitude = adapters_default_head_weight_norm = None
+    mul = torch.mul(div, 2.0)
+    view = mul.view(-1, 1);  mul = None
+    mul_1 = torch.mul(adapters_default_head_lora_b, view);  adapters_default_head_lora_b = view = None
+    adapters_default_head_dropout = self.adapters.default.head.dropout(relu)
+    adapters_default_head_base_bias = self.adapters.default.head.base_bias
+    addcmul = torch.addcmul(adapters_default_head_base_bias, adapters_default_head_base_bias, div, value = -1);  adapters_default_head_base_bias = None
+    linear = torch._C._nn.linear(adapters_default_head_dropout, adapters_default_head_lora_a);  adapters_default_head_lora_a = None
+    linear_1 = torch._C._nn.linear(linear, mul_1, addcmul);  linear = mul_1 = addcmul = None
+    addcmul_1 = torch.addcmul(linear_1, head, div);  linear_1 = head = None
+    adapters_default_head_dropout_correction = self.adapters.default.head.dropout_correction(addcmul_1, relu, adapters_default_head_dropout, div);  addcmul_1 = relu = adapters_default_head_dropout = div = None
+    return adapters_default_head_dropout_correction"""
+
+GOLDEN_CONV = """\
+    conv1 = self.conv1(x)
+    adapters_default_conv1_lora_a = self.adapters.default.conv1.lora_A
+    adapters_default_conv1_lora_b = self.adapters.default.conv1.lora_B
+    adapters_default_conv1_magnitude = self.adapters.default.conv1.magnitude
+    adapters_default_conv1_weight_norm = self.adapters.default.conv1.weight_norm()
+    div = torch.div(adapters_default_conv1_magnitude, adapters_default_conv1_weight_norm);  adapters_default_conv1_magnitude = adapters_default_conv1_weight_norm = None
+    view = div.view(-1)
+    mul = torch.mul(view, 4.0)
+    view_1 = mul.view(-1, 1, 1, 1);  mul = None
+    mul_1 = torch.mul(adapters_default_conv1_lora_b, view_1);  adapters_default_conv1_lora_b = view_1 = None
+    adapters_default_conv1_base_bias = self.adapters.default.conv1.base_bias
+    addcmul = torch.addcmul(adapters_default_conv1_base_bias, adapters_default_conv1_base_bias, view, value = -1);  adapters_default_conv1_base_bias = view = None
+    conv2d = torch.conv2d(x, adapters_default_conv1_lora_a, None, (1, 1), (1, 1));  x = adapters_default_conv1_lora_a = None
+    conv2d_1 = torch.conv2d(conv2d, mul_1, addcmul);  conv2d = mul_1 = addcmul = None
+    addcmul_1 = torch.addcmul(conv2d_1, conv1, div);  conv2d_1 = conv1 = div = None
+    relu = torch.nn.functional.relu(addcmul_1, inplace = False);  addcmul_1 = None"""
+
+GOLDEN_EMBEDDING_BF16 = """\
+def forward(self, input):
+    input_1 = input
+    base = self.base(input_1)
+    adapters_default_lora_a = self.adapters.default.lora_A
+    adapters_default_lora_b = self.adapters.default.lora_B
+    adapters_default_magnitude = self.adapters.default.magnitude
+    adapters_default_weight_norm = self.adapters.default.weight_norm()
+    div = torch.div(adapters_default_magnitude, adapters_default_weight_norm);  adapters_default_magnitude = adapters_default_weight_norm = None
+    mul = torch.mul(div, 4.0)
+    view = mul.view(-1, 1);  mul = None
+    mul_1 = torch.mul(adapters_default_lora_b, view);  adapters_default_lora_b = view = None
+    t = adapters_default_lora_a.t();  adapters_default_lora_a = None
+    embedding = torch.nn.functional.embedding(input_1, t, 0, None, 2.0, False, False);  input_1 = t = None
+    t_1 = mul_1.t();  mul_1 = None
+    matmul = torch.matmul(embedding, t_1);  embedding = t_1 = None
+    addcmul = torch.addcmul(matmul, base, div);  matmul = base = div = None
+    to = addcmul.to(torch.bfloat16);  addcmul = None
+    return to"""
+
+
+def _code(cm, path):
+    return cm.graph.code(path).split("\n", 1)[1].strip()
+
+
+def test_golden_graph_of_a_linear_with_bias_and_dropout():
+    cm = surgeon.compile(ZOO["mlp"].model(), DoRA(rank=4, alpha=8, targets=("head",), dropout=0.1))
+    assert _code(cm, "") == GOLDEN_MLP
+
+
+def test_golden_graph_of_a_convolution():
+    cm = surgeon.compile(ZOO["cnn"].model(), DoRA(rank=2, alpha=8, targets=("conv1",)))
+    assert GOLDEN_CONV in _code(cm, "")
+
+
+def test_golden_graph_of_a_half_precision_embedding():
+    cm = surgeon.compile(
+        ZOO["llama"].model().to(torch.bfloat16), DoRA(rank=2, alpha=8, targets=("embed_tokens",))
+    )
+    assert _code(cm, "model.embed_tokens") == GOLDEN_EMBEDDING_BF16
