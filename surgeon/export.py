@@ -171,7 +171,7 @@ def _keyword_wrapper(model: nn.Module, names: list[str]) -> _KeywordWrapper:
         [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(n, P.KEYWORD_ONLY) for n in names]
     )
     cls = type("SurgeonExport", (_KeywordWrapper,), {"forward": forward})
-    return cls(model)
+    return cls(model).eval()
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

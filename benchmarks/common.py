@@ -1,0 +1,140 @@
+"""Shared by the benchmarks: the small Llama they run, interleaved timing, machine info, tables.
+
+Import it from a benchmark script run as ``python benchmarks/<name>.py`` (the script's folder is
+on ``sys.path``). Importing it sets ``HF_HUB_OFFLINE`` and a quiet ``TRANSFORMERS_VERBOSITY``
+unless they are set already, so import it before ``transformers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SMALL_LLAMA = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "intermediate_size": 688,
+    "vocab_size": 1000,
+}
+"""A Llama small enough to time on a laptop CPU; built from a config, no downloads."""
+
+Timer = Callable[[], float]
+"""Runs one repetition and returns the seconds it measured."""
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect once, then keep Python's garbage collector off for the block (as ``timeit`` does)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def interleaved(timers: dict[str, Timer], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Run every timer once per repetition, rotating the order; return each one's samples."""
+    names = list(timers)
+    for _ in range(warmup):
+        for name in names:
+            timers[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    with gc_paused():
+        for i in range(reps):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                samples[name].append(timers[name]())
+    return samples
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """Median of per-repetition ratios: both samples of a pair ran back to back."""
+    return statistics.median(a / b for a, b in zip(ours, theirs))
+
+
+def forward_timer(model: nn.Module, inputs: dict[str, Any]) -> Timer:
+    """Times ``model(**inputs)`` under ``torch.no_grad()``."""
+
+    def run() -> float:
+        with torch.no_grad():
+            start = time.perf_counter()
+            model(**inputs)
+            return time.perf_counter() - start
+
+    return run
+
+
+def progress(what: str, measure: Callable[..., Any], *args: Any) -> Any:
+    """``measure(*args)``, then print how long it took."""
+    start = time.perf_counter()
+    result = measure(*args)
+    print(f"{what} done in {time.perf_counter() - start:.1f} s", flush=True)
+    return result
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine(**versions: Any) -> dict[str, Any]:
+    """CPU, platform, torch's thread count and the versions of torch, transformers and surgeon,
+    plus ``versions`` (other packages, settings) as given."""
+    import transformers
+
+    import surgeon
+
+    return {
+        "cpu": cpu_name(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "surgeon": surgeon.__version__,
+        **versions,
+    }
+
+
+def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """Plain-text table: the first column left-aligned, the others right-aligned, rules around."""
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:]))
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "-" * len(fmt(header))
+    return "\n".join([fmt(header), rule, *map(fmt, lines), rule])
