@@ -1,32 +1,39 @@
-"""surgeon: a declarative model-surgery compiler for PyTorch."""
+"""surgeon: a declarative model-surgery compiler for PyTorch.
+
+Every method class (``surgeon.LoRA``, ``surgeon.DoRA``, ...) is exported under its class name
+from the registry in ``passes/registry.py``: adding a method adds no line here.
+"""
 
 import passes.registry  # noqa: F401  (registers every method)
-from passes.adalora import AdaLoRA
-from passes.dora import DoRA
-from passes.ia3 import IA3
-from passes.lora import LoRA
-from passes.vera import VeRA
 from surgeon.compiled import CompiledModel, compile
 from surgeon.errors import SpecError
 from surgeon.export import ExportError, ExportReport, export_onnx
 from surgeon.load import load
-from surgeon.spec import MethodSpec, Spec, load_spec
+from surgeon.spec import METHODS, MethodSpec, Spec, load_spec
+
+globals().update({cls.__name__: cls for cls in METHODS.values()})
+
+
+def __getattr__(name: str):
+    # `import passes.registry` before `import surgeon` runs this module before every method
+    # has registered; look them up when asked.
+    for cls in METHODS.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
+
 
 __all__ = [
-    "IA3",
-    "AdaLoRA",
     "CompiledModel",
-    "DoRA",
     "ExportError",
     "ExportReport",
-    "LoRA",
     "MethodSpec",
     "Spec",
     "SpecError",
-    "VeRA",
     "compile",
     "export_onnx",
     "load",
     "load_spec",
+    *sorted(cls.__name__ for cls in METHODS.values()),
 ]
 __version__ = "0.1.0"

@@ -223,9 +223,15 @@ class CompiledModel(nn.Module):
         self, weights: Mapping[str, float], name: str, how: str = "linear", **options: Any
     ) -> None:
         """A new adapter ``name`` made from weighted existing ones (PEFT's add_weighted_adapter):
-        ``how`` is linear, cat, svd, ties, dare_linear, dare_ties or magnitude_prune."""
+        ``how`` is linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, or one of
+        ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd."""
         from surgeon.combine import combine_adapters
 
+        check_adapter_name(name)
+        if name in self.store.specs:
+            raise SpecError(
+                f"adapter {name!r} already exists; delete_adapter({name!r}) first or pick another name"
+            )
         method, tensors = combine_adapters(self, dict(weights), how, **options)
         self._build_adapter(name, method, tensors)
         self._recompile()

@@ -1,0 +1,616 @@
+"""LoKr against its formula per layer kind and factor shape, PEFT's factorisation and key
+layout, PEFT both ways on the zoo, init, dropouts, dtypes, the meta device; golden graphs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo import ZOO, logits, randomize
+
+import surgeon
+from passes.lokr import LoKr, factorization
+
+
+class One(nn.Module):
+    """Wraps one layer so it can be targeted by name."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _w1(adapter) -> torch.Tensor:
+    if hasattr(adapter, "lokr_w1"):
+        return adapter.lokr_w1
+    return adapter.lokr_w1_a @ adapter.lokr_w1_b
+
+
+def _w2(adapter, layer: nn.Module) -> torch.Tensor:
+    """W2 as (K, N, *kernel)."""
+    if hasattr(adapter, "lokr_w2"):
+        return adapter.lokr_w2
+    kernel = tuple(getattr(layer, "kernel_size", ()))
+    ones = (1,) * len(kernel)
+    if adapter.cp:  # W2[p, q, ...] = sum_ij t[i, j, ...] a[i, p] b[j, q]
+        (rank, big_k), big_n = adapter.lokr_w2_a.shape, adapter.lokr_w2_b.shape[1]
+        core = adapter.lokr_t2.reshape(rank, rank, 1, 1, *kernel)  # Conv1d cores are (r, r, k, 1)
+        a = adapter.lokr_w2_a.view(rank, 1, big_k, 1, *ones)
+        b = adapter.lokr_w2_b.view(1, rank, 1, big_n, *ones)
+        return (core * a * b).sum((0, 1))
+    return (adapter.lokr_w2_a @ adapter.lokr_w2_b).reshape(adapter.lokr_w2_a.shape[0], -1, *kernel)
+
+
+def _expected_delta(layer: nn.Module, adapter) -> torch.Tensor:
+    """The LoKr formula: ΔW[(i, k), (j, n), ...] = W1[i, j] · W2[k, n, ...] · alpha / r."""
+    w1, w2 = _w1(adapter), _w2(adapter, layer)
+    (big_l, big_m), (big_k, big_n, *kernel) = w1.shape, w2.shape
+    ones = (1,) * len(kernel)
+    blocks = w1.view(big_l, 1, big_m, 1, *ones) * w2.view(1, big_k, 1, big_n, *kernel)
+    return (blocks * adapter.scale).reshape(layer.weight.shape)
+
+
+def _expected(layer: nn.Module, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return layer(x) + x @ delta.t()
+    conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+    return layer(x) + conv(
+        x, delta, None, layer.stride, layer.padding, layer.dilation, layer.groups
+    )
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(12, 20), lambda: torch.randn(2, 3, 12)),
+    "linear_prime": (lambda: nn.Linear(7, 11), lambda: torch.randn(3, 7)),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), lambda: torch.randn(2, 4, 7, 7)),
+    "conv2d_unbatched": (lambda: nn.Conv2d(4, 6, 3), lambda: torch.randn(4, 5, 5)),
+    "conv2d_1x1": (lambda: nn.Conv2d(8, 4, 1), lambda: torch.randn(2, 8, 5, 5)),
+    "conv2d_groups_dilation": (
+        lambda: nn.Conv2d(8, 6, 3, groups=2, dilation=2, padding=2),
+        lambda: torch.randn(2, 8, 8, 8),
+    ),
+    "conv1d": (lambda: nn.Conv1d(6, 4, 3, padding=1), lambda: torch.randn(2, 6, 9)),
+}
+# rank 1 makes W2 low-rank, rank 8 full; decompose_both splits W1 too; effective_conv the CP core
+VARIANTS = {
+    "full": {"rank": 8},
+    "low-rank": {"rank": 1},
+    "both-factor-4": {"rank": 1, "decompose_both": True, "factor": 4},
+    "effective-conv": {"rank": 1, "effective_conv": True},
+}
+
+
+@pytest.mark.parametrize(
+    "kind, variant",
+    # a Conv1d with a full W2 follows PEFT's own reading: see the test after this one
+    [(k, v) for k in sorted(LAYERS) for v in sorted(VARIANTS) if (k, v) != ("conv1d", "full")],
+)
+def test_output_is_the_lokr_formula_and_merge_matches(kind, variant):
+    build, make_x = LAYERS[kind]
+    torch.manual_seed(0)
+    model = One(build())
+    x = make_x()
+    cm = surgeon.compile(model, LoKr(alpha=5, targets=("layer",), **VARIANTS[variant]))
+    randomize(cm, scale=0.3)
+    ((_, adapter),) = cm.store.items("default")
+    assert adapter.scale == pytest.approx(5 / VARIANTS[variant]["rank"])
+    assert adapter.kron_forward == ("groups" not in kind)
+    expected = _expected(model.layer, _expected_delta(model.layer, adapter), x)
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+    cm.merge()
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+    cm.unmerge()
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cm.merge_and_unload()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_with_a_full_w2_follows_peft_s_torch_kron():
+    """PEFT builds a Conv1d's ΔW as torch.kron(W1, W2).reshape(weight shape) with W2 (K, N, k):
+    torch.kron reads W1 as (1, L, M), which is not the Kronecker product over (out, in).
+    The file format means what PEFT computes, so surgeon computes the same."""
+    torch.manual_seed(0)
+    model = One(nn.Conv1d(8, 8, 3))
+    x = torch.randn(2, 8, 9)
+    cm = surgeon.compile(model, LoKr(rank=8, alpha=4, targets=("layer",)))
+    randomize(cm, scale=0.3)
+    ((_, adapter),) = cm.store.items("default")
+    assert adapter.lokr_w2.shape == (4, 4, 3) and not adapter.kron_forward
+    peft_delta = torch.kron(adapter.lokr_w1, adapter.lokr_w2).reshape(8, 8, 3) * 0.5
+    assert not torch.allclose(peft_delta, _expected_delta(model.layer, adapter))
+    torch.testing.assert_close(cm(x), _expected(model.layer, peft_delta, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [-1, 1, 2, 3, 4, 5, 8, 16])
+def test_factorization_is_peft_s(factor):
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    for dimension in range(1, 600):
+        assert factorization(dimension, factor) == peft_factorization(dimension, factor)
+
+
+def test_factorization_examples():
+    assert factorization(256) == (16, 16)
+    assert factorization(128) == (8, 16)
+    assert factorization(127) == (1, 127)
+    assert factorization(128, 4) == (4, 32)
+    assert factorization(12, 6) == (6, 2)  # a dividing factor comes first, even when larger
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"r": 8},
+        {"r": 1},
+        {"r": 1, "decompose_both": True},
+        {"r": 2, "decompose_factor": 4},
+        {"r": 1, "use_effective_conv2d": True},
+    ],
+    ids=["full", "low-rank", "both", "factor-4", "effective-conv"],
+)
+@pytest.mark.parametrize("entry_name", ["cnn", "llama"])
+def test_keys_and_shapes_are_peft_s(entry_name, config, tmp_path):
+    from safetensors.torch import load_file
+
+    entry = ZOO[entry_name]
+    pm = _peft_model(entry, target_modules=list(PARITY[entry_name]), **config)
+    pm.save_pretrained(tmp_path)
+    peft_shapes = {
+        k: tuple(v.shape) for k, v in load_file(tmp_path / "adapter_model.safetensors").items()
+    }
+    spec = LoKr.from_peft_config(
+        {"peft_type": "LOKR", "target_modules": PARITY[entry_name], **config}, "here"
+    )
+    cm = surgeon.compile(entry.model(), spec)
+    shapes = {
+        f"base_model.model.{p}.{k}": tuple(t.shape)
+        for p, layer in cm.store.items("default")
+        for k, t in layer.peft_tensors().items()
+    }
+    assert shapes == peft_shapes
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_default_init_is_peft_s_and_leaves_outputs_unchanged(kind, variant):
+    build, make_x = LAYERS[kind]
+    torch.manual_seed(0)
+    model = One(build())
+    x = make_x()
+    before = model(x)
+    cm = surgeon.compile(model, LoKr(targets=("layer",), **VARIANTS[variant]))
+    ((_, adapter),) = cm.store.items("default")
+    for name, tensor in adapter.peft_tensors().items():
+        if name in ("lokr_w1", "lokr_w1_a"):  # PEFT zeroes the left factor
+            assert torch.count_nonzero(tensor) == 0
+        else:  # kaiming-uniform(a=sqrt(5)): bound 1/sqrt(fan_in)
+            assert 0 < tensor.abs().max() <= 1 / math.sqrt(tensor[0].numel()) + 1e-6, name
+    torch.testing.assert_close(cm(x), before)
+
+
+@pytest.mark.parametrize("rank", [1, 8])
+@pytest.mark.parametrize("init, zero", [("lycoris", {"lokr_w2", "lokr_w2_b"}), ("random", set())])
+def test_other_inits_zero_what_peft_zeroes(rank, init, zero):
+    torch.manual_seed(0)
+    cm = surgeon.compile(One(nn.Linear(12, 20)), LoKr(rank=rank, targets=("layer",), init=init))
+    ((_, adapter),) = cm.store.items("default")
+    zeroed = {n for n, t in adapter.peft_tensors().items() if torch.count_nonzero(t) == 0}
+    assert zeroed == zero & set(adapter.peft_tensors())
+
+
+# -- PEFT parity --------------------------------------------------------------------------------
+
+PARITY = {
+    "mlp": ("body.0", "body.3", "head"),
+    "cnn": ("conv1", "conv2", "seq", "fc"),
+    "llama": ("q_proj", "v_proj", "down_proj"),
+    "bert": ("query", "value", "dense"),
+}
+
+
+def _peft_model(entry, seed=5, **config):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(entry.model(), peft.LoKrConfig(**config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+# per model: (rank_pattern, alpha_pattern) with rank 8 elsewhere (full W2 there, low-rank here)
+PATTERNS = {
+    "mlp": ({"body.3": 1}, {"head": 2}),
+    "cnn": ({"conv2": 1}, {"fc": 2}),
+    "llama": ({"v_proj": 1}, {"q_proj": 2}),
+    "bert": ({"value": 1}, {"query": 2}),
+}
+
+
+def _surgeon_variant(variant: str, entry_name: str) -> dict:
+    if variant == "patterns":
+        rank_pattern, alpha_pattern = PATTERNS[entry_name]
+        return {"rank": 8, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    return {
+        "default": {"rank": 3},
+        "factor-4-both": {"rank": 1, "factor": 4, "decompose_both": True},
+    }[variant]
+
+
+@pytest.mark.parametrize("entry_name", sorted(PARITY))
+@pytest.mark.parametrize("variant", ["default", "factor-4-both", "patterns"])
+def test_saved_by_surgeon_loads_in_peft_with_same_outputs(entry_name, variant, tmp_path):
+    peft = pytest.importorskip("peft")
+    entry = ZOO[entry_name]
+    fields = _surgeon_variant(variant, entry_name)
+    cm = surgeon.compile(entry.model(), LoKr(alpha=4, targets=PARITY[entry_name], **fields))
+    randomize(cm, scale=0.3)
+    x = entry.example()
+    expected = logits(cm(**x))
+    assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-4)
+    cm.save_adapters(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("entry_name", sorted(PARITY))
+@pytest.mark.parametrize(
+    "config",
+    [{"r": 2}, {"r": 1, "decompose_factor": 4, "decompose_both": True}, {"r": 8}],
+    ids=["default", "factor-4-both", "full"],
+)
+def test_saved_by_peft_loads_in_surgeon_with_same_outputs(entry_name, config, tmp_path):
+    entry = ZOO[entry_name]
+    pm = _peft_model(entry, alpha=6, target_modules=list(PARITY[entry_name]), **config)
+    x = entry.example()
+    expected = logits(pm(**x))
+    pm.save_pretrained(tmp_path)
+    cm = surgeon.load(entry.model(), tmp_path)
+    assert isinstance(cm.spec("default"), LoKr)
+    assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-4)
+    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"rank_pattern": {"v_proj": 1}, "alpha_pattern": {"q_proj": 3}},
+        {"layers_to_transform": [1]},
+        {"init_weights": "lycoris"},
+        {"init_weights": False},
+        {"rank_dropout": 0.3, "module_dropout": 0.2, "rank_dropout_scale": True},
+        {"target_modules": "all-linear", "exclude_modules": ["o_proj"]},
+    ],
+    ids=["patterns", "layers", "lycoris-init", "random-init", "dropouts", "preset-exclude"],
+)
+def test_peft_config_variants_load_with_same_outputs(config, tmp_path):
+    entry = ZOO["llama"]
+    config = {"target_modules": ["q_proj", "v_proj"], **config}
+    pm = _peft_model(entry, r=4, alpha=8, **config)
+    x = entry.example()
+    pm.save_pretrained(tmp_path)
+    cm = surgeon.load(entry.model(), tmp_path)
+    torch.testing.assert_close(logits(cm(**x)), logits(pm(**x)), rtol=1e-5, atol=1e-5)
+    peft_layers = {
+        n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lokr_w1")
+    }
+    assert set(cm.store.paths["default"]) == peft_layers
+
+
+def test_effective_conv_on_conv2d_matches_peft_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    entry = ZOO["cnn"]
+    spec = LoKr(rank=1, alpha=3, targets=("conv1", "conv2", "fc"), effective_conv=True)
+    cm = surgeon.compile(entry.model(), spec)
+    randomize(cm, scale=0.3)
+    ((_, conv1), *_) = cm.store.items("default")
+    assert conv1.cp
+    x = entry.example()
+    cm.save_adapters(tmp_path / "s")
+    loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path / "s").eval()
+    torch.testing.assert_close(logits(loaded(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-5)
+    pm = _peft_model(entry, r=1, target_modules=["conv1", "conv2", "fc"], use_effective_conv2d=True)
+    pm.save_pretrained(tmp_path / "p")
+    back = surgeon.load(entry.model(), tmp_path / "p")
+    torch.testing.assert_close(logits(back(**x)), logits(pm(**x)), rtol=1e-5, atol=1e-5)
+
+
+def test_spec_round_trips_through_peft_config():
+    spec = LoKr(
+        rank=4,
+        alpha=2,
+        factor=4,
+        targets=("q_proj",),
+        decompose_both=True,
+        layers=(1,),
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"q_proj": 3.0},
+        rank_dropout=0.1,
+        rank_dropout_scale=True,
+        module_dropout=0.2,
+        effective_conv=True,
+        init="lycoris",
+    )
+    config = spec.to_peft_config(["model.layers.1.self_attn.q_proj"])
+    assert config["decompose_factor"] == 4 and config["init_weights"] == "lycoris"
+    # the file's weights replace any init: loaded specs say "default" (hot swaps stay possible)
+    assert LoKr.from_peft_config(config, "here") == spec.replace(init="default")
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"layers_to_transform": [0], "layers_pattern": "blocks_x"}, "layers_pattern"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"init_weights": "gaussian"}, "init_weights='gaussian' is not supported .*'lycoris'"),
+        ({"decompose_factor": 0}, "LoKr.factor=0"),
+    ],
+)
+def test_peft_configs_that_would_load_differently_are_refused(config, match):
+    base = {"peft_type": "LOKR", "r": 4, "alpha": 8, "target_modules": ["q_proj"]}
+    with pytest.raises(surgeon.SpecError, match=match):
+        LoKr.from_peft_config({**base, **config}, "adapter_config.json")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_peft(dtype, tmp_path):
+    peft = pytest.importorskip("peft")
+    entry = ZOO["llama"]
+    cm = surgeon.compile(entry.model().to(dtype), LoKr(rank=2, targets=("q_proj", "v_proj")))
+    randomize(cm, scale=0.3)
+    (_, adapter), *_ = cm.store.items("default")
+    assert adapter.lokr_w1.dtype == torch.float32  # as PEFT's autocast_adapter_dtype
+    cm.save_adapters(tmp_path)
+    pm = peft.PeftModel.from_pretrained(entry.model().to(dtype), tmp_path).eval()
+    x = entry.example()
+    out = logits(cm(**x))
+    assert out.dtype == dtype
+    # the Kronecker forward rounds differently from PEFT's ΔW: within the output's rounding step
+    tolerance = 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(out, logits(pm(**x)), rtol=tolerance, atol=tolerance)
+
+
+# -- training behaviour ---------------------------------------------------------------------------
+
+
+def _linear_with(spec):
+    torch.manual_seed(0)
+    model = One(nn.Linear(12, 20))
+    cm = surgeon.compile(model, spec)
+    randomize(cm, scale=0.3)
+    ((_, adapter),) = cm.store.items("default")
+    return cm, model.layer, adapter
+
+
+def test_dropouts_are_off_in_eval():
+    cm, layer, adapter = _linear_with(
+        LoKr(rank=2, targets=("layer",), rank_dropout=0.5, module_dropout=0.5)
+    )
+    x = torch.randn(4, 12)
+    cm.eval()
+    expected = _expected(layer, _expected_delta(layer, adapter), x)
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_module_dropout_skips_the_whole_adapter_in_training():
+    cm, layer, adapter = _linear_with(LoKr(rank=2, targets=("layer",), module_dropout=0.5))
+    x = torch.randn(4, 12)
+    base, full = layer(x), _expected(layer, _expected_delta(layer, adapter), x)
+    cm.train()
+    torch.manual_seed(1)
+    outcomes = set()
+    for _ in range(20):
+        out = cm(x)
+        skipped, applied = torch.allclose(out, base), torch.allclose(out, full, atol=1e-6)
+        assert skipped != applied
+        outcomes.add(skipped)
+    assert outcomes == {True, False}
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_rank_dropout_drops_output_channels_rescaled_only_if_asked(rescale):
+    cm, layer, adapter = _linear_with(
+        LoKr(rank=2, targets=("layer",), rank_dropout=0.5, rank_dropout_scale=rescale)
+    )
+    x = torch.randn(4, 12)
+    delta = _expected(layer, _expected_delta(layer, adapter), x) - layer(x)
+    cm.train()
+    torch.manual_seed(3)
+    ratio = ((cm(x) - layer(x)) / delta).mean(0)  # one factor per output channel
+    kept = ratio > 0.5
+    assert 0 < kept.sum() < 20
+    expected = kept.float() * (20 / kept.sum() if rescale else 1)
+    torch.testing.assert_close(ratio, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_reaches_only_adapters():
+    cm = surgeon.compile(ZOO["llama"].model(), LoKr(rank=2, targets=("q_proj", "v_proj")))
+    randomize(cm)
+    cm.train()
+    logits(cm(**ZOO["llama"].example())).float().pow(2).mean().backward()
+    grads = {n for n, p in cm.named_parameters() if p.grad is not None}
+    assert grads and all(n.startswith("store.") for n in grads)
+    assert len(grads) == 2 * 2 * 3  # 2 layers x (q, v) x (w1, w2_a, w2_b)
+
+
+def test_compiles_on_the_meta_device():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        vocab_size=1000,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    cm = surgeon.compile(model, LoKr(rank=8, targets=("q_proj", "v_proj")))
+    (_, adapter), *_ = cm.store.items("default")
+    # 512 = 16 x 32: W1 (16, 16) full, W2 (32, 32) as (32, 8) @ (8, 32) since 8 < 32 / 2
+    assert adapter.lokr_w1.is_meta and adapter.lokr_w1.shape == (16, 16)
+    assert adapter.lokr_w2_a.shape == (32, 8) and adapter.lokr_w2_b.shape == (8, 32)
+    assert cm.num_trainable() == 4 * 2 * (16 * 16 + 2 * 32 * 8)
+    out = cm(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
+    assert out.logits.shape == (1, 3, 1000) and out.logits.is_meta
+
+
+# -- spec ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("rank", 0, "LoKr.rank=0: expected an integer >= 1"),
+        (
+            "factor",
+            0,
+            r"LoKr.factor=0: expected -1 \(split near the square root\) or an integer >= 1",
+        ),
+        ("factor", -2, "LoKr.factor=-2"),
+        ("factor", True, "LoKr.factor=True"),
+        ("decompose_both", "no", "LoKr.decompose_both='no': expected true or false"),
+        ("rank_dropout_scale", 1, "LoKr.rank_dropout_scale=1: expected true or false"),
+        (
+            "init",
+            "gaussian",
+            "LoKr.init='gaussian': expected one of 'default', 'random', 'lycoris'",
+        ),
+        ("alpha_pattern", {"q_proj": "x"}, r"LoKr.alpha_pattern\['q_proj'\]='x'"),
+    ],
+)
+def test_bad_fields_raise_spec_errors_naming_field_value_and_allowed(field, value, match):
+    with pytest.raises(surgeon.SpecError, match=match):
+        LoKr(**{field: value})
+
+
+def test_positional_fields_follow_the_design():
+    assert LoKr(4, 8, 2) == LoKr(rank=4, alpha=8, factor=2)
+
+
+def test_spec_dicts_build_lokr():
+    spec = surgeon.Spec.from_dict({"method": "lokr", "factor": 4, "targets": ["q_proj"]})
+    assert spec.adapters["default"] == LoKr(factor=4, targets=("q_proj",))
+
+
+# -- golden graphs ------------------------------------------------------------------------------
+
+GOLDEN_LINEAR = """\
+def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
+    body_0 = getattr(self.body, "0")(x);  x = None
+    body_1 = getattr(self.body, "1")(body_0);  body_0 = None
+    body_2 = getattr(self.body, "2")(body_1);  body_1 = None
+    body_3 = getattr(self.body, "3")(body_2)
+    adapters_default_body_3_lokr_w1_a = self.adapters.default.body_3.lokr_w1_a
+    adapters_default_body_3_lokr_w1_b = self.adapters.default.body_3.lokr_w1_b
+    matmul = torch.matmul(adapters_default_body_3_lokr_w1_a, adapters_default_body_3_lokr_w1_b);  adapters_default_body_3_lokr_w1_a = adapters_default_body_3_lokr_w1_b = None
+    adapters_default_body_3_lokr_w2_a = self.adapters.default.body_3.lokr_w2_a
+    adapters_default_body_3_lokr_w2_b = self.adapters.default.body_3.lokr_w2_b
+    matmul_1 = torch.matmul(adapters_default_body_3_lokr_w2_a, adapters_default_body_3_lokr_w2_b);  adapters_default_body_3_lokr_w2_a = adapters_default_body_3_lokr_w2_b = None
+    mul = torch.mul(matmul, 2.0);  matmul = None
+    unflatten = body_2.unflatten(-1, (4, 6));  body_2 = None
+    linear = torch._C._nn.linear(unflatten, matmul_1);  unflatten = matmul_1 = None
+    matmul_2 = torch.matmul(mul, linear);  mul = linear = None
+    flatten = matmul_2.flatten(-2);  matmul_2 = None
+    add = torch.add(body_3, flatten);  body_3 = flatten = None
+    relu = torch.relu(add);  add = None
+    head = self.head(relu)
+    adapters_default_head_lokr_w1_a = self.adapters.default.head.lokr_w1_a
+    adapters_default_head_lokr_w1_b = self.adapters.default.head.lokr_w1_b
+    matmul_3 = torch.matmul(adapters_default_head_lokr_w1_a, adapters_default_head_lokr_w1_b);  adapters_default_head_lokr_w1_a = adapters_default_head_lokr_w1_b = None
+    adapters_default_head_lokr_w2_a = self.adapters.default.head.lokr_w2_a
+    adapters_default_head_lokr_w2_b = self.adapters.default.head.lokr_w2_b
+    matmul_4 = torch.matmul(adapters_default_head_lokr_w2_a, adapters_default_head_lokr_w2_b);  adapters_default_head_lokr_w2_a = adapters_default_head_lokr_w2_b = None
+    mul_1 = torch.mul(matmul_3, 2.0);  matmul_3 = None
+    unflatten_1 = relu.unflatten(-1, (4, 6));  relu = None
+    matmul_5 = torch.matmul(mul_1, unflatten_1);  mul_1 = unflatten_1 = None
+    linear_1 = torch._C._nn.linear(matmul_5, matmul_4);  matmul_5 = matmul_4 = None
+    flatten_1 = linear_1.flatten(-2);  linear_1 = None
+    add_1 = torch.add(head, flatten_1);  head = flatten_1 = None
+    return add_1"""
+
+GOLDEN_CONV = """\
+def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
+    conv1 = self.conv1(x)
+    adapters_default_conv1_lokr_w1 = self.adapters.default.conv1.lokr_w1
+    adapters_default_conv1_lokr_w2 = self.adapters.default.conv1.lokr_w2
+    mul = torch.mul(adapters_default_conv1_lokr_w1, 0.5);  adapters_default_conv1_lokr_w1 = None
+    kron_conv = passes_lokr_kron_conv(x, mul, adapters_default_conv1_lokr_w2, (1, 1), (1, 1), (1, 1));  x = mul = adapters_default_conv1_lokr_w2 = None
+    add = torch.add(conv1, kron_conv);  conv1 = kron_conv = None
+    relu = torch.nn.functional.relu(add, inplace = False);  add = None
+    conv2 = self.conv2(relu);  relu = None
+    relu_1 = torch.nn.functional.relu(conv2, inplace = False);  conv2 = None
+    flatten = relu_1.flatten(2);  relu_1 = None
+    seq = self.seq(flatten)
+    adapters_default_seq_lokr_w1 = self.adapters.default.seq.lokr_w1
+    adapters_default_seq_lokr_w2 = self.adapters.default.seq.lokr_w2
+    kron_delta = passes_lokr_kron_delta(adapters_default_seq_lokr_w1, adapters_default_seq_lokr_w2, 0.5, (8, 8, 3));  adapters_default_seq_lokr_w1 = adapters_default_seq_lokr_w2 = None
+    conv1d = torch.conv1d(flatten, kron_delta, None, (2,), (0,), (1,), 1);  flatten = kron_delta = None
+    add_1 = torch.add(seq, conv1d);  seq = conv1d = None
+    mean = add_1.mean(-1);  add_1 = None
+    fc = self.fc(mean);  mean = None
+    return fc"""
+
+
+def _code(cm, path):
+    return cm.graph.code(path).split("\n", 1)[1].strip()
+
+
+def test_golden_graph_kronecker_linear():
+    spec = LoKr(rank=1, alpha=2, factor=4, targets=("head", "body.3"), decompose_both=True)
+    assert _code(surgeon.compile(ZOO["mlp"].model(), spec), "") == GOLDEN_LINEAR
+
+
+def test_golden_graph_kronecker_conv_and_materialised_conv1d():
+    spec = LoKr(rank=8, alpha=4, targets=("conv1", "seq"))
+    assert _code(surgeon.compile(ZOO["cnn"].model(), spec), "") == GOLDEN_CONV
+
+
+# -- with the rest of the compiler --------------------------------------------------------------
+
+
+def test_exports_to_onnx_folded_and_verified(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    entry = ZOO["cnn"]
+    cm = surgeon.compile(entry.model(), LoKr(rank=1, targets=PARITY["cnn"], effective_conv=True))
+    randomize(cm, scale=0.3)
+    report = surgeon.export_onnx(cm, tmp_path / "m.onnx", entry.example())
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+
+
+def test_mixed_batch_rows_equal_single_adapter_runs():
+    entry = ZOO["cnn"]
+    x = torch.randn(3, 3, 6, 6)
+    cm = surgeon.compile(
+        entry.model(),
+        surgeon.Spec(
+            {
+                "a": LoKr(rank=1, targets=PARITY["cnn"]),
+                "b": LoKr(rank=8, factor=2, targets=("conv1",)),
+            }
+        ),
+    )
+    randomize(cm, scale=0.3)
+    names = ["b", "a", "b"]
+    mixed = cm(x=x, adapter_names=names)
+    for row, name in enumerate(names):
+        cm.set_active(name)
+        torch.testing.assert_close(mixed[row], cm(x=x[row : row + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hotswap_with_another_alpha_rescales(tmp_path):
+    entry = ZOO["llama"]
+    saved = surgeon.compile(entry.model(), LoKr(rank=2, alpha=3))
+    randomize(saved, scale=0.3)
+    saved.save_adapters(tmp_path)
+    cm = surgeon.compile(entry.model(), LoKr(rank=2, alpha=16))
+    cm.hotswap_adapter(tmp_path)
+    x = entry.example()
+    torch.testing.assert_close(logits(cm(**x)), logits(saved(**x)), rtol=1e-5, atol=1e-5)
