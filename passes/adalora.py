@@ -39,7 +39,7 @@ from surgeon.spec import (
     check_number,
     check_targets,
 )
-from surgeon.targets import LAYER_CONTAINERS, peft_selection
+from surgeon.targets import peft_selection
 
 # PEFT ignores r, alpha_pattern and use_rslora for AdaLoRA, and init_lora_weights only decides
 # values the file replaces; fan_in_fan_out is implied by the layer type.
@@ -269,7 +269,7 @@ class AdaLoRA(MethodSpec):
 
     @classmethod
     def from_peft_config(cls, config: Mapping[str, Any], where: str) -> AdaLoRA:
-        from surgeon.io import check_peft_fields
+        from surgeon.io import check_peft_fields, peft_targets
 
         check_peft_fields(config, PEFT_FIELDS, where)
         if config.get("bias", "none") != "none":
@@ -277,19 +277,7 @@ class AdaLoRA(MethodSpec):
                 f"{where}: bias={config['bias']!r} (training base biases) is not supported for "
                 f"AdaLoRA yet; supported: 'none'"
             )
-        layers_pattern = config.get("layers_pattern")
-        if layers_pattern and config.get("layers_to_transform") is not None:
-            patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-            if any(p not in LAYER_CONTAINERS for p in patterns):
-                raise SpecError(
-                    f"{where}: layers_pattern={layers_pattern!r} is not supported "
-                    f"(supported: {', '.join(LAYER_CONTAINERS)})"
-                )
-        targets = config.get("target_modules")
-        if targets is None:
-            raise SpecError(
-                f"{where}: target_modules is missing; surgeon needs the targeted modules named"
-            )
+        targets = peft_targets(config, where)
         exclude = config.get("exclude_modules") or ()
         return cls(
             initial_rank=config.get("init_r", 12),
@@ -302,7 +290,7 @@ class AdaLoRA(MethodSpec):
             delta_t=config.get("deltaT", 1),
             total_steps=config.get("total_step"),
             orth_reg_weight=config.get("orth_reg_weight", 0.5),
-            targets=targets if isinstance(targets, str) else tuple(targets),
+            targets=targets,
             dropout=config.get("lora_dropout", 0.0),
             layers=config.get("layers_to_transform"),
             exclude=exclude if isinstance(exclude, str) else tuple(exclude),

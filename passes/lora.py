@@ -32,7 +32,7 @@ from surgeon.spec import (
     check_pattern_map,
     check_targets,
 )
-from surgeon.targets import LAYER_CONTAINERS, peft_selection
+from surgeon.targets import peft_selection
 
 INITS = ("default", "gaussian", "pissa", "olora")
 # fan_in_fan_out is implied by the layer type (PEFT corrects it the same way).
@@ -181,7 +181,7 @@ class LoRA(MethodSpec):
 
     @classmethod
     def from_peft_config(cls, config: Mapping[str, Any], where: str) -> LoRA:
-        from surgeon.io import check_peft_fields
+        from surgeon.io import check_peft_fields, peft_targets
 
         check_peft_fields(config, PEFT_FIELDS, where)
         init = config.get("init_lora_weights", True)
@@ -192,24 +192,12 @@ class LoRA(MethodSpec):
                 f"{where}: init_lora_weights={init!r} is not supported (supported: true, "
                 f"false, {', '.join(repr(i) for i in INITS[1:])})"
             )
-        layers_pattern = config.get("layers_pattern")
-        if layers_pattern and config.get("layers_to_transform") is not None:
-            patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-            if any(p not in LAYER_CONTAINERS for p in patterns):
-                raise SpecError(
-                    f"{where}: layers_pattern={layers_pattern!r} is not supported "
-                    f"(supported: {', '.join(LAYER_CONTAINERS)})"
-                )
-        targets = config.get("target_modules")
-        if targets is None:
-            raise SpecError(
-                f"{where}: target_modules is missing; surgeon needs the targeted modules named"
-            )
+        targets = peft_targets(config, where)
         exclude = config.get("exclude_modules") or ()
         return cls(
             rank=config.get("r", 8),
             alpha=config.get("lora_alpha", 8),
-            targets=targets if isinstance(targets, str) else tuple(targets),
+            targets=targets,
             dropout=config.get("lora_dropout", 0.0),
             bias=config.get("bias", "none"),
             rslora=bool(config.get("use_rslora", False)),

@@ -30,7 +30,7 @@ from surgeon.spec import (
     check_pattern_map,
     check_targets,
 )
-from surgeon.targets import LAYER_CONTAINERS, peft_selection
+from surgeon.targets import peft_selection
 
 # adapter_config.json fields both methods read.
 PEFT_FIELDS = {
@@ -121,10 +121,10 @@ class LycorisMethod(MethodSpec):
         cls, config: Mapping[str, Any], handled: set[str], where: str
     ) -> dict[str, Any]:
         """The shared constructor arguments, after refusing what would load as something else."""
-        from surgeon.io import check_peft_fields
+        from surgeon.io import check_peft_fields, peft_targets
 
         check_peft_fields(config, handled, where)
-        _check_layers_pattern(config, where)
+        targets = peft_targets(config, where)
         value = config.get("init_weights", True)
         known = [PEFT_INITS[i] for i in cls.inits]
         if value not in known:
@@ -132,16 +132,11 @@ class LycorisMethod(MethodSpec):
                 f"{where}: init_weights={value!r} is not supported "
                 f"(supported: {', '.join(map(repr, known))})"
             )
-        targets = config.get("target_modules")
-        if targets is None:
-            raise SpecError(
-                f"{where}: target_modules is missing; surgeon needs the targeted modules named"
-            )
         exclude = config.get("exclude_modules") or ()
         return {
             "rank": config.get("r", 8),
             "alpha": config.get("alpha", 8),
-            "targets": targets if isinstance(targets, str) else tuple(targets),
+            "targets": targets,
             "layers": config.get("layers_to_transform"),
             "exclude": exclude if isinstance(exclude, str) else tuple(exclude),
             "rank_pattern": config.get("rank_pattern") or {},
@@ -152,17 +147,6 @@ class LycorisMethod(MethodSpec):
             # the weights come from the file; a different init would only stop hot swaps
             "init": "default",
         }
-
-
-def _check_layers_pattern(config: Mapping[str, Any], where: str) -> None:
-    layers_pattern = config.get("layers_pattern")
-    if layers_pattern and config.get("layers_to_transform") is not None:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-        if any(p not in LAYER_CONTAINERS for p in patterns):
-            raise SpecError(
-                f"{where}: layers_pattern={layers_pattern!r} is not supported "
-                f"(supported: {', '.join(LAYER_CONTAINERS)})"
-            )
 
 
 # -- layers -------------------------------------------------------------------------------------

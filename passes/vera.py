@@ -34,7 +34,7 @@ from surgeon.spec import (
     check_number,
     check_targets,
 )
-from surgeon.targets import LAYER_CONTAINERS, peft_selection
+from surgeon.targets import peft_selection
 
 # fan_in_fan_out is implied by the layer type; init_weights only decides values the file replaces.
 PEFT_FIELDS = {
@@ -125,7 +125,7 @@ class VeRA(MethodSpec):
 
     @classmethod
     def from_peft_config(cls, config: Mapping[str, Any], where: str) -> VeRA:
-        from surgeon.io import check_peft_fields
+        from surgeon.io import check_peft_fields, peft_targets
 
         check_peft_fields(config, PEFT_FIELDS, where)
         if config.get("bias", "none") != "none":
@@ -133,22 +133,10 @@ class VeRA(MethodSpec):
                 f"{where}: bias={config['bias']!r} (training base biases) is not supported for "
                 f"VeRA yet; supported: 'none'"
             )
-        layers_pattern = config.get("layers_pattern")
-        if layers_pattern and config.get("layers_to_transform") is not None:
-            patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-            if any(p not in LAYER_CONTAINERS for p in patterns):
-                raise SpecError(
-                    f"{where}: layers_pattern={layers_pattern!r} is not supported "
-                    f"(supported: {', '.join(LAYER_CONTAINERS)})"
-                )
-        targets = config.get("target_modules")
-        if targets is None:
-            raise SpecError(
-                f"{where}: target_modules is missing; surgeon needs the targeted modules named"
-            )
+        targets = peft_targets(config, where)
         return cls(
             rank=config.get("r", 256),
-            targets=targets if isinstance(targets, str) else tuple(targets),
+            targets=targets,
             d_initial=config.get("d_initial", 0.1),
             seed=config.get("projection_prng_key", 0),
             dropout=config.get("vera_dropout", 0.0),

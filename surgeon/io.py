@@ -98,6 +98,27 @@ def check_peft_fields(config: Mapping[str, Any], handled: set[str], where: str) 
         )
 
 
+def peft_targets(config: Mapping[str, Any], where: str) -> str | tuple[str, ...]:
+    """``target_modules`` of a PEFT config, after checking the selection fields surgeon reads
+    the way PEFT does (``layers_pattern`` must be one of the layer containers it knows)."""
+    from surgeon.targets import LAYER_CONTAINERS
+
+    layers_pattern = config.get("layers_pattern")
+    if layers_pattern and config.get("layers_to_transform") is not None:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        if any(p not in LAYER_CONTAINERS for p in patterns):
+            raise SpecError(
+                f"{where}: layers_pattern={layers_pattern!r} is not supported "
+                f"(supported: {', '.join(LAYER_CONTAINERS)})"
+            )
+    targets = config.get("target_modules")
+    if targets is None:
+        raise SpecError(
+            f"{where}: target_modules is missing; surgeon needs the targeted modules named"
+        )
+    return targets if isinstance(targets, str) else tuple(targets)
+
+
 def method_from_peft_config(config: Any, where: str) -> MethodSpec:
     if not isinstance(config, Mapping):
         raise SpecError(f"{where}: expected a JSON object")
