@@ -48,12 +48,10 @@ Method
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -62,8 +60,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from common import (  # sets HF_HUB_OFFLINE before transformers is imported
+    SMALL_LLAMA,
+    Timer,
+    cpu_name,
+    forward_timer,
+    interleaved,
+    median_ms,
+    paired_ratio,
+    progress,
+)
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import peft  # noqa: E402
@@ -75,14 +82,6 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import surgeon  # noqa: E402
 
-SMALL_LLAMA = {
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "intermediate_size": 688,
-    "vocab_size": 1000,
-}
 BATCH, SEQ = 4, 64
 RANK, ALPHA = 8, 16
 SEED = 0
@@ -94,7 +93,6 @@ TARGET_SETS: dict[str, tuple[str, ...] | str] = {
 }
 COMPILE_TARGETS = ("q_proj", "v_proj")
 
-Timer = Callable[[], float]
 """Runs one repetition and returns the seconds it measured."""
 
 
@@ -262,50 +260,6 @@ def count_trainable(model: nn.Module) -> int:
 
 
 # -- timing ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-def interleaved(timers: dict[str, Timer], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Run every timer once per repetition, rotating the order; return each one's samples."""
-    names = list(timers)
-    for _ in range(warmup):
-        for name in names:
-            timers[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with gc_paused():
-        for i in range(reps):
-            shift = i % len(names)
-            for name in names[shift:] + names[:shift]:
-                samples[name].append(timers[name]())
-    return samples
-
-
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e3
-
-
-def paired_ratio(ours: list[float], theirs: list[float]) -> float:
-    """Median of per-repetition ratios: both samples of a pair ran back to back."""
-    return statistics.median(a / b for a, b in zip(ours, theirs))
-
-
-def forward_timer(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Timer:
-    def run() -> float:
-        with torch.no_grad():
-            start = time.perf_counter()
-            model(**inputs)
-            return time.perf_counter() - start
-
-    return run
 
 
 class TrainStep:
@@ -489,14 +443,6 @@ def compile_rows(reps: Reps, label: str = "q,v") -> list[Row]:
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict[str, Any]:
     return {
         "cpu": cpu_name(),
@@ -536,13 +482,6 @@ def format_table(rows: list[Row]) -> str:
 
     rule = "-" * len(fmt(header))
     return "\n".join([fmt(header), rule, *map(fmt, lines), rule])
-
-
-def progress(what: str, measure: Callable[..., Any], *args: Any) -> Any:
-    start = time.perf_counter()
-    result = measure(*args)
-    print(f"{what} done in {time.perf_counter() - start:.1f} s", flush=True)
-    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
