@@ -9,7 +9,6 @@ replaced by the residual) and ``olora`` (QR of the base weight, residual likewis
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,7 @@ from surgeon.spec import (
     check_pattern_map,
     check_targets,
 )
-from surgeon.targets import peft_selection
+from surgeon.targets import pattern_value, peft_selection
 
 INITS = ("default", "gaussian", "pissa", "olora")
 # fan_in_fan_out is implied by the layer type (PEFT corrects it the same way).
@@ -68,20 +67,13 @@ def layer_kind(layer: nn.Module) -> str | None:
     return None
 
 
-def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: first key matching the end of the path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
 @dataclass(frozen=True)
 class LoRA(MethodSpec):
     """Low-rank adaptation (Hu et al., 2021)."""
 
     name = "lora"
     peft_type = "LORA"
+    pattern_fields = ("rank_pattern", "alpha_pattern")
 
     rank: int = 8
     alpha: float = 16
@@ -122,16 +114,6 @@ class LoRA(MethodSpec):
     @property
     def rewrites_base(self) -> bool:
         return self.init in ("pissa", "olora")
-
-    def select(self, model: nn.Module) -> list[str]:
-        paths = super().select(model)
-        for field_name in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(self, field_name):
-                if not any(re.match(rf"(.*\.)?({key})$", p) for p in paths):
-                    raise SpecError(
-                        f"{type(self).__name__}.{field_name}: key {key!r} matches no targeted module"
-                    )
-        return paths
 
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         rank = pattern_value(self.rank_pattern, path, self.rank)

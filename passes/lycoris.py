@@ -8,7 +8,6 @@ Linear, Conv1d and Conv2d, as in PEFT.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -17,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.lora import adapter_dtype, pattern_value
+from passes.lora import adapter_dtype
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.errors import SpecError
 from surgeon.spec import (
@@ -30,7 +29,7 @@ from surgeon.spec import (
     check_pattern_map,
     check_targets,
 )
-from surgeon.targets import peft_selection
+from surgeon.targets import pattern_value, peft_selection
 
 # adapter_config.json fields both methods read.
 PEFT_FIELDS = {
@@ -57,6 +56,7 @@ class LycorisMethod(MethodSpec):
 
     inits: ClassVar[tuple[str, ...]]
     """Allowed ``init`` values (keys of `PEFT_INITS`)."""
+    pattern_fields = ("rank_pattern", "alpha_pattern")
 
     def validate_common(self) -> None:
         owner = type(self).__name__
@@ -82,16 +82,6 @@ class LycorisMethod(MethodSpec):
 
     def supports(self, layer: nn.Module) -> bool:
         return isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
-
-    def select(self, model: nn.Module) -> list[str]:
-        paths = super().select(model)
-        for field_name in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(self, field_name):
-                if not any(re.match(rf"(.*\.)?({key})$", p) for p in paths):
-                    raise SpecError(
-                        f"{type(self).__name__}.{field_name}: key {key!r} matches no targeted module"
-                    )
-        return paths
 
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         rank = pattern_value(self.rank_pattern, path, self.rank)

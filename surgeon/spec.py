@@ -90,8 +90,20 @@ class MethodSpec(metaclass=_ValidatingMeta):
         """Adapter-wide tensors (not under one layer's path), by their full PEFT key."""
         return {}
 
+    pattern_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields mapping PEFT-style module patterns to per-layer values (LoRA's rank_pattern):
+    every key must match a targeted layer."""
+
     def select(self, model: nn.Module) -> list[str]:
         """Paths of the layers this method adapts in ``model``."""
+        from surgeon.targets import check_pattern_keys
+
+        paths = self._select_targets(model)
+        for field_name in self.pattern_fields:
+            check_pattern_keys(type(self).__name__, field_name, getattr(self, field_name), paths)
+        return paths
+
+    def _select_targets(self, model: nn.Module) -> list[str]:
         from surgeon.targets import select_targets
 
         return select_targets(

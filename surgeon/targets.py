@@ -8,7 +8,7 @@ a string is a regex matched against the whole path, or one of the presets.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -182,3 +182,24 @@ def peft_selection(
         (list(exclude) if isinstance(exclude, tuple) else exclude) or None,
         list(layers) if layers is not None else None,
     )
+
+
+def matches_pattern_key(key: str, path: str) -> bool:
+    """PEFT's rank_pattern / alpha_pattern rule: the key, as a regex, matches the end of the path."""
+    return re.match(rf"(.*\.)?({key})$", path) is not None
+
+
+def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
+    """The value of the first pattern key that matches ``path``, else ``default``."""
+    for key, value in patterns.items():
+        if matches_pattern_key(key, path):
+            return value
+    return default
+
+
+def check_pattern_keys(
+    owner: str, field: str, patterns: Mapping[str, Any], paths: Sequence[str]
+) -> None:
+    for key in patterns:
+        if not any(matches_pattern_key(key, p) for p in paths):
+            raise SpecError(f"{owner}.{field}: key {key!r} matches no targeted module")
