@@ -10,9 +10,9 @@ exponential averages of every entry's sensitivity ``|θ·∇θ|`` and their unce
 ``delta_t`` steps of the budgeting phase it zeroes the singular values of the least important
 (P column, Λ entry, Q row) triplets across all layers, down to a budget that falls cubically from
 the initial to ``target_rank`` per layer. At step ``total_steps - tfinal`` the allocation is fixed
-and re-applied on every later step, as PEFT's ``update_and_allocate`` does. An allocation saves
-as zero entries of ``Λ`` at full rank (PEFT computes the same outputs from it); a ``rank_pattern``
-read from a PEFT file builds the smaller layers PEFT saved and is written back unchanged.
+and re-applied on every later step, as PEFT's ``update_and_allocate`` does. A save after an
+allocation writes only the kept triplets and the final ``rank_pattern``, as PEFT does; a
+``rank_pattern`` read from a file builds those smaller layers.
 
 Layers: Linear, transformers' GPT-2 ``Conv1D`` and Conv2d (those PEFT's AdaLoRA supports).
 """
@@ -168,6 +168,17 @@ class AdaLoRA(MethodSpec):
                 f"(targeted: {', '.join(paths[:4])}{' ...' if len(paths) > 4 else ''})"
             )
         return paths
+
+    def peft_config_from_training(self, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+        """The final rank pattern: for each layer, which of the initial triplets are kept."""
+        pattern = {p: list(f) for p, f in self.rank_pattern.items()}
+        for path, layer in layers.items():
+            if layer.kept is None:
+                continue
+            kept = iter(layer.kept.tolist())
+            built = pattern.get(path, [True] * self.initial_rank)
+            pattern[path] = [flag and next(kept) for flag in built]
+        return {"rank_pattern": {f"{p}.lora_E": f for p, f in pattern.items()} or None}
 
     def create_layer(self, layer: nn.Module, path: str) -> AdaLoRALayer:
         flags = self.rank_pattern.get(path)
@@ -423,6 +434,17 @@ class AdaLoRALayer(AdapterLayer):
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {factor: getattr(self, factor) for factor in FACTORS}
+
+    def peft_tensors_to_save(self) -> dict[str, torch.Tensor]:
+        """Only the kept triplets, as PEFT saves after allocation (with the rank_pattern)."""
+        if self.kept is None:
+            return self.peft_tensors()
+        rows = self.kept.nonzero().flatten()
+        return {
+            "lora_A": self.lora_A.index_select(0, rows),
+            "lora_E": self.lora_E.index_select(0, rows),
+            "lora_B": self.lora_B.index_select(1, rows),
+        }
 
     # -- rank allocation -----------------------------------------------------------------------
 

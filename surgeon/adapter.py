@@ -104,3 +104,7 @@ class AdapterLayer(nn.Module):
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """State-dict entries under the layer's path, in PEFT's naming without the adapter name."""
         raise NotImplementedError
+
+    def peft_tensors_to_save(self) -> dict[str, torch.Tensor]:
+        """What a save writes; `peft_tensors` unless training shrank the layer (AdaLoRA)."""
+        return self.peft_tensors()

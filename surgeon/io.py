@@ -230,11 +230,12 @@ def fill_adapter(
 
 
 def _layer_tensors(
-    method: MethodSpec, layers: Mapping[str, AdapterLayer]
+    method: MethodSpec, layers: Mapping[str, AdapterLayer], saving: bool = False
 ) -> dict[str, torch.Tensor]:
     out = dict(method.peft_shared_tensors(layers))
     for path, layer in layers.items():
-        for suffix, tensor in layer.peft_tensors().items():
+        tensors = layer.peft_tensors_to_save() if saving else layer.peft_tensors()
+        for suffix, tensor in tensors.items():
             out[f"{PREFIX}{path}.{suffix}"] = tensor
     return out
 
@@ -242,7 +243,7 @@ def _layer_tensors(
 def adapter_tensors(cm: CompiledModel, name: str) -> dict[str, torch.Tensor]:
     """The adapter's state dict under PEFT's keys (biases of targeted layers under ``base_layer``)."""
     paths = cm.store.paths[name]
-    out = _layer_tensors(cm.spec(name), dict(cm.store.items(name)))
+    out = _layer_tensors(cm.spec(name), dict(cm.store.items(name)), saving=True)
     targeted = set(paths)
     params = dict(cm.model.named_parameters())
     for pname in cm.spec(name).trainable_base_parameters(cm.model, paths):

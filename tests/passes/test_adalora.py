@@ -288,9 +288,9 @@ def test_peft_rank_patterns_load_as_smaller_layers_and_save_back(tmp_path):
     assert torch.equal(logits(again(**x)), logits(cm(**x)))
 
 
-def test_allocated_masks_save_as_zero_singular_values_peft_reproduces(tmp_path):
-    """After allocation a layer keeps all its triplets with the pruned Λ entries at zero, which
-    is what the file holds: PEFT computes the same outputs from it."""
+def test_allocated_masks_save_as_the_final_rank_pattern(tmp_path):
+    """After allocation the file holds only the kept triplets and the config the final
+    rank_pattern, as PEFT saves them: PEFT and surgeon load it with the same outputs."""
     entry = ZOO["llama"]
     cm = surgeon.compile(entry.model(), _spec(total_steps=10))
     randomize(cm, scale=0.5)
@@ -305,8 +305,16 @@ def test_allocated_masks_save_as_zero_singular_values_peft_reproduces(tmp_path):
         _copy_to_peft(cm, reference)
     torch.testing.assert_close(logits(reference(**x)), expected, rtol=1e-5, atol=1e-6)
     cm.save_adapters(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["rank_pattern"] == {f"{p}.lora_E": list(f) for p, f in PATTERN.items()}
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    for path, flags in PATTERN.items():
+        assert saved[f"base_model.model.{path}.lora_E"].shape == (sum(flags), 1)
     loaded = _peft_load(entry.model(), tmp_path)
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-6)
+    back = surgeon.load(entry.model(), tmp_path)
+    assert [layer.rank for _, layer in back.store.items("default")] == [2, 0, 4, 1]
+    torch.testing.assert_close(logits(back(**x)), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_spec_without_total_steps_saves_a_config_peft_accepts(tmp_path):
