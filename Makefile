@@ -28,6 +28,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_lora.py
+	$(BIN)/python benchmarks/bench_methods.py
 	$(BIN)/python benchmarks/bench_onnx.py
 
 clean:
