@@ -81,6 +81,8 @@ def combine_adapters(
 ) -> tuple[MethodSpec, dict[str, torch.Tensor]]:
     """The spec and PEFT-keyed tensors of the adapter that combines ``weights`` (name -> weight)."""
     opts = _check_options(how, options)
+    if weights and all(n in cm.adapters and cm.spec(n).name == "ia3" for n in weights):
+        return _combine_ia3(cm, weights, how)
     _check_weights(cm, weights)
     if len(weights) == 1:
         how = "linear"  # one adapter: the others have nothing to combine with (as in PEFT)
@@ -145,6 +147,38 @@ def _check_options(how: str, options: Mapping[str, Any]) -> Options:
     return Options(**given)
 
 
+def _combine_ia3(
+    cm: CompiledModel, weights: dict[str, float], how: str
+) -> tuple[MethodSpec, dict[str, torch.Tensor]]:
+    """IA³ vectors add up with their weights (PEFT's IA3 add_weighted_adapter): a layer that only
+    some adapters cover gets only their terms. A layer must be feed-forward in all or none."""
+    from passes.ia3 import IA3
+
+    if how != "linear":
+        raise SpecError(
+            f"merge_adapters(how={how!r}): IA³ adapters combine linearly only (how='linear')"
+        )
+    for name, weight in weights.items():
+        if not _is_number(weight):
+            raise SpecError(
+                f"merge_adapters: weights[{name!r}]={weight!r}: expected a finite number"
+            )
+    vectors: dict[str, torch.Tensor] = {}
+    feedforward: dict[str, bool] = {}
+    for name, weight in weights.items():
+        for path, layer in cm.store.items(name):
+            if feedforward.setdefault(path, layer.feedforward) != layer.feedforward:
+                raise SpecError(
+                    f"merge_adapters: {path} is a feed-forward target in some of the adapters and "
+                    f"not in others; IA³ cannot combine those"
+                )
+            term = layer.peft_tensors()["ia3_l"].detach().float() * weight
+            vectors[path] = vectors[path] + term if path in vectors else term
+    paths = sorted(vectors)
+    spec = IA3(targets=tuple(paths), feedforward=tuple(p for p in paths if feedforward[p]))
+    return spec, {f"{PREFIX}{p}.ia3_l": v for p, v in vectors.items()}
+
+
 def _check_weights(cm: CompiledModel, weights: Mapping[str, float]) -> None:
     if not weights:
         raise SpecError(
@@ -159,7 +193,7 @@ def _check_weights(cm: CompiledModel, weights: Mapping[str, float]) -> None:
         method = cm.spec(name).name
         if method != "lora":
             raise SpecError(
-                f"merge_adapters: adapter {name!r} is {method}; merging is defined for LoRA adapters only"
+                f"merge_adapters: adapter {name!r} is {method}; weighted merging is defined for LoRA adapters, or for IA³ adapters among themselves"
             )
         if not _is_number(weight):
             raise SpecError(

@@ -397,9 +397,41 @@ def test_bad_arguments_raise_spec_errors_and_change_nothing(pairs, weights, how,
     assert cm.adapters == ["default", "other"]
 
 
-def test_only_lora_adapters_combine():
+def test_lora_and_ia3_adapters_do_not_combine_with_each_other():
     cm = surgeon.compile(ENTRY.model(), surgeon.LoRA())
     cm.add_adapter("scaled", surgeon.IA3())
-    with pytest.raises(surgeon.SpecError, match="'scaled' is ia3; merging is defined for LoRA"):
+    with pytest.raises(surgeon.SpecError, match="'scaled' is ia3; weighted merging is defined for LoRA adapters, or for IA³"):
         cm.merge_adapters({"default": 1.0, "scaled": 1.0}, "mix", how="cat")
     assert cm.adapters == ["default", "scaled"]
+
+
+def test_ia3_adapters_combine_linearly_like_peft(tmp_path):
+    entry = ZOO["llama"]
+    pm = peft.get_peft_model(
+        entry.model(),
+        peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        adapter_name="a",
+    )
+    pm.add_adapter(
+        "b",
+        peft.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    pm.save_pretrained(tmp_path)
+    cm = surgeon.load(entry.model(), tmp_path / "a", name="a")
+    cm.load_adapters(tmp_path / "b", name="b")
+    pm.add_weighted_adapter(["a", "b"], [0.7, -0.4], "ab")
+    pm.set_adapter("ab")
+    cm.merge_adapters({"a": 0.7, "b": -0.4}, name="ab")
+    cm.set_active("ab")
+    x = entry.example()
+    torch.testing.assert_close(logits(cm(**x)), logits(pm.eval()(**x)), rtol=1e-5, atol=1e-5)
+    assert sorted(cm.store.paths["ab"]) == sorted(
+        cm.store.paths["a"] + [p for p in cm.store.paths["b"] if p not in cm.store.paths["a"]]
+    )
+    with pytest.raises(surgeon.SpecError, match="IA³ adapters combine linearly only"):
+        cm.merge_adapters({"a": 1.0, "b": 1.0}, name="ties", how="ties", density=0.5)
