@@ -400,7 +400,10 @@ def test_bad_arguments_raise_spec_errors_and_change_nothing(pairs, weights, how,
 def test_lora_and_ia3_adapters_do_not_combine_with_each_other():
     cm = surgeon.compile(ENTRY.model(), surgeon.LoRA())
     cm.add_adapter("scaled", surgeon.IA3())
-    with pytest.raises(surgeon.SpecError, match="'scaled' is ia3; weighted merging is defined for LoRA adapters, or for IA³"):
+    with pytest.raises(
+        surgeon.SpecError,
+        match="'scaled' is ia3; weighted merging is defined for LoRA adapters, or for IA³",
+    ):
         cm.merge_adapters({"default": 1.0, "scaled": 1.0}, "mix", how="cat")
     assert cm.adapters == ["default", "scaled"]
 
