@@ -60,15 +60,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import (  # sets HF_HUB_OFFLINE before transformers is imported
+from common import (
     SMALL_LLAMA,
     Timer,
+    base_state,
     cpu_name,
     forward_timer,
     interleaved,
+    make_inputs,
     median_ms,
     paired_ratio,
     progress,
+    small_llama,  # sets HF_HUB_OFFLINE before transformers is imported
 )
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -144,26 +147,6 @@ class Contestants:
 
 
 # -- models and inputs -------------------------------------------------------------------------
-
-
-def small_llama(state: dict[str, torch.Tensor] | None = None) -> LlamaForCausalLM:
-    model = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA))
-    if state is not None:
-        model.load_state_dict(state)
-    return model.eval()
-
-
-def base_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(SEED)
-    return {k: v.clone() for k, v in small_llama().state_dict().items()}
-
-
-def make_inputs() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    gen = torch.Generator().manual_seed(SEED + 1)
-    vocab = SMALL_LLAMA["vocab_size"]
-    ids = torch.randint(vocab, (BATCH, SEQ), generator=gen)
-    labels = torch.randint(vocab, (BATCH, SEQ), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels
 
 
 def peft_targets(targets: tuple[str, ...] | str) -> list[str] | str:
@@ -499,8 +482,8 @@ def main(argv: list[str] | None = None) -> None:
     print(", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"reps: {asdict(reps)}; ratio = surgeon / peft (lower is better)", flush=True)
 
-    state = base_state()
-    inputs, labels = make_inputs()
+    state = base_state(SEED)
+    inputs, labels = make_inputs(BATCH, SEQ, SEED + 1)
     rows: list[Row] = []
     for label, targets in TARGET_SETS.items():
         rows.extend(target_set_rows(state, inputs, labels, reps, label, targets))

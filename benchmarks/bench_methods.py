@@ -57,14 +57,16 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    SMALL_LLAMA,
+    base_state,
     format_table,
     forward_timer,
     interleaved,
     machine,
+    make_inputs,
     median_ms,
     paired_ratio,
     progress,
+    small_llama,
 )
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -74,7 +76,6 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import surgeon  # noqa: E402
 
@@ -120,26 +121,6 @@ class Row:
 
 
 # -- models and inputs -------------------------------------------------------------------------
-
-
-def small_llama(state: dict[str, torch.Tensor] | None = None) -> LlamaForCausalLM:
-    model = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA))
-    if state is not None:
-        model.load_state_dict(state)
-    return model.eval()
-
-
-def base_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(SEED)
-    return {k: v.clone() for k, v in small_llama().state_dict().items()}
-
-
-def make_inputs() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    gen = torch.Generator().manual_seed(SEED + 1)
-    vocab = SMALL_LLAMA["vocab_size"]
-    ids = torch.randint(vocab, (BATCH, SEQ), generator=gen)
-    labels = torch.randint(vocab, (BATCH, SEQ), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels
 
 
 def make_pair(
@@ -264,8 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     reps = QUICK if args.quick else FULL
     start = time.perf_counter()
-    state = base_state()
-    inputs, labels = make_inputs()
+    state = base_state(SEED)
+    inputs, labels = make_inputs(BATCH, SEQ, SEED + 1)
     plain = small_llama(state)
     rows: list[Row] = []
     kept: dict[str, nn.Module] = {}

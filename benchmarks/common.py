@@ -34,6 +34,33 @@ SMALL_LLAMA = {
 """A Llama small enough to time on a laptop CPU; built from a config, no downloads."""
 
 Timer = Callable[[], float]
+
+
+def small_llama(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The benchmarks' small Llama (``SMALL_LLAMA``), in eval mode, optionally with given weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA))
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def base_state(seed: int) -> dict[str, torch.Tensor]:
+    """Seeded base weights, so every contestant starts from the same model."""
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in small_llama().state_dict().items()}
+
+
+def make_inputs(batch: int, seq: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Seeded token ids (with an all-ones attention mask) and next-token labels."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = SMALL_LLAMA["vocab_size"]
+    ids = torch.randint(vocab, (batch, seq), generator=gen)
+    labels = torch.randint(vocab, (batch, seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels
+
+
 """Runs one repetition and returns the seconds it measured."""
 
 

@@ -94,7 +94,7 @@ def _emit_adapters(
     adapters: Sequence[tuple[str, AdapterLayer]],
     region: Region,
 ) -> None:
-    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    x = _layer_input(node)
     inserted: set[fx.Node] = set()
     out = node
     for name, adapter in adapters:
@@ -121,7 +121,7 @@ def _emit_mixed(
     region: Region,
 ) -> None:
     """Per adapter: gather its rows of the batch, run it there, scatter the result back."""
-    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    x = _layer_input(node)
     inserted: set[fx.Node] = set()
     out = node
     with graph.inserting_before(node.next):
@@ -172,6 +172,11 @@ def batch_rows(adapter: str, like: torch.Tensor) -> torch.Tensor:
             f"{like.shape[0]} rows"
         )
     return torch.tensor(rows.get(adapter, []), dtype=torch.long, device=like.device)
+
+
+def _layer_input(node: fx.Node) -> fx.Node:
+    """The input a layer's call node passes to the layer (its first argument)."""
+    return node.args[0] if node.args else next(iter(node.kwargs.values()))
 
 
 def _prefix(region: Region, node: fx.Node, adapter: str) -> str:
