@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import shutil
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,12 +50,24 @@ class Graph:
     def rewritten(self) -> Iterator[Region]:
         return (r for r in self.regions if r.graph is not None)
 
-    def code(self, path: str | None = None) -> str:
-        """Python code of one region (by module path), or of every rewritten region."""
+    def code(self, path: str | None = None, marked: bool = False) -> str:
+        """Python code of one region (by module path), or of every rewritten region.
+
+        ``marked``: end each line an adapter pass inserted with ``# + <method>[<adapter>]``.
+        """
         if path is not None:
-            return _region_code(self.region(path))
+            return _region_code(self.region(path), marked)
         chosen = list(self.rewritten()) or self.regions
-        return "\n".join(_region_code(r) for r in chosen)
+        return "\n".join(_region_code(r, marked) for r in chosen)
+
+    def diff(self, path: str) -> str:
+        """Unified diff of one region's code: as traced vs as it runs now."""
+        region = self.region(path)
+        name = region.path or "<root>"
+        before = _graph_source(region.base).splitlines(keepends=True)
+        after = _graph_source(region.current).splitlines(keepends=True)
+        lines = difflib.unified_diff(before, after, f"{name} (traced)", f"{name} (rewritten)")
+        return "".join(lines) or f"# region {name}: no changes\n"
 
     def regions_per_layer(self) -> float | None:
         """Mean number of regions per decoder layer (None for models without numbered layers)."""
@@ -101,6 +116,26 @@ class Graph:
             Path(path).write_text(text, encoding="utf-8")
         return text
 
+    def render(self, path: str | Path) -> Path:
+        """Write the graph as SVG (``*.svg``, through graphviz's ``dot`` when installed) or as DOT
+        text; returns the file written, which is ``<path>.dot`` when SVG was asked for and graphviz
+        is missing."""
+        path = Path(path)
+        dot = self.to_dot()
+        if path.suffix.lower() != ".svg":
+            path.write_text(dot, encoding="utf-8")
+            return path
+        executable = shutil.which("dot")
+        if executable is None:
+            fallback = path.with_suffix(".dot")
+            fallback.write_text(dot, encoding="utf-8")
+            return fallback
+        svg = subprocess.run(
+            [executable, "-Tsvg"], input=dot.encode(), capture_output=True, check=True
+        ).stdout
+        path.write_bytes(svg)
+        return path
+
     def check(self) -> None:
         """The IR's invariants; raise AssertionError naming the region that breaks one."""
         for region in self.regions:
@@ -124,11 +159,32 @@ class Graph:
                     )
 
 
-def _region_code(region: Region) -> str:
+def _region_code(region: Region, marked: bool = False) -> str:
     graph = region.current
     header = f"# region {region.path or '<root>'} ({region.module_type}{', leaf' if region.leaf else ''})"
-    body = graph.python_code("self").src.strip("\n")
+    body = _graph_source(graph)
+    if marked:
+        body = _mark_inserted(graph, body)
     return f"{header}\n{body}\n"
+
+
+def _graph_source(graph: fx.Graph) -> str:
+    lines = graph.python_code("self").src.splitlines()
+    return "\n".join(line.rstrip() for line in lines).strip("\n")
+
+
+def _mark_inserted(graph: fx.Graph, source: str) -> str:
+    """FX writes one statement per node, ``<name> = ...``: tag the statements of inserted nodes."""
+    tags = {
+        node.name: f"{tag.get('method')}[{tag.get('adapter')}]"
+        for node in graph.nodes
+        if (tag := node.meta.get("surgeon"))
+    }
+    lines = []
+    for line in source.splitlines():
+        name = line.strip().split(" = ", 1)[0]
+        lines.append(f"{line}  # + {tags[name]}" if " = " in line and name in tags else line)
+    return "\n".join(lines)
 
 
 def _target_name(node: fx.Node) -> str:
