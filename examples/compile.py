@@ -34,7 +34,9 @@ def main() -> None:
     assert torch.equal(before, after)
     frozen = all(not p.requires_grad for n, p in cm.model.named_parameters() if "adapters" not in n)
     print(f"base weights frozen: {frozen}; trainable parameters: {cm.num_trainable():,}")
-    assert frozen and cm.num_trainable() == 6 * 2 * 2 * 8 * 384
+    lora = 6 * 2 * 2 * 8 * 384  # 6 layers x (query, value) x (A, B) x rank 8 x width 384
+    head = 384 * 2 + 2  # the classifier's trained copy (modules_to_save)
+    assert frozen and cm.num_trainable() == lora + head
 
 
 if __name__ == "__main__":

@@ -190,6 +190,12 @@ def _check_weights(cm: CompiledModel, weights: Mapping[str, float]) -> None:
                 f"merge_adapters: no adapter named {name!r}{did_you_mean(str(name), cm.adapters)} "
                 f"(adapters: {', '.join(cm.adapters) or 'none'})"
             )
+        if cm.spec(name).modules_to_save:
+            raise SpecError(
+                f"merge_adapters: adapter {name!r} trains full copies of "
+                f"{', '.join(cm.spec(name).modules_to_save)} (modules_to_save); copies have no "
+                f"low-rank factors to combine"
+            )
         method = cm.spec(name).name
         if method != "lora":
             raise SpecError(

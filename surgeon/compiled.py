@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from surgeon.adapter import AdapterLayer
+from surgeon.copies import LayerCopy, copy_paths, present_names
 from surgeon.errors import SpecError
 from surgeon.graph import Graph
 from surgeon.rewrite import escape, install, leaf_region, mixed_rows, reached_layers, rewrite_region
@@ -154,8 +155,10 @@ class CompiledModel(nn.Module):
                 f"adapter {name!r}: expected a method such as surgeon.LoRA(...), got {type(method).__name__}"
             )
         paths = method.select(self.model)
+        copies = copy_paths(self.model, method, paths)
         with _unchanged_on_error(self.model, _rewritten_weights(self.model, method, paths)):
             layers = method.create_layers(self.model, paths)
+            layers.update({p: LayerCopy(self.model.get_submodule(p)) for p in copies})
             base_trainable = method.trainable_base_parameters(self.model, paths)
             if tensors is not None:
                 from surgeon.io import fill_adapter
@@ -168,7 +171,7 @@ class CompiledModel(nn.Module):
         for layer in layers.values():
             layer.train(self.model.training)  # new adapters follow the model's mode
         self.store.add(name, method, layers)
-        self._add_unreached_layers(paths)
+        self._add_unreached_layers([*paths, *copies])
         self._forget_plans()
 
     def set_active(self, names: str | Sequence[str] | None) -> None:
@@ -390,6 +393,7 @@ class CompiledModel(nn.Module):
 
         self._require(name)
         method, tensors = read_adapter(Path(path))
+        method = method.replace(modules_to_save=present_names(self.model, method.modules_to_save))
         current = self.store.specs[name]
         if type(method) is not type(current):
             raise SpecError(
@@ -408,7 +412,7 @@ class CompiledModel(nn.Module):
                 f"only weights (and LoRA's alpha) can be swapped in place: use load_adapters instead"
             )
         paths = method.select(self.model)
-        if paths != self.store.paths[name]:
+        if [*paths, *copy_paths(self.model, method, paths)] != self.store.paths[name]:
             raise SpecError(f"hotswap_adapter: {path} adapts other layers than adapter {name!r}")
         layers = dict(self.store.items(name))
         base_trainable = method.trainable_base_parameters(self.model, paths)
@@ -426,6 +430,7 @@ class CompiledModel(nn.Module):
         from surgeon.io import read_adapter
 
         method, tensors = read_adapter(Path(path))
+        method = method.replace(modules_to_save=present_names(self.model, method.modules_to_save))
         self._build_adapter(name, method, tensors)
         if activate or (activate is None and not self._active):
             self._active = (*self._active, name)

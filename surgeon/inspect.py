@@ -35,8 +35,8 @@ class Report:
     def of(cls, cm: CompiledModel) -> Report:
         rows = []
         for name in cm.adapters:
-            method = cm.spec(name).name
             for path, layer in cm.store.items(name):
+                method = "copy" if layer.method == "copy" else cm.spec(name).name
                 region = cm.graph.region_of(path)
                 rows.append(
                     Row(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from surgeon.copies import LayerCopy
 from surgeon.errors import SpecError
 from surgeon.spec import METHODS, MethodSpec
 
@@ -57,7 +58,6 @@ VARIANT_FIELDS: dict[str, Any] = {
     "lora_bias": False,
     "use_qalora": False,
     "layer_replication": None,
-    "modules_to_save": None,
     "trainable_token_indices": None,
     "target_parameters": None,
     "alora_invocation_tokens": None,
@@ -131,8 +131,10 @@ def method_from_peft_config(config: Any, where: str) -> MethodSpec:
         )
     claiming = [c for c in candidates if c.accepts_peft_config(config)]
     cls = claiming[0] if claiming else candidates[0]
+    config = dict(config)
+    modules_to_save = config.pop("modules_to_save", None) or ()
     try:
-        return cls.from_peft_config(config, where)
+        return cls.from_peft_config(config, where).replace(modules_to_save=modules_to_save)
     except SpecError as err:
         message = str(err)
         raise SpecError(message if message.startswith(where) else f"{where}: {message}") from None
@@ -257,7 +259,9 @@ def adapter_config(cm: CompiledModel, name: str) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     spec = cm.spec(name)
-    config = spec.to_peft_config(cm.store.paths[name])
+    adapted = [p for p, layer in cm.store.items(name) if not isinstance(layer, LayerCopy)]
+    config = spec.to_peft_config(adapted)
+    config["modules_to_save"] = list(spec.modules_to_save) or None
     config.update(spec.peft_config_from_training(dict(cm.store.items(name))))
     try:
         surgeon_version = version("surgeon-peft")

@@ -25,14 +25,22 @@ METHODS: dict[str, type[MethodSpec]] = {}
 PRESETS = ("attention", "mlp", "all-linear")
 
 
+def spec_fields(cls: type) -> list[dataclasses.Field]:
+    """A method's own fields first, then the ones every method shares (keyword-only)."""
+    fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+    return [f for f in fields if not f.kw_only] + [f for f in fields if f.kw_only]
+
+
 class _ValidatingMeta(type):
     """Turns unknown or surplus constructor arguments into `SpecError` instead of `TypeError`."""
 
     def __call__(cls, *args: Any, **kwargs: Any):
-        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-        if len(args) > len(names):
+        fields = spec_fields(cls)
+        names = [f.name for f in fields]
+        positional = [f for f in fields if not f.kw_only]
+        if len(args) > len(positional):
             raise SpecError(
-                f"{cls.__name__} takes at most {len(names)} positional arguments, got {len(args)}"
+                f"{cls.__name__} takes at most {len(positional)} positional arguments, got {len(args)}"
             )
         for key in kwargs:
             if key not in names:
@@ -43,14 +51,21 @@ class _ValidatingMeta(type):
         return super().__call__(*args, **kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
 class MethodSpec(metaclass=_ValidatingMeta):
     """Base of every method spec (`surgeon.LoRA`, ...).
 
     Subclasses are frozen dataclasses with a class-level ``name`` (the registry key and the
     ``method`` value in spec files) and implement `validate`.
+
+    Every method also takes ``modules_to_save``: modules (name suffixes, as PEFT's field) that
+    the adapter trains as a full copy, such as a new classification head. The copy replaces the
+    module's output while the adapter runs; the original stays for the base model and for other
+    adapters (see `surgeon.copies`).
     """
 
     name: ClassVar[str]
+    modules_to_save: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -59,6 +74,10 @@ class MethodSpec(metaclass=_ValidatingMeta):
             METHODS[name] = cls
 
     def __post_init__(self) -> None:
+        self._set(
+            "modules_to_save",
+            check_names(type(self).__name__, "modules_to_save", self.modules_to_save),
+        )
         self.validate()
 
     def validate(self) -> None:
@@ -155,7 +174,7 @@ class MethodSpec(metaclass=_ValidatingMeta):
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.name}
-        for f in dataclasses.fields(self):
+        for f in spec_fields(type(self)):
             value = getattr(self, f.name)
             if isinstance(value, MethodSpec):
                 value = value.to_dict()
@@ -366,6 +385,16 @@ def check_targets(
         f"{owner}.{field}={value!r}: expected a list of module-name suffixes, a regex, "
         f"or a preset ({', '.join(PRESETS)})"
     )
+
+
+def check_names(owner: str, field: str, value: Any) -> tuple[str, ...]:
+    """Module-name suffixes: a name or a list of names (possibly empty)."""
+    if isinstance(value, str) and value:
+        return (value,)
+    listed = isinstance(value, Sequence) and not isinstance(value, str)
+    if listed and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise SpecError(f"{owner}.{field}={value!r}: expected a list of module names (suffixes)")
 
 
 def check_layers(owner: str, field: str, value: Any) -> tuple[int, ...] | None:

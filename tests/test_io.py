@@ -236,7 +236,7 @@ def test_malformed_config_is_refused(tmp_path):
     ("field", "value", "match"),
     [
         ("lora_bias", True, "lora_bias=True selects a variant"),
-        ("modules_to_save", ["head"], "modules_to_save"),
+        ("modules_to_save", ["head"], "is also a target of the method"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq' is not supported"),
         ("peft_type", "BOFT", "peft_type='BOFT' is not supported"),
         ("use_fancy_thing", True, "looks like a variant switch"),

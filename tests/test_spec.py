@@ -217,6 +217,7 @@ def test_to_dict_lists_every_field():
                 "exclude": [],
                 "rank_pattern": {},
                 "alpha_pattern": {},
+                "modules_to_save": [],
             }
         }
     }

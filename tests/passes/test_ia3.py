@@ -302,7 +302,7 @@ def test_saved_tensors_have_peft_keys_and_shapes(tmp_path):
     [
         ({"feedforward_modules": None}, "feedforward_modules is missing"),
         ({"target_modules": None}, "target_modules is missing"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"modules_to_save": ["lm_head"]}, r"missing key\(s\), e.g. base_model.model.lm_head"),
     ],
 )
 def test_peft_configs_surgeon_cannot_honour_are_refused(change, match, tmp_path):
