@@ -115,6 +115,7 @@ class DoRALayer(LoRALayer):
         uses_dropout = self.dropout is not None and self.kind != "embedding"
         self.dropout_correction = DropoutCorrection(self) if uses_dropout else None
         self._merged_norm: torch.Tensor | None = None
+        self._pending_norm: torch.Tensor | None = None
 
     # -- weight math, shared by forward, merge and unmerge ---------------------------------------
 
@@ -164,11 +165,18 @@ class DoRALayer(LoRALayer):
         return self._fold(rows, factor) - self.base.weight
 
     @torch.no_grad()
+    def prepare_merge(self) -> None:
+        # The graph divides by the norm of the *base* weight plus this adapter; adapters merged
+        # before this one in the same merge change the weight, not that norm. unmerge needs it
+        # too: the merged weight no longer shows it.
+        self._pending_norm = self._row_norm(self._adapted_rows())
+
+    @torch.no_grad()
     def merge(self) -> None:
         rows = self._adapted_rows()
-        # unmerge needs the norm of the unmerged weight, which the merged weight no longer shows
-        self._merged_norm = self._row_norm(rows)
-        self.base.weight.copy_(self._fold(rows, self.magnitude.flatten() / self._merged_norm))
+        norm = self._pending_norm if self._pending_norm is not None else self._row_norm(rows)
+        self._pending_norm, self._merged_norm = None, norm
+        self.base.weight.copy_(self._fold(rows, self.magnitude.flatten() / norm))
 
     @torch.no_grad()
     def unmerge(self) -> None:

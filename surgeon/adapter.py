@@ -12,6 +12,7 @@ Merge, unmerge, save, load and lowering are written once on top of that.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -88,6 +89,11 @@ class AdapterLayer(nn.Module):
         """What merging adds to the base weight (same shape and layout as ``base.weight``)."""
         raise NotImplementedError
 
+    def prepare_merge(self) -> None:
+        """Called on every layer of a merge before any of them merges: a method whose fold
+        depends on the base weight (DoRA's norm) reads it here, before other adapters on the
+        same layer change it."""
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold this adapter into the base layer in place. Additive by default; methods whose
@@ -108,3 +114,12 @@ class AdapterLayer(nn.Module):
     def peft_tensors_to_save(self) -> dict[str, torch.Tensor]:
         """What a save writes; `peft_tensors` unless training shrank the layer (AdaLoRA)."""
         return self.peft_tensors()
+
+
+@torch.no_grad()
+def merge_layers(layers: Sequence[AdapterLayer]) -> None:
+    """Merge ``layers`` in order, as the unmerged graph applies them (see `prepare_merge`)."""
+    for layer in layers:
+        layer.prepare_merge()
+    for layer in layers:
+        layer.merge()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.adapter import AdapterLayer
+from surgeon.adapter import AdapterLayer, merge_layers
 from surgeon.copies import LayerCopy, copy_paths, present_names
 from surgeon.errors import SpecError
 from surgeon.graph import Graph
@@ -242,10 +242,9 @@ class CompiledModel(nn.Module):
     @torch.no_grad()
     def merge(self, names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights; `unmerge` reverses it."""
-        for name in self._merge_candidates(names):
-            for _, layer in self.store.items(name):
-                layer.merge()
-            self._merged.append(name)
+        chosen = self._merge_candidates(names)
+        merge_layers([layer for name in chosen for _, layer in self.store.items(name)])
+        self._merged.extend(chosen)
         self._recompile()
 
     @torch.no_grad()

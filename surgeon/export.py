@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from surgeon.adapter import merge_layers
 from surgeon.errors import SpecError
 from surgeon.rewrite import install
 from surgeon.trace import training_mode
@@ -66,8 +67,7 @@ def lowered(cm: CompiledModel) -> Iterator[nn.Module]:
     ]
     originals = _swap_in_copies([layer.base for layer in layers])
     try:
-        for layer in layers:
-            layer.merge()
+        merge_layers(layers)
         for region in cm.graph.regions:
             install(cm.model, region, None)
         yield cm.model

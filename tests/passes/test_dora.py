@@ -532,3 +532,27 @@ def test_golden_graph_of_a_half_precision_embedding():
         ZOO["llama"].model().to(torch.bfloat16), DoRA(rank=2, alpha=8, targets=("embed_tokens",))
     )
     assert _code(cm, "model.embed_tokens") == GOLDEN_EMBEDDING_BF16
+
+
+@pytest.mark.parametrize("order", [("dora", "lora"), ("lora", "dora")])
+def test_merge_matches_unmerged_when_dora_shares_a_layer_with_another_adapter(order):
+    entry = ZOO["llama"]
+    spec = surgeon.Spec(
+        adapters={
+            "dora": DoRA(rank=2, targets=("q_proj",)),
+            "lora": LoRA(rank=2, targets=("q_proj",)),
+        }
+    )
+    cm = surgeon.compile(entry.model(), spec).eval()
+    randomize(cm, scale=0.3)
+    cm.set_active(list(order))
+    inputs = entry.example()
+    with torch.no_grad():
+        unmerged = logits(cm(**inputs))
+        cm.merge()
+        merged = logits(cm(**inputs))
+        cm.unmerge()
+        again = logits(cm(**inputs))
+    # the DoRA norm is the base weight's plus DoRA's own delta, whatever merged before it
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=1e-4)
