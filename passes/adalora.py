@@ -280,14 +280,10 @@ class AdaLoRA(MethodSpec):
 
     @classmethod
     def from_peft_config(cls, config: Mapping[str, Any], where: str) -> AdaLoRA:
-        from surgeon.io import check_peft_fields, peft_targets
+        from surgeon.io import check_peft_fields, peft_targets, refuse_peft_bias
 
         check_peft_fields(config, PEFT_FIELDS, where)
-        if config.get("bias", "none") != "none":
-            raise SpecError(
-                f"{where}: bias={config['bias']!r} (training base biases) is not supported for "
-                f"AdaLoRA yet; supported: 'none'"
-            )
+        refuse_peft_bias(config, "AdaLoRA", where)
         targets = peft_targets(config, where)
         exclude = config.get("exclude_modules") or ()
         return cls(

@@ -25,7 +25,6 @@ from torch import nn
 from passes.ia3 import in_out_features
 from passes.lora import adapter_dtype, layer_kind
 from surgeon.adapter import AdapterLayer, EmitContext
-from surgeon.errors import SpecError
 from surgeon.spec import (
     MethodSpec,
     check_bool,
@@ -125,14 +124,10 @@ class VeRA(MethodSpec):
 
     @classmethod
     def from_peft_config(cls, config: Mapping[str, Any], where: str) -> VeRA:
-        from surgeon.io import check_peft_fields, peft_targets
+        from surgeon.io import check_peft_fields, peft_targets, refuse_peft_bias
 
         check_peft_fields(config, PEFT_FIELDS, where)
-        if config.get("bias", "none") != "none":
-            raise SpecError(
-                f"{where}: bias={config['bias']!r} (training base biases) is not supported for "
-                f"VeRA yet; supported: 'none'"
-            )
+        refuse_peft_bias(config, "VeRA", where)
         targets = peft_targets(config, where)
         return cls(
             rank=config.get("r", 256),

@@ -98,6 +98,15 @@ def check_peft_fields(config: Mapping[str, Any], handled: set[str], where: str) 
         )
 
 
+def refuse_peft_bias(config: Mapping[str, Any], method: str, where: str) -> None:
+    """For methods that do not train base biases: PEFT's ``bias`` must be ``"none"``."""
+    if config.get("bias", "none") != "none":
+        raise SpecError(
+            f"{where}: bias={config['bias']!r} (training base biases) is not supported for "
+            f"{method} yet; supported: 'none'"
+        )
+
+
 def peft_targets(config: Mapping[str, Any], where: str) -> str | tuple[str, ...]:
     """``target_modules`` of a PEFT config, after checking the selection fields surgeon reads
     the way PEFT does (``layers_pattern`` must be one of the layer containers it knows)."""
