@@ -23,11 +23,13 @@ def run_example(name: str, *args: str) -> str:
     return done.stdout
 
 
-def test_quickstart_demo_runs_and_checks_itself():
-    out = run_example("quickstart.py")
-    assert "training accuracy" in out
-    assert "reloaded model matches: max |diff| = 0.00e+00" in out
-    assert "target" in out and "query" in out
+def test_main_job_trains_exports_and_saves(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = run_example("demo.py", str(tmp_path))
+    assert "held-out accuracy after training" in out and "onnxruntime held-out accuracy" in out
+    assert "reloaded: max |diff| = 0.00e+00" in out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "minilm-reviews.onnx").is_file()
 
 
 def test_compile_example_leaves_outputs_unchanged():
