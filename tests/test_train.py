@@ -4,6 +4,7 @@ checkpoints and exact resumption, gradient checkpointing, bf16, transformers' Tr
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -43,7 +44,7 @@ def class_samples(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def compiled(entry: str = "llama", method=None, seed: int = 0):
+def compiled(entry: str = "llama", method=None, seed: int = 0, adapter_seed: int = 2):
     """A compiled zoo model with random adapter weights and the base model's dropout off (GPT-2
     and BERT have some; tests that want dropout put it in the adapter spec)."""
     targets = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value")}
@@ -52,7 +53,7 @@ def compiled(entry: str = "llama", method=None, seed: int = 0):
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     cm = surgeon.compile(model, method or surgeon.LoRA(rank=4, targets=targets[entry]))
-    randomize(cm, scale=0.2)  # B non-zero: every factor has gradients from the first step
+    randomize(cm, seed=adapter_seed, scale=0.2)  # B non-zero: every factor has gradients
     return cm
 
 
@@ -389,3 +390,407 @@ def test_micro_batches_without_any_label_count_for_nothing():
     assert all(math.isfinite(x) for x in result.losses)
     assert result.losses == pytest.approx(ref, rel=1e-6)
     assert_same(adapter_state(a), adapter_state(b))
+
+
+# -- method hooks -----------------------------------------------------------------------------
+
+
+def test_adalora_hooks_run_every_step_as_in_a_hand_written_loop():
+    spec = surgeon.AdaLoRA(
+        initial_rank=4,
+        target_rank=2,
+        tinit=1,
+        tfinal=2,
+        delta_t=1,
+        total_steps=6,
+        targets=("q_proj", "v_proj"),
+        orth_reg_weight=0.5,
+    )
+    data = token_samples(12, seed=6)
+    cfg = config(max_steps=6, gradient_accumulation_steps=1, shuffle=False, warmup_steps=0)
+    ours = compiled(method=spec)
+    surgeon.train(ours, data, cfg)
+    reference = compiled(method=spec)
+    params = list(trained_parameters(reference).values())
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (6 - s) / 6))
+    reference.train()
+    for step in range(6):
+        batch = padded(data[2 * step : 2 * step + 2])
+        loss = reference(**batch).loss + reference.regularization_loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step(), sched.step()
+        reference.update_ranks(step)
+        opt.zero_grad()
+    assert_same(adapter_state(ours), adapter_state(reference), atol=1e-5)
+    layers = dict(ours.store.items("default"))
+    assert all(layer.kept is not None and layer.rank <= 4 for layer in layers.values())
+    assert sum(layer.rank for layer in layers.values()) == 2 * len(layers)  # the target budget
+    for path, layer in layers.items():
+        assert torch.equal(layer.kept, dict(reference.store.items("default"))[path].kept)
+
+
+# -- checkpoints and exact resumption ---------------------------------------------------------
+
+DROPOUT_SPECS = {
+    "lora": surgeon.LoRA(rank=4, targets=("q_proj", "v_proj"), dropout=0.3),
+    "adalora": surgeon.AdaLoRA(
+        initial_rank=4,
+        target_rank=2,
+        tinit=1,
+        tfinal=2,
+        total_steps=7,
+        targets=("q_proj", "v_proj"),
+        dropout=0.3,
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(DROPOUT_SPECS))
+def test_stopping_with_max_steps_and_resuming_is_the_uninterrupted_run(method, tmp_path):
+    """7 batches an epoch, 2 per step: step 3 stops mid-epoch, the run goes on into epoch 2."""
+    spec, data = DROPOUT_SPECS[method], token_samples(14, seed=7)
+    cfg = config(lr_scheduler="constant", warmup_steps=2, max_steps=7)
+    whole = compiled(method=spec)
+    expected = surgeon.train(whole, data, cfg)
+    part = compiled(method=spec)
+    run = tmp_path / "run"
+    first = surgeon.train(part, data, cfg.replace(max_steps=3, output_dir=str(run)))
+    assert first.checkpoint == run / "checkpoint-3"
+    fresh = compiled(method=spec, adapter_seed=9)  # other adapter weights: all must be restored
+    result = surgeon.train(fresh, data, cfg.replace(output_dir=str(run)), resume_from=run)
+    assert_same(adapter_state(fresh), adapter_state(whole), exact=True)
+    assert result.steps == 7 and result.losses == expected.losses
+    assert result.learning_rates == expected.learning_rates
+    for (path, a), (_, b) in zip(fresh.store.items("default"), whole.store.items("default")):
+        for name, buffer in a.named_buffers():
+            assert torch.equal(buffer, dict(b.named_buffers())[name]), (path, name)
+
+
+def test_resuming_from_a_mid_run_checkpoint_keeps_the_schedule(tmp_path):
+    data = token_samples(12, seed=8)
+    cfg = config(lr_scheduler="cosine", warmup_steps=2, max_steps=6, output_dir=str(tmp_path))
+    whole = compiled()
+    expected = surgeon.train(whole, data, cfg.replace(save_steps=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    fresh = compiled(adapter_seed=5)
+    result = surgeon.train(fresh, data, cfg, resume_from=tmp_path / "checkpoint-4")
+    assert_same(adapter_state(fresh), adapter_state(whole), exact=True)
+    assert result.losses == expected.losses
+
+
+def test_checkpoint_holds_a_peft_adapter_and_no_pickle(tmp_path):
+    cm = compiled()
+    surgeon.train(cm, token_samples(8), config(output_dir=str(tmp_path)))
+    ckpt = tmp_path / "checkpoint-3"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "rng_state_0.json",
+        "rng_state_0.safetensors",
+        "trainer_state.json",
+        "trainer_state.safetensors",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 3 and len(state["losses"]) == 3
+    loaded = surgeon.load(ZOO["llama"].model(), ckpt)
+    for (path, a), (_, b) in zip(loaded.store.items("default"), cm.store.items("default")):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B), path
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_and_resumes_from_it(
+    tmp_path, monkeypatch
+):
+    from surgeon import checkpoint
+
+    run = tmp_path / "run"
+    data, cfg = token_samples(8), config(max_steps=2, save_steps=1, output_dir=str(run))
+    whole = compiled()
+    surgeon.train(whole, data, cfg.replace(output_dir=str(tmp_path / "whole")))
+    write_json, calls = checkpoint._write_json, []
+
+    def crash_on_second_save(path, data):
+        if path.name == checkpoint.STATE_JSON:
+            calls.append(path)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        write_json(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_json", crash_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        surgeon.train(compiled(), data, cfg)
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.iterdir()) == [".checkpoint-2.tmp", "checkpoint-1"]
+    fresh = compiled(adapter_seed=4)
+    surgeon.train(fresh, data, cfg, resume_from=run)  # the latest complete checkpoint
+    assert_same(adapter_state(fresh), adapter_state(whole), exact=True)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
+def _corrupt(kind, ckpt):
+    if kind == "truncated tensors":
+        path = ckpt / "trainer_state.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    elif kind == "malformed json":
+        (ckpt / "trainer_state.json").write_text("{not json")
+    elif kind == "missing tensors":
+        (ckpt / "trainer_state.safetensors").unlink()
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("truncated tensors", "not a readable safetensors file"),
+        ("malformed json", "malformed JSON"),
+        ("missing tensors", "trainer_state.safetensors"),
+        ("other rank", r"does not fit this model: .*lora_A was saved as float32 \[4, 32\]"),
+        ("not a checkpoint", "neither a checkpoint"),
+        ("other groups", "optimizer parameter groups differ"),
+    ],
+)
+def test_a_bad_checkpoint_is_refused_and_changes_nothing(kind, match, tmp_path):
+    surgeon.train(compiled(), token_samples(8), config(output_dir=str(tmp_path / "run")))
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    _corrupt(kind, ckpt)
+    cm = (
+        compiled(method=surgeon.LoRA(rank=8, targets=("q_proj", "v_proj")))
+        if kind == "other rank"
+        else compiled()
+    )
+    cfg = config(loraplus_lr_ratio=4.0) if kind == "other groups" else config()
+    resume = tmp_path if kind == "not a checkpoint" else ckpt
+    before = adapter_state(cm)
+    rng = torch.get_rng_state()
+    with pytest.raises(surgeon.SpecError, match=match):
+        surgeon.train(cm, token_samples(8), cfg, resume_from=resume)
+    assert_same(adapter_state(cm), before, exact=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_resuming_a_finished_run_trains_nothing_more(tmp_path):
+    cm = compiled()
+    done = surgeon.train(cm, token_samples(8), config(output_dir=str(tmp_path)))
+    after = adapter_state(cm)
+    again = surgeon.train(
+        cm, token_samples(8), config(output_dir=str(tmp_path)), resume_from=tmp_path
+    )
+    assert again.steps == done.steps == 3 and again.losses == done.losses
+    assert_same(adapter_state(cm), after, exact=True)
+
+
+# -- gradient checkpointing, bf16 -------------------------------------------------------------
+
+
+def test_gradient_checkpointing_recomputes_and_keeps_adapter_gradients():
+    from surgeon.train import enable_gradient_checkpointing
+
+    batch = padded(token_samples(4, seed=9))
+    grads = {}
+    for checkpointing in (False, True):
+        cm = compiled()
+        if checkpointing:
+            enable_gradient_checkpointing(cm)
+        cm.train()
+        calls = []
+        q = cm.model.model.layers[0].self_attn.q_proj
+        q.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        cm(**batch).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # the block ran again in backward
+        grads[checkpointing] = {n: p.grad for n, p in trained_parameters(cm).items()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[True].values())
+    assert_same(grads[True], grads[False])
+
+
+def test_training_with_gradient_checkpointing_trains_the_same():
+    data = token_samples(8)
+    a, b = compiled(), compiled()
+    surgeon.train(a, data, config())
+    surgeon.train(b, data, config(gradient_checkpointing=True))
+    assert_same(adapter_state(a), adapter_state(b))
+
+
+def test_gradient_checkpointing_needs_a_transformers_model():
+    cm = surgeon.compile(ZOO["mlp"].model(), surgeon.LoRA(targets=("head",)))
+    data = [(torch.randn(12), 1)] * 4
+    with pytest.raises(surgeon.SpecError, match="gradient_checkpointing=True: MLP has no"):
+        surgeon.train(
+            cm, data, config(gradient_checkpointing=True), loss_fn=nn.functional.cross_entropy
+        )
+
+
+def test_bf16_autocast_trains_and_the_loss_falls_as_in_float32():
+    data = token_samples(4, seed=10) * 4  # four sequences to learn by heart
+    spec = surgeon.LoRA(rank=8, targets="all-linear")
+    cfg = config(
+        learning_rate=3e-2,
+        max_steps=12,
+        gradient_accumulation_steps=1,
+        batch_size=4,
+        warmup_steps=0,
+        lr_scheduler="constant",
+    )
+    cm = compiled(method=spec)
+    dtypes = set()
+    q = cm.model.model.layers[0].self_attn.q_proj
+    q.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    result = surgeon.train(cm, data, cfg.replace(bf16=True))
+    assert dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trained_parameters(cm).values())
+    assert result.losses[-1] < result.losses[0] - 0.2
+    float32 = surgeon.train(compiled(method=spec), data, cfg)
+    assert result.losses[-1] == pytest.approx(float32.losses[-1], abs=0.05)
+
+
+# -- evaluation, logging, progress ------------------------------------------------------------
+
+
+def test_eval_losses_are_the_token_weighted_mean_at_eval_steps(caplog, capsys):
+    cm = compiled()
+    eval_data = token_samples(5, seed=11)
+    cfg = config(max_steps=4, eval_steps=2, logging_steps=2, progress=True)
+    with caplog.at_level(logging.INFO, logger="surgeon.train"):
+        result = surgeon.train(cm, token_samples(16), cfg, eval_data=eval_data)
+    assert [s for s, _ in result.eval_losses] == [2, 4]
+    cm.eval()
+    with torch.no_grad():
+        expected = cm(**padded(eval_data)).loss.item()  # one batch: the mean over all tokens
+    assert result.eval_losses[-1][1] == pytest.approx(expected, rel=1e-6)
+    logged = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[0] for m in logged if "eval" not in m] == ["step 2/4", "step 4/4"]
+    assert sum("eval loss" in m for m in logged) == 2
+    err = capsys.readouterr().err
+    assert "training" in err and "loss=" in err and "lr=" in err
+    assert not cm.training  # the model's mode is restored
+
+
+# -- plain modules, loss_fn -------------------------------------------------------------------
+
+
+def _mlp():
+    model = ZOO["mlp"].model()
+    model.body[2].p = 0.0
+    return surgeon.compile(model, surgeon.LoRA(rank=4, targets=("body.0", "head")))
+
+
+def test_plain_modules_train_with_a_loss_fn_on_tensor_datasets():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 12, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    data = torch.utils.data.TensorDataset(x, y)
+    cfg = config(learning_rate=3e-2, max_steps=None, epochs=8, batch_size=4, warmup_steps=0)
+    a, b = _mlp(), _mlp()
+    result = surgeon.train(a, data, cfg, loss_fn=nn.functional.cross_entropy)
+    assert result.steps == 8 * 4 and result.losses[-1] < result.losses[0]
+    # per-sample means accumulate exactly too: 4 x 2 micro-batches == 8 in one
+    surgeon.train(
+        b,
+        data,
+        cfg.replace(batch_size=8, gradient_accumulation_steps=1),
+        loss_fn=nn.functional.cross_entropy,
+    )
+    assert_same(adapter_state(a), adapter_state(b))
+
+
+def test_dict_samples_pass_everything_but_labels_to_the_model():
+    data = [{"x": torch.randn(12), "labels": i % 5} for i in range(8)]
+    seen = []
+    result = surgeon.train(
+        _mlp(),
+        data,
+        config(),
+        loss_fn=lambda out, labels: (
+            seen.append(labels.shape) or nn.functional.cross_entropy(out, labels)
+        ),
+    )
+    assert result.steps == 3 and seen[0] == (2,)
+
+
+def test_a_model_without_a_loss_asks_for_loss_fn():
+    with pytest.raises(surgeon.SpecError, match="without a loss; give the samples 'labels'"):
+        surgeon.train(_mlp(), [{"x": torch.randn(12)}] * 4, config())
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("plain model", "expected a compiled model"),
+        ("number data", "train_data: expected a list of samples"),
+        ("empty data", "train_data: the dataset is empty"),
+        ("merged", r"adapters \['default'\] are merged"),
+        ("iterable", "has no length .* set max_steps"),
+        ("bad config", "config must be a surgeon.TrainingConfig"),
+        ("nothing to train", "nothing to train"),
+    ],
+)
+def test_bad_arguments_raise_spec_errors(case, match):
+    cm, data, cfg = compiled(), token_samples(4), config()
+    if case == "plain model":
+        cm = ZOO["llama"].model()
+    elif case == "number data":
+        data = 5
+    elif case == "empty data":
+        data = []
+    elif case == "merged":
+        cm.merge()
+    elif case == "iterable":
+
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                return iter(data)
+
+        data, cfg = (
+            torch.utils.data.DataLoader(Stream(), batch_size=2, collate_fn=collate),
+            config(max_steps=None),
+        )
+    elif case == "bad config":
+        cfg = {"learning_rate": 1e-3}
+    elif case == "nothing to train":
+        cm.set_active(None)
+    with pytest.raises(surgeon.SpecError, match=match):
+        surgeon.train(cm, data, cfg)
+
+
+# -- transformers' Trainer --------------------------------------------------------------------
+
+
+def test_one_step_of_transformers_trainer(tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    cm = compiled()
+    before = adapter_state(cm)
+    base = cm.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,  # cm.forward takes **kwargs: Trainer cannot see the names
+    )
+    trainer = Trainer(model=cm, args=args, train_dataset=token_samples(4), data_collator=collate)
+    output = trainer.train()
+    assert output.global_step == 1 and math.isfinite(output.training_loss)
+    after = adapter_state(cm)
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(cm.model.model.layers[0].self_attn.q_proj.weight, base)
+
+
+def test_num_parameters_takes_transformers_options():
+    cm = compiled()
+    model = ZOO["llama"].model()
+    adapters = sum(p.numel() for p in cm.store.parameters())
+    assert cm.num_parameters() == model.num_parameters() + adapters
+    assert cm.num_parameters(exclude_embeddings=True) == (
+        model.num_parameters(exclude_embeddings=True) + adapters
+    )
+    assert cm.num_parameters(only_trainable=True) == cm.num_trainable() == adapters
