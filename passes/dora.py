@@ -105,6 +105,7 @@ class DoRALayer(LoRALayer):
     so the adapted layer starts as the base layer (as PEFT)."""
 
     method = "dora"
+    no_weight_decay = ("magnitude",)
 
     def __init__(
         self, base: nn.Module, path: str, rank: int, scale: float, dropout: float, init: str

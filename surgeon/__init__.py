@@ -10,6 +10,7 @@ from surgeon.errors import SpecError
 from surgeon.export import ExportError, ExportReport, export_onnx
 from surgeon.load import load
 from surgeon.spec import METHODS, MethodSpec, Spec, load_spec
+from surgeon.train import TrainingConfig, TrainResult, train
 
 globals().update({cls.__name__: cls for cls in METHODS.values()})
 
@@ -30,10 +31,13 @@ __all__ = [
     "MethodSpec",
     "Spec",
     "SpecError",
+    "TrainResult",
+    "TrainingConfig",
     "compile",
     "export_onnx",
     "load",
     "load_spec",
+    "train",
     *sorted(cls.__name__ for cls in METHODS.values()),
 ]
 __version__ = "0.1.0"

@@ -58,6 +58,9 @@ class AdapterLayer(nn.Module):
     """One method's parameters for one target layer."""
 
     method: ClassVar[str]
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()
+    """Parameters weight decay must leave alone (DoRA's magnitudes: decay would shrink the
+    adapted weight's norm towards zero, not the update)."""
 
     @property
     def transforms_input(self) -> bool:

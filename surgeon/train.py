@@ -1,0 +1,698 @@
+"""`surgeon.train`: fine-tune a compiled model's adapters.
+
+AdamW over the parameters the compiled model trains (its active adapters, plus base parameters
+a method or the user made trainable), with warmup and a linear, cosine or constant schedule
+(transformers' definitions), gradient clipping, and gradient accumulation that is exactly the
+large batch: every micro-batch's mean loss is weighted by its share of the step's items (label
+tokens that are not -100, after the shift a causal LM applies; samples otherwise), counted over
+all micro-batches of the step and all processes. Method hooks (``cm.regularization_loss()`` and
+``cm.update_ranks(step)``, AdaLoRA's) run every step. Checkpoints resume exactly; DDP and FSDP2
+run through ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon import checkpoint, distributed
+from surgeon.checkpoint import Progress
+from surgeon.data import Batch, Source, collate, count_items, pad_token_id, rows, to_device
+from surgeon.distributed import Parallel
+from surgeon.errors import SpecError
+from surgeon.spec import (
+    MethodSpec,
+    _ValidatingMeta,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+)
+
+logger = logging.getLogger("surgeon.train")
+
+SCHEDULES = ("linear", "cosine", "constant")
+LossFn = Callable[[Any, Any], torch.Tensor]
+"""``loss_fn(outputs, labels)``: the mean loss over the micro-batch's samples."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig(metaclass=_ValidatingMeta):
+    """How `train` trains. Invalid values raise `SpecError` when the config is built.
+
+    ``epochs`` may be fractional; ``max_steps`` (optimizer steps) overrides it. A step is
+    ``batch_size x gradient_accumulation_steps`` samples per process. ``lr_scheduler`` decays
+    after ``warmup_steps`` of linear warmup (``constant`` keeps the rate after warmup).
+    ``max_grad_norm`` None or 0 turns clipping off. With ``output_dir``, checkpoints go to
+    ``output_dir/checkpoint-<step>`` every ``save_steps`` and at the end. ``eval_steps``: how
+    often to evaluate ``eval_data`` (it is also evaluated at the end). ``loraplus_lr_ratio``
+    (LoRA+): B matrices and vectors learn at ``learning_rate x ratio``, embedding adapters at
+    ``loraplus_lr_embedding``, grouped as PEFT's ``create_loraplus_optimizer``. ``bf16``:
+    autocast to bfloat16 (CPU too). ``distributed``: ``auto`` uses DDP when a process group
+    with more than one process exists (or ``torchrun`` started this one), ``fsdp`` shards with
+    FSDP2, ``none`` trains in this process alone.
+    """
+
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    epochs: float = 3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    lr_scheduler: str = "linear"
+    max_steps: int | None = None
+    seed: int = 42
+    shuffle: bool = True
+    output_dir: str | None = None
+    save_steps: int | None = None
+    eval_steps: int | None = None
+    logging_steps: int = 10
+    gradient_checkpointing: bool = False
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
+    bf16: bool = False
+    distributed: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        o = type(self).__name__
+        check_number(o, "learning_rate", self.learning_rate, 0)
+        check_int(o, "batch_size", self.batch_size)
+        check_int(o, "gradient_accumulation_steps", self.gradient_accumulation_steps)
+        check_number(o, "epochs", self.epochs, 0)
+        check_int(o, "warmup_steps", self.warmup_steps, minimum=0)
+        check_number(o, "weight_decay", self.weight_decay, 0, low_inclusive=True)
+        if self.max_grad_norm is not None:
+            check_number(o, "max_grad_norm", self.max_grad_norm, 0, low_inclusive=True)
+        check_choice(o, "lr_scheduler", self.lr_scheduler, SCHEDULES)
+        for name in ("max_steps", "save_steps", "eval_steps"):
+            if getattr(self, name) is not None:
+                check_int(o, name, getattr(self, name))
+        check_int(o, "seed", self.seed, minimum=0)
+        check_int(o, "logging_steps", self.logging_steps)
+        for name in ("shuffle", "gradient_checkpointing", "bf16", "progress"):
+            check_bool(o, name, getattr(self, name))
+        if self.loraplus_lr_ratio is not None:
+            check_number(o, "loraplus_lr_ratio", self.loraplus_lr_ratio, 0)
+        check_number(o, "loraplus_lr_embedding", self.loraplus_lr_embedding, 0)
+        check_choice(o, "distributed", self.distributed, distributed.KINDS)
+        self._check_output_dir(o)
+
+    def _check_output_dir(self, owner: str) -> None:
+        if self.output_dir is not None:
+            if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
+                raise SpecError(
+                    f"{owner}.output_dir={self.output_dir!r}: expected a directory path or None"
+                )
+            object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+        elif self.save_steps is not None:
+            raise SpecError(
+                f"{owner}.save_steps={self.save_steps}: checkpoints need output_dir; set "
+                f"output_dir or leave save_steps None"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainResult:
+    """``losses`` and ``learning_rates``: one per optimizer step (the step's mean loss over
+    all processes, and the base learning rate it used); ``eval_losses``: ``(step, mean loss)``
+    pairs; ``checkpoint``: the last checkpoint written, if any. A resumed run's lists start with
+    the interrupted run's."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def train(
+    cm: Any,
+    train_data: Any,
+    config: TrainingConfig | None = None,
+    eval_data: Any = None,
+    resume_from: str | os.PathLike | None = None,
+    loss_fn: LossFn | None = None,
+) -> TrainResult:
+    """Train ``cm``'s active adapters on ``train_data``.
+
+    ``train_data`` / ``eval_data``: a list of samples, a map-style ``Dataset`` (batched,
+    padded and ordered here, deterministically from ``config.seed``) or a ``DataLoader`` (used
+    as it is). Samples are dicts of forward arguments; with ``labels`` the model's own ``loss``
+    is used (transformers models). Otherwise pass ``loss_fn(outputs, labels)`` returning the
+    micro-batch's mean loss: the model is then called without ``labels`` (dict samples) or with
+    all but the last element (tuple samples, the last being the target).
+
+    ``resume_from``: a checkpoint directory, or an output directory (its latest checkpoint);
+    training continues exactly where that run stopped.
+    """
+    config = _check_config(config)
+    _check_model(cm)
+    parallel = distributed.context(config.distributed)
+    _check_methods(cm, parallel)
+    pad = pad_token_id(cm.model)
+    source = Source(
+        train_data,
+        config.batch_size,
+        config.seed,
+        config.shuffle,
+        parallel.rank,
+        parallel.world,
+        pad,
+    )
+    _warn_unsharded_loader(train_data, parallel)
+    total = total_steps(config, source)
+    trained = trained_parameters(cm)
+    groups = parameter_groups(cm, trained, config)
+    names = [n for g in groups for n in g.names]
+    saved = None
+    if resume_from is not None:
+        saved = checkpoint.read(
+            Path(resume_from),
+            names,
+            [g.names for g in groups],
+            trained,
+            cm,
+            config.to_dict(),
+            parallel,
+        )
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(cm)
+    seed_everything(config.seed)
+    if saved is not None:
+        saved.restore_model(cm, trained)
+    elif parallel.kind == "fsdp":  # DDP broadcasts rank 0's values itself
+        parallel.broadcast_(list(trained.values()))
+    model = parallel.wrap(cm, idle_parameter_names(cm))
+    params = dict(cm.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [params[n] for n in g.names], "lr": g.lr, "weight_decay": g.weight_decay}
+            for g in groups
+        ],
+        lr=config.learning_rate,
+    )
+    factor = schedule(config.lr_scheduler, config.warmup_steps, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    progress = Progress()
+    if saved is not None:
+        saved.restore_optimizer(optimizer, scheduler, names)
+        saved.restore_rng()
+        progress = saved.progress
+    loop = _Loop(cm, model, source, config, optimizer, scheduler, names, progress, parallel)
+    loop.total, loop.factor, loop.loss_fn = total, factor, loss_fn
+    loop.shifts = shifts_labels(cm.model)
+    loop.eval_data = eval_data
+    return loop.run()
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+class _Loop:
+    """One training run: steps, logging, evaluation and checkpoints."""
+
+    total: int
+    factor: Callable[[int], float]
+    loss_fn: LossFn | None
+    shifts: bool
+    eval_data: Any
+
+    def __init__(
+        self,
+        cm: Any,
+        model: nn.Module,
+        source: Source,
+        config: TrainingConfig,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        names: Sequence[str],
+        progress: Progress,
+        parallel: Parallel,
+    ) -> None:
+        self.cm, self.model, self.source, self.config = cm, model, source, config
+        self.optimizer, self.scheduler, self.names = optimizer, scheduler, names
+        self.progress, self.parallel = progress, parallel
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.device = self.params[0].device
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # unread step losses
+        self.logged_from = progress.step
+        self.checkpoint: Path | None = None
+        self.saved_at = self.evaluated_at = -1
+
+    def run(self) -> TrainResult:
+        p, config = self.progress, self.config
+        bar = _progress_bar(self.total, p.step, config.progress and self.parallel.main)
+        was_training = self.cm.training
+        self.cm.train()
+        try:
+            if p.step < self.total:
+                for micro_batches, epoch, index in self._steps():
+                    self._step(micro_batches)
+                    p.step, p.epoch, p.batch_in_epoch = p.step + 1, epoch, index
+                    bar.update(1)
+                    self._after_step(bar)
+                    if p.step >= self.total:
+                        break
+            self._finish(bar)
+        finally:
+            bar.close()
+            self.cm.train(was_training)
+        with self.parallel.gathered(self.cm, keep=True):  # FSDP: leave the adapters whole
+            pass
+        return TrainResult(
+            steps=p.step,
+            losses=list(p.losses),
+            eval_losses=list(p.eval_losses),
+            learning_rates=list(p.learning_rates),
+            checkpoint=self.checkpoint,
+        )
+
+    def _steps(self) -> Iterator[tuple[list[Batch], int, int]]:
+        """Groups of micro-batches, one per optimizer step, with the position after each; the
+        last group of an epoch may be shorter (as in transformers' Trainer)."""
+        accum = self.config.gradient_accumulation_steps
+        per_epoch = self.source.batches_per_epoch()
+        epoch, start = self.progress.epoch, self.progress.batch_in_epoch
+        while True:
+            group: list[Batch] = []
+            index = start
+            for batch in self.source.epoch(epoch, start):
+                group.append(batch)
+                index += 1
+                if len(group) == accum:
+                    yield group, *((epoch + 1, 0) if index == per_epoch else (epoch, index))
+                    group = []
+            if group:
+                yield group, epoch + 1, 0
+            elif index == 0:
+                raise SpecError("train_data: the data yielded no batches")
+            epoch, start = epoch + 1, 0
+
+    def _step(self, micro_batches: list[Batch]) -> None:
+        """One optimizer step over the micro-batches, weighted by their share of the items."""
+        counts = [self._items(b) for b in micro_batches]
+        total = self.parallel.sum(torch.stack(counts).to(self.device).sum())
+        # the processes' gradients are averaged: each contributes world x its share
+        scale = self.parallel.world / total.clamp(min=1)
+        step_sum = torch.zeros((), device=self.device)
+        for i, (batch, count) in enumerate(zip(micro_batches, counts)):
+            count = count.to(self.device, non_blocking=True)
+            with self.parallel.sync(self.model, last=i == len(micro_batches) - 1):
+                mean = self._loss(self.model, to_device(batch, self.device))
+                weighted = torch.where(count > 0, mean.float(), 0.0) * count
+                loss = weighted * scale
+                if i == 0 and (term := self.cm.regularization_loss()) is not None:
+                    loss = loss + term  # once per step: a regulariser of the weights
+                loss.backward()
+            step_sum += weighted.detach()
+        self.pending.append((step_sum, total))
+        self.progress.learning_rates.append(
+            self.config.learning_rate * self.factor(self.progress.step)
+        )
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.cm.update_ranks(self.progress.step)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _items(self, batch: Batch) -> torch.Tensor:
+        """What the micro-batch's mean loss divides by (see `count_items`)."""
+        if isinstance(batch, Mapping) and self.loss_fn is None:
+            return count_items(batch.get("labels"), rows(batch), self.shifts)
+        return torch.tensor(rows(batch))
+
+    def _loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        with _autocast(self.device, self.config.bf16):
+            if isinstance(batch, Mapping):
+                if self.loss_fn is None:
+                    return output_loss(model(**batch))
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                return self.loss_fn(model(**inputs), batch.get("labels"))
+            if self.loss_fn is None:
+                return output_loss(model(*batch))
+            return self.loss_fn(model(*batch[:-1]), batch[-1])
+
+    # -- between steps ------------------------------------------------------------------------
+
+    def _after_step(self, bar: Any) -> None:
+        p, config = self.progress, self.config
+        if p.step % config.logging_steps == 0:
+            self._log(bar)
+        if config.eval_steps and self.eval_data is not None and p.step % config.eval_steps == 0:
+            self._evaluate()
+        if config.save_steps and p.step % config.save_steps == 0:
+            self._save()
+
+    def _finish(self, bar: Any) -> None:
+        p = self.progress
+        self._log(bar)
+        if self.eval_data is not None and self.evaluated_at != p.step:
+            self._evaluate()
+        if self.config.output_dir is not None and self.saved_at != p.step:
+            self._save()
+
+    def _read_losses(self) -> None:
+        """Turn the pending step losses into numbers: one synchronisation for all of them."""
+        if not self.pending:
+            return
+        sums = self.parallel.sum(torch.stack([s for s, _ in self.pending]))
+        totals = torch.stack([t for _, t in self.pending]).to(sums.device)
+        self.progress.losses.extend((sums / totals.clamp(min=1)).tolist())
+        self.pending.clear()
+
+    def _log(self, bar: Any) -> None:
+        self._read_losses()
+        p = self.progress
+        recent = p.losses[self.logged_from :]
+        if not recent:
+            return
+        loss, lr = sum(recent) / len(recent), p.learning_rates[-1]
+        self.logged_from = p.step
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if self.parallel.main:
+            logger.info("step %d/%d: loss %.4f, learning rate %.3e", p.step, self.total, loss, lr)
+
+    @torch.no_grad()
+    def _evaluate(self) -> None:
+        """The mean loss over every item of ``eval_data`` (all processes' shares together)."""
+        self.cm.eval()
+        sums = torch.zeros(2, device=self.device)
+        try:
+            for batch, weight in _eval_batches(self.eval_data, self.config, self.parallel, self.cm):
+                count = self._items(batch).to(self.device) * weight
+                mean = self._loss(self.cm, to_device(batch, self.device))
+                sums[0] += torch.where(count > 0, mean.float(), 0.0) * count
+                sums[1] += count
+        finally:
+            self.cm.train()
+        total = self.parallel.sum(sums)
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        self.progress.eval_losses.append((self.progress.step, loss))
+        self.evaluated_at = self.progress.step
+        if self.parallel.main:
+            logger.info("step %d/%d: eval loss %.4f", self.progress.step, self.total, loss)
+
+    def _save(self) -> None:
+        self._read_losses()
+        self.checkpoint = checkpoint.save(
+            Path(self.config.output_dir),
+            self.cm,
+            self.optimizer,
+            self.scheduler,
+            self.names,
+            self.progress,
+            self.config.to_dict(),
+            self.parallel,
+        )
+        self.saved_at = self.progress.step
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", unit="step")
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _eval_batches(
+    data: Any, config: TrainingConfig, parallel: Parallel, cm: Any
+) -> Iterator[tuple[Batch, int]]:
+    """Batches of this process's share, with weight 1; a process whose share ran out runs a
+    batch of weight 0 so that all run the same number of forwards (FSDP gathers inside them)."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        for batch in data:
+            yield batch, 1
+        return
+    from surgeon.data import check_dataset
+
+    check_dataset(data, "eval_data")
+    pad, size, step = pad_token_id(cm.model), len(data), config.batch_size * parallel.world
+    for start in range(0, size, step):
+        mine = list(range(start, min(start + step, size)))[parallel.rank :: parallel.world]
+        weight = 1 if mine else 0
+        yield collate([data[i] for i in mine or [0]], pad), weight
+
+
+# -- pieces -----------------------------------------------------------------------------------
+
+
+def total_steps(config: TrainingConfig, source: Source) -> int:
+    """``max_steps``, or ``epochs`` x optimizer steps per epoch (rounded up, as transformers)."""
+    if config.max_steps is not None:
+        return config.max_steps
+    per_epoch = source.batches_per_epoch()
+    if per_epoch is None:
+        raise SpecError(
+            "TrainingConfig.max_steps=None: train_data has no length (an iterable DataLoader), "
+            "so epochs cannot be counted; set max_steps"
+        )
+    steps_per_epoch = math.ceil(per_epoch / config.gradient_accumulation_steps)
+    return max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+def schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor at a step: transformers' ``get_linear_schedule_with_warmup``,
+    ``get_cosine_schedule_with_warmup`` (half a cycle) and ``get_constant_schedule_with_warmup``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        if kind == "constant":
+            return 1.0
+        if kind == "linear":
+            return max(0.0, float(total - step) / float(max(1, total - warmup)))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+    return factor
+
+
+def trained_parameters(cm: Any) -> dict[str, nn.Parameter]:
+    """What training updates: parameters that require gradients, except inactive adapters'."""
+    idle = {id(p) for p in _idle_parameters(cm)}
+    return {n: p for n, p in cm.named_parameters() if p.requires_grad and id(p) not in idle}
+
+
+def idle_parameter_names(cm: Any) -> list[str]:
+    idle = {id(p) for p in _idle_parameters(cm)}
+    return [n for n, p in cm.named_parameters() if id(p) in idle]
+
+
+def _idle_parameters(cm: Any) -> Iterator[nn.Parameter]:
+    for name in cm.adapters:
+        if name not in cm.active:
+            yield from cm.store.layers[name].parameters()
+
+
+@dataclass(frozen=True)
+class Group:
+    """One optimizer parameter group: parameter names, learning rate, weight decay."""
+
+    names: tuple[str, ...]
+    lr: float
+    weight_decay: float
+
+
+def parameter_groups(
+    cm: Any, trained: Mapping[str, nn.Parameter], config: TrainingConfig
+) -> list[Group]:
+    """Weight decay except on biases, norm weights and what adapter layers exempt (DoRA's
+    magnitudes); with LoRA+, PEFT's grouping by learning rate."""
+    exempt = no_decay_parameters(cm)
+    kinds = _loraplus_kinds(cm, trained) if config.loraplus_lr_ratio else {}
+    ratio = config.loraplus_lr_ratio or 1.0
+    lrs = {
+        "A": config.learning_rate,
+        "B": config.learning_rate * ratio,
+        "embedding": config.loraplus_lr_embedding,
+    }
+    buckets: dict[tuple[str, bool], list[str]] = {}
+    for name, param in trained.items():
+        buckets.setdefault((kinds.get(name, "A"), id(param) not in exempt), []).append(name)
+    return [
+        Group(tuple(buckets[key]), lrs[key[0]], config.weight_decay if key[1] else 0.0)
+        for key in [(kind, decays) for kind in lrs for decays in (True, False)]
+        if key in buckets
+    ]
+
+
+NORMS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,
+)
+
+
+def no_decay_parameters(cm: Any) -> set[int]:
+    """ids of parameters weight decay must not shrink."""
+    out = set()
+    for module in cm.modules():
+        norm = isinstance(module, NORMS) or "Norm" in type(module).__name__
+        exempt = set(getattr(module, "no_weight_decay", ()))
+        for name, param in module.named_parameters(recurse=False):
+            if norm or "bias" in name or name in exempt:
+                out.add(id(param))
+    return out
+
+
+def _loraplus_kinds(cm: Any, trained: Mapping[str, nn.Parameter]) -> dict[str, str]:
+    """PEFT's LoRA+ rule on PEFT's parameter names: embedding adapters apart, ``lora_B`` and
+    vectors at the raised rate, the rest at the base rate."""
+    keys = {
+        id(tensor): f"{path}.{suffix}"
+        for adapter in cm.active
+        for path, layer in cm.store.items(adapter)
+        for suffix, tensor in layer.peft_tensors().items()
+    }
+    kinds = {}
+    for name, param in trained.items():
+        key = keys.get(id(param), name)
+        if "lora_embedding_" in key:
+            kinds[name] = "embedding"
+        elif "lora_B" in key or param.ndim == 1:
+            kinds[name] = "B"
+        else:
+            kinds[name] = "A"
+    return kinds
+
+
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's loss compares position i with label i+1 (causal LMs, as the loss
+    transformers' Trainer inspects): then the first label of each row is never counted."""
+    if not (hasattr(model, "loss_type") or hasattr(type(model), "loss_function")):
+        return False
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:
+        return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    custom = model.__dict__.get("_loss_function")
+    if custom is not None:
+        return custom is ForCausalLMLoss
+    # transformers falls back to the causal LM loss for an unknown loss_type (GPT-2's is None)
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None), ForCausalLMLoss) is ForCausalLMLoss
+
+
+def output_loss(outputs: Any) -> torch.Tensor:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise SpecError(
+            f"train: the model returned {type(outputs).__name__} without a loss; give the samples "
+            f"'labels' the model turns into a loss, or pass loss_fn(outputs, labels)"
+        )
+    return loss
+
+
+def enable_gradient_checkpointing(cm: Any) -> None:
+    """transformers' activation checkpointing, non-reentrant: adapter gradients inside a
+    checkpointed block flow even though the frozen layers' inputs need no gradient."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(cm, "activation_checkpointing_enable", None)
+    legacy = getattr(cm, "gradient_checkpointing_enable", None)
+    if enable is None and legacy is None:
+        raise SpecError(
+            f"TrainingConfig.gradient_checkpointing=True: {type(cm.model).__name__} has no "
+            f"gradient_checkpointing_enable() (transformers models have it)"
+        )
+    try:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            legacy(gradient_checkpointing_kwargs=kwargs)
+    except ValueError as err:
+        raise SpecError(f"TrainingConfig.gradient_checkpointing=True: {err}") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, torch's (every device) and, when loaded, NumPy's generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed)
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+
+def _check_config(config: Any) -> TrainingConfig:
+    if config is None:
+        return TrainingConfig()
+    if not isinstance(config, TrainingConfig):
+        raise SpecError(
+            f"train: config must be a surgeon.TrainingConfig, got {type(config).__name__}"
+        )
+    return config
+
+
+def _check_model(cm: Any) -> None:
+    from surgeon.compiled import CompiledModel
+
+    if not isinstance(cm, CompiledModel):
+        raise SpecError(
+            f"train: expected a compiled model (surgeon.compile(model, spec)), got "
+            f"{type(cm).__name__}"
+        )
+    if cm.merged:
+        raise SpecError(
+            f"train: adapters {cm.merged} are merged into the weights; unmerge() before training"
+        )
+    if not trained_parameters(cm):
+        raise SpecError(
+            "train: the model has nothing to train (no active adapter, no trainable parameter)"
+        )
+
+
+def _check_methods(cm: Any, parallel: Parallel) -> None:
+    """FSDP shards gradients: methods that adapt from the full gradients after each step cannot
+    run under it."""
+    if parallel.kind != "fsdp":
+        return
+    for name in cm.active:
+        spec = cm.spec(name)
+        if type(spec).after_backward is not MethodSpec.after_backward:
+            raise SpecError(
+                f"distributed='fsdp': adapter {name!r} ({spec.name}) updates itself from whole "
+                f"gradients after every step, which FSDP shards; use distributed='ddp'"
+            )
+
+
+def _warn_unsharded_loader(data: Any, parallel: Parallel) -> None:
+    if not parallel.active or not isinstance(data, torch.utils.data.DataLoader):
+        return
+    if not isinstance(data.sampler, torch.utils.data.DistributedSampler):
+        warnings.warn(
+            "train: a DataLoader without a DistributedSampler gives every process the same "
+            "batches; pass the dataset instead (train shards it) or use a DistributedSampler",
+            stacklevel=3,
+        )

@@ -1,0 +1,99 @@
+"""One process of tests/test_distributed.py, started by ``torchrun --nproc_per_node 2``.
+
+For each of DDP and FSDP2 (gloo, CPU): train a tiny Llama's LoRA adapter on the shared data,
+saving checkpoints, then resume a fresh model from the mid-run one; rank 0 writes the adapters,
+losses and eval losses to ``OUT/<kind>.*`` for the test to compare with one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
+
+sys.path.insert(0, os.path.dirname(__file__))
+from zoo import ZOO, randomize
+
+import surgeon
+from surgeon.train import trained_parameters
+
+BATCH = 2  # per process; one process runs 2 x BATCH
+STEPS = 3
+
+
+def compiled():
+    cm = surgeon.compile(ZOO["llama"].model(0), surgeon.LoRA(rank=4, targets=("q_proj", "v_proj")))
+    randomize(cm, seed=2, scale=0.2)
+    return cm
+
+
+def samples(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(3, 12, (1,), generator=g))
+        ids = torch.randint(3, 96, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+TRAIN, EVAL = samples(24, seed=1), samples(7, seed=2)
+
+
+def config(batch_size: int, **changes) -> surgeon.TrainingConfig:
+    fields = dict(
+        learning_rate=1e-2,
+        batch_size=batch_size,
+        gradient_accumulation_steps=2,
+        max_steps=STEPS,
+        warmup_steps=1,
+        seed=3,
+        progress=False,
+    )
+    return surgeon.TrainingConfig(**{**fields, **changes})
+
+
+def adapter(cm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().contiguous() for n, p in trained_parameters(cm).items()}
+
+
+def main(out: Path) -> None:
+    for kind in ("ddp", "fsdp"):
+        run = out / f"{kind}-run"
+        cm = compiled()
+        result = surgeon.train(
+            cm,
+            TRAIN,
+            config(BATCH, distributed=kind, output_dir=str(run), save_steps=2),
+            eval_data=EVAL,
+        )
+        whole = adapter(cm)
+        resumed_cm = compiled()
+        resumed = surgeon.train(
+            resumed_cm,
+            TRAIN,
+            config(BATCH, distributed=kind),
+            eval_data=EVAL,
+            resume_from=run / "checkpoint-2",
+        )
+        if torch.distributed.get_rank() == 0:
+            save_file(whole, str(out / f"{kind}.safetensors"))
+            save_file(adapter(resumed_cm), str(out / f"{kind}-resumed.safetensors"))
+            report = {
+                "losses": result.losses,
+                "eval_losses": result.eval_losses,
+                "resumed_losses": resumed.losses,
+                "sharded_blocks": sum(isinstance(m, FSDPModule) for m in cm.modules()),
+            }
+            (out / f"{kind}.json").write_text(json.dumps(report))
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
