@@ -149,8 +149,14 @@ class LowRank:
 # -- kernels -----------------------------------------------------------------------------------
 
 
-def project(x: torch.Tensor, u: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-    """``[M, Q] · [L, Q, R] -> [M, R]`` in float32, row m through adapter ``index[m]``."""
+def project(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    index: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``[M, Q] · [L, Q, R] -> [M, R]`` in float32, row m through adapter ``index[m]``; tile
+    products in ``dtype`` (default: ``x``'s)."""
     lowrank_mod, _ = _kernels()
     rows, rank = x.shape[0], u.shape[2]
     out = torch.empty(rows, rank, device=x.device, dtype=torch.float32)
@@ -177,7 +183,7 @@ def project(x: torch.Tensor, u: torch.Tensor, index: torch.Tensor | None = None)
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         BLOCK_R=block_r,
-        **_dot(x.dtype),
+        **_dot(dtype or x.dtype),
     )
     return out
 
@@ -259,7 +265,8 @@ def fused_gemm(
                 low = torch.empty(rows, rank, device=ref.device, dtype=torch.float32)
         else:
             if low is None:
-                low = project(x if lowrank.xl is None else lowrank.xl, lowrank.u, lowrank.index)
+                source = x if lowrank.xl is None else lowrank.xl
+                low = project(source, lowrank.u, lowrank.index, dtype)
             mode = 2 if lowrank.add else 0
     dummy = out
     xl = lowrank.xl if lowrank is not None and lowrank.xl is not None else x
@@ -405,10 +412,10 @@ def lora_backward(
         )
         dx = dx.reshape(x.shape)
     else:
-        dyb = project(g, lora_B, index)
+        dyb = project(g, lora_B, index, x.dtype)
     d_a, d_b, dx_lora = empty(), empty(), empty()
     if adapter_grad:
-        xa = project(h, lora_A.transpose(1, 2), index)
+        xa = project(h, lora_A.transpose(1, 2), index, x.dtype)
         d_a = torch.empty_like(lora_A)
         d_b = torch.empty_like(lora_B)
         reduce_rows(h, dyb, d_a.transpose(1, 2), scales, index, x.dtype)

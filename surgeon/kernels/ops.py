@@ -181,7 +181,8 @@ def _backward_dora(ctx, grad):
     x, weight, lora_A, lora_B, magnitude, weight_norm, x_lora = ctx.saved_tensors
     need = _needs(ctx, 9)
     factor = (magnitude / weight_norm).reshape(-1)
-    scaled = (grad * factor).to(grad.dtype)
+    # kept in the factor's precision (float32), as the unfused graph's adapter path sees it
+    scaled = grad * factor
     dx, dx_lora, d_a, d_b = torch.ops.surgeon.lora_backward(
         scaled, x, weight, None, None, list(weight.shape), 0, lora_A[None], lora_B[None],
         [ctx.scale], None, x_lora, need[0], need[3] or need[4],
@@ -197,7 +198,7 @@ def _backward_dora(ctx, grad):
     return _grads(
         ctx,
         dx if need[0] else None,
-        _weight_grad(scaled, x, weight) if need[1] else None,
+        _weight_grad(scaled.to(grad.dtype), x, weight) if need[1] else None,
         _bias_grad(grad) if need[2] else None,
         d_a[0] if need[3] else None,
         d_b[0] if need[4] else None,
