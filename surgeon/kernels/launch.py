@@ -5,6 +5,7 @@ Imported only when a Triton path runs (CUDA tensors, or CPU tensors with ``TRITO
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Sequence
@@ -160,7 +161,9 @@ def project(
     lowrank_mod, _ = _kernels()
     rows, rank = x.shape[0], u.shape[2]
     out = torch.empty(rows, rank, device=x.device, dtype=torch.float32)
-    block_m, block_r = _block_m(rows), _block_r(rank)
+    # memory-bound: many small row tiles keep every SM reading
+    block_m = 16 if interpreting() or rows < 8192 else 32
+    block_r = _block_r(rank)
     block_q = 16 if interpreting() else 64
     grid = (triton.cdiv(rows, block_m), triton.cdiv(rank, block_r))
     lowrank_mod.project_kernel[grid](
@@ -229,7 +232,14 @@ def reduce_rows(
 
 
 def _scales(scales: Sequence[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor([float(s) for s in scales], dtype=torch.float32, device=device)
+    return _scales_on(tuple(float(s) for s in scales), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _scales_on(scales: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Per-adapter scales on the device, made once: no host-to-device copy per call (which would
+    also break CUDA-graph capture)."""
+    return torch.tensor(scales, dtype=torch.float32, device=device)
 
 
 def fused_gemm(
@@ -306,6 +316,7 @@ def fused_gemm(
     ]
     flags = {
         "HAS_W": weight is not None,
+        "LOOP_Q": weight is not None or mode == 1,
         "NF4": weight is not None and weight.absmax is not None,
         "LOW": mode,
         "SAME_X": lowrank is None or lowrank.xl is None,

@@ -67,6 +67,7 @@ def gemm_lowrank_kernel(
     stride_om,
     stride_op,
     HAS_W: tl.constexpr,
+    LOOP_Q: tl.constexpr,  # HAS_W or LOW == 1
     NF4: tl.constexpr,
     LOW: tl.constexpr,
     SAME_X: tl.constexpr,
@@ -101,7 +102,7 @@ def gemm_lowrank_kernel(
     acc = tl.full((BLOCK_M, BLOCK_P), 0.0, tl.float32)
     low = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
 
-    if HAS_W or LOW == 1:
+    if LOOP_Q:
         for q0 in range(0, Q, BLOCK_Q):
             offs_q = q0 + tl.arange(0, BLOCK_Q)
             x = dense_tile(x_ptr, offs_m, offs_q, stride_xm, stride_xq, M, Q)
