@@ -23,7 +23,7 @@ import surgeon.kernels
 
 def small_llama(device: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=8, vocab_size=1000)  # fmt: skip
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
@@ -69,7 +69,7 @@ def main() -> None:
 
     unfused = logits_and_grads(cm, ids)
     count = cm.fuse()
-    print(f"fused ops: {count} (7 projections x 4 layers)")
+    print(f"fused ops: {count} (7 projections x 2 layers)")
     code = cm.graph.code("model.layers.0.self_attn.q_proj")
     print("\n".join(line for line in code.splitlines() if "surgeon." in line)[:300])
     fused = logits_and_grads(cm, ids)

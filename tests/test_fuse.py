@@ -78,9 +78,17 @@ def test_fused_zoo_models_match_unfused(zoo_entry, method):
     assert_same(fused, unfused, 1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("method", ["LoRA", "DoRA"])
-def test_fused_half_precision_is_as_accurate_as_unfused(dtype, method):
+@pytest.mark.parametrize(
+    ("method", "dtype"),
+    [
+        ("LoRA", torch.bfloat16),
+        ("DoRA", torch.float16),
+        pytest.param("LoRA", torch.float16, marks=pytest.mark.slow),
+        pytest.param("DoRA", torch.bfloat16, marks=pytest.mark.slow),
+    ],
+    ids=str,
+)
+def test_fused_half_precision_is_as_accurate_as_unfused(method, dtype):
     """Outputs agree within the dtype's tolerance; gradients, which half precision makes noisy
     through a whole model, are about as far from a float64 run of the same weights as the
     unfused graph's are (per tensor the two noises differ by chance, so the worst is compared)."""
@@ -220,10 +228,10 @@ def test_torch_compile_with_inductor_on_the_fused_graph():
 def test_fused_graph_through_the_triton_kernels(monkeypatch, method):
     pytest.importorskip("triton")
     entry = ZOO["gpt2"]  # Conv1D: the kernels read the transposed weight by strides
-    cm = fused_and_unfused(entry, getattr(surgeon, method)(rank=3, targets=("c_attn", "c_fc")))
+    cm = fused_and_unfused(entry, getattr(surgeon, method)(rank=3, targets=("c_attn",)))
     inputs = entry.example()
     expected = run(cm, inputs)
-    cm.fuse()
+    assert cm.fuse() == 2
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert_same(run(cm, inputs), expected, 1e-4)
 
