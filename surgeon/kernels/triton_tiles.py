@@ -14,10 +14,10 @@ import triton.language as tl
 def mma(a, b, acc, DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a·b`` with both tiles rounded to ``DOT`` first (the activation dtype), fp32 accumulate.
 
-    ``UPCAST`` multiplies the rounded tiles in fp32: Triton's CPU interpreter mis-multiplies
-    bfloat16 tiles, and products of bfloat16 values are exact in fp32, so this gives what the
-    tensor cores give (up to summation order).
-    """
+    ``UPCAST`` multiplies the rounded tiles in fp32: Triton's CPU interpreter multiplies the bit
+    patterns of bfloat16 tiles (triton-lang/triton#11584, unsupported upstream), and products of
+    bfloat16 values are exact in fp32, so this gives what the tensor cores give (up to summation
+    order)."""
     a = a.to(DOT)
     b = b.to(DOT)
     if UPCAST:
