@@ -16,6 +16,10 @@ globals().update({cls.__name__: cls for cls in METHODS.values()})
 
 
 def __getattr__(name: str):
+    if name == "kernels":  # imported on first use: importing it registers the torch.library ops
+        import surgeon.kernels
+
+        return surgeon.kernels
     # `import passes.registry` before `import surgeon` runs this module before every method
     # has registered; look them up when asked.
     for cls in METHODS.values():

@@ -59,6 +59,7 @@ class CompiledModel(nn.Module):
         self._merged: list[str] = []
         self._disabled = False
         self._frozen = False
+        self._fused = False
         self.training = model.training  # cm.training mirrors the model it wraps
         self._plans: dict[tuple, list] = {}
 
@@ -331,11 +332,12 @@ class CompiledModel(nn.Module):
     def _install(self, names: tuple[str, ...], mixed: bool = False) -> None:
         """Install the rewrites for running ``names``; a set seen before reuses its rewrites, so
         switching adapters costs no tracing or code generation."""
-        key = (names, mixed)
+        key = (names, mixed, self._fused)
         if key not in self._plans:
             active = self._layers_of(names)
+            passes = self._graph_passes()
             self._plans[key] = [
-                (region, rewrite_region(self.model, region, active, mixed))
+                (region, rewrite_region(self.model, region, active, mixed, passes))
                 if active and reached_layers(self.model, [region]) & active.keys()
                 else (region, None)
                 for region in self.graph.regions
@@ -343,6 +345,31 @@ class CompiledModel(nn.Module):
         for region, rewrite in self._plans[key]:
             if rewrite is not None or region.gm is not None:
                 install(self.model, region, rewrite)
+
+    def _graph_passes(self) -> tuple:
+        if not self._fused:
+            return ()
+        from passes.fuse import fuse_graph
+
+        return (fuse_graph,)
+
+    def fuse(self, enabled: bool = True) -> int:
+        """Run the fusion pass (``passes/fuse.py``) on the rewritten graphs, now and after every
+        recompile: each adapter subgraph it recognises becomes one fused op (Triton kernels on
+        CUDA, the reference implementation elsewhere). ``fuse(False)`` goes back to the unfused
+        graphs. Returns how many fused ops the installed graphs hold."""
+        if not isinstance(enabled, bool):
+            raise SpecError(f"fuse: expected True or False, got {enabled!r}")
+        self._fused = enabled
+        self._recompile()
+        from passes.fuse import fused_sites
+
+        return sum(fused_sites(region.graph) for region in self.graph.rewritten())
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fusion pass runs (see `fuse`)."""
+        return self._fused
 
     def _forget_plans(self) -> None:
         """Adapters, regions or dtypes changed: earlier rewrites no longer apply."""
@@ -483,11 +510,12 @@ def compile(
         raise SpecError(
             "compile: this model is already compiled; use add_adapter() to add another adapter"
         )
-    if fuse:
-        raise SpecError("compile(fuse=True): the fusion pass is not available in this version")
+    if not isinstance(fuse, bool):
+        raise SpecError(f"compile: fuse must be True or False, got {fuse!r}")
     spec = as_spec(spec_or_method, name) if spec_or_method is not None else None
     result = trace_regions(model)
     cm = CompiledModel(model, Graph(result.regions, result.breaks, result.seconds))
+    cm._fused = fuse
     if spec is not None:
         rewritten = [
             w for m in spec.adapters.values() for w in _rewritten_weights(model, m, m.select(model))

@@ -15,7 +15,7 @@ import operator
 import os
 import sys
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,10 @@ from surgeon.trace import Region, leaf_graph
 
 ActiveLayers = Mapping[int, Sequence[tuple[str, AdapterLayer]]]
 """id(base layer) -> [(adapter name, adapter layer)] in the order they apply."""
+
+GraphPass = Callable[[fx.Graph, dict[str, Any]], Any]
+"""Runs on a rewritten graph before it is compiled; gets the graph and the objects its
+call_module/get_attr targets name (the fusion pass, say)."""
 
 
 class BaseForward(nn.Module):
@@ -60,11 +64,16 @@ class Rewrite:
 
 
 def rewrite_region(
-    model: nn.Module, region: Region, active: ActiveLayers, mixed: bool = False
+    model: nn.Module,
+    region: Region,
+    active: ActiveLayers,
+    mixed: bool = False,
+    graph_passes: Sequence[GraphPass] = (),
 ) -> Rewrite:
     """A copy of the region's base graph with adapter subgraphs after each targeted layer node.
 
     ``mixed``: each adapter runs only on the batch rows assigned to it (``adapter_names``).
+    ``graph_passes`` then run on the rewritten graph, in order.
     """
     module = region_module(model, region)
     graph = copy.deepcopy(region.base)
@@ -83,6 +92,8 @@ def rewrite_region(
             emit = _emit_mixed if mixed else _emit_adapters
             emit(graph, root, node, active[id(layer)], region)
             adapted[_full_path(region, str(node.target))] = [n for n, _ in active[id(layer)]]
+    for graph_pass in graph_passes:
+        graph_pass(graph, root)
     graph.lint()
     return Rewrite(graph, RegionModule(root, graph, f"{region.module_type}Rewritten"), adapted)
 

@@ -54,6 +54,16 @@ def test_merge_example_agrees_merged_and_unmerged():
     assert "merge_and_unload -> BertForSequenceClassification" in out
 
 
+def test_fused_example_checks_fused_against_unfused():
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fused.py")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fused ops: 14" in done.stdout
+    assert "torch.ops.surgeon.lora_linear.default" in done.stdout
+    assert "max |fused - unfused|" in done.stdout
+
+
 def test_export_example_writes_a_verified_model(tmp_path):
     pytest.importorskip("onnxruntime")
     out_file = tmp_path / "m.onnx"

@@ -1,0 +1,254 @@
+"""The fusion pass: which subgraphs become fused ops, and that fused graphs compute what the
+unfused ones do (outputs and gradients) on the zoo, in every dtype, in train mode with dropout,
+in mixed batches, under torch.compile, and through the Triton kernels (interpreted)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from zoo import ZOO, logits, randomize
+
+import surgeon
+
+FUSABLE = {"mlp": 3, "cnn": 1, "llama": 6, "gpt2": 4, "bert": 11}
+"""Linear / GPT-2 Conv1D layers among each zoo model's targets (convolutions and embeddings
+stay unfused)."""
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ``surgeon::`` ops that run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "surgeon":
+            self.counts[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def fused_and_unfused(entry, method, dtype=torch.float32, train=False):
+    cm = surgeon.compile(entry.model().to(dtype), method)
+    randomize(cm, scale=0.3)
+    cm.train(train)
+    return cm
+
+
+def run(cm, inputs, seed=0):
+    """Output, and the adapters' gradients of a fixed random projection of it."""
+    torch.manual_seed(seed)
+    out = logits(cm(**inputs))
+    params = [p for p in cm.store.parameters() if p.requires_grad]
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    grads = torch.autograd.grad((out * weight).sum(), params)
+    return out.detach(), grads
+
+
+def errors(a, b) -> list[float]:
+    """Per tensor (output, then each gradient): largest difference over the largest entry."""
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    pairs = zip([out_a, *grads_a], [out_b, *grads_b], strict=True)
+    return [
+        ((x.double() - y.double()).abs().max() / y.double().abs().max()).item() for x, y in pairs
+    ]
+
+
+def assert_same(a, b, tol):
+    worst = max(errors(a, b))
+    assert worst <= tol, f"fused and unfused differ by {worst:.2e} (relative to the largest entry)"
+
+
+@pytest.mark.parametrize("method", ["LoRA", "DoRA"])
+def test_fused_zoo_models_match_unfused(zoo_entry, method):
+    cm = fused_and_unfused(zoo_entry, getattr(surgeon, method)(rank=3, targets=zoo_entry.targets))
+    inputs = zoo_entry.example()
+    unfused = run(cm, inputs)
+    assert cm.fuse() == FUSABLE[zoo_entry.name]
+    cm.graph.check()
+    code = cm.graph.code()
+    assert f"torch.ops.surgeon.{method.lower()}_linear.default" in code
+    with CountOps() as ops:
+        fused = run(cm, inputs)
+    assert ops.counts[f"{method.lower()}_linear"] == FUSABLE[zoo_entry.name]
+    assert ops.counts["lora_backward"] == FUSABLE[zoo_entry.name]
+    assert_same(fused, unfused, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype"),
+    [
+        ("LoRA", torch.bfloat16),
+        ("DoRA", torch.float16),
+        pytest.param("LoRA", torch.float16, marks=pytest.mark.slow),
+        pytest.param("DoRA", torch.bfloat16, marks=pytest.mark.slow),
+    ],
+    ids=str,
+)
+def test_fused_half_precision_is_as_accurate_as_unfused(method, dtype):
+    """Outputs agree within the dtype's tolerance; gradients, which half precision makes noisy
+    through a whole model, are about as far from a float64 run of the same weights as the
+    unfused graph's are (per tensor the two noises differ by chance, so the worst is compared)."""
+    entry = ZOO["llama"]
+    cm = fused_and_unfused(entry, getattr(surgeon, method)(rank=4, targets="all-linear"), dtype)
+    inputs = entry.example()
+    unfused = run(cm, inputs)
+    assert cm.fuse() == 14  # 7 projections x 2 layers
+    fused = run(cm, inputs)
+    floor = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    assert errors(fused, unfused)[0] <= 2 * floor
+    cm.fuse(False)
+    truth = run(cm.double(), inputs)
+    assert max(errors(fused, truth)) <= 1.5 * max(errors(unfused, truth)) + floor
+
+
+@pytest.mark.parametrize("method", ["LoRA", "DoRA"])
+def test_dropout_in_train_mode_is_fused_with_the_models_own_mask(method):
+    entry = ZOO["gpt2"]
+    spec = getattr(surgeon, method)(rank=2, targets=("c_attn", "c_fc"), dropout=0.3)
+    cm = fused_and_unfused(entry, spec, train=True)
+    inputs = entry.example()
+    unfused = run(cm, inputs, seed=5)
+    assert cm.fuse() == 4
+    assert "dropout(" in cm.graph.code("transformer.h.0.attn.c_attn")
+    fused = run(cm, inputs, seed=5)
+    assert_same(fused, unfused, 1e-4)
+    assert not torch.allclose(fused[0], run(cm, inputs, seed=6)[0])  # dropout is on
+
+
+def test_mixed_batches_use_the_multi_adapter_op():
+    entry = ZOO["llama"]
+    spec = surgeon.Spec(
+        {
+            "a": surgeon.LoRA(rank=2, targets=("q_proj", "v_proj")),
+            "b": surgeon.LoRA(rank=5, alpha=3, targets=("q_proj", "o_proj")),
+        }
+    )
+    cm = fused_and_unfused(entry, spec)
+    inputs = {"input_ids": torch.randint(3, 96, (4, 7), generator=torch.Generator().manual_seed(0))}
+    names = ["b", "__base__", "a", "b"]
+    expected = logits(cm(**inputs, adapter_names=names))
+    cm.fuse()
+    with CountOps() as ops:
+        out = logits(cm(**inputs, adapter_names=names))
+    # q_proj (a and b), v_proj (a), o_proj (b), per layer
+    assert ops.counts["multi_lora_linear"] == 3 * 2
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for i, name in enumerate(names):  # each row as if it ran alone
+        cm.set_active(None if name == "__base__" else name)
+        alone = logits(cm(input_ids=inputs["input_ids"][i : i + 1]))
+        torch.testing.assert_close(out[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_is_reversible_and_follows_adapter_changes():
+    entry = ZOO["mlp"]
+    cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=("head",)), fuse=True)
+    assert cm.fused and sum("surgeon.lora_linear" in r.gm.code for r in cm.graph.rewritten()) == 1
+    cm.add_adapter("more", surgeon.LoRA(rank=2, targets=("body.0", "body.3")))
+    cm.set_active(["default", "more"])
+    assert cm.fuse() == 3
+    cm.merge()
+    assert cm.fuse() == 0  # merged adapters leave nothing to fuse
+    cm.unmerge()
+    assert cm.fuse(False) == 0 and not cm.fused
+    assert "surgeon.lora_linear" not in cm.graph.code() and "lora_A" in cm.graph.code()
+    with pytest.raises(surgeon.SpecError, match="fuse must be True or False"):
+        surgeon.compile(entry.model(), surgeon.LoRA(targets=("head",)), fuse="yes")
+
+
+def test_fused_graph_code_golden():
+    cm = surgeon.compile(ZOO["mlp"].model(), surgeon.LoRA(rank=2, targets=("head",)), fuse=True)
+    expected = """\
+    relu = torch.relu(body_3);  body_3 = None
+    adapters_default_head_lora_a = self.adapters.default.head.lora_A
+    adapters_default_head_lora_b = self.adapters.default.head.lora_B
+    head_weight = self.head.weight
+    head_bias = self.head.bias
+    lora_linear_default = torch.ops.surgeon.lora_linear.default(relu, head_weight, head_bias, \
+adapters_default_head_lora_a, adapters_default_head_lora_b, 8.0);  relu = head_weight = \
+head_bias = adapters_default_head_lora_a = adapters_default_head_lora_b = None
+    return lora_linear_default"""
+    assert expected in cm.graph.code()
+
+
+def test_what_is_not_fused_is_left_as_it_was():
+    # convolutions and embeddings; LoRA after IA3's input scaling on the same layer; VeRA
+    entry = ZOO["llama"]
+    spec = surgeon.Spec(
+        {
+            "ia3": surgeon.IA3(targets=("down_proj",), feedforward=("down_proj",)),
+            "lora": surgeon.LoRA(rank=2, targets=("down_proj", "embed_tokens")),
+            "vera": surgeon.VeRA(rank=4, targets=("q_proj",)),
+        }
+    )
+    cm = fused_and_unfused(entry, spec)
+    inputs = entry.example()
+    expected = run(cm, inputs)
+    assert cm.fuse() == 0
+    assert_same(run(cm, inputs), expected, 1e-6)
+    cnn = surgeon.compile(ZOO["cnn"].model(), surgeon.LoRA(rank=2, targets=("conv1", "fc")))
+    assert cnn.fuse() == 1  # fc only
+
+
+def test_fused_graphs_run_on_the_meta_device():
+    entry = ZOO["gpt2"]
+    with torch.device("meta"):
+        model = entry.build()
+    cm = surgeon.compile(model, surgeon.LoRA(rank=2, targets=("c_attn",)), fuse=True)
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    assert logits(cm(input_ids=ids)).shape == (2, 5, 96)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_torch_compile_runs_fused_and_unfused_graphs(fuse):
+    entry = ZOO["mlp"]
+    cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=entry.targets), fuse=fuse)
+    randomize(cm)
+    inputs = entry.example()
+    expected = run(cm, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(cm, backend="aot_eager", fullgraph=True)
+    assert_same(run(compiled, inputs), expected, 1e-5)
+
+
+def test_torch_compile_with_inductor_on_the_fused_graph():
+    entry = ZOO["mlp"]
+    cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=("head",)), fuse=True)
+    randomize(cm)
+    inputs = entry.example()
+    expected = run(cm, inputs)
+    torch._dynamo.reset()
+    assert_same(run(torch.compile(cm), inputs), expected, 1e-4)
+
+
+@pytest.mark.parametrize("method", ["LoRA", "DoRA"])
+def test_fused_graph_through_the_triton_kernels(monkeypatch, method):
+    pytest.importorskip("triton")
+    entry = ZOO["gpt2"]  # Conv1D: the kernels read the transposed weight by strides
+    cm = fused_and_unfused(entry, getattr(surgeon, method)(rank=3, targets=("c_attn",)))
+    inputs = entry.example()
+    expected = run(cm, inputs)
+    assert cm.fuse() == 2
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert_same(run(cm, inputs), expected, 1e-4)
+
+
+def test_trainable_base_bias_and_weight_get_the_unfused_gradients():
+    entry = ZOO["gpt2"]
+    cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=("c_fc",), bias="lora_only"))
+    randomize(cm)
+    layer = cm.model.transformer.h[0].mlp.c_fc
+    layer.weight.requires_grad_(True)  # a user unfreezing a base weight
+    inputs = entry.example()
+
+    def base_grads():
+        out = logits(cm(**inputs))
+        return torch.autograd.grad(out.square().mean(), [layer.bias, layer.weight])
+
+    expected = base_grads()
+    assert cm.fuse() == 2
+    for got, want in zip(base_grads(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
