@@ -160,7 +160,10 @@ def _run_train(args: argparse.Namespace) -> None:
 
     model_dir = _model_dir(args.model)
     model = load_model(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+
+    def tokenizer() -> Any:
+        return load_tokenizer(model_dir)
+
     train_data = read_text_dataset(args.data, tokenizer, args.max_length)
     eval_data = (
         read_text_dataset(args.eval_data, tokenizer, args.max_length) if args.eval_data else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def read_text_dataset(path: str | Path, tokenizer: Any, max_length: int = 128) -> list[dict]:
-    """Token samples (lists of ints) for `surgeon.train`; texts are truncated to ``max_length``."""
+def read_text_dataset(
+    path: str | Path, load_tokenizer: Callable[[], Any], max_length: int = 128
+) -> list[dict]:
+    """Token samples (lists of ints) for `surgeon.train`; texts are truncated to ``max_length``.
+
+    ``load_tokenizer`` is called only when the file holds texts rather than token ids.
+    """
     records = read_records(path)
-    if all(any(k in r for k in TOKEN_FIELDS[:1]) for r in records):
-        return [{k: r[k] for k in TOKEN_FIELDS if k in r} for r in records]
+    if all("input_ids" in r for r in records):
+        return [_token_sample(path, n, r) for n, r in enumerate(records, 1)]
+    tokenizer = load_tokenizer()
     samples = []
     for number, record in enumerate(records, 1):
         text = record.get("text")
@@ -77,3 +84,12 @@ def _label(path: Path, number: int, value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise SpecError(f"{path}: record {number}: label {value!r} is not an integer") from None
+
+
+def _token_sample(path: Path, number: int, record: dict[str, Any]) -> dict[str, Any]:
+    sample = {k: record[k] for k in TOKEN_FIELDS if k in record}
+    ids = sample["input_ids"]
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+        raise SpecError(f"{path}: record {number}: input_ids must be a non-empty list of integers")
+    sample.setdefault("labels", list(ids))
+    return sample

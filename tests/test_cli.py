@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,33 @@ def test_console_script_reports_errors_without_a_traceback(tmp_path):
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "does not exist" in done.stderr
+
+
+def test_train_fits_an_adapter_from_a_token_file_and_saves_it(
+    capsys, model_dir, spec_file, tmp_path
+):
+    data = tmp_path / "data.jsonl"
+    rows = [{"input_ids": [1, 5 + i, 9, 3 + i, 2]} for i in range(8)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    code, stdout, err = run(
+        capsys, "train", model_dir, spec_file, data, "--out", out,
+        "--max-steps", 2, "--batch-size", 4, "--gradient-accumulation-steps", 1,
+        "--learning-rate", 1e-2, "--warmup-steps", 0,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "trained 2 steps" in stdout
+    from transformers import LlamaForCausalLM
+
+    import surgeon
+
+    cm = surgeon.load(LlamaForCausalLM.from_pretrained(model_dir), out)
+    b = dict(cm.store.items("default"))["model.layers.0.self_attn.q_proj"].lora_B
+    assert b.abs().sum() > 0  # trained: LoRA's B starts at zero
+
+
+def test_train_names_the_bad_line_of_a_data_file(capsys, model_dir, spec_file, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"input_ids": [1, 2]}\n{not json\n')
+    code, _, err = run(capsys, "train", model_dir, spec_file, data, "--out", tmp_path / "run")
+    assert code == 1 and f"{data}:2: not valid JSON" in err
