@@ -37,3 +37,16 @@ def test_export_example_writes_a_verified_model(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.exists() and "max |onnx - torch|" in done.stdout
+
+
+def test_train_example_trains_checkpoints_and_resumes_exactly(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "same adapter as the uninterrupted run: True" in done.stdout
+    assert "checkpoints: checkpoint-12, checkpoint-24" in done.stdout
+    assert (tmp_path / "checkpoint-24" / "adapter_model.safetensors").exists()
