@@ -208,10 +208,10 @@ def _shard(cm: Any) -> None:
         fully_shard(cm, reshard_after_forward=False)
     finally:
         del cm._modules["_adapter_graph_refs"]
-    _check_graphs_see_shards(cm, holders)
+    _check_graphs_see_shards(cm)
 
 
-def _check_graphs_see_shards(cm: Any, holders: Sequence[nn.Module]) -> None:
+def _check_graphs_see_shards(cm: Any) -> None:
     """Every parameter a region graph holds must be one FSDP manages (else it would train a copy)."""
     from torch.distributed.tensor import DTensor
 

@@ -220,9 +220,7 @@ def train(
         saved.restore_rng()
         progress = saved.progress
     loop = _Loop(cm, model, source, config, optimizer, scheduler, names, progress, parallel)
-    loop.total, loop.factor, loop.loss_fn = total, factor, loss_fn
-    loop.shifts = shifts_labels(cm.model)
-    loop.eval_data = eval_data
+    loop.plan(total, factor, loss_fn, shifts_labels(cm.model), eval_data)
     return loop.run()
 
 
@@ -259,6 +257,18 @@ class _Loop:
         self.logged_from = progress.step
         self.checkpoint: Path | None = None
         self.saved_at = self.evaluated_at = -1
+
+    def plan(
+        self,
+        total: int,
+        factor: Callable[[int], float],
+        loss_fn: LossFn | None,
+        shifts: bool,
+        eval_data: Any,
+    ) -> None:
+        """Steps to reach, the schedule, how to compute the loss, what to evaluate."""
+        self.total, self.factor, self.loss_fn = total, factor, loss_fn
+        self.shifts, self.eval_data = shifts, eval_data
 
     def run(self) -> TrainResult:
         p, config = self.progress, self.config
