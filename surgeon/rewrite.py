@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.adapter import AdapterLayer, CallAdapter, EmitContext
 from surgeon.errors import SpecError
 from surgeon.trace import Region, leaf_graph
 
@@ -60,9 +60,14 @@ class Rewrite:
 
 
 def rewrite_region(
-    model: nn.Module, region: Region, active: ActiveLayers, mixed: bool = False
+    model: nn.Module,
+    region: Region,
+    active: ActiveLayers,
+    mixed: bool = False,
+    calls: Sequence[tuple[str, CallAdapter]] = (),
 ) -> Rewrite:
-    """A copy of the region's base graph with adapter subgraphs after each targeted layer node.
+    """A copy of the region's base graph with adapter subgraphs after each targeted layer node,
+    then the nodes of the call adapters that `touch <CallAdapter.touches>` the region.
 
     ``mixed``: each adapter runs only on the batch rows assigned to it (``adapter_names``).
     """
@@ -83,6 +88,12 @@ def rewrite_region(
             emit = _emit_mixed if mixed else _emit_adapters
             emit(graph, root, node, active[id(layer)], region)
             adapted[_full_path(region, str(node.target))] = [n for n, _ in active[id(layer)]]
+    for name, call in calls:
+        if call.touches(region):
+            call.emit_region(
+                EmitContext(graph, root, f"adapters.{name}", name, call.method), region
+            )
+            adapted.setdefault(region.path or "<root>", []).append(name)
     graph.lint()
     return Rewrite(graph, RegionModule(root, graph, f"{region.module_type}Rewritten"), adapted)
 
