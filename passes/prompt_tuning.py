@@ -212,6 +212,7 @@ class PromptAdapter(CallAdapter):
         self.embeddings = nn.Parameter(torch.empty(n, embeddings.embedding_dim, **factory))
         self.config_fields = peft_config
         self.target = f"input embeddings (+{n} virtual tokens)"
+        self.where = "model call"
         self._constants: torch.Tensor | None = None
 
     def prompts(self) -> torch.Tensor:

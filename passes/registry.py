@@ -11,7 +11,9 @@ from passes import (  # noqa: F401
     loha,
     lokr,
     lora,
+    prefix_tuning,
     prompt_tuning,
+    ptuning_v2,
     vera,
 )
 from surgeon.spec import METHODS

