@@ -9,8 +9,8 @@ They act on the model call (a `surgeon.adapter.CallAdapter`), not on layers:
   through its key/value cache (a transformers ``DynamicCache`` holding the prefixes, as PEFT
   does; for rotary models the cached keys count as already rotated). The *graph route*, for
   regions whose attention traces, concatenates them to the keys and values right before
-  `F.scaled_dot_product_attention` in the region graph and pads the attention mask to match.
-  Both give the same outputs;
+  attention in the region graph and pads the attention mask to match (`prefix_graph`). Both
+  give the same outputs;
 * the prefix encoder (PEFT's prefix projection; P-tuning v2's MLP of any depth), trained as is
   and folded into plain prefixes for inference and export.
 """
@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from passes.prefix_graph import LayerPrefix, graph_sites, insert_prefix
 from surgeon.adapter import CACHE_ARGUMENTS, CallAdapter, EmitContext, ModelCall, cached_length
 from surgeon.errors import SpecError
 from surgeon.graph import Graph
 from surgeon.spec import MethodSpec, check_choice, check_int
-from surgeon.targets import layer_index
 from surgeon.trace import Region
 
 ROUTES = ("auto", "cache", "graph")
@@ -240,125 +238,6 @@ def call_cache(kwargs: dict[str, Any], model: nn.Module) -> Any:
     return new_cache(model)
 
 
-# -- the graph route ---------------------------------------------------------------------------
-
-SDPA = F.scaled_dot_product_attention
-SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def _sdpa_arguments(node: fx.Node) -> dict[str, Any]:
-    named = dict(zip(SDPA_ARGS, node.args))
-    named.update(node.kwargs)
-    named.setdefault("attn_mask", None)
-    named.setdefault("is_causal", False)
-    return named
-
-
-def attention_calls(graph: fx.Graph) -> list[fx.Node]:
-    """The attention calls whose keys and values the graph computes (traced, not constants)."""
-    found = []
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is SDPA:
-            named = _sdpa_arguments(node)
-            if isinstance(named.get("key"), fx.Node) and isinstance(named.get("value"), fx.Node):
-                found.append(node)
-    return found
-
-
-def _call_layer(region: Region, node: fx.Node) -> int | None:
-    """The decoder layer an attention call belongs to, from the module it was traced in."""
-    stack = node.meta.get("nn_module_stack") or {}
-    inner = next(reversed(stack.values()))[0] if stack else ""
-    path = ".".join(p for p in (region.path, inner) if p)
-    return layer_index(path)
-
-
-def graph_sites(graph: Graph, num_layers: int) -> tuple[dict[str, list[int]], str | None]:
-    """Region path -> the layer of each traced attention call in it, when every layer's
-    attention is traced exactly once; else ({}, why the graph route does not apply)."""
-    sites: dict[str, list[int]] = {}
-    for region in graph.regions:
-        if region.leaf:
-            continue
-        layers = [_call_layer(region, node) for node in attention_calls(region.base)]
-        if layers:
-            sites[region.path] = layers
-    found = sorted(layer for layers in sites.values() for layer in layers if layer is not None)
-    if found == list(range(num_layers)) and all(None not in ls for ls in sites.values()):
-        return sites, None
-    if not sites:
-        breaks = ", ".join(sorted({b.module_type for b in graph.breaks})) or "none"
-        return {}, (
-            f"no traced region calls F.scaled_dot_product_attention on traced keys and values "
-            f"(graph breaks: {breaks})"
-        )
-    return {}, (
-        f"traced attention calls cover layers {found}, the model has {num_layers} layers "
-        f"(each must be traced exactly once)"
-    )
-
-
-def attend_with_prefix(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    prefix: tuple[torch.Tensor, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Keys, values and mask with a layer's prefix in front, as attention sees them with prefix
-    tuning: every query attends to every prefix token. Prefix heads are repeated when the keys
-    already were (grouped-query attention repeated before the call)."""
-    prefix_key, prefix_value = prefix
-    repeats = key.shape[1] // prefix_key.shape[1]
-    if repeats != 1:
-        prefix_key = prefix_key.repeat_interleave(repeats, dim=1)
-        prefix_value = prefix_value.repeat_interleave(repeats, dim=1)
-    n = prefix_key.shape[-2]
-    if is_causal:  # F.scaled_dot_product_attention's own causal mask (top-left aligned)
-        attn_mask = torch.ones(
-            query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device
-        ).tril()
-    if attn_mask is not None and attn_mask.shape[-1] != 1:
-        fill = attn_mask.new_ones if attn_mask.dtype == torch.bool else attn_mask.new_zeros
-        attn_mask = torch.cat([fill(*attn_mask.shape[:-1], n), attn_mask], dim=-1)
-    key = torch.cat([prefix_key.to(key.dtype), key], dim=-2)
-    value = torch.cat([prefix_value.to(value.dtype), value], dim=-2)
-    return key, value, attn_mask
-
-
-class LayerPrefix(nn.Module):
-    """In a region graph: one layer's key and value prefix, for the batch of ``like``."""
-
-    def __init__(self, adapter: PrefixAdapter, layer: int) -> None:
-        super().__init__()
-        object.__setattr__(self, "adapter", adapter)  # not a submodule: parameters live once
-        self.layer = layer
-
-    def forward(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.adapter.layer_prefix(self.layer, like)
-
-
-def insert_prefix(ctx: EmitContext, node: fx.Node, name: str, prefix: LayerPrefix) -> None:
-    """Rewire one attention call to read the keys, values and mask with the prefix in front."""
-    named = _sdpa_arguments(node)
-    with ctx.graph.inserting_before(node):
-        kv = ctx.module(name, prefix, named["query"])
-        parts = ctx.call(
-            attend_with_prefix,
-            named["query"],
-            named["key"],
-            named["value"],
-            named["attn_mask"],
-            named["is_causal"],
-            kv,
-        )
-        key, value, mask = (ctx.call(operator.getitem, parts, i) for i in range(3))
-    rest = {k: v for k, v in named.items() if k not in ("query", "key", "value")}
-    node.args = (named["query"], key, value)
-    node.kwargs = {**rest, "attn_mask": mask, "is_causal": False}
-
-
 # -- the prefix adapter (PrefixTuning, PTuningV2) -----------------------------------------------
 
 
@@ -504,9 +383,8 @@ class PrefixAdapter(CallAdapter):
         return self.route == "graph" and not region.leaf and region.path in self.sites
 
     def emit_region(self, ctx: EmitContext, region: Region) -> None:
-        layers = self.sites[region.path]
-        for i, (node, layer) in enumerate(zip(attention_calls(ctx.graph), layers)):
-            insert_prefix(ctx, node, f"prefix_{i}", LayerPrefix(self, layer))
+        for i, layer in enumerate(self.sites[region.path]):
+            insert_prefix(ctx, i, LayerPrefix(self, layer))
 
     # files and lowering -----------------------------------------------------------------------
 

@@ -125,12 +125,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) ->
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
-class SdpaAttention(nn.Module):
+class TracingAttention(nn.Module):
     """Llama-style attention (rotary, grouped-query) written so that it traces: keys and values
-    go through the cache's ``update`` and into F.scaled_dot_product_attention as traced values."""
+    go through the cache's ``update`` and into F.scaled_dot_product_attention (or, ``eager``,
+    matmul-softmax-matmul) as traced values."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, layer_idx: int) -> None:
+    def __init__(self, dim: int, heads: int, kv_heads: int, layer_idx: int, eager: bool) -> None:
         super().__init__()
+        self.eager = eager
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.layer_idx = layer_idx
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -149,15 +151,19 @@ class SdpaAttention(nn.Module):
         groups = self.heads // self.kv_heads
         k = kv[0].repeat_interleave(groups, dim=1)
         v = kv[1].repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.eager:
+            scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim**-0.5 + mask
+            out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
-class SdpaDecoderLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, layer_idx: int) -> None:
+class TracingDecoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, layer_idx: int, eager: bool) -> None:
         super().__init__()
         self.input_norm = RMSNorm(dim)
-        self.attn = SdpaAttention(dim, heads, kv_heads, layer_idx)
+        self.attn = TracingAttention(dim, heads, kv_heads, layer_idx, eager)
         self.post_norm = RMSNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
 
@@ -166,12 +172,14 @@ class SdpaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_norm(x))
 
 
-class SdpaDecoder(nn.Module):
+class TracingDecoder(nn.Module):
     """A tiny decoder whose attention regions trace (HF attention is a graph break today), with
     a transformers-style call: input_ids or inputs_embeds, attention_mask, position_ids,
     past_key_values (a transformers Cache), labels."""
 
-    def __init__(self, vocab: int = 96, dim: int = 32, layers: int = 2, heads: int = 4) -> None:
+    def __init__(
+        self, vocab: int = 96, dim: int = 32, layers: int = 2, heads: int = 4, eager: bool = False
+    ) -> None:
         super().__init__()
         from transformers import PretrainedConfig
 
@@ -185,7 +193,7 @@ class SdpaDecoder(nn.Module):
         )
         self.embed_tokens = nn.Embedding(vocab, dim)
         self.layers = nn.ModuleList(
-            SdpaDecoderLayer(dim, heads, kv_heads, i) for i in range(layers)
+            TracingDecoderLayer(dim, heads, kv_heads, i, eager) for i in range(layers)
         )
         self.norm = RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
@@ -237,10 +245,11 @@ class SdpaDecoder(nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
 
-def tiny_sdpa_decoder() -> nn.Module:
-    """Built seeded by the caller; kept out of ZOO so the other methods' zoo-wide tests do not
-    grow (prompt methods use it for the graph route)."""
-    return SdpaDecoder()
+def tiny_traced_decoder(eager: bool = False) -> nn.Module:
+    """Attention by F.scaled_dot_product_attention, or (``eager``) by matmul and softmax. Built
+    seeded by the caller; kept out of ZOO so the other methods' zoo-wide tests do not grow
+    (prompt methods use it for their graph route)."""
+    return TracingDecoder(eager=eager)
 
 
 @dataclass(frozen=True)

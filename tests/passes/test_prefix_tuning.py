@@ -13,11 +13,11 @@ from zoo import (
     generate,
     logits,
     randomize,
-    tiny_sdpa_decoder,
+    tiny_traced_decoder,
 )
 
 import surgeon
-from passes.prompt_common import attend_with_prefix
+from passes.prefix_graph import attend_with_prefix
 
 peft = pytest.importorskip("peft")
 
@@ -197,32 +197,43 @@ def test_training_moves_only_the_prefixes_and_lowers_the_loss():
 # -- the graph route --------------------------------------------------------------------------
 
 
-def _sdpa_pair(**fields) -> tuple[surgeon.CompiledModel, surgeon.CompiledModel]:
+def _route_pair(eager: bool, **fields) -> tuple[surgeon.CompiledModel, surgeon.CompiledModel]:
     """The same adapter on the same model, through the graph route and the cache route."""
     pair = []
     for route in ("graph", "cache"):
         torch.manual_seed(0)
-        pair.append(_compiled(tiny_sdpa_decoder().eval(), route=route, **fields))
+        pair.append(_compiled(tiny_traced_decoder(eager).eval(), route=route, **fields))
     return pair[0], pair[1]
 
 
-def test_auto_takes_the_graph_route_where_attention_traces_and_inserts_the_prefix_there():
-    model = tiny_sdpa_decoder()
+ATTENTION = [False, True]
+ATTENTION_IDS = ["sdpa", "matmul-softmax"]
+
+
+@pytest.mark.parametrize("eager", ATTENTION, ids=ATTENTION_IDS)
+def test_auto_takes_the_graph_route_where_attention_traces_and_inserts_the_prefix_there(eager):
+    model = tiny_traced_decoder(eager)
     cm = surgeon.compile(model, surgeon.PrefixTuning(N, projection_dim=None))
     assert cm.store.calls["default"].route == "graph"
     assert "graph route" in str(cm.inspect())
     for path in ("layers.0", "layers.1"):
         code = cm.graph.code(path)
-        assert code.count("attend_with_prefix(") == 1
-        assert "self.adapters.default.prefix_0(" in code
+        assert code.count("self.adapters.default.prefix_0(") == 1
+        if eager:  # keys, values and the additive mask of the matmul-softmax pattern
+            assert code.count("with_prefix(") == 2 and code.count("pad_mask(") == 1
+        else:
+            assert code.count("attend_with_prefix(") == 1
     cm.graph.check()
     llama = ZOO["llama"].model()
     assert surgeon.compile(llama, surgeon.PrefixTuning(N)).store.calls["default"].route == "cache"
 
 
+@pytest.mark.parametrize("eager", ATTENTION, ids=ATTENTION_IDS)
 @pytest.mark.parametrize("projection_dim", [None, 8])
-def test_graph_and_cache_routes_give_the_same_outputs_losses_gradients_and_decoding(projection_dim):
-    graph, cache = _sdpa_pair(projection_dim=projection_dim)
+def test_graph_and_cache_routes_give_the_same_outputs_losses_gradients_and_decoding(
+    eager, projection_dim
+):
+    graph, cache = _route_pair(eager, projection_dim=projection_dim)
     x = _inputs()
     a, b = graph(**x, labels=x["input_ids"]), cache(**x, labels=x["input_ids"])
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
@@ -233,14 +244,10 @@ def test_graph_and_cache_routes_give_the_same_outputs_losses_gradients_and_decod
     with torch.no_grad():  # a prefill, then two more tokens through each route's cache
         steps = []
         for cm in (graph, cache):
-            out = cm(
-                **{k: v[:, :4] for k, v in x.items()},
-                past_key_values=DynamicCache(),
-                use_cache=True,
-            )
-            ids = x["input_ids"][:, 4:]
+            first = {k: v[:, :4] for k, v in x.items()}
+            out = cm(**first, past_key_values=DynamicCache(), use_cache=True)
             more = cm(
-                input_ids=ids,
+                input_ids=x["input_ids"][:, 4:],
                 attention_mask=x["attention_mask"],
                 past_key_values=out.cache,
                 use_cache=True,
@@ -260,7 +267,7 @@ def test_lora_in_the_same_regions_as_the_graph_route_prefix():
                 "prefix": surgeon.PrefixTuning(N, projection_dim=None, route=route),
             }
         )
-        cm = surgeon.compile(tiny_sdpa_decoder().eval(), spec)
+        cm = surgeon.compile(tiny_traced_decoder().eval(), spec)
         randomize(cm, scale=0.5)
         outs.append(logits(cm(**_inputs())))
         if route == "graph":

@@ -13,7 +13,7 @@ from zoo import (
     generate,
     logits,
     randomize,
-    tiny_sdpa_decoder,
+    tiny_traced_decoder,
 )
 
 import surgeon
@@ -114,7 +114,7 @@ def test_graph_and_cache_routes_agree_in_outputs_and_gradients():
     pair = []
     for route in ("graph", "cache"):
         torch.manual_seed(0)
-        pair.append(_compiled(tiny_sdpa_decoder().eval(), route=route))
+        pair.append(_compiled(tiny_traced_decoder().eval(), route=route))
     x = _inputs()
     outs = [cm(**x, labels=x["input_ids"]) for cm in pair]
     torch.testing.assert_close(outs[0].logits, outs[1].logits, rtol=1e-5, atol=1e-5)
@@ -141,7 +141,7 @@ def test_bert_sequence_classification_trains_its_prompts_only():
 def test_graph_route_export_keeps_the_prefix_as_constants(tmp_path):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    cm = _compiled(tiny_sdpa_decoder().eval())
+    cm = _compiled(tiny_traced_decoder().eval())
     assert cm.store.calls["default"].route == "graph"
     report = surgeon.export_onnx(cm, tmp_path / "m.onnx", _inputs(padded=False))
     assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
