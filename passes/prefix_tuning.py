@@ -3,7 +3,7 @@
 Each layer's attention also attends to ``num_virtual_tokens`` learned keys and values, in front
 of the real tokens. With ``projection_dim`` the prefixes are produced by PEFT's reparameterisation
 (an embedding through Linear, Tanh, Linear) while training, and folded into plain prefixes for
-inference and export; with ``projection_dim=None`` the prefixes are the parameters. Files are
+inference and export; with ``projection_dim=None`` (or 0) the prefixes are the parameters. Files are
 PEFT's: ``prompt_embeddings`` holds the (folded) prefixes, so a file loads as plain prefixes.
 How prefixes reach attention (the cache or the graph route) is described in `prompt_common`.
 """
@@ -31,6 +31,8 @@ class PrefixTuning(PrefixMethod):
 
     def validate(self) -> None:
         self.check_common_fields()
+        if self.projection_dim == 0:  # spec files without a null (TOML) write 0 for "none"
+            self._set("projection_dim", None)
         if self.projection_dim is not None:
             check_int(type(self).__name__, "projection_dim", self.projection_dim)
 

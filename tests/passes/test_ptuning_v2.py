@@ -138,6 +138,7 @@ def test_bert_sequence_classification_trains_its_prompts_only():
         torch.testing.assert_close(logits(cm(**x)), base)
 
 
+@pytest.mark.slow  # the default run exports Llama with prompt and prefix tuning, BERT with prompts
 def test_graph_route_export_keeps_the_prefix_as_constants(tmp_path):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
