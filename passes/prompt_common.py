@@ -226,7 +226,7 @@ def new_cache(model: nn.Module) -> Any:
 
 
 def call_cache(kwargs: dict[str, Any], model: nn.Module) -> Any:
-    """The call's (empty) cache, or a new one; either way it is passed under ``name`` only."""
+    """The call's (empty) cache, or a new one for the model."""
     for key in CACHE_ARGUMENTS:
         if kwargs.get(key) is not None:
             cache = kwargs[key]
@@ -287,7 +287,6 @@ class PrefixAdapter(CallAdapter):
     ) -> None:
         super().__init__()
         self.method = method
-        object.__setattr__(self, "model", model)  # the user's model, not a submodule
         self.shape = shape
         self.n = n
         self.encoder = encoder

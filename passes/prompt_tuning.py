@@ -207,7 +207,6 @@ class PromptAdapter(CallAdapter):
         self, embeddings: nn.Embedding, n: int, peft_config: dict[str, Any], **factory
     ) -> None:
         super().__init__()
-        object.__setattr__(self, "input_embeddings", embeddings)  # the model's, not ours
         self.n = n
         self.embeddings = nn.Parameter(torch.empty(n, embeddings.embedding_dim, **factory))
         self.config_fields = peft_config
@@ -226,7 +225,7 @@ class PromptAdapter(CallAdapter):
             return
         embedded = kwargs.get("inputs_embeds")
         if embedded is None:
-            embedded = self.input_embeddings(kwargs["input_ids"])
+            embedded = call.model.get_input_embeddings()(kwargs["input_ids"])
         kwargs["input_ids"] = None
         batch, length = batch_and_length({"inputs_embeds": embedded})
         prompts = self.prompts().to(embedded.dtype).unsqueeze(0).expand(batch, -1, -1)
