@@ -4,7 +4,18 @@ Adding a method is one file in this package plus one import line here.
 """
 
 import surgeon  # noqa: F401  (first: the methods import surgeon's modules)
-from passes import adalora, dora, ia3, loha, lokr, lora, vera  # noqa: F401
+from passes import (  # noqa: F401
+    adalora,
+    dora,
+    ia3,
+    loha,
+    lokr,
+    lora,
+    prefix_tuning,
+    prompt_tuning,
+    ptuning_v2,
+    vera,
+)
 from surgeon.spec import METHODS
 
 __all__ = ["METHODS"]

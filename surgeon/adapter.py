@@ -5,19 +5,27 @@ A method (one file in ``passes/``) supplies:
 * a spec class (`surgeon.spec.MethodSpec`) that validates its fields, says which layers it
   supports, and builds one `AdapterLayer` per targeted layer;
 * the `AdapterLayer`: a plain module that owns the method's parameters for one layer, emits its
-  subgraph next to the base node, knows its merged weight delta and its PEFT state-dict keys.
+  subgraph next to the base node, knows its merged weight delta and its PEFT state-dict keys;
+* or, for methods that act on the model call instead of a layer (prompt methods), one
+  `CallAdapter` that rewrites the call's arguments.
 
 Merge, unmerge, save, load and lowering are written once on top of that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.fx as fx
 from torch import nn
+
+if TYPE_CHECKING:
+    from surgeon.trace import Region
 
 
 class EmitContext:
@@ -126,3 +134,107 @@ def merge_layers(layers: Sequence[AdapterLayer]) -> None:
         layer.prepare_merge()
     for layer in layers:
         layer.merge()
+
+
+# -- methods that act on the model call rather than on a layer --------------------------------
+
+
+@dataclass
+class ModelCall:
+    """One call of the model as a call adapter sees it: every argument by name, and whether it
+    starts a sequence (no cached tokens yet) or continues one (a generation step)."""
+
+    model: nn.Module
+    kwargs: dict[str, Any]
+    prefill: bool
+
+
+class CallAdapter(nn.Module):
+    """One method's parameters for the whole model (prompt tuning, prefix tuning, ...).
+
+    Instead of emitting nodes next to a layer, it rewrites the keyword arguments of every model
+    call (input embeddings, attention mask, position ids, labels, the key/value cache) in
+    `transform`, for ``forward`` and for each step of ``generate`` alike. Where it acts inside the
+    model (a prefix concatenated before an attention call), it also adds nodes to the traced
+    regions it `touches`. Activation, save, load and export handle it like the layer adapters.
+    """
+
+    method: ClassVar[str]
+    target: str = "model call"
+    """What ``inspect()`` shows in its target column."""
+    where: str = "-"
+    """How it reaches the model, shown in ``inspect()``'s region column."""
+
+    def transform(self, call: ModelCall) -> None:
+        """Rewrite ``call.kwargs`` in place."""
+        raise NotImplementedError
+
+    def touches(self, region: Region) -> bool:
+        """Whether `emit_region` adds nodes to ``region``'s graph."""
+        return False
+
+    def emit_region(self, ctx: EmitContext, region: Region) -> None:
+        """Add this adapter's nodes to a copy of ``region``'s graph (``ctx.graph``)."""
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a load fills, by their full key in PEFT's file."""
+        raise NotImplementedError
+
+    def peft_tensors_to_save(self) -> dict[str, torch.Tensor]:
+        return self.peft_tensors()
+
+    def peft_config(self) -> dict[str, Any]:
+        """adapter_config.json fields that come from the model (sizes, task type)."""
+        return {}
+
+    @contextlib.contextmanager
+    def as_constants(self) -> Iterator[None]:
+        """Within the block, the adapter's outputs are constants (detached), for lowering."""
+        yield
+
+
+def transform_call(
+    model: nn.Module, adapters: Sequence[CallAdapter], args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
+    """The arguments of a model call after ``adapters`` rewrote them (a forward pre-hook)."""
+    named = _by_name(model, args, kwargs)
+    call = ModelCall(model, named, prefill=cached_length(named) == 0)
+    for adapter in adapters:
+        adapter.transform(call)
+    return (), call.kwargs
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+"""The names transformers gives the key/value cache argument (``cache`` from version 5.2x)."""
+
+
+def cached_length(kwargs: Mapping[str, Any]) -> int:
+    """How many tokens the call's key/value cache already holds (0 without a cache)."""
+    for key in CACHE_ARGUMENTS:
+        cache = kwargs.get(key)
+        if cache is None:
+            continue
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+            return int(cache[0][0].shape[-2])  # the legacy tuple-of-tuples layout
+    return 0
+
+
+def _by_name(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not args:
+        return dict(kwargs)
+    signature = inspect.signature(model.forward)
+    bound = signature.bind_partial(*args, **kwargs)
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(
+                f"{type(model).__name__}.forward takes *{name}: prompt methods need its "
+                f"arguments by name"
+            )
+        else:
+            named[name] = value
+    return named

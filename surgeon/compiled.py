@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.adapter import AdapterLayer, merge_layers
+from surgeon.adapter import AdapterLayer, CallAdapter, merge_layers, transform_call
 from surgeon.copies import LayerCopy, copy_paths, present_names
 from surgeon.errors import SpecError
 from surgeon.graph import Graph
@@ -29,16 +29,31 @@ class AdapterStore(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layers = nn.ModuleDict()
+        self.calls = nn.ModuleDict()  # adapters acting on the model call (prompt methods)
         self.specs: dict[str, MethodSpec] = {}
         self.paths: dict[str, list[str]] = {}
 
-    def add(self, name: str, spec: MethodSpec, layers: Mapping[str, AdapterLayer]) -> None:
+    def add(
+        self,
+        name: str,
+        spec: MethodSpec,
+        layers: Mapping[str, AdapterLayer],
+        call: CallAdapter | None = None,
+    ) -> None:
         self.layers[name] = nn.ModuleDict({escape(p): layer for p, layer in layers.items()})
+        if call is not None:
+            self.calls[name] = call
         self.paths[name] = list(layers)
         self.specs[name] = spec
 
+    def call(self, name: str) -> CallAdapter | None:
+        """The adapter of ``name`` if its method acts on the model call, else None."""
+        return self.calls._modules.get(name)
+
     def remove(self, name: str) -> None:
         del self.layers[name]
+        if name in self.calls:
+            del self.calls[name]
         del self.specs[name]
         del self.paths[name]
 
@@ -62,6 +77,8 @@ class CompiledModel(nn.Module):
         self._fused = False
         self.training = model.training  # cm.training mirrors the model it wraps
         self._plans: dict[tuple, list] = {}
+        self._calls: list[CallAdapter] = []  # the running call adapters (a forward pre-hook)
+        self._call_hook = None
 
     # -- passing through to the model ---------------------------------------------------------
 
@@ -137,6 +154,8 @@ class CompiledModel(nn.Module):
 
     def add_adapter(self, name: str, method: MethodSpec, activate: bool | None = None) -> None:
         """Add an adapter; it becomes active if it is the first one (or when ``activate``)."""
+        if activate:
+            self._check_call_adapters([*self._active, name], {name: method})
         self._build_adapter(name, method)
         if activate or (activate is None and not self._active):
             self._active = (*self._active, name)
@@ -160,18 +179,23 @@ class CompiledModel(nn.Module):
         with _unchanged_on_error(self.model, _rewritten_weights(self.model, method, paths)):
             layers = method.create_layers(self.model, paths)
             layers.update({p: LayerCopy(self.model.get_submodule(p)) for p in copies})
+            call = method.create_call_adapter(self.model, self.graph, tensors is not None)
             base_trainable = method.trainable_base_parameters(self.model, paths)
             if tensors is not None:
                 from surgeon.io import fill_adapter
 
-                fill_adapter(self.model, name, method, layers, base_trainable, tensors)
+                fill_adapter(self.model, name, method, layers, base_trainable, tensors, call)
         self._freeze_base()
         params = dict(self.model.named_parameters())
         for pname in base_trainable:
             params[pname].requires_grad_(True)
-        for layer in layers.values():
+        for layer in [*layers.values(), *([call] if call is not None else [])]:
             layer.train(self.model.training)  # new adapters follow the model's mode
-        self.store.add(name, method, layers)
+        if call is not None and self._call_hook is None:
+            self._call_hook = self.model.register_forward_pre_hook(
+                self._transform_call, with_kwargs=True
+            )
+        self.store.add(name, method, layers, call)
         self._add_unreached_layers([*paths, *copies])
         self._forget_plans()
 
@@ -182,6 +206,7 @@ class CompiledModel(nn.Module):
             self._require(n)
         if len(set(chosen)) != len(chosen):
             raise SpecError(f"set_active: adapter names repeat in {list(chosen)}")
+        self._check_call_adapters(chosen)
         self._active = chosen
         self._recompile()
 
@@ -211,6 +236,25 @@ class CompiledModel(nn.Module):
             if merged:
                 self.merge(merged)
             self._recompile()
+
+    def _check_call_adapters(
+        self, names: Sequence[str], new: Mapping[str, MethodSpec] | None = None
+    ) -> None:
+        """At most one adapter acting on the model call (a prompt method) runs at a time: each
+        would take the others' virtual tokens for its own."""
+        specs = {**self.store.specs, **(new or {})}
+        calls = [n for n in names if n in specs and specs[n].acts_on_call]
+        if len(calls) > 1:
+            kinds = ", ".join(f"{n!r} ({specs[n].name})" for n in calls)
+            raise SpecError(
+                f"adapters {kinds} all act on the model call (prompt methods); only one of them "
+                f"can be active at a time, alongside any layer adapters: use set_active"
+            )
+
+    def _transform_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not self._calls:
+            return None
+        return transform_call(module, self._calls, args, kwargs)
 
     def _require(self, name: str) -> None:
         if name not in self.store.specs:
@@ -260,7 +304,13 @@ class CompiledModel(nn.Module):
         chosen = list(self._active if names is None else names)
         for n in chosen:
             self._require(n)
-        chosen = [n for n in chosen if n not in self._merged]
+            if names is not None and n in self.store.calls:
+                raise SpecError(
+                    f"cannot merge adapter {n!r}: {self.store.specs[n].name} acts on the model "
+                    f"call and has no weights to fold into; it keeps running unmerged"
+                )
+        # prompt methods have nothing to fold: merging the active adapters leaves them running
+        chosen = [n for n in chosen if n not in self._merged and n not in self.store.calls]
         self._refuse_tied_weights(chosen)
         return chosen
 
@@ -286,11 +336,22 @@ class CompiledModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Fold the active adapters in and hand back the plain model (no surgeon code left in it)."""
+        running = [n for n in self._running() if n in self.store.calls]
+        if running:
+            raise SpecError(
+                f"merge_and_unload: adapter {running[0]!r} ({self.store.specs[running[0]].name}) "
+                f"acts on the model call and cannot be folded into the weights, so the plain model "
+                f"would lose it. Deactivate it first, or export with surgeon.export_onnx, which "
+                f"turns its prompts into constants"
+            )
         self.merge()
         for region in self.graph.regions:
             install(self.model, region, None)
         for name in list(self.store.specs):
             self.store.remove(name)
+        if self._call_hook is not None:
+            self._call_hook.remove()
+            self._call_hook = None
         self._active, self._merged = (), []
         self._forget_plans()
         return self.model
@@ -332,19 +393,27 @@ class CompiledModel(nn.Module):
     def _install(self, names: tuple[str, ...], mixed: bool = False) -> None:
         """Install the rewrites for running ``names``; a set seen before reuses its rewrites, so
         switching adapters costs no tracing or code generation."""
+        calls = [(n, self.store.calls[n]) for n in names if n in self.store.calls]
+        if mixed and calls:
+            raise SpecError(
+                f"adapter_names: adapter {calls[0][0]!r} ({self.store.specs[calls[0][0]].name}) "
+                f"acts on the whole model call; mixed batches support layer adapters only"
+            )
         key = (names, mixed, self._fused)
         if key not in self._plans:
             active = self._layers_of(names)
             passes = self._graph_passes()
             self._plans[key] = [
-                (region, rewrite_region(self.model, region, active, mixed, passes))
-                if active and reached_layers(self.model, [region]) & active.keys()
+                (region, rewrite_region(self.model, region, active, mixed, passes, calls))
+                if (active and reached_layers(self.model, [region]) & active.keys())
+                or any(call.touches(region) for _, call in calls)
                 else (region, None)
                 for region in self.graph.regions
             ]
         for region, rewrite in self._plans[key]:
             if rewrite is not None or region.gm is not None:
                 install(self.model, region, rewrite)
+        self._calls = [call for _, call in calls]
 
     def _graph_passes(self) -> tuple:
         if not self._fused:
@@ -451,7 +520,8 @@ class CompiledModel(nn.Module):
             raise SpecError(f"hotswap_adapter: {path} adapts other layers than adapter {name!r}")
         layers = dict(self.store.items(name))
         base_trainable = method.trainable_base_parameters(self.model, paths)
-        fill_adapter(self.model, name, method, layers, base_trainable, tensors)
+        call = self.store.call(name)
+        fill_adapter(self.model, name, method, layers, base_trainable, tensors, call)
         self.store.specs[name] = method
         if method != current and hasattr(method, "rank_and_scale"):
             for p, layer in layers.items():
@@ -466,6 +536,8 @@ class CompiledModel(nn.Module):
 
         method, tensors = read_adapter(Path(path))
         method = method.replace(modules_to_save=present_names(self.model, method.modules_to_save))
+        if activate:
+            self._check_call_adapters([*self._active, name], {name: method})
         self._build_adapter(name, method, tensors)
         if activate or (activate is None and not self._active):
             self._active = (*self._active, name)
@@ -517,6 +589,7 @@ def compile(
     cm = CompiledModel(model, Graph(result.regions, result.breaks, result.seconds))
     cm._fused = fuse
     if spec is not None:
+        cm._check_call_adapters(list(spec.adapters), spec.adapters)
         rewritten = [
             w for m in spec.adapters.values() for w in _rewritten_weights(model, m, m.select(model))
         ]

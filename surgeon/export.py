@@ -1,8 +1,10 @@
 """Lowering and verified ONNX export.
 
 Lowering folds every active adapter into the base weights and removes the rewritten forwards, so
-the exported graph holds only the base model's ops. It never touches the user's weights: each
-targeted layer gets merged copies for the duration, and the original parameters come back after.
+the exported graph holds only the base model's ops; adapters acting on the model call (prompt
+methods) stay, with their prompts and prefixes turned into constants. It never touches the user's
+weights: each targeted layer gets merged copies for the duration, and the original parameters come
+back after.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from torch import nn
 
 from surgeon.adapter import merge_layers
 from surgeon.errors import SpecError
-from surgeon.rewrite import install
 from surgeon.trace import training_mode
 
 if TYPE_CHECKING:
@@ -61,16 +62,19 @@ class ExportReport:
 
 @contextlib.contextmanager
 def lowered(cm: CompiledModel) -> Iterator[nn.Module]:
-    """The plain model with the active adapters folded in, for the duration of the block."""
-    layers = [
-        layer for name in cm.active if name not in cm.merged for _, layer in cm.store.items(name)
-    ]
+    """The plain model with the active adapters folded in (prompts as constants), for the
+    duration of the block."""
+    running = [name for name in cm.active if name not in cm.merged]
+    layers = [layer for name in running for _, layer in cm.store.items(name)]
+    calls = tuple(name for name in running if name in cm.store.calls)
     originals = _swap_in_copies([layer.base for layer in layers])
     try:
         merge_layers(layers)
-        for region in cm.graph.regions:
-            install(cm.model, region, None)
-        yield cm.model
+        with contextlib.ExitStack() as constants:
+            for name in calls:
+                constants.enter_context(cm.store.calls[name].as_constants())
+            cm._install(calls)  # only the call adapters' rewrites remain (none: the base forwards)
+            yield cm.model
     finally:
         for module, name, param in originals:
             setattr(module, name, param)

@@ -49,6 +49,11 @@ class Report:
                         active=name in cm.active,
                     )
                 )
+            if (call := cm.store.call(name)) is not None:
+                params = sum(p.numel() for p in call.parameters())
+                rows.append(
+                    Row(call.target, method, name, None, params, call.where, name in cm.active)
+                )
         graph = cm.graph
         return cls(
             rows=rows,

@@ -23,7 +23,7 @@ from surgeon.errors import SpecError
 from surgeon.spec import METHODS, MethodSpec
 
 if TYPE_CHECKING:
-    from surgeon.adapter import AdapterLayer
+    from surgeon.adapter import AdapterLayer, CallAdapter
     from surgeon.compiled import CompiledModel
 
 CONFIG_NAME = "adapter_config.json"
@@ -203,9 +203,13 @@ def fill_adapter(
     layers: Mapping[str, AdapterLayer],
     base_trainable: Sequence[str],
     tensors: Mapping[str, torch.Tensor],
+    call: CallAdapter | None = None,
 ) -> None:
-    """Copy file tensors into freshly built adapter layers, checking every key and shape first."""
+    """Copy file tensors into freshly built adapter layers (and the adapter of a method acting
+    on the model call), checking every key and shape first."""
     wanted = _layer_tensors(method, layers)
+    if call is not None:
+        wanted.update(call.peft_tensors())
     base_params = dict(model.named_parameters())
     for pname in base_trainable:
         wanted[PREFIX + pname] = base_params[pname]
@@ -255,6 +259,8 @@ def adapter_tensors(cm: CompiledModel, name: str) -> dict[str, torch.Tensor]:
     """The adapter's state dict under PEFT's keys (biases of targeted layers under ``base_layer``)."""
     paths = cm.store.paths[name]
     out = _layer_tensors(cm.spec(name), dict(cm.store.items(name)), saving=True)
+    if (call := cm.store.call(name)) is not None:
+        out.update(call.peft_tensors_to_save())
     targeted = set(paths)
     params = dict(cm.model.named_parameters())
     for pname in cm.spec(name).trainable_base_parameters(cm.model, paths):
@@ -272,6 +278,8 @@ def adapter_config(cm: CompiledModel, name: str) -> dict[str, Any]:
     config = spec.to_peft_config(adapted)
     config["modules_to_save"] = list(spec.modules_to_save) or None
     config.update(spec.peft_config_from_training(dict(cm.store.items(name))))
+    if (call := cm.store.call(name)) is not None:
+        config.update(call.peft_config())
     try:
         surgeon_version = version("surgeon-peft")
     except PackageNotFoundError:
@@ -280,7 +288,7 @@ def adapter_config(cm: CompiledModel, name: str) -> dict[str, Any]:
     config.update(
         {
             "base_model_name_or_path": name_or_path,
-            "task_type": None,
+            "task_type": config.get("task_type"),
             "inference_mode": True,
             "revision": None,
             "peft_version": f"surgeon-peft {surgeon_version}",

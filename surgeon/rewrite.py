@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.adapter import AdapterLayer, CallAdapter, EmitContext
 from surgeon.errors import SpecError
 from surgeon.trace import Region, leaf_graph
 
@@ -69,8 +69,10 @@ def rewrite_region(
     active: ActiveLayers,
     mixed: bool = False,
     graph_passes: Sequence[GraphPass] = (),
+    calls: Sequence[tuple[str, CallAdapter]] = (),
 ) -> Rewrite:
-    """A copy of the region's base graph with adapter subgraphs after each targeted layer node.
+    """A copy of the region's base graph with adapter subgraphs after each targeted layer node,
+    then the nodes of the call adapters that `touch <CallAdapter.touches>` the region.
 
     ``mixed``: each adapter runs only on the batch rows assigned to it (``adapter_names``).
     ``graph_passes`` then run on the rewritten graph, in order.
@@ -92,6 +94,12 @@ def rewrite_region(
             emit = _emit_mixed if mixed else _emit_adapters
             emit(graph, root, node, active[id(layer)], region)
             adapted[_full_path(region, str(node.target))] = [n for n, _ in active[id(layer)]]
+    for name, call in calls:
+        if call.touches(region):
+            call.emit_region(
+                EmitContext(graph, root, f"adapters.{name}", name, call.method), region
+            )
+            adapted.setdefault(region.path or "<root>", []).append(name)
     for graph_pass in graph_passes:
         graph_pass(graph, root)
     graph.lint()

@@ -19,7 +19,8 @@ from torch import nn
 from surgeon.errors import SpecError, did_you_mean
 
 if TYPE_CHECKING:
-    from surgeon.adapter import AdapterLayer
+    from surgeon.adapter import AdapterLayer, CallAdapter
+    from surgeon.graph import Graph
 
 METHODS: dict[str, type[MethodSpec]] = {}
 PRESETS = ("attention", "mlp", "all-linear")
@@ -104,6 +105,17 @@ class MethodSpec(metaclass=_ValidatingMeta):
         """Adapter layers for every target. Methods with state shared across layers (VeRA's
         projections) override this; the others build each layer on its own."""
         return {p: self.create_layer(model.get_submodule(p), p) for p in paths}
+
+    acts_on_call: ClassVar[bool] = False
+    """Whether the method acts on the model call (`create_call_adapter`) instead of on layers."""
+
+    def create_call_adapter(
+        self, model: nn.Module, graph: Graph, from_file: bool
+    ) -> CallAdapter | None:
+        """The adapter of a method that acts on the model call (prompt methods), or None.
+        ``graph``: the model's traced regions; ``from_file``: build the form a saved file holds
+        (a load fills it next)."""
+        return None
 
     def peft_shared_tensors(self, layers: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
         """Adapter-wide tensors (not under one layer's path), by their full PEFT key."""

@@ -74,3 +74,10 @@ def test_train_example_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert "same adapter as the uninterrupted run: True" in out
     assert "checkpoints: checkpoint-12, checkpoint-24" in out
     assert (tmp_path / "checkpoint-24" / "adapter_model.safetensors").exists()
+
+
+def test_prompt_tuning_example_trains_and_reloads():
+    out = run_example("prompt_tuning.py")
+    assert "training accuracy 100%" in out
+    assert "reloaded prompt matches: max |diff| = 0.00e+00" in out
+    assert "input embeddings (+8 virtual tokens)" in out

@@ -111,6 +111,147 @@ def tiny_bert() -> nn.Module:
     return BertForSequenceClassification(config)
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class TracingAttention(nn.Module):
+    """Llama-style attention (rotary, grouped-query) written so that it traces: keys and values
+    go through the cache's ``update`` and into F.scaled_dot_product_attention (or, ``eager``,
+    matmul-softmax-matmul) as traced values."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, layer_idx: int, eager: bool) -> None:
+        super().__init__()
+        self.eager = eager
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        batch, length = x.shape[0], x.shape[1]
+        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        half = self.head_dim // 2
+        q, k = _rotate(q, cos, sin, half), _rotate(k, cos, sin, half)
+        kv = cache.update(k, v, self.layer_idx)
+        groups = self.heads // self.kv_heads
+        k = kv[0].repeat_interleave(groups, dim=1)
+        v = kv[1].repeat_interleave(groups, dim=1)
+        if self.eager:
+            scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim**-0.5 + mask
+            out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class TracingDecoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, layer_idx: int, eager: bool) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(dim)
+        self.attn = TracingAttention(dim, heads, kv_heads, layer_idx, eager)
+        self.post_norm = RMSNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_norm(x))
+
+
+class TracingDecoder(nn.Module):
+    """A tiny decoder whose attention regions trace (HF attention is a graph break today), with
+    a transformers-style call: input_ids or inputs_embeds, attention_mask, position_ids,
+    past_key_values (a transformers Cache), labels."""
+
+    def __init__(
+        self, vocab: int = 96, dim: int = 32, layers: int = 2, heads: int = 4, eager: bool = False
+    ) -> None:
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        kv_heads = heads // 2
+        self.config = PretrainedConfig(
+            num_hidden_layers=layers,
+            hidden_size=dim,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            vocab_size=vocab,
+        )
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(
+            TracingDecoderLayer(dim, heads, kv_heads, i, eager) for i in range(layers)
+        )
+        self.norm = RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.head_dim = dim // heads
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=False,
+    ):
+        from transformers import DynamicCache
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        length = x.shape[1]
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        past = cache.get_seq_length()
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=x.device).unsqueeze(0)
+        freq = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, device=x.device) / self.head_dim)
+        angles = position_ids[..., None].float() * freq
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        keys = torch.arange(past + length, device=x.device)
+        queries = torch.arange(past, past + length, device=x.device)
+        allowed = (keys[None, :] <= queries[:, None])[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :].bool()
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+
+def tiny_traced_decoder(eager: bool = False) -> nn.Module:
+    """Attention by F.scaled_dot_product_attention, or (``eager``) by matmul and softmax. Built
+    seeded by the caller; kept out of ZOO so the other methods' zoo-wide tests do not grow
+    (prompt methods use it for their graph route)."""
+    return TracingDecoder(eager=eager)
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
@@ -163,3 +304,59 @@ def randomize(cm: Any, seed: int = 2, scale: float = 0.1) -> None:
             p.copy_(
                 torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * scale
             )
+
+
+TEMPERATURE = (
+    0.1  # tiny random models are nearly uniform: sharpen them so samples tell models apart
+)
+
+
+def decode_without_cache(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int, sample: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """What `generate` computes, run as full forwards without a key/value cache: the oracle for
+    cached generation. Returns the sequences and each step's logits; sampling draws from the
+    global RNG as transformers does."""
+    eos = model.config.eos_token_id
+    ids, mask, step_logits = input_ids, attention_mask, []
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # generate's positions for padded rows
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        step_logits.append(out.logits[:, -1].float())
+        scores = step_logits[-1].clone()
+        scores[:, eos] = -float("inf")  # min_new_tokens keeps end-of-sequence out
+        if sample:
+            token = torch.multinomial(torch.softmax(scores / TEMPERATURE, dim=-1), num_samples=1)
+        else:
+            token = scores.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    return ids, step_logits
+
+
+def generate(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int, sample: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``generate`` (with its key/value cache) set up as `decode_without_cache` mirrors it."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=sample,
+            top_k=0,  # no filtering: every token keeps its probability
+            top_p=1.0,
+            temperature=TEMPERATURE,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, [step.float() for step in out.logits]
+
+
+def assert_same_generation(got: tuple, expected: tuple) -> None:
+    assert torch.equal(got[0], expected[0]), (got[0], expected[0])
+    for step, (a, b) in enumerate(zip(got[1], expected[1])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")

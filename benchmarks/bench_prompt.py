@@ -1,0 +1,237 @@
+"""Prompt methods side by side: surgeon vs PEFT, in one process, interleaved.
+
+Usage::
+
+    python benchmarks/bench_prompt.py            # full run (about a minute on 2 CPU cores)
+    python benchmarks/bench_prompt.py --quick    # smoke run, few repetitions
+    python benchmarks/bench_prompt.py --json results.json
+
+Every ratio is surgeon / PEFT: lower is better, 1.0 is parity.
+
+Method
+------
+* Model: the small Llama of ``common.SMALL_LLAMA`` (hidden 256, 4 layers; no downloads), one
+  seeded state dict loaded into every instance. Inputs: batch 4, sequence 32, labels = inputs.
+* Methods, 20 virtual tokens each, PEFT config first (task type CAUSAL_LM):
+  - prompt tuning: ``PromptTuningConfig``; surgeon reads PEFT's save (``PromptTuning``);
+  - prefix tuning: ``PrefixTuningConfig`` (plain prefixes); surgeon reads PEFT's save;
+  - prefix tuning with projection: ``prefix_projection=True, encoder_hidden_size=256``;
+    surgeon compiles ``PrefixTuning(projection_dim=256)`` and copies PEFT's encoder weights
+    (a saved file holds only the folded prefixes). Both run the encoder while training; under
+    ``torch.no_grad`` surgeon reuses its folded prefixes, PEFT (not in inference mode) runs the
+    encoder on every call.
+* Same weights on both sides; trainable parameters get seeded Gaussian noise (std 0.3) first.
+  Equivalence is checked before any timing (the script aborts otherwise): same logits within
+  atol 1e-4, and the adapters move them by more than that.
+* Latency: each repetition runs both contestants once, in rotating order; medians, and the median
+  of the per-repetition surgeon / PEFT ratios. Warm-up first, garbage collector off while timing.
+  - forward: ``model(**inputs)``, eval mode, ``torch.no_grad()``;
+  - train step: train mode, ``model(**inputs, labels=labels).loss`` (the model's own loss over
+    the real tokens), backward, AdamW step, ``zero_grad``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from common import (
+    base_state,
+    format_table,
+    forward_timer,
+    interleaved,
+    machine,
+    make_inputs,
+    median_ms,
+    paired_ratio,
+    progress,
+    small_llama,
+)
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import surgeon  # noqa: E402
+
+BATCH, SEQ, TOKENS = 4, 32, 20
+SEED = 0
+ATOL = 1e-4
+NOISE = 0.3
+
+
+@dataclass(frozen=True)
+class Reps:
+    warmup: int
+    forward: int
+    train: int
+
+
+FULL = Reps(warmup=5, forward=100, train=40)
+QUICK = Reps(warmup=1, forward=5, train=3)
+
+
+def peft_configs() -> dict[str, peft.PeftConfig]:
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": TOKENS}
+    return {
+        "prompt tuning": peft.PromptTuningConfig(**common),
+        "prefix tuning": peft.PrefixTuningConfig(**common),
+        "prefix + projection": peft.PrefixTuningConfig(
+            **common, prefix_projection=True, encoder_hidden_size=256
+        ),
+    }
+
+
+@dataclass
+class Row:
+    method: str
+    fwd_surgeon_ms: float
+    fwd_peft_ms: float
+    fwd_ratio: float
+    train_surgeon_ms: float
+    train_peft_ms: float
+    train_ratio: float
+
+
+def make_pair(
+    state: dict[str, torch.Tensor], config: peft.PeftConfig
+) -> tuple[surgeon.CompiledModel, peft.PeftModel]:
+    theirs = peft.get_peft_model(small_llama(state), config)
+    gen = torch.Generator().manual_seed(SEED + 2)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * NOISE)
+    if getattr(config, "prefix_projection", False):
+        spec = surgeon.PrefixTuning(TOKENS, projection_dim=config.encoder_hidden_size)
+        ours = surgeon.compile(small_llama(state), spec)
+        ours.store.calls["default"].encoder.load_state_dict(
+            theirs.prompt_encoder["default"].state_dict()
+        )
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            theirs.save_pretrained(tmp)
+            ours = surgeon.load(small_llama(state), tmp)
+    return ours.eval(), theirs.eval()
+
+
+def check_equivalent(ours: nn.Module, theirs: nn.Module, plain: nn.Module, inputs, label) -> None:
+    with torch.no_grad():
+        a, b = ours(**inputs).logits, theirs(**inputs).logits
+        base = plain(**inputs).logits
+    if not torch.allclose(a, b, rtol=0, atol=ATOL):
+        print(
+            f"ABORT: [{label}] logits differ by {(a - b).abs().max().item():.3g}", file=sys.stderr
+        )
+        sys.exit(1)
+    moved = (b[:, -SEQ:] - base).abs().max().item()
+    if moved <= ATOL:
+        print(f"ABORT: [{label}] the adapter moves the logits by only {moved:.3g}", file=sys.stderr)
+        sys.exit(1)
+    print(
+        f"[{label}] equivalent: logits within atol {ATOL} (the adapter moves them by {moved:.3g})"
+    )
+
+
+class TrainStep:
+    """forward with labels + backward + AdamW step on one model's trainable parameters."""
+
+    def __init__(self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
+        self.model, self.inputs, self.labels = model, inputs, labels
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4
+        )
+
+    def __call__(self) -> float:
+        self.model.train()
+        start = time.perf_counter()
+        self.model(**self.inputs, labels=self.labels).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        self.model.eval()
+        return elapsed
+
+
+def method_row(name, ours, theirs, inputs, labels, reps: Reps) -> Row:
+    fwd = interleaved(
+        {"surgeon": forward_timer(ours, inputs), "peft": forward_timer(theirs, inputs)},
+        reps.forward,
+        reps.warmup,
+    )
+    train = interleaved(
+        {"surgeon": TrainStep(ours, inputs, labels), "peft": TrainStep(theirs, inputs, labels)},
+        reps.train,
+        reps.warmup,
+    )
+    return Row(
+        name,
+        median_ms(fwd["surgeon"]),
+        median_ms(fwd["peft"]),
+        paired_ratio(fwd["surgeon"], fwd["peft"]),
+        median_ms(train["surgeon"]),
+        median_ms(train["peft"]),
+        paired_ratio(train["surgeon"], train["peft"]),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run with few repetitions")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    args = parser.parse_args(argv)
+    reps = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    state = base_state(SEED)
+    inputs, _ = make_inputs(BATCH, SEQ, SEED + 1)
+    labels = inputs["input_ids"]
+    plain = small_llama(state)
+    rows = []
+    for name, config in peft_configs().items():
+        ours, theirs = make_pair(state, config)
+        check_equivalent(ours, theirs, plain, inputs, name)
+        rows.append(progress(f"[{name}]", method_row, name, ours, theirs, inputs, labels, reps))
+    elapsed = time.perf_counter() - start
+
+    print()
+    print(
+        f"surgeon vs PEFT, batch {BATCH}, seq {SEQ}, {TOKENS} virtual tokens, ratio = surgeon / PEFT"
+    )
+    header = ["method", "fwd surgeon ms", "fwd peft ms", "ratio"]
+    header += ["train surgeon ms", "train peft ms", "ratio"]
+    lines = [
+        [
+            r.method,
+            f"{r.fwd_surgeon_ms:.2f}",
+            f"{r.fwd_peft_ms:.2f}",
+            f"{r.fwd_ratio:.2f}",
+            f"{r.train_surgeon_ms:.2f}",
+            f"{r.train_peft_ms:.2f}",
+            f"{r.train_ratio:.2f}",
+        ]
+        for r in rows
+    ]
+    print(format_table(header, lines))
+    print(f"reps: {asdict(reps)}; total {elapsed:.1f} s")
+    if args.json:
+        payload = {
+            "machine": machine(peft=peft.__version__, batch=BATCH, seq=SEQ, **asdict(reps)),
+            "rows": [asdict(r) for r in rows],
+            "seconds": elapsed,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

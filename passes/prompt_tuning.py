@@ -1,0 +1,250 @@
+"""Prompt tuning (Lester et al., 2021): learned virtual-token embeddings in front of the input.
+
+The model sees ``num_virtual_tokens`` learned embeddings, then the embedded input; the attention
+mask, position ids, token type ids and labels are extended to match (labels with -100, so the
+loss covers real tokens only). Outputs keep the virtual positions, as in PEFT (logits have
+``num_virtual_tokens`` more rows than the input). During ``generate`` the virtual tokens go in
+once, at the first step, and stay in the key/value cache after.
+
+Initialisation: uniform in ``[-init_range, init_range]``, or, with ``init_text``, the model's own
+embeddings of that text tokenized by the tokenizer in the local folder ``tokenizer_path``
+(repeated or cut to ``num_virtual_tokens``, as PEFT's ``TEXT`` init).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from passes.prompt_common import (
+    IGNORE_INDEX,
+    accepts,
+    adapter_factory,
+    batch_and_length,
+    check_file_sizes,
+    extend_mask,
+    file_sizes,
+    peft_sizes,
+    prepend,
+    prepend_positions,
+    shift_positions,
+    task_type,
+)
+from surgeon.adapter import CallAdapter, ModelCall
+from surgeon.errors import SpecError
+from surgeon.graph import Graph
+from surgeon.spec import MethodSpec, check_int, check_number
+
+PEFT_FIELDS = {
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    "num_attention_heads",
+    "num_layers",
+    "prompt_tuning_init",
+    "prompt_tuning_init_text",
+    "tokenizer_name_or_path",
+    "tokenizer_kwargs",
+}
+PEFT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+
+
+@dataclass(frozen=True)
+class PromptTuning(MethodSpec):
+    """Learned virtual-token embeddings prepended to the input embeddings."""
+
+    name = "prompt_tuning"
+    peft_type = "PROMPT_TUNING"
+    acts_on_call = True
+
+    num_virtual_tokens: int = 10
+    init_range: float = 0.5
+    init_text: str | None = None
+    tokenizer_path: str | None = None
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        check_int(owner, "num_virtual_tokens", self.num_virtual_tokens)
+        check_number(owner, "init_range", self.init_range, 0)
+        if self.init_text is not None and (
+            not isinstance(self.init_text, str) or not self.init_text
+        ):
+            raise SpecError(
+                f"{owner}.init_text={self.init_text!r}: expected a non-empty string or None"
+            )
+        if self.tokenizer_path is not None and not isinstance(self.tokenizer_path, str):
+            raise SpecError(
+                f"{owner}.tokenizer_path={self.tokenizer_path!r}: expected the path of a local "
+                f"tokenizer folder"
+            )
+        if (self.init_text is None) != (self.tokenizer_path is None):
+            given, missing = (
+                ("init_text", "tokenizer_path")
+                if self.tokenizer_path is None
+                else ("tokenizer_path", "init_text")
+            )
+            raise SpecError(
+                f"{owner}.{missing}=None: {given} is set, and initialising from text needs both "
+                f"init_text and tokenizer_path (a local tokenizer folder)"
+            )
+
+    def select(self, model: nn.Module) -> list[str]:
+        return []
+
+    def create_call_adapter(self, model: nn.Module, graph: Graph, from_file: bool) -> PromptAdapter:
+        owner = type(self).__name__
+        embeddings = _input_embeddings(model, owner)
+        sizes = peft_sizes(model, owner, embeddings.embedding_dim)
+        check_file_sizes(
+            getattr(self, "_file_sizes", None), {"token_dim": sizes["token_dim"]}, owner
+        )
+        adapter = PromptAdapter(
+            embeddings,
+            self.num_virtual_tokens,
+            {**sizes, "task_type": task_type(model)},
+            **adapter_factory(model),
+        )
+        if not from_file:
+            with torch.no_grad():
+                adapter.embeddings.copy_(self._initial(embeddings, adapter.embeddings))
+        return adapter
+
+    def _initial(self, embeddings: nn.Embedding, like: torch.Tensor) -> torch.Tensor:
+        if self.init_text is None:
+            return torch.empty_like(like).uniform_(-self.init_range, self.init_range)
+        ids = self._text_ids(embeddings.num_embeddings)
+        index = torch.tensor(ids, dtype=torch.long, device=embeddings.weight.device)
+        return embeddings.weight[index].detach()
+
+    def _text_ids(self, vocab_size: int) -> list[int]:
+        """The tokenized ``init_text``, repeated or cut to ``num_virtual_tokens`` (PEFT's rule)."""
+        owner = type(self).__name__
+        path = Path(self.tokenizer_path)
+        if not path.is_dir():
+            raise SpecError(
+                f"{owner}.tokenizer_path={self.tokenizer_path!r}: not a folder; pass the local "
+                f"folder of a tokenizer saved with save_pretrained (nothing is downloaded)"
+            )
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise SpecError(
+                f"{owner}.tokenizer_path={self.tokenizer_path!r}: no tokenizer could be read from "
+                f"it ({str(err).splitlines()[0]})"
+            ) from None
+        ids = list(tokenizer(self.init_text)["input_ids"])
+        if not ids:
+            raise SpecError(f"{owner}.init_text={self.init_text!r}: tokenizes to no tokens")
+        too_big = [i for i in ids if i >= vocab_size]
+        if too_big:
+            raise SpecError(
+                f"{owner}.tokenizer_path={self.tokenizer_path!r}: its token ids (up to "
+                f"{max(too_big)}) do not fit the model's {vocab_size} embeddings; use the "
+                f"model's own tokenizer"
+            )
+        n = self.num_virtual_tokens
+        return (ids * math.ceil(n / len(ids)))[:n]
+
+    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
+        return {
+            "peft_type": "PROMPT_TUNING",
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "prompt_tuning_init": "RANDOM" if self.init_text is None else "TEXT",
+            "prompt_tuning_init_text": self.init_text,
+            "tokenizer_name_or_path": self.tokenizer_path,
+            "tokenizer_kwargs": None,
+            "modules_to_save": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> PromptTuning:
+        from surgeon.io import check_peft_fields
+
+        check_peft_fields(config, PEFT_FIELDS, where)
+        sizes = file_sizes(config, where)
+        init = config.get("prompt_tuning_init", "RANDOM")
+        if init not in PEFT_INITS:
+            raise SpecError(
+                f"{where}: prompt_tuning_init={init!r} is not supported "
+                f"(supported: {', '.join(PEFT_INITS)})"
+            )
+        text = init == "TEXT"  # the file holds the trained embeddings; the init is kept as a record
+        spec = cls(
+            num_virtual_tokens=config.get("num_virtual_tokens"),
+            init_text=config.get("prompt_tuning_init_text") if text else None,
+            tokenizer_path=config.get("tokenizer_name_or_path") if text else None,
+        )
+        spec._set("_file_sizes", {"token_dim": sizes["token_dim"]})
+        return spec
+
+
+def _input_embeddings(model: nn.Module, owner: str) -> nn.Embedding:
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    if not isinstance(embeddings, nn.Embedding) or not accepts(model, "inputs_embeds"):
+        raise SpecError(
+            f"{owner}: the model needs get_input_embeddings() (an nn.Embedding) and an "
+            f"inputs_embeds argument, as transformers models have; {type(model).__name__} has not"
+        )
+    return embeddings
+
+
+class PromptAdapter(CallAdapter):
+    """The virtual-token embeddings (PEFT's ``prompt_embeddings``) and the call rewrite."""
+
+    method = "prompt_tuning"
+
+    def __init__(
+        self, embeddings: nn.Embedding, n: int, peft_config: dict[str, Any], **factory
+    ) -> None:
+        super().__init__()
+        self.n = n
+        self.embeddings = nn.Parameter(torch.empty(n, embeddings.embedding_dim, **factory))
+        self.config_fields = peft_config
+        self.target = f"input embeddings (+{n} virtual tokens)"
+        self.where = "model call"
+        self._constants: torch.Tensor | None = None
+
+    def prompts(self) -> torch.Tensor:
+        return self._constants if self._constants is not None else self.embeddings
+
+    def transform(self, call: ModelCall) -> None:
+        kwargs = call.kwargs
+        if not call.prefill:  # the cache already holds the virtual tokens
+            extend_mask(kwargs, self.n)
+            shift_positions(kwargs, self.n)
+            return
+        embedded = kwargs.get("inputs_embeds")
+        if embedded is None:
+            embedded = call.model.get_input_embeddings()(kwargs["input_ids"])
+        kwargs["input_ids"] = None
+        batch, length = batch_and_length({"inputs_embeds": embedded})
+        prompts = self.prompts().to(embedded.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([prompts, embedded], dim=1)
+        extend_mask(kwargs, self.n)
+        prepend_positions(kwargs, self.n)
+        prepend(kwargs, "labels", self.n, length, IGNORE_INDEX)
+        prepend(kwargs, "token_type_ids", self.n, length, 0)
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.embeddings}
+
+    def peft_config(self) -> dict[str, Any]:
+        return dict(self.config_fields)
+
+    @contextlib.contextmanager
+    def as_constants(self) -> Iterator[None]:
+        self._constants = self.embeddings.detach().clone()
+        try:
+            yield
+        finally:
+            self._constants = None
