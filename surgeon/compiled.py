@@ -497,7 +497,7 @@ class CompiledModel(nn.Module):
 
         self._require(name)
         method, tensors = read_adapter(Path(path))
-        method = method.replace(modules_to_save=present_names(self.model, method.modules_to_save))
+        method._set("modules_to_save", present_names(self.model, method.modules_to_save))
         current = self.store.specs[name]
         if type(method) is not type(current):
             raise SpecError(
@@ -535,7 +535,7 @@ class CompiledModel(nn.Module):
         from surgeon.io import read_adapter
 
         method, tensors = read_adapter(Path(path))
-        method = method.replace(modules_to_save=present_names(self.model, method.modules_to_save))
+        method._set("modules_to_save", present_names(self.model, method.modules_to_save))
         if activate:
             self._check_call_adapters([*self._active, name], {name: method})
         self._build_adapter(name, method, tensors)

@@ -52,7 +52,15 @@ class Report:
             if (call := cm.store.call(name)) is not None:
                 params = sum(p.numel() for p in call.parameters())
                 rows.append(
-                    Row(call.target, method, name, None, params, call.where, name in cm.active)
+                    Row(
+                        call.target,
+                        cm.spec(name).name,
+                        name,
+                        None,
+                        params,
+                        call.where,
+                        name in cm.active,
+                    )
                 )
         graph = cm.graph
         return cls(

@@ -20,7 +20,7 @@ from torch import nn
 
 from surgeon.copies import LayerCopy
 from surgeon.errors import SpecError
-from surgeon.spec import METHODS, MethodSpec
+from surgeon.spec import METHODS, MethodSpec, check_names
 
 if TYPE_CHECKING:
     from surgeon.adapter import AdapterLayer, CallAdapter
@@ -143,7 +143,12 @@ def method_from_peft_config(config: Any, where: str) -> MethodSpec:
     config = dict(config)
     modules_to_save = config.pop("modules_to_save", None) or ()
     try:
-        return cls.from_peft_config(config, where).replace(modules_to_save=modules_to_save)
+        method = cls.from_peft_config(config, where)
+        # set in place: methods keep what they read from the file beside their fields
+        method._set(
+            "modules_to_save", check_names(cls.__name__, "modules_to_save", modules_to_save)
+        )
+        return method
     except SpecError as err:
         message = str(err)
         raise SpecError(message if message.startswith(where) else f"{where}: {message}") from None
