@@ -576,12 +576,22 @@ def test_a_bad_checkpoint_is_refused_and_changes_nothing(kind, match, tmp_path):
 
 def test_resuming_a_finished_run_trains_nothing_more(tmp_path):
     cm = compiled()
-    done = surgeon.train(cm, token_samples(8), config(output_dir=str(tmp_path)))
+    eval_data = token_samples(3)
+    done = surgeon.train(
+        cm, token_samples(8), config(output_dir=str(tmp_path)), eval_data=eval_data
+    )
     after = adapter_state(cm)
+    written = (tmp_path / "checkpoint-3" / "trainer_state.json").stat().st_mtime_ns
     again = surgeon.train(
-        cm, token_samples(8), config(output_dir=str(tmp_path)), resume_from=tmp_path
+        cm,
+        token_samples(8),
+        config(output_dir=str(tmp_path)),
+        eval_data=eval_data,
+        resume_from=tmp_path,
     )
     assert again.steps == done.steps == 3 and again.losses == done.losses
+    assert again.eval_losses == done.eval_losses and len(done.eval_losses) == 1
+    assert (tmp_path / "checkpoint-3" / "trainer_state.json").stat().st_mtime_ns == written
     assert_same(adapter_state(cm), after, exact=True)
 
 
