@@ -30,7 +30,16 @@ from torch import nn
 
 from surgeon import checkpoint, distributed
 from surgeon.checkpoint import Progress
-from surgeon.data import Batch, Source, collate, count_items, pad_token_id, rows, to_device
+from surgeon.data import (
+    Batch,
+    Source,
+    check_dataset,
+    collate,
+    count_items,
+    pad_token_id,
+    rows,
+    to_device,
+)
 from surgeon.distributed import Parallel
 from surgeon.errors import SpecError
 from surgeon.spec import (
@@ -181,6 +190,8 @@ def train(
         pad,
     )
     _warn_unsharded_loader(train_data, parallel)
+    if eval_data is not None and not isinstance(eval_data, torch.utils.data.DataLoader):
+        check_dataset(eval_data, "eval_data")  # before training, not at the first evaluation
     total = total_steps(config, source)
     trained = trained_parameters(cm)
     groups = parameter_groups(cm, trained, config)
@@ -204,14 +215,7 @@ def train(
     elif parallel.kind == "fsdp":  # DDP broadcasts rank 0's values itself
         parallel.broadcast_(list(trained.values()))
     model = parallel.wrap(cm, idle_parameter_names(cm))
-    params = dict(cm.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [params[n] for n in g.names], "lr": g.lr, "weight_decay": g.weight_decay}
-            for g in groups
-        ],
-        lr=config.learning_rate,
-    )
+    optimizer = _optimizer(cm, groups, config)  # after wrapping: FSDP replaces the parameters
     factor = schedule(config.lr_scheduler, config.warmup_steps, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     progress = Progress()
@@ -222,6 +226,17 @@ def train(
     loop = _Loop(cm, model, source, config, optimizer, scheduler, names, progress, parallel)
     loop.plan(total, factor, loss_fn, shifts_labels(cm.model), eval_data)
     return loop.run()
+
+
+def _optimizer(cm: Any, groups: Sequence[Group], config: TrainingConfig) -> torch.optim.AdamW:
+    params = dict(cm.named_parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": [params[n] for n in g.names], "lr": g.lr, "weight_decay": g.weight_decay}
+            for g in groups
+        ],
+        lr=config.learning_rate,
+    )
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -512,9 +527,6 @@ def _eval_batches(
         for batch in data:
             yield batch, 1
         return
-    from surgeon.data import check_dataset
-
-    check_dataset(data, "eval_data")
     pad, size, step = pad_token_id(cm.model), len(data), config.batch_size * parallel.world
     for start in range(0, size, step):
         mine = list(range(start, min(start + step, size)))[parallel.rank :: parallel.world]
