@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_train.py            # full run (about a minute on 2 CPU cores)
+    python benchmarks/bench_train.py            # full run (about a minute on 2 idle CPU cores)
     python benchmarks/bench_train.py --quick    # smoke run, few repetitions
     python benchmarks/bench_train.py --json results.json
 
@@ -11,10 +11,13 @@ Method
 * Models: the benchmarks' small Llama (see common.py) with the same seeded base weights three
   times; LoRA r=8, alpha=16 on ``q_proj, v_proj``; PEFT's adapter weights (``lora_B`` made
   random) are copied into surgeon's, so both train identical weights.
-* Data: 64 samples of 64 random tokens (``input_ids``, ``attention_mask``, ``labels`` =
-  ids), the same list for every contestant.
-* Step: batch 4, 2 micro-batches of gradient accumulation, AdamW (lr 1e-4, weight decay 0.01),
-  clipping at 1.0, linear schedule with 2 warmup steps; forward, loss, backward per micro-batch.
+* Data: 64 samples of random tokens (``input_ids``, ``attention_mask``, ``labels`` = ids), the
+  same list for every contestant.
+* Step: 2 micro-batches of gradient accumulation, AdamW (lr 1e-4, weight decay 0.01), clipping
+  at 1.0, linear schedule with 2 warmup steps; forward, loss, backward per micro-batch.
+* Two settings: ``small`` (the small Llama, batch 4 x 64 tokens: compute-bound) and ``tiny``
+  (hidden 32, 2 layers, batch 2 x 8 tokens, one torch thread: dispatch-bound, so any Python the
+  training loop adds per step shows).
 * Contestants, each timed over ``STEPS`` optimizer steps per repetition, repetitions
   interleaved in a rotating order (drift hits all alike), medians reported:
   - ``surgeon.train``: one ``surgeon.train(cm, samples, config)`` call of ``STEPS`` steps
@@ -38,12 +41,13 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common import (
     SMALL_LLAMA,
-    base_state,
     format_table,
     interleaved,
     machine,
@@ -56,45 +60,82 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import surgeon  # noqa: E402
 
 SEED = 0
-SAMPLES, SEQ, BATCH, ACCUM = 64, 64, 4, 2
+SAMPLES, ACCUM = 64, 2
 LR, WARMUP = 1e-4, 2
 RANK, ALPHA = 8, 16
 ATOL = 1e-5
+PEFT_LOOP = "plain loop, PEFT"
 
 
 @dataclass(frozen=True)
-class Reps:
-    warmup: int
-    reps: int
-    steps: int
+class Setting:
+    name: str
+    llama: dict[str, Any]
+    batch: int
+    seq: int
+    steps: int  # optimizer steps per timed repetition (full run)
+    threads: int | None = None  # torch threads; None: leave as is
+    reps: int = 20
+    quick: dict[str, int] = field(default_factory=lambda: {"reps": 2, "steps": 2})
+
+    def model(self, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        if self.llama == SMALL_LLAMA:
+            return small_llama(state)
+        model = LlamaForCausalLM(LlamaConfig(**self.llama))
+        if state is not None:
+            model.load_state_dict(state)
+        return model.eval()
 
 
-FULL = Reps(warmup=1, reps=10, steps=4)
-QUICK = Reps(warmup=1, reps=2, steps=2)
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 48,
+    "vocab_size": 96,
+}
+SETTINGS = [
+    Setting("small", SMALL_LLAMA, batch=4, seq=64, steps=4),
+    Setting("tiny", TINY_LLAMA, batch=2, seq=8, steps=20, threads=1),
+]
 
 
-def samples() -> list[dict[str, torch.Tensor]]:
+def samples(setting: Setting) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(SEED + 1)
-    ids = torch.randint(SMALL_LLAMA["vocab_size"], (SAMPLES, SEQ), generator=gen)
+    ids = torch.randint(setting.llama["vocab_size"], (SAMPLES, setting.seq), generator=gen)
     return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
 
 
-def contestants(state: dict[str, torch.Tensor]) -> tuple[surgeon.CompiledModel, peft.PeftModel]:
-    cm = surgeon.compile(small_llama(state), surgeon.LoRA(rank=RANK, alpha=ALPHA))
-    pm = peft.get_peft_model(
-        small_llama(state),
-        peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]),
-    )
-    gen = torch.Generator().manual_seed(SEED + 2)
-    theirs = {
+def base_state(setting: Setting) -> dict[str, torch.Tensor]:
+    torch.manual_seed(SEED)
+    return {k: v.clone() for k, v in setting.model().state_dict().items()}
+
+
+def peft_layers(pm: peft.PeftModel) -> dict[str, torch.nn.Module]:
+    return {
         n.removeprefix("base_model.model."): m
         for n, m in pm.named_modules()
         if isinstance(m, peft.tuners.lora.LoraLayer)
     }
+
+
+def contestants(
+    setting: Setting, state: dict[str, torch.Tensor]
+) -> tuple[surgeon.CompiledModel, peft.PeftModel]:
+    """surgeon's and PEFT's LoRA on the same base weights, with the same adapter weights."""
+    cm = surgeon.compile(setting.model(state), surgeon.LoRA(rank=RANK, alpha=ALPHA))
+    pm = peft.get_peft_model(
+        setting.model(state),
+        peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]),
+    )
+    gen = torch.Generator().manual_seed(SEED + 2)
+    theirs = peft_layers(pm)
     with torch.no_grad():
         for path, layer in cm.store.items("default"):
             b = theirs[path].lora_B["default"].weight
@@ -104,10 +145,10 @@ def contestants(state: dict[str, torch.Tensor]) -> tuple[surgeon.CompiledModel, 
     return cm, pm
 
 
-def config(steps: int, shuffle: bool = True) -> surgeon.TrainingConfig:
+def config(setting: Setting, steps: int, shuffle: bool = True) -> surgeon.TrainingConfig:
     return surgeon.TrainingConfig(
         learning_rate=LR,
-        batch_size=BATCH,
+        batch_size=setting.batch,
         gradient_accumulation_steps=ACCUM,
         warmup_steps=WARMUP,
         max_steps=steps,
@@ -118,36 +159,34 @@ def config(steps: int, shuffle: bool = True) -> surgeon.TrainingConfig:
     )
 
 
-def plain_loop(model: torch.nn.Module, data: list[dict], steps: int, shuffle: bool = True) -> None:
+def plain_loop(
+    model: torch.nn.Module, data: list[dict], batch: int, steps: int, shuffle: bool = True
+) -> None:
     """The loop a transformers user writes by hand."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, WARMUP, steps)
-    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=shuffle)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=shuffle)
     model.train()
     batches = iter(loader)
     for _ in range(steps):
         for _ in range(ACCUM):
-            batch = next(batches, None)
-            if batch is None:
+            inputs = next(batches, None)
+            if inputs is None:
                 batches = iter(loader)
-                batch = next(batches)
-            (model(**batch).loss / ACCUM).backward()
+                inputs = next(batches)
+            (model(**inputs).loss / ACCUM).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
 
-def check_equivalent(state: dict[str, torch.Tensor], data: list[dict]) -> None:
-    cm, pm = contestants(state)
-    surgeon.train(cm, data, config(1, shuffle=False))
-    plain_loop(pm, data, 1, shuffle=False)
-    theirs = {
-        n.removeprefix("base_model.model."): m
-        for n, m in pm.named_modules()
-        if isinstance(m, peft.tuners.lora.LoraLayer)
-    }
+def check_equivalent(setting: Setting, state: dict[str, torch.Tensor], data: list[dict]) -> None:
+    cm, pm = contestants(setting, state)
+    surgeon.train(cm, data, config(setting, 1, shuffle=False))
+    plain_loop(pm, data, setting.batch, 1, shuffle=False)
+    theirs = peft_layers(pm)
     for path, layer in cm.store.items("default"):
         for ours, other in (
             (layer.lora_A, theirs[path].lora_A["default"].weight),
@@ -156,10 +195,10 @@ def check_equivalent(state: dict[str, torch.Tensor], data: list[dict]) -> None:
             if not torch.allclose(ours, other, atol=ATOL):
                 print(f"ABORT: adapters differ after one step at {path}", file=sys.stderr)
                 sys.exit(1)
-    print(f"equivalent: one step gives the same adapter weights (atol {ATOL})", flush=True)
+    print(f"[{setting.name}] equivalent: one step, same adapter weights (atol {ATOL})", flush=True)
 
 
-def timer(run) -> callable:
+def timer(run: Callable[[], Any]) -> Callable[[], float]:
     def timed() -> float:
         start = time.perf_counter()
         run()
@@ -168,53 +207,67 @@ def timer(run) -> callable:
     return timed
 
 
+def measure(setting: Setting, quick: bool) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    if setting.threads:
+        torch.set_num_threads(setting.threads)
+    try:
+        state, data = base_state(setting), samples(setting)
+        check_equivalent(setting, state, data)
+        cm, pm = contestants(setting, state)
+        cm_plain, _ = contestants(setting, state)
+        n = setting.quick["steps"] if quick else setting.steps
+        reps = setting.quick["reps"] if quick else setting.reps
+        b = setting.batch
+        timers = {
+            "surgeon.train": timer(lambda: surgeon.train(cm, data, config(setting, n))),
+            PEFT_LOOP: timer(lambda: plain_loop(pm, data, b, n)),
+            "plain loop, surgeon model": timer(lambda: plain_loop(cm_plain, data, b, n)),
+        }
+        taken = interleaved(timers, reps, warmup=1 if quick else 2)
+    finally:
+        torch.set_num_threads(threads)
+    rate = {k: n / statistics.median(v) for k, v in taken.items()}
+    return {
+        "setting": asdict(setting),
+        "steps_per_rep": n,
+        "reps": reps,
+        "steps_per_second": rate,
+        "ratio_vs_peft_loop": {k: rate[k] / rate[PEFT_LOOP] for k in rate},
+        "paired_vs_peft_loop": {k: paired_ratio(taken[PEFT_LOOP], taken[k]) for k in taken},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run with few repetitions")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
-    reps = QUICK if args.quick else FULL
     info = machine(peft=peft.__version__)
     print(", ".join(f"{k}={v}" for k, v in info.items()))
     started = time.perf_counter()
-    state, data = base_state(SEED), samples()
-    check_equivalent(state, data)
-    cm, pm = contestants(state)
-    cm_plain, _ = contestants(state)
-    n = reps.steps
-    timers = {
-        "surgeon.train": timer(lambda: surgeon.train(cm, data, config(n))),
-        "plain loop, PEFT": timer(lambda: plain_loop(pm, data, n)),
-        "plain loop, surgeon model": timer(lambda: plain_loop(cm_plain, data, n)),
-    }
-    samples_s = interleaved(timers, reps.reps, reps.warmup)
-    rate = {k: n / statistics.median(v) for k, v in samples_s.items()}
-    peft_key = "plain loop, PEFT"
+    results = [measure(setting, args.quick) for setting in SETTINGS]
     rows = [
         (
-            name,
-            f"{rate[name]:.3f}",
-            f"{rate[name] / rate[peft_key]:.3f}",
-            f"{paired_ratio(samples_s[peft_key], samples_s[name]):.3f}",
+            f"{r['setting']['name']}: {name}",
+            f"{rate:.2f}",
+            f"{r['ratio_vs_peft_loop'][name]:.3f}",
+            f"{r['paired_vs_peft_loop'][name]:.3f}",
         )
-        for name in timers
+        for r in results
+        for name, rate in r["steps_per_second"].items()
     ]
     print()
-    print(format_table(("contestant", "steps/s", "vs PEFT loop", "paired"), rows))
+    print(format_table(("setting: contestant", "steps/s", "vs PEFT loop", "paired"), rows))
     print(
-        f"one step = {ACCUM} micro-batches of {BATCH} x {SEQ} tokens; ratio = steps/s over the "
-        f"plain PEFT loop's (higher is better); paired = median of per-repetition ratios"
+        f"one step = {ACCUM} micro-batches; small: batch 4 x 64 tokens, tiny: 2 x 8 tokens on "
+        f"1 thread; ratio = steps/s over the plain PEFT loop's (higher is better); paired = "
+        f"median of per-repetition ratios"
     )
     elapsed = time.perf_counter() - started
     print(f"total runtime: {elapsed:.1f} s")
     if args.json:
-        payload = {
-            "machine": info,
-            "reps": asdict(reps),
-            "steps_per_second": rate,
-            "ratio_vs_peft_loop": {k: rate[k] / rate[peft_key] for k in rate},
-            "total_seconds": elapsed,
-        }
+        payload = {"machine": info, "results": results, "total_seconds": elapsed}
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
 

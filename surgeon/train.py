@@ -30,7 +30,16 @@ from torch import nn
 
 from surgeon import checkpoint, distributed
 from surgeon.checkpoint import Progress
-from surgeon.data import Batch, Source, collate, count_items, pad_token_id, rows, to_device
+from surgeon.data import (
+    Batch,
+    Source,
+    check_dataset,
+    collate,
+    count_items,
+    pad_token_id,
+    rows,
+    to_device,
+)
 from surgeon.distributed import Parallel
 from surgeon.errors import SpecError
 from surgeon.spec import (
@@ -181,6 +190,8 @@ def train(
         pad,
     )
     _warn_unsharded_loader(train_data, parallel)
+    if eval_data is not None and not isinstance(eval_data, torch.utils.data.DataLoader):
+        check_dataset(eval_data, "eval_data")  # before training, not at the first evaluation
     total = total_steps(config, source)
     trained = trained_parameters(cm)
     groups = parameter_groups(cm, trained, config)
@@ -204,14 +215,7 @@ def train(
     elif parallel.kind == "fsdp":  # DDP broadcasts rank 0's values itself
         parallel.broadcast_(list(trained.values()))
     model = parallel.wrap(cm, idle_parameter_names(cm))
-    params = dict(cm.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [params[n] for n in g.names], "lr": g.lr, "weight_decay": g.weight_decay}
-            for g in groups
-        ],
-        lr=config.learning_rate,
-    )
+    optimizer = _optimizer(cm, groups, config)  # after wrapping: FSDP replaces the parameters
     factor = schedule(config.lr_scheduler, config.warmup_steps, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     progress = Progress()
@@ -222,6 +226,17 @@ def train(
     loop = _Loop(cm, model, source, config, optimizer, scheduler, names, progress, parallel)
     loop.plan(total, factor, loss_fn, shifts_labels(cm.model), eval_data)
     return loop.run()
+
+
+def _optimizer(cm: Any, groups: Sequence[Group], config: TrainingConfig) -> torch.optim.AdamW:
+    params = dict(cm.named_parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": [params[n] for n in g.names], "lr": g.lr, "weight_decay": g.weight_decay}
+            for g in groups
+        ],
+        lr=config.learning_rate,
+    )
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -252,8 +267,9 @@ class _Loop:
         self.optimizer, self.scheduler, self.names = optimizer, scheduler, names
         self.progress, self.parallel = progress, parallel
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.hooks = MethodHooks.of(cm)
         self.device = self.params[0].device
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # unread step losses
+        self.pending: list[torch.Tensor] = []  # step losses not read from the device yet
         self.logged_from = progress.step
         self.checkpoint: Path | None = None
         self.saved_at = self.evaluated_at = -1
@@ -276,7 +292,7 @@ class _Loop:
         was_training = self.cm.training
         self.cm.train()
         try:
-            if p.step < self.total:
+            if p.step < self.total:  # else a resumed run that had finished: nothing to do
                 for micro_batches, epoch, index in self._steps():
                     self._step(micro_batches)
                     p.step, p.epoch, p.batch_in_epoch = p.step + 1, epoch, index
@@ -284,7 +300,7 @@ class _Loop:
                     self._after_step(bar)
                     if p.step >= self.total:
                         break
-            self._finish(bar)
+                self._finish(bar)
         finally:
             bar.close()
             self.cm.train(was_training)
@@ -322,21 +338,20 @@ class _Loop:
     def _step(self, micro_batches: list[Batch]) -> None:
         """One optimizer step over the micro-batches, weighted by their share of the items."""
         counts = [self._items(b) for b in micro_batches]
-        total = self.parallel.sum(torch.stack(counts).to(self.device).sum())
-        # the processes' gradients are averaged: each contributes world x its share
-        scale = self.parallel.world / total.clamp(min=1)
-        step_sum = torch.zeros((), device=self.device)
+        total = self._total(counts)
+        step_loss = None
         for i, (batch, count) in enumerate(zip(micro_batches, counts)):
-            count = count.to(self.device, non_blocking=True)
             with self.parallel.sync(self.model, last=i == len(micro_batches) - 1):
                 mean = self._loss(self.model, to_device(batch, self.device))
-                weighted = torch.where(count > 0, mean.float(), 0.0) * count
-                loss = weighted * scale
-                if i == 0 and (term := self.cm.regularization_loss()) is not None:
-                    loss = loss + term  # once per step: a regulariser of the weights
+                share = _share(mean, count, total, self.parallel.world, self.device)
+                loss = share
+                if i == 0 and self.hooks.loss_term:
+                    term = self.cm.regularization_loss()
+                    if term is not None:
+                        loss = loss + term  # once per step: a regulariser of the weights
                 loss.backward()
-            step_sum += weighted.detach()
-        self.pending.append((step_sum, total))
+            step_loss = share.detach() if step_loss is None else step_loss + share.detach()
+        self.pending.append(step_loss)
         self.progress.learning_rates.append(
             self.config.learning_rate * self.factor(self.progress.step)
         )
@@ -344,8 +359,16 @@ class _Loop:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        self.cm.update_ranks(self.progress.step)
+        if self.hooks.after_backward:
+            self.cm.update_ranks(self.progress.step)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _total(self, counts: list[torch.Tensor]) -> int | torch.Tensor:
+        """The step's items over all micro-batches and processes (a Python number when it is
+        known without a device synchronisation)."""
+        if not self.parallel.active and all(c.device.type == "cpu" for c in counts):
+            return sum(int(c) for c in counts)
+        return self.parallel.sum(torch.stack(counts).to(self.device).sum())
 
     def _items(self, batch: Batch) -> torch.Tensor:
         """What the micro-batch's mean loss divides by (see `count_items`)."""
@@ -387,9 +410,8 @@ class _Loop:
         """Turn the pending step losses into numbers: one synchronisation for all of them."""
         if not self.pending:
             return
-        sums = self.parallel.sum(torch.stack([s for s, _ in self.pending]))
-        totals = torch.stack([t for _, t in self.pending]).to(sums.device)
-        self.progress.losses.extend((sums / totals.clamp(min=1)).tolist())
+        sums = self.parallel.sum(torch.stack(self.pending)) / self.parallel.world
+        self.progress.losses.extend(sums.tolist())
         self.pending.clear()
 
     def _log(self, bar: Any) -> None:
@@ -411,10 +433,10 @@ class _Loop:
         sums = torch.zeros(2, device=self.device)
         try:
             for batch, weight in _eval_batches(self.eval_data, self.config, self.parallel, self.cm):
-                count = self._items(batch).to(self.device) * weight
+                count = self._items(batch) * weight
                 mean = self._loss(self.cm, to_device(batch, self.device))
-                sums[0] += torch.where(count > 0, mean.float(), 0.0) * count
-                sums[1] += count
+                sums[0] += _weighted(mean, count, self.device)
+                sums[1] += count.to(self.device)
         finally:
             self.cm.train()
         total = self.parallel.sum(sums)
@@ -439,6 +461,51 @@ class _Loop:
         self.saved_at = self.progress.step
 
 
+def _share(
+    mean: torch.Tensor,
+    count: torch.Tensor,
+    total: int | torch.Tensor,
+    world: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The micro-batch's part of the step's loss, ``mean x count / total``, times ``world``
+    (DDP and FSDP average the processes' gradients). Zero, with zero gradients, when nothing
+    was counted: a mean over no label is NaN."""
+    if count.device.type == "cpu" and count.item() > 0:  # known without a device sync
+        scale = world * count.item()
+        if isinstance(total, int):
+            return mean.float() * (scale / max(total, 1))
+        return mean.float() * (scale / total.clamp(min=1))
+    count = count.to(device, non_blocking=True)
+    total = total.clamp(min=1) if isinstance(total, torch.Tensor) else max(total, 1)
+    return torch.where(count > 0, mean.float(), 0.0) * (count * world / total)
+
+
+def _weighted(mean: torch.Tensor, count: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``mean x count``, and 0 (gradients too) when nothing was counted: a mean over no label
+    is NaN, yet the micro-batch still joins the step (DDP expects every process's backward)."""
+    if count.device.type == "cpu" and count.item() > 0:  # known without a device sync
+        return mean.float() * count.item()
+    count = count.to(device, non_blocking=True)
+    return torch.where(count > 0, mean.float(), 0.0) * count
+
+
+@dataclass(frozen=True)
+class MethodHooks:
+    """Which training hooks the active methods implement (the loop skips the others' calls)."""
+
+    loss_term: bool
+    after_backward: bool
+
+    @classmethod
+    def of(cls, cm: Any) -> MethodHooks:
+        specs = [type(cm.spec(name)) for name in cm.active]
+        return cls(
+            loss_term=any(s.loss_term is not MethodSpec.loss_term for s in specs),
+            after_backward=any(s.after_backward is not MethodSpec.after_backward for s in specs),
+        )
+
+
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -460,9 +527,6 @@ def _eval_batches(
         for batch in data:
             yield batch, 1
         return
-    from surgeon.data import check_dataset
-
-    check_dataset(data, "eval_data")
     pad, size, step = pad_token_id(cm.model), len(data), config.batch_size * parallel.world
     for start in range(0, size, step):
         mine = list(range(start, min(start + step, size)))[parallel.rank :: parallel.world]

@@ -576,12 +576,22 @@ def test_a_bad_checkpoint_is_refused_and_changes_nothing(kind, match, tmp_path):
 
 def test_resuming_a_finished_run_trains_nothing_more(tmp_path):
     cm = compiled()
-    done = surgeon.train(cm, token_samples(8), config(output_dir=str(tmp_path)))
+    eval_data = token_samples(3)
+    done = surgeon.train(
+        cm, token_samples(8), config(output_dir=str(tmp_path)), eval_data=eval_data
+    )
     after = adapter_state(cm)
+    written = (tmp_path / "checkpoint-3" / "trainer_state.json").stat().st_mtime_ns
     again = surgeon.train(
-        cm, token_samples(8), config(output_dir=str(tmp_path)), resume_from=tmp_path
+        cm,
+        token_samples(8),
+        config(output_dir=str(tmp_path)),
+        eval_data=eval_data,
+        resume_from=tmp_path,
     )
     assert again.steps == done.steps == 3 and again.losses == done.losses
+    assert again.eval_losses == done.eval_losses and len(done.eval_losses) == 1
+    assert (tmp_path / "checkpoint-3" / "trainer_state.json").stat().st_mtime_ns == written
     assert_same(adapter_state(cm), after, exact=True)
 
 
@@ -723,6 +733,7 @@ def test_a_model_without_a_loss_asks_for_loss_fn():
         ("plain model", "expected a compiled model"),
         ("number data", "train_data: expected a list of samples"),
         ("empty data", "train_data: the dataset is empty"),
+        ("empty eval data", "eval_data: the dataset is empty"),
         ("merged", r"adapters \['default'\] are merged"),
         ("iterable", "has no length .* set max_steps"),
         ("bad config", "config must be a surgeon.TrainingConfig"),
@@ -737,6 +748,12 @@ def test_bad_arguments_raise_spec_errors(case, match):
         data = 5
     elif case == "empty data":
         data = []
+    elif case == "empty eval data":
+        before = adapter_state(cm)
+        with pytest.raises(surgeon.SpecError, match=match):
+            surgeon.train(cm, data, cfg, eval_data=[])
+        assert_same(adapter_state(cm), before, exact=True)  # refused before any step
+        return
     elif case == "merged":
         cm.merge()
     elif case == "iterable":
@@ -761,7 +778,6 @@ def test_bad_arguments_raise_spec_errors(case, match):
 
 
 def test_one_step_of_transformers_trainer(tmp_path):
-    pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
     cm = compiled()
@@ -794,3 +810,15 @@ def test_num_parameters_takes_transformers_options():
         model.num_parameters(exclude_embeddings=True) + adapters
     )
     assert cm.num_parameters(only_trainable=True) == cm.num_trainable() == adapters
+
+
+def test_distributed_modes_need_a_process_group_and_fsdp_refuses_self_updating_methods():
+    with pytest.raises(surgeon.SpecError, match="distributed='ddp': no process group; launch"):
+        surgeon.train(compiled(), token_samples(4), config(distributed="ddp"))
+    from surgeon.distributed import Parallel
+    from surgeon.train import _check_methods
+
+    adalora = compiled(method=surgeon.AdaLoRA(initial_rank=4, target_rank=2, total_steps=4))
+    with pytest.raises(surgeon.SpecError, match="'default' \\(adalora\\) updates itself"):
+        _check_methods(adalora, Parallel("fsdp", 0, 2))
+    _check_methods(compiled(), Parallel("fsdp", 0, 2))  # LoRA has no such hook
