@@ -9,6 +9,7 @@ from surgeon.compiled import CompiledModel, compile
 from surgeon.errors import SpecError
 from surgeon.export import ExportError, ExportReport, export_onnx
 from surgeon.load import load
+from surgeon.quant import FP4, NF4
 from surgeon.spec import METHODS, MethodSpec, Spec, load_spec
 
 globals().update({cls.__name__: cls for cls in METHODS.values()})
@@ -27,7 +28,9 @@ __all__ = [
     "CompiledModel",
     "ExportError",
     "ExportReport",
+    "FP4",
     "MethodSpec",
+    "NF4",
     "Spec",
     "SpecError",
     "compile",
