@@ -4,7 +4,7 @@ Adding a method is one file in this package plus one import line here.
 """
 
 import surgeon  # noqa: F401  (first: the methods import surgeon's modules)
-from passes import adalora, dora, ia3, loha, lokr, lora, vera  # noqa: F401
+from passes import adalora, dora, ia3, loha, lokr, lora, qlora, vera  # noqa: F401
 from surgeon.spec import METHODS
 
 __all__ = ["METHODS"]

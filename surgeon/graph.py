@@ -114,6 +114,11 @@ class Graph:
                 for n in region.graph.nodes
                 if n.op == "call_module" and "surgeon" not in n.meta
             }
+            kept |= {  # base calls an adapter spelled out (a 4-bit layer's dequantize + matmul)
+                n.meta["surgeon"]["replaces"]
+                for n in region.graph.nodes
+                if "replaces" in n.meta.get("surgeon", {})
+            }
             assert targets == kept, (
                 f"region {region.path!r}: base layer calls changed: {targets ^ kept}"
             )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -636,21 +636,33 @@ def dequantize_linear(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn
     return layer
 
 
-def snapshot_layer(layer: nn.Module) -> Any:
-    """What `restore_layer` needs to put ``layer``'s storage back (references, no copies)."""
-    attributes = {k: layer.__dict__[k] for k in ("quant", "weight_dtype") if k in layer.__dict__}
-    shape = {k: layer.__dict__[k] for k in ("in_features", "out_features") if k in layer.__dict__}
-    return layer.__class__, dict(layer._parameters), dict(layer._buffers), attributes, shape
+def quantizable_paths(model: nn.Module, selector: str | Sequence[str], owner: str) -> list[str]:
+    """Paths of the layers ``selector`` picks (a preset, a regex or name suffixes, as in
+    ``targets``) that can be stored in 4 bits; `SpecError` if there are none."""
+    from surgeon.spec import PRESETS
+    from surgeon.targets import matches_selector, preset_paths
+
+    if isinstance(selector, str) and selector in PRESETS:
+        hits = preset_paths(model, selector)
+    else:
+        hits = [p for p, _ in model.named_modules() if p and matches_selector(p, selector)]
+    hits = [p for p in hits if quantizable(model.get_submodule(p))]
+    if not hits:
+        raise SpecError(
+            f"{owner}={selector!r} selects no layer that can be stored in 4 bits "
+            f"(nn.Linear, GPT-2's Conv1D)"
+        )
+    return hits
 
 
-def restore_layer(layer: nn.Module, snapshot: Any) -> None:
-    cls, parameters, buffers, attributes, shape = snapshot
-    layer.__class__ = cls
-    layer._parameters.clear()
-    layer._parameters.update(parameters)
-    layer._buffers.clear()
-    layer._buffers.update(buffers)
-    for key in ("quant", "weight_dtype", "in_features", "out_features"):
-        layer.__dict__.pop(key, None)
-    layer.__dict__.update(attributes)
-    layer.__dict__.update(shape)
+def quantize_model(
+    model: nn.Module, quant: NF4 | None = None, layers: str | Sequence[str] = "all-linear"
+) -> list[str]:
+    """Store ``model``'s linear layers in 4 bits, in place; returns their paths. ``layers``: a
+    preset (default every linear layer but the output head, as bitsandbytes' ``load_in_4bit``),
+    a regex or name suffixes. Adapters (LoRA, QLoRA) compiled onto the model adapt them in 4 bits."""
+    quant = NF4.from_value(quant if quant is not None else NF4(), "quantize_model.quant")
+    paths = quantizable_paths(model, layers, "quantize_model.layers")
+    for path in paths:
+        quantize_linear(model.get_submodule(path), quant)
+    return paths
