@@ -9,6 +9,7 @@ from surgeon.compiled import CompiledModel, compile
 from surgeon.errors import SpecError
 from surgeon.export import ExportError, ExportReport, export_onnx
 from surgeon.load import load
+from surgeon.pretrained import from_pretrained
 from surgeon.quant import FP4, NF4
 from surgeon.spec import METHODS, MethodSpec, Spec, load_spec
 
@@ -35,6 +36,7 @@ __all__ = [
     "SpecError",
     "compile",
     "export_onnx",
+    "from_pretrained",
     "load",
     "load_spec",
     *sorted(cls.__name__ for cls in METHODS.values()),

@@ -66,8 +66,10 @@ FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 # Bit patterns in increasing value order (+0.0 before the -0.0 pattern, as a stable sort).
 FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
 
-# Elements per chunk when quantizing: bounds the temporaries for large weights.
-CHUNK = 1 << 22
+# Elements per chunk when quantizing, bytes per chunk when dequantizing on the CPU: bound the
+# temporaries (and keep them in cache) for large weights.
+CHUNK = 1 << 18
+DEQUANTIZE_CHUNK = 1 << 16
 
 
 # -- code books -------------------------------------------------------------------------------
@@ -241,9 +243,10 @@ def _quantize_blocks(
     values: torch.Tensor, block_size: int, quant_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = values.float().view(-1, block_size)
-    absmax = blocks.abs().amax(dim=1)
+    # max |x| without a |x| temporary; + 0.0 turns -0.0 into 0.0, as |x| would
+    absmax = torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1)) + 0.0
     # multiply by the reciprocal (not divide): bitsandbytes rounds that way
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1)
     return _nearest_4bit(scaled.reshape(-1), quant_type), absmax
 
 
@@ -379,7 +382,7 @@ def _dequantize_into(
     n = out.numel()
     table = _pair_table(quant_type, packed.device)
     full = n // block_size * block_size
-    step = CHUNK // 64 if packed.device.type == "cpu" else max(full // 2, 1)
+    step = DEQUANTIZE_CHUNK if packed.device.type == "cpu" else max(full // 2, 1)
     in_place = out.dtype == torch.float32
     for start in range(0, full // 2, step):
         stop = min(start + step, full // 2)
@@ -586,12 +589,11 @@ def quantizable(layer: nn.Module) -> bool:
     return type(layer) in (nn.Linear, Linear4bit) or (conv1d is not None and type(layer) is conv1d)
 
 
-def quantize_linear(layer: nn.Module, quant: NF4, weight: torch.Tensor | None = None) -> Linear4bit:
-    """Store ``layer``'s weight in 4 bits, in place (the module object stays the same).
-
-    ``weight``: the ``[out, in]`` weight to store (default: the layer's own; GPT-2's ``Conv1D``
-    is transposed). The full-precision parameter is dropped from the layer.
-    """
+def quantize_linear(layer: nn.Module, quant: NF4, dtype: torch.dtype | None = None) -> Linear4bit:
+    """Store ``layer``'s weight in 4 bits, in place (the module object stays the same); ``dtype``:
+    cast the weight first (the dtype the layer would hold; `dequantize_linear` brings it back in
+    it). GPT-2's ``Conv1D`` (weight ``[in, out]``) becomes a Linear layer. The full-precision
+    parameter is dropped from the layer."""
     if isinstance(layer, Linear4bit):
         if layer.quant != quant:
             raise SpecError(
@@ -602,18 +604,20 @@ def quantize_linear(layer: nn.Module, quant: NF4, weight: torch.Tensor | None = 
         raise SpecError(
             f"{type(layer).__name__} cannot be stored in 4 bits (only nn.Linear and Conv1D)"
         )
-    if weight is None:
-        weight = layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
+    weight = layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
+    weight = weight.detach().to(dtype) if dtype is not None else weight.detach()
     out_features, in_features = weight.shape
     state = quant.quantize(weight)
+    del weight
     del layer._parameters["weight"]
     layer.__class__ = Linear4bit
     layer.in_features, layer.out_features = in_features, out_features
-    _install_state(layer, state, quant)
+    install_state(layer, state, quant)
     return layer
 
 
-def _install_state(layer: Linear4bit, state: QuantState, quant: NF4) -> None:
+def install_state(layer: Linear4bit, state: QuantState, quant: NF4) -> None:
+    """Put a quantized weight into a 4-bit layer (replacing what it stored)."""
     layer.weight = nn.Parameter(state.packed, requires_grad=False)
     layer.register_buffer("absmax", state.absmax)
     if state.double_quant:
