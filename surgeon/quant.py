@@ -415,7 +415,7 @@ def linear_4bit(
 
 
 def _remember(tensor: torch.Tensor, recompute: Any) -> None:
-    if not torch.jit.is_tracing() and not tensor.is_meta:
+    if not torch.jit.is_tracing():
         tensor._surgeon_recompute = recompute
 
 
