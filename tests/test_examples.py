@@ -37,3 +37,16 @@ def test_export_example_writes_a_verified_model(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.exists() and "max |onnx - torch|" in done.stdout
+
+
+def test_qlora_example_trains_saves_reloads_and_merges():
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "qlora.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bytes per weight" in done.stdout and "surgeon_quant_dequantize_4bit" in done.stdout
+    assert "same logits: max |diff| = 0.00e+00" in done.stdout
+    assert "QLoRA" in done.stdout and "quant stats" in done.stdout
