@@ -376,7 +376,13 @@ class CompiledModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Every parameter; a weight stored in 4 bits counts the values it holds, not its packed
+        bytes (as PEFT counts bitsandbytes weights)."""
+        from surgeon.quant import Linear4bit
+
+        packed = [m for m in self.model.modules() if isinstance(m, Linear4bit)]
+        unpacked = sum(m.in_features * m.out_features - m.weight.numel() for m in packed)
+        return unpacked + sum(p.numel() for p in self.parameters())
 
     def inspect(self):
         from surgeon.inspect import Report

@@ -89,7 +89,9 @@ def test_output_is_dequantized_matmul_plus_lora_in_the_compute_dtype(compute_dty
 def test_bases_are_stored_packed_and_the_full_precision_weights_are_gone():
     model = _llama64()  # the statistics' fixed 8 bytes per layer weigh too much on 32 x 16
     refs = {n: weakref.ref(p) for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    count = sum(p.numel() for p in model.parameters())
     cm = surgeon.compile(model, surgeon.QLoRA())
+    assert cm.num_parameters() == count + cm.num_trainable()  # 4-bit weights count as weights
     gc.collect()
     assert all(r() is None for r in refs.values()), [n for n, r in refs.items() if r()]
     linears = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear)}
