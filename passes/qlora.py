@@ -136,6 +136,7 @@ class QLoRALayer(LoRALayer):
                 f"need its full-precision weight (QLoRA on a full-precision model quantizes the residual)"
             )
         super().__init__(base, path, rank, scale, dropout, init, dtype=quant.dtype)
+        self.kind = "linear"  # 4-bit storage is [out, in], GPT-2's Conv1D included
         self._stored: tuple[tuple, NF4] | None = None  # the 4-bit storage while merged
 
     def emit_base(self, ctx: EmitContext, x: fx.Node) -> fx.Node | None:

@@ -472,6 +472,21 @@ def test_lora_on_a_4bit_model_is_qlora_and_other_methods_refuse():
         cm.add_adapter("p", surgeon.LoRA(targets=("v_proj",), init="pissa"))
 
 
+def test_gpt2_conv1d_layers_are_stored_as_4bit_linears():
+    model = ZOO["gpt2"].model()
+    c_attn = model.transformer.h[0].attn.c_attn
+    weight = c_attn.weight.detach().t().clone()  # Conv1D stores [in, out]
+    cm = surgeon.compile(model, _fp32(targets=("c_attn",))).eval()
+    randomize(cm)
+    assert quant.is_quantized(c_attn) and (c_attn.out_features, c_attn.in_features) == (96, 32)
+    assert torch.equal(c_attn.weight.view(-1), quant.quantize_4bit(weight).packed)
+    ids = _ids()
+    with torch.no_grad():
+        unmerged = logits(cm(input_ids=ids))
+        cm.merge()
+        torch.testing.assert_close(logits(cm(input_ids=ids)), unmerged, rtol=1e-5, atol=1e-5)
+
+
 def test_pissa_quantizes_the_residual():
     torch.manual_seed(0)
     model = One(nn.Linear(64, 32))
