@@ -38,6 +38,7 @@ class DoRA(LoRA):
 
     name = "dora"
     peft_type = "LORA"
+    adapts_quantized = False
 
     def create_layer(self, layer: nn.Module, path: str) -> DoRALayer:
         rank, scale = self.rank_and_scale(path)

@@ -21,6 +21,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.errors import SpecError
 from surgeon.layers import gpt2_conv1d_type
+from surgeon.quant import is_quantized
 from surgeon.spec import (
     MethodSpec,
     check_bool,
@@ -74,6 +75,7 @@ class LoRA(MethodSpec):
     name = "lora"
     peft_type = "LORA"
     pattern_fields = ("rank_pattern", "alpha_pattern")
+    adapts_quantized = True  # on 4-bit layers it is QLoRA's layer (passes/qlora.py)
 
     rank: int = 8
     alpha: float = 16
@@ -122,6 +124,10 @@ class LoRA(MethodSpec):
 
     def create_layer(self, layer: nn.Module, path: str) -> LoRALayer:
         rank, scale = self.rank_and_scale(path)
+        if is_quantized(layer):
+            from passes.qlora import QLoRALayer
+
+            return QLoRALayer(layer, path, rank, scale, self.dropout, self.init, layer.quant)
         return LoRALayer(layer, path, rank, scale, self.dropout, self.init)
 
     def trainable_base_parameters(self, model: nn.Module, paths: Sequence[str]) -> list[str]:
@@ -202,7 +208,14 @@ class LoRALayer(AdapterLayer):
     method = "lora"
 
     def __init__(
-        self, base: nn.Module, path: str, rank: int, scale: float, dropout: float, init: str
+        self,
+        base: nn.Module,
+        path: str,
+        rank: int,
+        scale: float,
+        dropout: float,
+        init: str,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(base)
         self.kind = layer_kind(base)
@@ -210,7 +223,7 @@ class LoRALayer(AdapterLayer):
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = {"device": weight.device, "dtype": dtype or adapter_dtype(weight)}
         a_shape, b_shape = self._shapes(base, path, rank)
         self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
         self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))

@@ -14,6 +14,7 @@ from passes import (  # noqa: F401
     prefix_tuning,
     prompt_tuning,
     ptuning_v2,
+    qlora,
     vera,
 )
 from surgeon.spec import METHODS

@@ -9,6 +9,9 @@ from surgeon.compiled import CompiledModel, compile
 from surgeon.errors import SpecError
 from surgeon.export import ExportError, ExportReport, export_onnx
 from surgeon.load import load
+from surgeon.memory import MemoryReport, estimate_memory
+from surgeon.pretrained import from_pretrained
+from surgeon.quant import FP4, NF4
 from surgeon.spec import METHODS, MethodSpec, Spec, load_spec
 from surgeon.train import TrainingConfig, TrainResult, train
 
@@ -32,13 +35,18 @@ __all__ = [
     "CompiledModel",
     "ExportError",
     "ExportReport",
+    "FP4",
+    "MemoryReport",
     "MethodSpec",
+    "NF4",
     "Spec",
     "SpecError",
     "TrainResult",
     "TrainingConfig",
     "compile",
+    "estimate_memory",
     "export_onnx",
+    "from_pretrained",
     "load",
     "load_spec",
     "train",

@@ -88,6 +88,11 @@ class AdapterLayer(nn.Module):
         """Add this adapter's nodes; return the node that replaces ``base_out``."""
         raise NotImplementedError
 
+    def emit_base(self, ctx: EmitContext, x: fx.Node) -> fx.Node | None:
+        """Optionally replace the base layer's call with explicit nodes computing its output from
+        ``x`` (a 4-bit base shows its dequantize and matmul); None keeps the call."""
+        return None
+
     def emit_input(self, ctx: EmitContext, x: fx.Node) -> fx.Node | None:
         """Optionally transform the base layer's input (IA³ on feed-forward layers scales it).
 
@@ -117,6 +122,10 @@ class AdapterLayer(nn.Module):
         """Undo `merge` (exactly in float32, up to rounding in half precision)."""
         weight = self.base.weight
         weight.sub_(self.delta_weight().to(weight.dtype))
+
+    def unload(self, requantize: bool = False) -> None:
+        """``merge_and_unload`` folded this adapter in and lets go of the base layer. Methods that
+        changed how the base is stored (QLoRA's 4 bits) store it that way again if asked."""
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """State-dict entries under the layer's path, in PEFT's naming without the adapter name."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,7 @@ class CompiledModel(nn.Module):
             )
         paths = method.select(self.model)
         copies = copy_paths(self.model, method, paths)
-        with _unchanged_on_error(self.model, _rewritten_weights(self.model, method, paths)):
+        with _unchanged_on_error(self.model, [method.snapshot_base(self.model, paths)]):
             layers = method.create_layers(self.model, paths)
             layers.update({p: LayerCopy(self.model.get_submodule(p)) for p in copies})
             call = method.create_call_adapter(self.model, self.graph, tensors is not None)
@@ -334,8 +334,11 @@ class CompiledModel(nn.Module):
     def merged(self) -> list[str]:
         return list(self._merged)
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold the active adapters in and hand back the plain model (no surgeon code left in it)."""
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Fold the active adapters in and hand back the plain model (no surgeon code left in it).
+
+        ``requantize``: bases stored in 4 bits (QLoRA) are stored in 4 bits again after folding
+        (lossy); by default they come back as plain layers in their original dtype."""
         running = [n for n in self._running() if n in self.store.calls]
         if running:
             raise SpecError(
@@ -345,6 +348,9 @@ class CompiledModel(nn.Module):
                 f"turns its prompts into constants"
             )
         self.merge()
+        for name in self._merged:
+            for _, layer in self.store.items(name):
+                layer.unload(requantize)
         for region in self.graph.regions:
             install(self.model, region, None)
         for name in list(self.store.specs):
@@ -469,12 +475,20 @@ class CompiledModel(nn.Module):
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters of the base model and the adapters, with transformers' options (its
-        ``Trainer`` counts FLOPs with ``exclude_embeddings=True``)."""
+        ``Trainer`` counts FLOPs with ``exclude_embeddings=True``). A weight stored in 4 bits
+        counts the values it holds, not its packed bytes (as PEFT counts bitsandbytes weights)."""
+        from surgeon.quant import Linear4bit
+
         skip = set()
         if exclude_embeddings:
             skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        unpacked = {
+            id(m.weight): m.in_features * m.out_features
+            for m in self.model.modules()
+            if isinstance(m, Linear4bit)
+        }
         return sum(
-            p.numel()
+            unpacked.get(id(p), p.numel())
             for p in self.parameters()
             if id(p) not in skip and (p.requires_grad or not only_trainable)
         )
@@ -545,28 +559,18 @@ class CompiledModel(nn.Module):
 
 
 @contextlib.contextmanager
-def _unchanged_on_error(model: nn.Module, rewritten: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Leave ``model`` as it was if the block fails: trainable flags, and the base weights that
-    residual initialisations (PiSSA, OLoRA) rewrite in place (copied only for those methods)."""
+def _unchanged_on_error(model: nn.Module, restores: Sequence[Callable[[], None]]) -> Iterator[None]:
+    """Leave ``model`` as it was if the block fails: trainable flags, and what the methods changed
+    in the base (``restores``, from `MethodSpec.snapshot_base`: residual inits, 4-bit storage)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    copies = [(w, w.detach().clone()) for w in rewritten]
     try:
         yield
     except BaseException:
-        with torch.no_grad():
-            for w, saved in copies:
-                w.copy_(saved)
+        for restore in reversed(restores):
+            restore()
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
-
-
-def _rewritten_weights(
-    model: nn.Module, method: MethodSpec, paths: Sequence[str]
-) -> list[torch.Tensor]:
-    if not method.rewrites_base:
-        return []
-    return [model.get_submodule(p).weight for p in paths]
 
 
 def compile(
@@ -590,10 +594,8 @@ def compile(
     cm._fused = fuse
     if spec is not None:
         cm._check_call_adapters(list(spec.adapters), spec.adapters)
-        rewritten = [
-            w for m in spec.adapters.values() for w in _rewritten_weights(model, m, m.select(model))
-        ]
-        with _unchanged_on_error(model, rewritten):
+        restores = [m.snapshot_base(model, m.select(model)) for m in spec.adapters.values()]
+        with _unchanged_on_error(model, restores):
             for adapter_name, method in spec.adapters.items():
                 cm._build_adapter(adapter_name, method)
         cm._active = tuple(spec.adapters)

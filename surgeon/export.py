@@ -23,6 +23,7 @@ from torch import nn
 
 from surgeon.adapter import merge_layers
 from surgeon.errors import SpecError
+from surgeon.layers import restore_storage, snapshot_storage
 from surgeon.trace import training_mode
 
 if TYPE_CHECKING:
@@ -76,16 +77,18 @@ def lowered(cm: CompiledModel) -> Iterator[nn.Module]:
             cm._install(calls)  # only the call adapters' rewrites remain (none: the base forwards)
             yield cm.model
     finally:
-        for module, name, param in originals:
-            setattr(module, name, param)
+        for module, snapshot in originals:
+            restore_storage(module, snapshot)
         cm._recompile()
 
 
-def _swap_in_copies(modules: list[nn.Module]) -> list[tuple[nn.Module, str, nn.Parameter]]:
+def _swap_in_copies(modules: list[nn.Module]) -> list[tuple[nn.Module, tuple]]:
+    """Give each module copies of its parameters to merge into; the snapshots put back the
+    originals (and the storage a merge may change: a 4-bit layer is dequantized)."""
     saved = []
     for module in {id(m): m for m in modules}.values():
+        saved.append((module, snapshot_storage(module)))
         for name, param in list(module.named_parameters(recurse=False)):
-            saved.append((module, name, param))
             setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=False))
     return saved
 

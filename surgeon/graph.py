@@ -155,6 +155,11 @@ class Graph:
                 for n in region.graph.nodes
                 if "fused" in n.meta.get("surgeon", {})
             }
+            kept |= {  # base calls an adapter spelled out (a 4-bit layer's dequantize + matmul)
+                n.meta["surgeon"]["replaces"]
+                for n in region.graph.nodes
+                if "replaces" in n.meta.get("surgeon", {})
+            }
             assert targets == kept, (
                 f"region {region.path!r}: base layer calls changed: {targets ^ kept}"
             )

@@ -115,7 +115,6 @@ def _emit_adapters(
 ) -> None:
     x = _layer_input(node)
     inserted: set[fx.Node] = set()
-    out = node
     for name, adapter in adapters:
         with graph.inserting_before(node):
             ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
@@ -124,12 +123,34 @@ def _emit_adapters(
             node.args = (new_x, *node.args[1:])
         elif new_x is not None:
             node.kwargs = {**node.kwargs, next(iter(node.kwargs)): new_x}
-    with graph.inserting_before(node.next):
+    base = out = _replace_base_call(graph, root, node, adapters, region)
+    with graph.inserting_before(base.next):
         for name, adapter in adapters:
             ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
             out = adapter.emit(ctx, x, out)
             inserted.update(ctx.inserted)
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
+    base.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
+
+
+def _replace_base_call(
+    graph: fx.Graph,
+    root: dict[str, Any],
+    node: fx.Node,
+    adapters: Sequence[tuple[str, AdapterLayer]],
+    region: Region,
+) -> fx.Node:
+    """The first adapter that spells out its base layer's computation (`AdapterLayer.emit_base`)
+    replaces the layer's call node; the node that now gives the base output is returned."""
+    for name, adapter in adapters:
+        with graph.inserting_before(node):
+            ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
+            base_out = adapter.emit_base(ctx, _layer_input(node))
+        if base_out is not None:
+            base_out.meta["surgeon"]["replaces"] = str(node.target)
+            node.replace_all_uses_with(base_out)
+            graph.erase_node(node)
+            return base_out
+    return node
 
 
 def _emit_mixed(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -93,6 +93,23 @@ class MethodSpec(metaclass=_ValidatingMeta):
         """Whether creating this adapter rewrites base weights in place (residual inits)."""
         return False
 
+    def snapshot_base(self, model: nn.Module, paths: Sequence[str]) -> Callable[[], None]:
+        """A function that puts back what creating this adapter changes in the base model; the
+        compiler calls it if creation fails. Residual inits rewrite the targeted weights."""
+        if not self.rewrites_base:
+            return lambda: None
+        saved = [(w, w.detach().clone()) for w in (model.get_submodule(p).weight for p in paths)]
+
+        @torch.no_grad()
+        def restore() -> None:
+            for weight, copy in saved:
+                weight.copy_(copy)
+
+        return restore
+
+    adapts_quantized: ClassVar[bool] = False
+    """Whether this method can adapt layers stored in 4 bits (`surgeon.quant.Linear4bit`)."""
+
     def supports(self, layer: nn.Module) -> bool:
         """Whether this method can adapt ``layer``."""
         raise NotImplementedError
@@ -130,6 +147,8 @@ class MethodSpec(metaclass=_ValidatingMeta):
         from surgeon.targets import check_pattern_keys
 
         paths = self._select_targets(model)
+        if not self.adapts_quantized:
+            _refuse_quantized(type(self).__name__, model, paths)
         for field_name in self.pattern_fields:
             check_pattern_keys(type(self).__name__, field_name, getattr(self, field_name), paths)
         return paths
@@ -211,6 +230,17 @@ class MethodSpec(metaclass=_ValidatingMeta):
             return target_cls(**data)
         except SpecError as err:
             raise SpecError(f"{where}: {err}") from None
+
+
+def _refuse_quantized(owner: str, model: nn.Module, paths: Sequence[str]) -> None:
+    from surgeon.quant import is_quantized
+
+    stored = [p for p in paths if is_quantized(model.get_submodule(p))]
+    if stored:
+        raise SpecError(
+            f"{owner} cannot adapt layers stored in 4 bits ({', '.join(stored[:3])}"
+            f"{' ...' if len(stored) > 3 else ''}); use LoRA or QLoRA there, or exclude them"
+        )
 
 
 def method_class(method: str, where: str = "spec") -> type[MethodSpec]:

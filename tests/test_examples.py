@@ -81,3 +81,10 @@ def test_prompt_tuning_example_trains_and_reloads():
     assert "training accuracy 100%" in out
     assert "reloaded prompt matches: max |diff| = 0.00e+00" in out
     assert "input embeddings (+8 virtual tokens)" in out
+
+
+def test_qlora_example_trains_saves_reloads_and_merges():
+    out = run_example("qlora.py", needs_minilm=False)
+    assert "bytes per weight" in out and "surgeon_quant_dequantize_4bit" in out
+    assert "same logits: max |diff| = 0.00e+00" in out
+    assert "QLoRA" in out and "quant stats" in out
