@@ -78,7 +78,9 @@ def _configure_compile(p: argparse.ArgumentParser) -> None:
 def _run_compile(args: argparse.Namespace) -> None:
     import surgeon
 
-    cm = surgeon.compile(load_model(args.model), surgeon.load_spec(args.spec))
+    cm = surgeon.compile(
+        load_model(args.model, args.task, args.num_labels), surgeon.load_spec(args.spec)
+    )
     print(cm.inspect())
     if args.out is not None:
         cm.save_adapters(args.out)
@@ -109,7 +111,7 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    cm = _compiled(args.model, args.spec, args.adapter)
+    cm = _compiled(args, args.spec, args.adapter)
     report = cm.inspect()
     print(report)
     if args.breaks:
@@ -159,7 +161,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from surgeon.textdata import read_text_dataset
 
     model_dir = _model_dir(args.model)
-    model = load_model(model_dir)
+    model = load_model(model_dir, args.task, args.num_labels)
 
     def tokenizer() -> Any:
         return load_tokenizer(model_dir)
@@ -203,7 +205,7 @@ def _configure_merge(p: argparse.ArgumentParser) -> None:
 
 def _run_merge(args: argparse.Namespace) -> None:
     model_dir = _model_dir(args.model)
-    cm = _compiled(model_dir, None, args.adapter)
+    cm = _compiled(args, None, args.adapter)
     merged = cm.merge_and_unload()
     if args.out.exists() and any(args.out.iterdir()):
         raise CommandError(f"--out {str(args.out)!r} exists and is not empty")
@@ -238,7 +240,7 @@ def _run_export(args: argparse.Namespace) -> None:
 
     if args.seq_len < 1:
         raise CommandError(f"--seq-len must be at least 1, got {args.seq_len}")
-    cm = _compiled(args.model, None, args.adapter)
+    cm = _compiled(args, None, args.adapter)
     vocab = getattr(cm.config, "vocab_size", None)
     if vocab is None:
         raise CommandError("export needs a token model (its config has no vocab_size)")
@@ -290,6 +292,22 @@ def _model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model", type=Path, help="local transformers model folder (config.json + weights)"
     )
+    p.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default="auto",
+        help="model class to load: the one its config names (auto), or one with the task's head",
+    )
+    p.add_argument("--num-labels", type=int, help="classes of a new classification head")
+
+
+TASKS = {
+    "auto": None,
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "token-cls": "AutoModelForTokenClassification",
+    "base": "AutoModel",
+}
 
 
 def _model_dir(path: Path) -> Path:
@@ -309,17 +327,27 @@ def load_config(path: Path) -> Any:
     return AutoConfig.from_pretrained(str(_model_dir(path)))
 
 
-def load_model(path: Path) -> Any:
-    """The model class its config names (``architectures``), with its weights, in eval mode."""
+def load_model(path: Path, task: str = "auto", num_labels: int | None = None) -> Any:
+    """The model class its config names (``architectures``), or the task's auto class, with
+    its weights, in eval mode."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     path = _model_dir(path)
+    extra = {} if num_labels is None else {"num_labels": _positive("--num-labels", num_labels)}
+    if TASKS[task] is not None:
+        return getattr(transformers, TASKS[task]).from_pretrained(str(path), **extra).eval()
     config = transformers.AutoConfig.from_pretrained(str(path))
     names = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
     cls = cls or transformers.AutoModel
-    return cls.from_pretrained(str(path)).eval()
+    return cls.from_pretrained(str(path), **extra).eval()
+
+
+def _positive(flag: str, value: int) -> int:
+    if value < 1:
+        raise CommandError(f"{flag} must be at least 1, got {value}")
+    return value
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -331,10 +359,10 @@ def load_tokenizer(path: Path) -> Any:
         raise CommandError(f"no tokenizer in {str(path)!r} ({_one_line(err)})") from None
 
 
-def _compiled(model: Path, spec: Path | None, adapter: Path | None) -> Any:
+def _compiled(args: argparse.Namespace, spec: Path | None, adapter: Path | None) -> Any:
     import surgeon
 
-    base = load_model(model)
+    base = load_model(args.model, args.task, args.num_labels)
     if adapter is not None:
         return surgeon.load(base, adapter)
     return surgeon.compile(base, surgeon.load_spec(spec) if spec is not None else None)

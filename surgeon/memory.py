@@ -12,6 +12,7 @@ a time.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,7 +256,9 @@ def _lora_fields(method: MethodSpec) -> dict[str, Any] | None:
 
     if not isinstance(method, LoRA):
         return None
-    names = [f for f in LoRA.__dataclass_fields__ if f != "init" or method.init == "default"]
+    names = [
+        f.name for f in dataclasses.fields(LoRA) if f.name != "init" or method.init == "default"
+    ]
     return {f: getattr(method, f) for f in names}
 
 

@@ -184,3 +184,11 @@ def test_train_names_the_bad_line_of_a_data_file(capsys, model_dir, spec_file, t
     data.write_text('{"input_ids": [1, 2]}\n{not json\n')
     code, _, err = run(capsys, "train", model_dir, spec_file, data, "--out", tmp_path / "run")
     assert code == 1 and f"{data}:2: not valid JSON" in err
+
+
+def test_estimate_memory_prints_the_three_rows_from_a_config(capsys, model_dir, spec_file):
+    code, out, err = run(
+        capsys, "estimate-memory", model_dir / "config.json", spec_file, "--batch-size", 2
+    )
+    assert code == 0, err
+    assert "LoRA" in out and "QLoRA" in out and "full" in out.lower()
