@@ -18,7 +18,7 @@ def run_example(name: str, *args: str, needs_minilm: bool = True) -> str:
         [sys.executable, str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
