@@ -68,7 +68,7 @@ FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
 
 # Elements per chunk when quantizing, bytes per chunk when dequantizing on the CPU: bound the
 # temporaries (and keep them in cache) for large weights.
-CHUNK = 1 << 22
+CHUNK = 1 << 20
 DEQUANTIZE_CHUNK = 1 << 13  # below torch's parallel grain: no thread hand-offs per chunk
 
 
@@ -244,11 +244,13 @@ def quantize_4bit(
 def _quantize_blocks(
     values: torch.Tensor, block_size: int, quant_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    copied = values.dtype != torch.float32  # then the float32 copy may be scaled in place
     blocks = values.float().view(-1, block_size)
     # max |x| without a |x| temporary; + 0.0 turns -0.0 into 0.0, as |x| would
     absmax = torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1)) + 0.0
     # multiply by the reciprocal (not divide): bitsandbytes rounds that way
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1)
+    scale = (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
+    scaled = (blocks.mul_(scale) if copied else blocks * scale).clamp_(-1, 1)
     return _nearest_4bit(scaled.reshape(-1), quant_type), absmax
 
 
