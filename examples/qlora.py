@@ -67,7 +67,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW([p for p in cm.parameters() if p.requires_grad], lr=1e-2)
         cm.train()
         start, losses = time.perf_counter(), []
-        for ids in (bar := tqdm(batches(60), total=60, desc="training", unit="step")):
+        for ids in (bar := tqdm(batches(40), total=40, desc="training", unit="step")):
             loss = cm(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
@@ -76,7 +76,7 @@ def main() -> None:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         cm.eval()
         print(
-            f"\ntrained 60 steps in {time.perf_counter() - start:.1f}s: "
+            f"\ntrained 40 steps in {time.perf_counter() - start:.1f}s: "
             f"loss {losses[0]:.2f} -> {sum(losses[-5:]) / 5:.2f}"
         )
 

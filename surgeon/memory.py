@@ -143,8 +143,12 @@ def estimate_memory(
     check_int("estimate_memory", "seq_len", seq_len)
     check_choice("estimate_memory", "optimizer", optimizer, OPTIMIZER_STATES)
     method = _single_method(spec)
+    if isinstance(model_or_config, (str, Path)):
+        from transformers import AutoConfig
+
+        model_or_config = AutoConfig.from_pretrained(model_or_config)
     build = _meta_builder(model_or_config)
-    dtype = _dtype(dtype, build)
+    dtype = _dtype(dtype, model_or_config)
     from passes.lora import LoRA
 
     lora_fields = _lora_fields(method)
@@ -177,7 +181,7 @@ def estimate_memory(
                 inputs,
             )
         )
-    parameters = sum(p.numel() for p in build(dtype).parameters())
+    parameters = rows[0].trainable  # full fine-tuning trains every parameter
     return MemoryReport(
         rows, parameters, batch_size, seq_len, optimizer, gradient_checkpointing, notes
     )
@@ -188,10 +192,6 @@ def estimate_memory(
 
 def _meta_builder(source: Any) -> Callable[[torch.dtype], nn.Module]:
     """A function building a fresh meta-device copy of the model in a given dtype."""
-    if isinstance(source, (str, Path)):
-        from transformers import AutoConfig
-
-        source = AutoConfig.from_pretrained(source)
     config = getattr(source, "config", None) if isinstance(source, nn.Module) else source
     if _is_hf_config(config):
         cls = type(source) if isinstance(source, nn.Module) else None
@@ -229,15 +229,18 @@ def _copy_on_meta(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _dtype(dtype: Any, build: Callable[[torch.dtype], nn.Module]) -> torch.dtype:
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-            raise SpecError(f"estimate_memory: dtype={dtype!r} is not a floating-point torch dtype")
-        return resolved
-    if dtype is not None:
-        return dtype
-    return next((p.dtype for p in build(torch.float32).parameters()), torch.float32)
+def _dtype(dtype: Any, source: Any) -> torch.dtype:
+    """``dtype`` resolved; by default a model's own, a config's ``dtype``, else float32."""
+    if dtype is None and isinstance(source, nn.Module):
+        dtype = next((p.dtype for p in source.parameters() if p.is_floating_point()), None)
+    elif dtype is None:
+        dtype = getattr(source, "dtype", None) or getattr(source, "torch_dtype", None)
+    if dtype is None:
+        return torch.float32
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise SpecError(f"estimate_memory: dtype={dtype!r} is not a floating-point torch dtype")
+    return resolved
 
 
 def _single_method(spec: Any) -> MethodSpec:

@@ -186,12 +186,15 @@ def _load(
             if target is None:
                 unexpected.append(key)
                 continue
-            # one tensor at a time, the file mapped only while reading it
+            # one tensor at a time, the file mapped only while reading it; the cast replaces
+            # the tensor read, so quantizing works next to the cast copy alone
             with safe_open(str(file), framework="pt", device="cpu") as reader:
                 tensor = reader.get_tensor(key)
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
             if target[0] in transposed and target[1] == "weight":
                 tensor = tensor.t()
-            _assign(model, *target, tensor, dtype, quantized, key, file)
+            _assign(model, *target, tensor, quantized, key, file)
             del tensor
     if unexpected:
         warnings.warn(
@@ -233,7 +236,6 @@ def _assign(
     owner: str,
     leaf: str,
     tensor: torch.Tensor,
-    dtype: torch.dtype,
     quantized: set[str],
     key: str,
     file: Path,
@@ -241,18 +243,16 @@ def _assign(
     module = model.get_submodule(owner)
     if owner in quantized and leaf == "weight":
         _check_shape(tuple(tensor.shape), (module.out_features, module.in_features), key, file)
-        weight = tensor.to(dtype)
-        install_state(module, module.quant.quantize(weight), module.quant)
+        install_state(module, module.quant.quantize(tensor), module.quant)
         return
     current = module._parameters.get(leaf)
     if current is None:
         current = module._buffers[leaf]
     _check_shape(tuple(tensor.shape), tuple(current.shape), key, file)
-    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
     if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=current.requires_grad)
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=current.requires_grad)
     else:
-        module._buffers[leaf] = value
+        module._buffers[leaf] = tensor
 
 
 def _check_shape(shape: tuple, expected: tuple, key: str, file: Path) -> None:

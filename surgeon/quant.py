@@ -68,7 +68,7 @@ FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
 
 # Elements per chunk when quantizing, bytes per chunk when dequantizing on the CPU: bound the
 # temporaries (and keep them in cache) for large weights.
-CHUNK = 1 << 22
+CHUNK = 1 << 20
 DEQUANTIZE_CHUNK = 1 << 13  # below torch's parallel grain: no thread hand-offs per chunk
 
 
@@ -128,13 +128,18 @@ def _midpoints_4bit(quant_type: str, device: torch.device) -> tuple[torch.Tensor
 
 
 @functools.cache
-def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """``table[byte]`` holds ``(code[byte >> 4], code[byte & 15])`` as one 64-bit value: a 1-D
-    gather of these is much faster than gathering rows of two floats."""
+def _pair_rows(quant_type: str, device: torch.device) -> torch.Tensor:
+    """``rows[byte] = (code[byte >> 4], code[byte & 15])``: one lookup dequantizes a byte."""
     code = _code(quant_type, device)
     byte = torch.arange(256, device=device)
-    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
-    return pairs.view(torch.int64).view(-1)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
+
+
+@functools.cache
+def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """`_pair_rows` with each row read as one 64-bit value: a 1-D gather of these is much faster
+    than gathering rows of two floats."""
+    return _pair_rows(quant_type, device).view(torch.int64).view(-1)
 
 
 @functools.cache
@@ -244,11 +249,13 @@ def quantize_4bit(
 def _quantize_blocks(
     values: torch.Tensor, block_size: int, quant_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    copied = values.dtype != torch.float32  # then the float32 copy may be scaled in place
     blocks = values.float().view(-1, block_size)
     # max |x| without a |x| temporary; + 0.0 turns -0.0 into 0.0, as |x| would
     absmax = torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1)) + 0.0
     # multiply by the reciprocal (not divide): bitsandbytes rounds that way
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1)
+    scale = (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
+    scaled = (blocks.mul_(scale) if copied else blocks * scale).clamp_(-1, 1)
     return _nearest_4bit(scaled.reshape(-1), quant_type), absmax
 
 
@@ -364,6 +371,11 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """The weight of shape ``shape`` in ``dtype``: ``code[q] * absmax[block]`` in float32, cast."""
     n = math.prod(shape)
+    if torch.compiler.is_compiling():  # torch.export / ONNX: plain ops, no 64-bit reinterpreting
+        rows = _pair_rows(quant_type, packed.device)
+        values = torch.index_select(rows, 0, packed.reshape(-1).int()).reshape(-1)[:n]
+        values = F.pad(values, (0, -n % block_size)).view(-1, block_size)
+        return (values * absmax.unsqueeze(1)).reshape(-1)[:n].view(shape).to(dtype)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     if not packed.is_meta:
         _dequantize_into(out, packed.reshape(-1), absmax, block_size, quant_type)
@@ -417,7 +429,7 @@ def linear_4bit(
 
 
 def _remember(tensor: torch.Tensor, recompute: Any) -> None:
-    if not torch.jit.is_tracing():
+    if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
         tensor._surgeon_recompute = recompute
 
 

@@ -73,6 +73,19 @@ def test_options_and_the_table():
     assert "full fine-tune" in table and "quant stats" in table and "QLoRA" in table
 
 
+def test_dtype_defaults_to_the_model_or_config(tmp_path):
+    model = ZOO["llama"].model().to(torch.bfloat16)
+    full = surgeon.estimate_memory(model, seq_len=8).row("full fine-tune")
+    assert full.weights == _bytes(model.parameters()) + _bytes(model.buffers())
+    config = ZOO["llama"].model().config
+    config.dtype = "float16"
+    config.save_pretrained(tmp_path)
+    from_folder = surgeon.estimate_memory(tmp_path, seq_len=8).row("full fine-tune")
+    assert from_folder.weights == full.weights  # 2 bytes per value either way
+    as_float32 = surgeon.estimate_memory(config, seq_len=8, dtype="float32")
+    assert as_float32.row("full fine-tune").weights > 1.9 * full.weights
+
+
 def test_custom_models_need_example_inputs():
     report = surgeon.estimate_memory(
         MLP(), surgeon.LoRA(targets=("body.0", "head")), inputs={"x": torch.randn(8, 12)}

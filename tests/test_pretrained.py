@@ -180,7 +180,9 @@ def test_peak_memory_is_one_full_precision_tensor_plus_the_4bit_model(tmp_path):
     """Measured as the resident set size's peak in a fresh process (/proc VmHWM, reset before the
     load), with glibc returning large blocks to the system at once (fixed mmap threshold), so
     freed tensors do not linger as resident heap."""
-    big = _llama_checkpoint(tmp_path / "big", 512, 2, 1536, 256)
+    # weights larger than the quantizer's chunks, as in real models (there its temporaries stay
+    # a fixed few MiB while the tensor read grows)
+    big = _llama_checkpoint(tmp_path / "big", 1024, 2, 3072, 256)
     largest = max(p.numel() * 4 for p in big.parameters())  # float32 in the file
     layer = sum(p.numel() * 4 for p in big.model.layers[0].parameters())
     full = sum(p.numel() * 4 for p in big.parameters())
@@ -203,5 +205,6 @@ def test_peak_memory_is_one_full_precision_tensor_plus_the_4bit_model(tmp_path):
         f"whole model in float32 {full / 2**20:.1f} MiB"
     )
     assert peak <= model + layer  # about one full-precision layer on top of the 4-bit model
-    assert peak <= model + 3.5 * largest + 2 * 2**20  # the tensor read, its cast, quantizing it
-    assert peak < 0.5 * full
+    # the tensor read (float32) and its cast, or the cast and the quantizer's chunk temporaries
+    assert peak <= model + largest + 16 * quant.CHUNK + 2 * 2**20
+    assert peak < 0.6 * (full / 2)  # well below the unquantized model in bfloat16 alone

@@ -138,6 +138,16 @@ def test_large_weights_are_quantized_in_chunks_with_the_same_result(monkeypatch)
     assert torch.equal(whole.dequantize(), chunked.dequantize())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_traced_dequantize_equals_eager(monkeypatch, dtype):
+    """torch.export / ONNX see plain ops (no 64-bit reinterpreting); the values are the same."""
+    state = quant.quantize_4bit(_weight((33, 70), torch.float32), 64, "fp4")
+    eager = state.dequantize(dtype)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = state.dequantize(dtype)
+    assert torch.equal(traced, eager) and not hasattr(traced, "_surgeon_recompute")
+
+
 def test_meta_tensors_give_shapes_only():
     state = quant.quantize_4bit(torch.empty(33, 70, device="meta"))
     real = quant.quantize_4bit(torch.ones(33, 70))
