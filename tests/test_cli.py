@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from zoo import tiny_llama
 
 from surgeon.cli import main
-from tests.zoo import tiny_llama
 
 SPEC = "method: lora\nrank: 4\nalpha: 8\ntargets: [q_proj, v_proj]\n"
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from zoo import tiny_bert, tiny_llama
 
 import surgeon
-from tests.zoo import tiny_bert, tiny_llama
 
 IDS = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 
+from zoo import ZOO
+
 import surgeon
-from tests.zoo import ZOO
 
 
 def compiled_mlp():
