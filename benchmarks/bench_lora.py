@@ -57,13 +57,13 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from common import (
     SMALL_LLAMA,
     Timer,
     base_state,
+    benchmark_parser,
     cpu_name,
     forward_timer,
     interleaved,
@@ -468,10 +468,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run with few repetitions")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    return parser.parse_args(argv)
+    return benchmark_parser(__doc__).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,11 +53,11 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from common import (
     base_state,
+    benchmark_parser,
     format_table,
     forward_timer,
     interleaved,
@@ -65,6 +65,7 @@ from common import (
     make_inputs,
     median_ms,
     paired_ratio,
+    perturb_trainable,
     progress,
     small_llama,
 )
@@ -128,11 +129,7 @@ def make_pair(
 ) -> tuple[surgeon.CompiledModel, peft.PeftModel]:
     """PEFT's model with perturbed adapters, and surgeon's model loaded from PEFT's save."""
     theirs = peft.get_peft_model(small_llama(state), config)
-    gen = torch.Generator().manual_seed(SEED + 2)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * NOISE)
+    perturb_trainable(theirs, SEED + 2, NOISE)
     with tempfile.TemporaryDirectory() as tmp:
         theirs.save_pretrained(tmp)
         ours = surgeon.load(small_llama(state), tmp)
@@ -235,10 +232,7 @@ def dora_vs_lora(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run with few repetitions")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    return parser.parse_args(argv)
+    return benchmark_parser(__doc__).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,10 +43,17 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from common import format_table, interleaved, machine, median_ms, paired_ratio, progress
+from common import (
+    benchmark_parser,
+    format_table,
+    interleaved,
+    machine,
+    median_ms,
+    paired_ratio,
+    progress,
+)
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -277,10 +284,7 @@ def train_rows(reps: Reps) -> list[dict[str, Any]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run with few repetitions")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    return parser.parse_args(argv)
+    return benchmark_parser(__doc__).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

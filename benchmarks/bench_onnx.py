@@ -61,6 +61,7 @@ from typing import Any
 from common import (
     SMALL_LLAMA,
     Timer,
+    benchmark_parser,
     format_table,
     forward_timer,
     interleaved,
@@ -306,9 +307,7 @@ def table(rows: list[Row]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run with few repetitions")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    parser = benchmark_parser(__doc__)
     parser.add_argument(
         "--ort-spinning",
         action="store_true",

@@ -32,18 +32,17 @@ Method
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from common import (
     base_state,
+    benchmark_parser,
     format_table,
     forward_timer,
     interleaved,
@@ -51,6 +50,7 @@ from common import (
     make_inputs,
     median_ms,
     paired_ratio,
+    perturb_trainable,
     progress,
     small_llama,
 )
@@ -107,11 +107,7 @@ def make_pair(
     state: dict[str, torch.Tensor], config: peft.PeftConfig
 ) -> tuple[surgeon.CompiledModel, peft.PeftModel]:
     theirs = peft.get_peft_model(small_llama(state), config)
-    gen = torch.Generator().manual_seed(SEED + 2)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * NOISE)
+    perturb_trainable(theirs, SEED + 2, NOISE)
     if getattr(config, "prefix_projection", False):
         spec = surgeon.PrefixTuning(TOKENS, projection_dim=config.encoder_hidden_size)
         ours = surgeon.compile(small_llama(state), spec)
@@ -186,10 +182,7 @@ def method_row(name, ours, theirs, inputs, labels, reps: Reps) -> Row:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run with few repetitions")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__).parse_args(argv)
     reps = QUICK if args.quick else FULL
     start = time.perf_counter()
     state = base_state(SEED)

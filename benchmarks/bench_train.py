@@ -35,7 +35,6 @@ Method
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -43,11 +42,11 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from common import (
     SMALL_LLAMA,
+    benchmark_parser,
     format_table,
     interleaved,
     machine,
@@ -239,10 +238,7 @@ def measure(setting: Setting, quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run with few repetitions")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__).parse_args(argv)
     info = machine(peft=peft.__version__)
     print(", ".join(f"{k}={v}" for k, v in info.items()))
     started = time.perf_counter()

@@ -7,6 +7,7 @@ unless they are set already, so import it before ``transformers``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import os
@@ -165,3 +166,21 @@ def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 
     rule = "-" * len(fmt(header))
     return "\n".join([fmt(header), rule, *map(fmt, lines), rule])
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes (``--quick``, ``--json``); a script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run with few repetitions")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    return parser
+
+
+@torch.no_grad()
+def perturb_trainable(model: nn.Module, seed: int, noise: float) -> None:
+    """Add seeded Gaussian noise to the trainable parameters: adapters that start at zero
+    would make any two implementations agree trivially."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=gen) * noise)
