@@ -289,6 +289,16 @@ ZOO = {
 }
 
 
+def padded_ids(batch: int = 2, length: int = 6, padded: bool = True) -> dict[str, torch.Tensor]:
+    """Seeded token ids and their mask; ``padded`` left-pads the last row by two tokens."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 96, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[-1, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def logits(out: Any) -> torch.Tensor:
     """The main output tensor of any zoo model."""
     if isinstance(out, torch.Tensor):

@@ -15,6 +15,9 @@ from zoo import (
     randomize,
     tiny_traced_decoder,
 )
+from zoo import (
+    padded_ids as _inputs,
+)
 
 import surgeon
 from passes.prefix_graph import attend_with_prefix
@@ -22,15 +25,6 @@ from passes.prefix_graph import attend_with_prefix
 peft = pytest.importorskip("peft")
 
 N = 3  # virtual tokens
-
-
-def _inputs(batch: int = 2, length: int = 6, padded: bool = True) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 96, (batch, length), generator=generator)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[-1, :2] = 0  # left padding on the last row
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _peft_model(kind: str, projection: bool, task: str = "CAUSAL_LM"):

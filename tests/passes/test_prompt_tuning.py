@@ -10,21 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from zoo import ZOO, assert_same_generation, decode_without_cache, generate, logits, randomize
+from zoo import padded_ids as _inputs
 
 import surgeon
 
 peft = pytest.importorskip("peft")
 
 N = 4  # virtual tokens
-
-
-def _inputs(batch: int = 2, length: int = 6, padded: bool = True) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 96, (batch, length), generator=generator)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[-1, :2] = 0  # left padding on the last row
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _compiled(kind: str, **fields) -> surgeon.CompiledModel:

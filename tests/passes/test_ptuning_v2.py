@@ -15,21 +15,15 @@ from zoo import (
     randomize,
     tiny_traced_decoder,
 )
+from zoo import (
+    padded_ids as _inputs,
+)
 
 import surgeon
 
 peft = pytest.importorskip("peft")
 
 N = 3  # virtual tokens
-
-
-def _inputs(padded: bool = True) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 96, (2, 6), generator=generator)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[-1, :2] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _compiled(model, hidden: int = 8, depth: int = 3, **fields) -> surgeon.CompiledModel:
