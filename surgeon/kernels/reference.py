@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from surgeon.quant import unpack_4bit
+
 
 def dequantize_nf4_reference(
     packed: torch.Tensor,
@@ -35,8 +37,7 @@ def dequantize_nf4_reference(
     numel = 1
     for d in shape:
         numel *= int(d)
-    flat = packed.reshape(-1)
-    nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:numel].long()
+    nibbles = unpack_4bit(packed.reshape(-1), numel).long()
     scales = absmax.reshape(-1).float().repeat_interleave(block_size)[:numel]
     return (code.float()[nibbles] * scales).reshape(tuple(int(d) for d in shape))
 
