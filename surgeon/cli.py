@@ -238,8 +238,7 @@ def _run_export(args: argparse.Namespace) -> None:
 
     import surgeon
 
-    if args.seq_len < 1:
-        raise CommandError(f"--seq-len must be at least 1, got {args.seq_len}")
+    _positive("--seq-len", args.seq_len)
     cm = _compiled(args, None, args.adapter)
     vocab = getattr(cm.config, "vocab_size", None)
     if vocab is None:
