@@ -25,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from surgeon.errors import SpecError
 from surgeon.spec import _ValidatingMeta, check_bool, check_choice
@@ -75,7 +76,19 @@ DEQUANTIZE_CHUNK = 1 << 13  # below torch's parallel grain: no thread hand-offs 
 # -- code books -------------------------------------------------------------------------------
 
 
-@functools.cache
+def _tables(make: Callable[..., Any]) -> Callable[..., Any]:
+    """functools.cache for the code tables, built outside any fake-tensor mode: a table first
+    asked for while a region is traced with fake tensors must still be a real one."""
+
+    @functools.cache
+    def cached(*args: Any) -> Any:
+        with unset_fake_temporarily():
+            return make(*args)
+
+    return functools.wraps(make)(cached)
+
+
+@_tables
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
     if quant_type == "nf4":
         return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
@@ -98,7 +111,7 @@ def code_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tens
     return _code(quant_type, torch.device(device))
 
 
-@functools.cache
+@_tables
 def _dynamic_code(device: torch.device) -> torch.Tensor:
     # Signed dynamic code, 7 exponent bits (Dettmers 2015): for exponent i the fraction takes
     # 2^i values, the midpoints of linspace(0.1, 1, 2^i + 1), scaled by 10^(i - 6); plus 0 and 1.
@@ -117,7 +130,7 @@ def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return _dynamic_code(torch.device(device))
 
 
-@functools.cache
+@_tables
 def _midpoints_4bit(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Midpoints between consecutive code values in value order, and value order -> code index."""
     code = _code(quant_type, device)
@@ -127,7 +140,7 @@ def _midpoints_4bit(quant_type: str, device: torch.device) -> tuple[torch.Tensor
     return (ordered[:-1] + ordered[1:]) / 2, order.to(torch.uint8)
 
 
-@functools.cache
+@_tables
 def _pair_rows(quant_type: str, device: torch.device) -> torch.Tensor:
     """``rows[byte] = (code[byte >> 4], code[byte & 15])``: one lookup dequantizes a byte."""
     code = _code(quant_type, device)
@@ -135,14 +148,14 @@ def _pair_rows(quant_type: str, device: torch.device) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
 
 
-@functools.cache
+@_tables
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """`_pair_rows` with each row read as one 64-bit value: a 1-D gather of these is much faster
     than gathering rows of two floats."""
     return _pair_rows(quant_type, device).view(torch.int64).view(-1)
 
 
-@functools.cache
+@_tables
 def _dynamic_lut(device: torch.device) -> torch.Tensor:
     """bitsandbytes' CPU table: entry u holds the code index nearest to 2u/65535 - 1."""
     code = _dynamic_code(device)
