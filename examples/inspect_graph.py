@@ -1,5 +1,6 @@
 """Inspect: what was grafted where, which modules broke tracing and why, the rewritten code of a
-region with the inserted lines marked, a traced-vs-rewritten diff, and the graph as SVG/DOT.
+region with the inserted lines marked, a traced-vs-rewritten diff, the specialised region the
+first call traces (the whole encoder), and the graph as SVG/DOT.
 
 python examples/inspect_graph.py [graph.svg]
 """
@@ -17,7 +18,7 @@ import surgeon
 
 
 def main() -> None:
-    model, _ = load_minilm_classifier()
+    model, tokenizer = load_minilm_classifier()
     cm = surgeon.compile(model, surgeon.LoRA(rank=8, targets=("query", "value")))
     report = cm.inspect()
     print(report.table())
@@ -27,6 +28,17 @@ def main() -> None:
     region = "bert.encoder.layer.0.attention.self.query"
     print(f"\n{cm.graph.code(region, marked=True)}")
     print(cm.graph.diff(region))
+
+    # plain FX cannot trace BERT's layers (**kwargs, shape splats); the first call can
+    cm(
+        **tokenizer(
+            ["the battery lasts all day", "broke in a week"], return_tensors="pt", padding=True
+        )
+    )
+    print(f"after one call: {cm.inspect().summary().splitlines()[-1]}")
+    (outer,) = cm.graph.traced()[:1]  # the outermost module that traced: here the whole model
+    code = cm.graph.code(outer.path, marked=True).splitlines()
+    print("\n".join(code[:6]) + f"\n    ... ({len(code)} lines)\n")
 
     graph = cm.graph.to_networkx()  # one node per FX node, for queries
     inserted = [n for n, data in graph.nodes(data=True) if data["adapter"]]

@@ -15,7 +15,15 @@ from surgeon.adapter import AdapterLayer, CallAdapter, merge_layers, transform_c
 from surgeon.copies import LayerCopy, copy_paths, present_names
 from surgeon.errors import SpecError
 from surgeon.graph import Graph
-from surgeon.rewrite import escape, install, leaf_region, mixed_rows, reached_layers, rewrite_region
+from surgeon.rewrite import (
+    escape,
+    install,
+    leaf_region,
+    mixed_rows,
+    reached_layers,
+    rewrite_region,
+    specialised_rewrite,
+)
 from surgeon.spec import MethodSpec, Spec, as_spec, check_adapter_name
 from surgeon.trace import trace_regions
 
@@ -351,7 +359,7 @@ class CompiledModel(nn.Module):
         for name in self._merged:
             for _, layer in self.store.items(name):
                 layer.unload(requantize)
-        for region in self.graph.regions:
+        for region in self.graph.installable():
             install(self.model, region, None)
         for name in list(self.store.specs):
             self.store.remove(name)
@@ -415,6 +423,14 @@ class CompiledModel(nn.Module):
                 or any(call.touches(region) for _, call in calls)
                 else (region, None)
                 for region in self.graph.regions
+            ] + [
+                (region, specialised_rewrite(self.model, region, active, mixed, passes))
+                if self.graph.specialising
+                and active
+                and not calls
+                and reached_layers(self.model, [region]) & active.keys()
+                else (region, None)
+                for region in self.graph.specialised
             ]
         for region, rewrite in self._plans[key]:
             if rewrite is not None or region.gm is not None:
@@ -578,8 +594,13 @@ def compile(
     spec_or_method: Spec | MethodSpec | Mapping[str, Any] | None = None,
     name: str = "default",
     fuse: bool = False,
+    specialise: bool = True,
 ) -> CompiledModel:
-    """Trace ``model`` into regions and graft the spec's adapters in (all of them active)."""
+    """Trace ``model`` into regions and graft the spec's adapters in (all of them active).
+
+    ``specialise``: modules plain FX cannot trace (transformers' decoder layers) are traced at
+    call time per kind of call (surgeon/specialise.py); False keeps every call on the plain
+    regions (no tracing at call time)."""
     if not isinstance(model, nn.Module):
         raise SpecError(f"compile: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, CompiledModel):
@@ -588,10 +609,15 @@ def compile(
         )
     if not isinstance(fuse, bool):
         raise SpecError(f"compile: fuse must be True or False, got {fuse!r}")
+    if not isinstance(specialise, bool):
+        raise SpecError(f"compile: specialise must be True or False, got {specialise!r}")
     spec = as_spec(spec_or_method, name) if spec_or_method is not None else None
     result = trace_regions(model)
-    cm = CompiledModel(model, Graph(result.regions, result.breaks, result.seconds))
+    cm = CompiledModel(
+        model, Graph(result.regions, result.breaks, result.seconds, result.specialised)
+    )
     cm._fused = fuse
+    cm.graph.specialising = specialise
     if spec is not None:
         cm._check_call_adapters(list(spec.adapters), spec.adapters)
         restores = [m.snapshot_base(model, m.select(model)) for m in spec.adapters.values()]

@@ -193,6 +193,11 @@ def _collective_device() -> torch.device | None:
 def _shard(cm: Any) -> None:
     from torch.distributed.fsdp import fully_shard
 
+    # a specialised region builds its graphs at call time, after fully_shard has registered the
+    # graphs' parameter references below: FSDP could not swap what those graphs read
+    cm.graph.specialising = False
+    cm._forget_plans()
+    cm._recompile()
     blocks = set(getattr(cm.model, "_no_split_modules", None) or ())
     for module in list(cm.model.modules()):
         if type(module).__name__ in blocks:

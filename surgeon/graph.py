@@ -8,8 +8,10 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from surgeon.targets import layer_index
@@ -17,19 +19,60 @@ from surgeon.trace import Break, Region
 
 
 class Graph:
-    """The traced model: sound regions plus the modules that broke tracing."""
+    """The traced model: sound regions plus the modules that broke tracing.
 
-    def __init__(self, regions: list[Region], breaks: list[Break], trace_seconds: float) -> None:
+    ``specialised``: the broken modules that are traced again at call time, per kind of call
+    (surgeon/specialise.py); once one has run a variant it is the region of its subtree
+    (`live`). ``specialising = False`` keeps every call on the plain regions.
+    """
+
+    def __init__(
+        self,
+        regions: list[Region],
+        breaks: list[Break],
+        trace_seconds: float,
+        specialised: list[Region] | None = None,
+    ) -> None:
         self.regions = regions
         self.breaks = breaks
         self.trace_seconds = trace_seconds
+        self.specialised = specialised or []
+        self.specialising = True
 
     def __repr__(self) -> str:
         adapted = sum(1 for r in self.regions if r.graph is not None)
         return f"Graph({len(self.regions)} regions, {adapted} rewritten, {len(self.breaks)} breaks)"
 
+    def installable(self) -> list[Region]:
+        return [*self.regions, *self.specialised]
+
+    def traced(self) -> list[Region]:
+        """Specialised regions that hold at least one traced variant."""
+        return [
+            r for r in self.specialised if any(isinstance(v, list) for v in r.variants.values())
+        ]
+
+    def live(self) -> list[Region]:
+        """The regions calls run through now: outermost traced specialised regions, and the
+        plain regions outside them."""
+        traced = self.traced()
+        outer = [
+            r for r in traced if not any(_inside(r.path, o.path) for o in traced if o is not r)
+        ]
+        rest = [r for r in self.regions if not any(_inside(r.path, o.path) for o in outer)]
+        return outer + rest
+
+    def refused(self) -> list[tuple[str, str, str]]:
+        """(path, kind of call, reason) for each call a specialised region could not trace."""
+        return [
+            (r.path or "<root>", _call_kind(key), reason)
+            for r in self.specialised
+            for key, reason in r.variants.items()
+            if isinstance(reason, str)
+        ]
+
     def region(self, path: str) -> Region:
-        for region in self.regions:
+        for region in (*self.regions, *self.specialised):
             if region.path == path:
                 return region
         known = ", ".join(repr(r.path) for r in self.regions[:10])
@@ -38,9 +81,9 @@ class Graph:
         )
 
     def region_of(self, module_path: str) -> Region | None:
-        """The region whose subtree holds ``module_path``."""
+        """The region whose subtree holds ``module_path`` (a traced specialised one first)."""
         best = None
-        for region in self.regions:
+        for region in self.live():
             p = region.path
             inside = p == "" or module_path == p or module_path.startswith(p + ".")
             if inside and (best is None or len(p) > len(best.path)):
@@ -48,7 +91,7 @@ class Graph:
         return best
 
     def rewritten(self) -> Iterator[Region]:
-        return (r for r in self.regions if r.graph is not None)
+        return (r for r in self.installable() if r.graph is not None)
 
     def code(self, path: str | None = None, marked: bool = False) -> str:
         """Python code of one region (by module path), or of every rewritten region.
@@ -70,14 +113,18 @@ class Graph:
         return "".join(lines) or f"# region {name}: no changes\n"
 
     def regions_per_layer(self) -> float | None:
-        """Mean number of regions per decoder layer (None for models without numbered layers)."""
-        counts = Counter(i for r in self.regions if (i := layer_index(r.path + ".")) is not None)
+        """Mean number of regions a decoder layer's adaptable layers are spread over (a region
+        spanning several layers counts for each); None for models without numbered layers."""
+        counts: Counter[int] = Counter()
+        for region in self.live():
+            for index in _layers_spanned(region):
+                counts[index] += 1
         return sum(counts.values()) / len(counts) if counts else None
 
     def to_networkx(self) -> nx.DiGraph:
         """One node per FX node (``"<region>::<node>"``), with op, target, region and adapter attributes."""
         g = nx.DiGraph()
-        for region in self.regions:
+        for region in self.live():
             prefix = region.path or "<root>"
             for node in region.current.nodes:
                 tag = node.meta.get("surgeon", {})
@@ -170,9 +217,48 @@ class Graph:
                     )
 
 
+def _inside(path: str, outer: str) -> bool:
+    return outer == "" or path == outer or path.startswith(outer + ".")
+
+
+def _layers_spanned(region: Region) -> set[int]:
+    """Decoder-layer indices of the layers a region's graph calls (or of its own path)."""
+    own = layer_index(region.path + ".")
+    if own is not None:
+        return {own}
+    prefix = f"{region.path}." if region.path else ""
+    return {
+        i
+        for node in region.base.nodes
+        if node.op == "call_module" and (i := layer_index(f"{prefix}{node.target}.")) is not None
+    }
+
+
+def _call_kind(key: Any) -> str:
+    """A specialisation key as people read it: the arguments' kinds."""
+    parts = [_kind(k) for k in key.args] + [f"{name}={_kind(k)}" for name, k in key.kwargs]
+    return ", ".join(parts) + ("" if key.training[0] else " (eval)")
+
+
+def _kind(key: Any) -> str:
+    head = key[0]
+    if head is torch.Tensor:
+        return f"{str(key[1]).removeprefix('torch.')} tensor"
+    if head is object:
+        return key[1].__name__
+    if head in (tuple, list):
+        return "(" + ", ".join(_kind(k) for k in key[1]) + ")"
+    if head is dict:
+        return "{" + ", ".join(f"{n}: {_kind(k)}" for n, k in key[1]) + "}"
+    return repr(key[1])
+
+
 def _region_code(region: Region, marked: bool = False) -> str:
+    if region.specialised and not region.base.nodes:
+        return f"# region {region.path or '<root>'} ({region.module_type}): specialised at its first call; not traced yet\n"
     graph = region.current
-    header = f"# region {region.path or '<root>'} ({region.module_type}{', leaf' if region.leaf else ''})"
+    kind = ", leaf" if region.leaf else ", specialised" if region.specialised else ""
+    header = f"# region {region.path or '<root>'} ({region.module_type}{kind})"
     body = _graph_source(graph)
     if marked:
         body = _mark_inserted(graph, body)

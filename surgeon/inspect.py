@@ -30,6 +30,8 @@ class Report:
     regions_per_layer: float | None
     trace_seconds: float
     merged: list[str] = field(default_factory=list)
+    specialised: int = 0
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
 
     @classmethod
     def of(cls, cm: CompiledModel) -> Report:
@@ -67,11 +69,13 @@ class Report:
             rows=rows,
             trainable=cm.num_trainable(),
             total=cm.num_parameters(),
-            regions=len(graph.regions),
+            regions=len(graph.live()),
             breaks=[(b.path or "<root>", b.module_type, b.reason) for b in graph.breaks],
             regions_per_layer=graph.regions_per_layer(),
             trace_seconds=graph.trace_seconds,
             merged=cm.merged,
+            specialised=sum(r.specialised for r in graph.live()),
+            refused=graph.refused(),
         )
 
     def table(self) -> str:
@@ -105,10 +109,11 @@ class Report:
     def summary(self) -> str:
         share = 100.0 * self.trainable / self.total if self.total else 0.0
         per_layer = f"{self.regions_per_layer:.1f}" if self.regions_per_layer is not None else "n/a"
+        specialised = f"; {self.specialised} specialised at call time" if self.specialised else ""
         lines = [
             f"trainable params: {self.trainable:,} of {self.total:,} ({share:.4f}%)",
-            f"regions: {self.regions} ({per_layer} per decoder layer), graph breaks: {len(self.breaks)}, "
-            f"traced in {self.trace_seconds * 1000:.0f} ms",
+            f"regions: {self.regions} ({per_layer} per decoder layer{specialised}), "
+            f"graph breaks: {len(self.breaks)}, traced in {self.trace_seconds * 1000:.0f} ms",
         ]
         if self.merged:
             lines.append(f"merged into the weights: {', '.join(self.merged)}")
@@ -119,6 +124,10 @@ class Report:
         lines = [f"{path} ({kind}): {reason}" for path, kind, reason in shown]
         if len(self.breaks) > limit:
             lines.append(f"... and {len(self.breaks) - limit} more")
+        lines += [
+            f"{path}: runs its own forward for calls ({call}): {reason}"
+            for path, call, reason in self.refused[:limit]
+        ]
         return "\n".join(lines) or "(no graph breaks)"
 
     def __str__(self) -> str:

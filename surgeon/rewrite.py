@@ -25,7 +25,8 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, CallAdapter, EmitContext
 from surgeon.errors import SpecError
-from surgeon.trace import Region, leaf_graph
+from surgeon.specialise import Dispatcher
+from surgeon.trace import Region, adaptable_types, leaf_graph
 
 ActiveLayers = Mapping[int, Sequence[tuple[str, AdapterLayer]]]
 """id(base layer) -> [(adapter name, adapter layer)] in the order they apply."""
@@ -45,6 +46,16 @@ class BaseForward(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.layer).forward(self.layer, *args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        # a graph may also read the layer's attributes (``conv.weight.dtype``) through this path
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            value = getattr(self.__dict__["layer"], name, None)
+            if not isinstance(value, torch.Tensor):
+                raise
+            return value
+
 
 def region_module(model: nn.Module, region: Region) -> nn.Module:
     return model.get_submodule(region.path) if region.path else model
@@ -58,8 +69,8 @@ def escape(path: str) -> str:
 class Rewrite:
     """One region's rewritten graph, the module its code runs on, and what it adapted."""
 
-    graph: fx.Graph
-    holder: RegionModule
+    graph: fx.Graph | None
+    holder: RegionModule | Dispatcher
     adapted: dict[str, list[str]]
 
 
@@ -81,15 +92,22 @@ def rewrite_region(
     graph = copy.deepcopy(region.base)
     root: dict[str, Any] = {}
     adapted: dict[str, list[str]] = {}
+    constants = getattr(region.base, "constants", {})
     for node in list(graph.nodes):
         if node.op not in ("call_module", "get_attr"):
+            continue
+        if node.op == "get_attr" and node.target in constants:
+            root[node.target] = constants[node.target]
             continue
         if region.leaf:
             root[node.target] = BaseForward(module)
             layer = module
         else:
-            root[node.target] = operator.attrgetter(node.target)(module)
-            layer = root[node.target]
+            layer = operator.attrgetter(node.target)(module)
+            # a specialised region's layers also carry their own rewrites (for calls that run
+            # the module's own forward): its graph must not apply their adapters twice
+            specialised = region.specialised and node.op == "call_module"
+            root[node.target] = BaseForward(layer) if specialised else layer
         if node.op == "call_module" and id(layer) in active:
             emit = _emit_mixed if mixed else _emit_adapters
             emit(graph, root, node, active[id(layer)], region)
@@ -233,14 +251,49 @@ def _full_path(region: Region, target: str) -> str:
 
 
 def reached_layers(model: nn.Module, regions: Sequence[Region]) -> set[int]:
-    """ids of the layers that some region's graph calls."""
+    """ids of the layers that some region's graph calls (a specialised region's: every layer
+    in its subtree, which any of its variants may call)."""
     seen: set[int] = set()
     for region in regions:
         module = region_module(model, region)
+        if region.specialised:
+            seen.update(id(m) for m in module.modules() if isinstance(m, adaptable_types()))
+            continue
         for node in region.base.nodes:
             if node.op == "call_module":
                 seen.add(id(module) if region.leaf else id(module.get_submodule(node.target)))
     return seen
+
+
+def specialised_rewrite(
+    model: nn.Module,
+    region: Region,
+    active: ActiveLayers,
+    mixed: bool = False,
+    graph_passes: Sequence[GraphPass] = (),
+) -> Rewrite:
+    """A dispatcher for a specialised region: each variant it traces is rewritten like any
+    region graph (the same adapter subgraphs and graph passes)."""
+
+    def build(graph: fx.Graph) -> Rewrite:
+        variant = Region(region.path, region.module_type, graph, specialised=True)
+        return rewrite_region(model, variant, active, mixed, graph_passes)
+
+    dispatcher = Dispatcher(region_module(model, region), region, build, adaptable_types())
+    adapted = {
+        path: [name for name, _ in active[id(layer)]]
+        for path, layer in _layers_in(model, region)
+        if id(layer) in active
+    }
+    return Rewrite(None, dispatcher, adapted)
+
+
+def _layers_in(model: nn.Module, region: Region) -> list[tuple[str, nn.Module]]:
+    module = region_module(model, region)
+    prefix = f"{region.path}." if region.path else ""
+    return [
+        (prefix + name, m) for name, m in module.named_modules() if isinstance(m, adaptable_types())
+    ]
 
 
 def leaf_region(model: nn.Module, path: str) -> Region:
@@ -257,7 +310,8 @@ def install(model: nn.Module, region: Region, rewrite: Rewrite | None) -> None:
         return
     region.graph, region.gm, region.adapted = rewrite.graph, rewrite.holder, rewrite.adapted
     module.forward = types.MethodType(rewrite.holder.run, rewrite.holder)
-    _maybe_dump(region)
+    if rewrite.graph is not None:
+        _maybe_dump(region)
 
 
 class RegionModule(nn.Module):

@@ -8,10 +8,15 @@ change from call to call. Two such values are checked by tracing twice and compa
 * whether optional arguments are ``None`` (a Proxy is never ``None``, so ``if mask is not None``
   silently takes one branch; we also trace with those arguments fixed to ``None``).
 
-A subtree that fails either check, or does not trace at all, is a graph break: its reason is
-recorded and its children are tried. Adaptable layers (Linear, Conv, Embedding, ...) are leaves:
-they always appear as ``call_module`` nodes, and one reached from a broken parent becomes a
-region of its own. Subtrees without adaptable layers are not traced: no adapter can land there.
+A forward that takes ``*args``/``**kwargs`` is not traced symbolically at all: FX would hand it
+one proxy for them, and whatever it reads from them (``kwargs.get("mask")``, an ``isinstance``)
+would be answered once for every call.
+
+A subtree that fails a check, or does not trace at all, is a graph break: its reason is
+recorded and its children are tried. A broken module with a forward of its own is also listed as
+a *specialised* region: surgeon/specialise.py traces it at call time, per kind of call.
+Adaptable layers (Linear, Conv, Embedding, ...) are leaves: they always appear as
+``call_module`` nodes, and one reached from a broken parent becomes a region of its own. Subtrees without adaptable layers are not traced: no adapter can land there.
 
 Structurally identical subtrees (the decoder layers of an LLM) are traced once: the graph only
 names submodules relative to its root, so it serves every instance with the same structure.
@@ -52,16 +57,18 @@ class Region:
     module_type: str
     base: fx.Graph
     leaf: bool = False
+    specialised: bool = False
     graph: fx.Graph | None = None
     gm: nn.Module | None = None
     adapted: dict[str, list[str]] = field(default_factory=dict)
+    variants: dict[tuple, Any] = field(default_factory=dict)
 
     @property
     def current(self) -> fx.Graph:
         return self.graph if self.graph is not None else self.base
 
 
-class _Unsound(Exception):
+class Unsound(Exception):
     pass
 
 
@@ -89,6 +96,7 @@ class TraceResult:
     regions: list[Region]
     breaks: list[Break]
     seconds: float
+    specialised: list[Region] = field(default_factory=list)
 
 
 class _Cache:
@@ -132,6 +140,7 @@ def trace_regions(model: nn.Module, leaf_types: tuple[type, ...] | None = None) 
     leaf_types = leaf_types or adaptable_types()
     regions: list[Region] = []
     breaks: list[Break] = []
+    specialised: list[Region] = []
     cache = _Cache()
     contains = _adaptable_subtrees(model, leaf_types)
     stack: list[tuple[str, nn.Module]] = [("", model)]
@@ -144,13 +153,17 @@ def trace_regions(model: nn.Module, leaf_types: tuple[type, ...] | None = None) 
             continue
         try:
             graph = _trace_cached(module, leaf_types, cache)
-        except _Unsound as err:
+        except Unsound as err:
             breaks.append(Break(path, type(module).__name__, str(err)))
+            if type(module).forward is not nn.Module.forward:
+                specialised.append(
+                    Region(path, type(module).__name__, fx.Graph(), specialised=True)
+                )
             children = [(f"{path}.{n}" if path else n, c) for n, c in module.named_children()]
             stack.extend(reversed(children))
             continue
         regions.append(Region(path, type(module).__name__, graph))
-    return TraceResult(regions, breaks, time.perf_counter() - start)
+    return TraceResult(regions, breaks, time.perf_counter() - start, specialised)
 
 
 def _adaptable_subtrees(model: nn.Module, leaf_types: tuple[type, ...]) -> set[int]:
@@ -192,33 +205,38 @@ def _forward_parameters(cls: type) -> list[inspect.Parameter]:
 
 def _trace_cached(module: nn.Module, leaf_types: tuple[type, ...], cache: _Cache) -> fx.Graph:
     if type(module).forward is nn.Module.forward:
-        raise _Unsound(f"{type(module).__name__} has no forward of its own (a container)")
+        raise Unsound(f"{type(module).__name__} has no forward of its own (a container)")
     outcome = cache.lookup(module)
     if outcome is None:
         try:
             outcome = _trace_soundly(module, leaf_types)
-        except _Unsound as err:
+        except Unsound as err:
             outcome = str(err)
         cache.record(module, outcome)
     if isinstance(outcome, str):
-        raise _Unsound(outcome)
+        raise Unsound(outcome)
     return outcome
 
 
 def _trace_soundly(module: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
     """Trace in the current mode; accept only if the other mode and None-valued optional
     arguments give the same computation."""
+    variadic = _variadic_parameters(module)
+    if variadic:
+        # FX hands a proxy in for *args/**kwargs: what the forward reads from them (a
+        # kwargs.get, an isinstance) would be answered once for every call
+        raise Unsound(f"forward takes {variadic}, which a symbolic trace cannot see into")
     first = _trace(module, leaf_types)
     none_args = _none_default_args(module)
     if none_args:
         specialised = _trace(module, leaf_types, {a: None for a in none_args})
         if _fingerprint(first) != _fingerprint(specialised):
             names = ", ".join(none_args)
-            raise _Unsound(f"forward branches on whether optional argument(s) {names} are None")
+            raise Unsound(f"forward branches on whether optional argument(s) {names} are None")
     with training_mode(module, not module.training):
         other = _trace(module, leaf_types)
     if _fingerprint(first) != _fingerprint(other):
-        raise _Unsound(
+        raise Unsound(
             "graph depends on the training flag (e.g. F.dropout(..., training=self.training))"
         )
     return first
@@ -231,7 +249,16 @@ def _trace(
         return RegionTracer(leaf_types).trace(module, concrete_args=concrete)
     except Exception as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise _Unsound(f"{type(err).__name__}: {message[:200]}") from None
+        raise Unsound(f"{type(err).__name__}: {message[:200]}") from None
+
+
+def _variadic_parameters(module: nn.Module) -> str:
+    try:
+        params = inspect.signature(type(module).forward).parameters.values()
+    except (TypeError, ValueError):
+        return ""
+    star = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return ", ".join(star[p.kind] + p.name for p in params if p.kind in star)
 
 
 def _none_default_args(module: nn.Module) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -273,6 +274,7 @@ class _Loop:
         self.logged_from = progress.step
         self.checkpoint: Path | None = None
         self.saved_at = self.evaluated_at = -1
+        self.no_cache = no_cache_arguments(cm.model)
 
     def plan(
         self,
@@ -380,8 +382,8 @@ class _Loop:
         with _autocast(self.device, self.config.bf16):
             if isinstance(batch, Mapping):
                 if self.loss_fn is None:
-                    return output_loss(model(**batch))
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                    return output_loss(model(**{**self.no_cache, **batch}))
+                inputs = {k: v for k, v in {**self.no_cache, **batch}.items() if k != "labels"}
                 return self.loss_fn(model(**inputs), batch.get("labels"))
             if self.loss_fn is None:
                 return output_loss(model(*batch))
@@ -657,6 +659,19 @@ def _loraplus_kinds(cm: Any, trained: Mapping[str, nn.Parameter]) -> dict[str, s
         else:
             kinds[name] = "A"
     return kinds
+
+
+def no_cache_arguments(model: nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` for models that would otherwise build a key/value cache on every
+    forward: a training step never reads it, it costs memory, and a call with a cache cannot
+    run as one specialised graph. Empty where the forward takes no such argument."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return {}
+    try:
+        parameters = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in parameters else {}
 
 
 def shifts_labels(model: nn.Module) -> bool:

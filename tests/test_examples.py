@@ -42,6 +42,9 @@ def test_compile_example_leaves_outputs_unchanged():
 def test_inspect_example_marks_code_and_writes_the_graph(tmp_path):
     out = run_example("inspect_graph.py", str(tmp_path / "graph.svg"))
     assert "# + lora[default]" in out and "(rewritten)" in out
+    assert (
+        "specialised at call time" in out and "(BertForSequenceClassification, specialised)" in out
+    )
     assert any(p.suffix in (".svg", ".dot") for p in tmp_path.iterdir())
 
 

@@ -1,0 +1,733 @@
+"""Specialised regions: graphs for modules that plain symbolic FX cannot trace soundly.
+
+transformers' attention and decoder layers take ``**kwargs``, splat shape tuples, branch on
+shapes (``query.shape[2] > 1``) and on whether a cache or mask was passed. Such a module is
+traced at call time, for the kind of inputs it gets, by a tracer whose proxies carry a fake
+value (`FakeTensor` with symbolic sizes): every Python decision the forward takes on those
+values is answered from them and leaves a guard behind:
+
+* the structure of the call (which arguments are None, Python values, tensor dtypes, devices,
+  ranks; objects passed in by the same of their attributes; training flags, grad mode,
+  autocast) is the variant's key;
+* decisions on sizes, the sizes of tensors inside objects passed in (a KV cache) included,
+  become symbolic-shape guards (``ShapeEnv``), checked before a variant runs;
+* decisions on tensor data cannot be guarded before the call: the trace is refused and the
+  module runs its own forward.
+
+Tracing runs on fake values and on fake copies of objects passed in, so a refused trace has no
+side effects and the module's own forward can always take over. A new variant's first run is
+checked against the module's own forward (on copies) before it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import inspect
+import logging
+import operator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import _symbolic_trace
+from torch.fx.experimental.symbolic_shapes import (
+    SYMPY_INTERP,
+    DimDynamic,
+    ShapeEnv,
+    StatelessSymbolicContext,
+)
+
+from surgeon.trace import RegionTracer, Unsound
+
+_PYTHON_VALUES = (bool, int, float, str, torch.dtype, torch.device)
+_CONTAINERS = (tuple, list, dict, torch.Size, *_PYTHON_VALUES, type(None))
+_OBJECT_DEPTH = 4
+_SHAPE_QUERIES = frozenset({"size", "dim", "numel", "stride"})
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training", "forward"}  # forward: ours
+
+
+# -- the kind of a call -----------------------------------------------------------------------
+
+
+def value_key(value: Any, depth: int = 0) -> Any:
+    """What a variant is specialised on for one argument: None-ness, Python values, tensors'
+    dtypes, devices and ranks (their sizes are guarded separately); an object passed in (a KV
+    cache) by the same of its attributes, to `_OBJECT_DEPTH` levels."""
+    if value is None or isinstance(value, _PYTHON_VALUES):
+        return (type(value), value)
+    if isinstance(value, torch.Tensor):
+        return (torch.Tensor, value.dtype, value.device, value.dim(), value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(value_key(v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, value_key(v, depth + 1)) for k, v in value.items()))
+    attributes = _attributes(value, depth)
+    if attributes is None:
+        return (object, type(value), id(value))
+    return (object, type(value), tuple((k, value_key(v, depth + 1)) for k, v in attributes))
+
+
+def _attributes(value: Any, depth: int) -> list[tuple[str, Any]] | None:
+    """The attributes of an object passed in that keys and guards look into (None: opaque)."""
+    if depth >= _OBJECT_DEPTH or isinstance(value, (nn.Module, type)) or callable(value):
+        return None
+    attributes = getattr(value, "__dict__", None)
+    return None if attributes is None else list(attributes.items())
+
+
+class CallKey(NamedTuple):
+    """The kind of a call, which a variant is specialised on."""
+
+    training: tuple[bool, ...]  # of every module in the region
+    hooked: bool
+    grad: bool
+    autocast: tuple
+    args: tuple
+    kwargs: tuple
+
+
+def call_key(module_flags: Sequence[nn.Module], args: tuple, kwargs: dict[str, Any]) -> CallKey:
+    return CallKey(
+        tuple(m.training for m in module_flags),
+        any(map(_has_hooks, module_flags)),
+        torch.is_grad_enabled(),
+        _autocast_state(),
+        tuple(value_key(a) for a in args),
+        tuple((k, value_key(v)) for k, v in kwargs.items()),
+    )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """A graph calls its layers past their hooks: a subtree with hooks runs its own forward."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def _autocast_state() -> tuple:
+    return tuple(
+        (device, torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    )
+
+
+def is_plain(value: Any) -> bool:
+    """Arguments that are baked into a variant (its key names them) rather than passed in."""
+    if value is None or isinstance(value, _PYTHON_VALUES):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(is_plain(v) for v in value)
+    return False
+
+
+def input_tensors(value: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors of an argument whose sizes guards read, in `value_key`'s order (objects'
+    attributes included)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in input_tensors(v, depth + 1)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in input_tensors(v, depth + 1)]
+    attributes = None if value is None else _attributes(value, depth)
+    return [t for _, v in attributes or () for t in input_tensors(v, depth + 1)]
+
+
+def module_fingerprint(module: nn.Module) -> tuple | None:
+    """What a trace of ``module`` may depend on besides the call: its structure, its parameters'
+    shapes and dtypes, and its plain attributes (configs by value). Equal fingerprints share
+    traces (the zoo of a test suite, or two copies of one model); None: never shared."""
+    items: list[Any] = []
+    for name, m in module.named_modules():
+        items.append((name, type(m)))
+        tensors = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        items.extend((name, k, t.shape, t.dtype, t.device) for k, t in tensors)
+        for attr, value in vars(m).items():
+            if attr in _MODULE_INTERNALS:
+                continue
+            if isinstance(value, (torch.Tensor, nn.Module)):
+                return None
+            items.append((name, attr, _attribute_value(value)))
+    fingerprint = tuple(items)
+    try:
+        hash(fingerprint)
+    except TypeError:
+        return None
+    return fingerprint
+
+
+def _attribute_value(value: Any) -> Any:
+    if value is None or isinstance(value, _PYTHON_VALUES):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_attribute_value(v) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, _attribute_value(v)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return (type(value), tuple(sorted(repr(v) for v in value)))
+    if type(value).__name__.endswith("Config") and hasattr(value, "__dict__"):
+        return (type(value), repr(sorted(vars(value).items(), key=lambda item: item[0])))
+    return _Identity(value)
+
+
+class _Identity:
+    """Compares by identity and keeps the object alive (so its id is never reused meanwhile)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+
+# -- variants ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One traced graph and the inputs it is valid for.
+
+    ``slots``: where each placeholder's value comes from (a position or a keyword);
+    ``guards``: Python source of the size guards (None: any sizes of this key).
+    """
+
+    graph: fx.Graph
+    slots: tuple[int | str, ...]
+    guards: str | None
+    describe: str
+
+    def __post_init__(self) -> None:
+        self._check = compile(self.guards, "<surgeon guards>", "eval") if self.guards else None
+
+    def inputs(self, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+        return [args[s] if isinstance(s, int) else kwargs[s] for s in self.slots]
+
+    def holds(self, values: list[Any]) -> bool:
+        if self._check is None:
+            return True
+        tensors = [t for v in values for t in input_tensors(v)]
+        return eval(self._check, SYMPY_INTERP, {"L": {f"t{i}": t for i, t in enumerate(tensors)}})
+
+
+# -- the tracer -------------------------------------------------------------------------------
+
+
+class ValueProxy(fx.Proxy):
+    """An FX proxy that also holds the (fake) value the node computes."""
+
+    value: Any
+    state: str | None  # the type of the object passed in this value derives from
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """isinstance(proxy, SomeCache) answers as for the object passed in. Tensors and Python
+        values keep the proxy's class: C functions take isinstance(x, Tensor) at its word."""
+        value = self.__dict__.get("value")
+        if self.__dict__.get("state") and not isinstance(value, (torch.Tensor, *_CONTAINERS)):
+            return type(value)
+        return type(self)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("value", "state", "node", "tracer"):
+            raise AttributeError(name)
+        value = getattr(self.value, name)  # AttributeError as the real object would raise
+        return ValueAttribute(self, name, value)
+
+    def keys(self) -> Any:
+        if isinstance(self.value, Mapping):
+            return self.value.keys()
+        return self.__getattr__("keys")
+
+    def __bool__(self) -> bool:
+        return self.tracer.decide(self, bool)
+
+    def __index__(self) -> int:
+        return self.tracer.decide(self, operator.index)
+
+    def __int__(self) -> int:
+        return self.tracer.decide(self, int)
+
+    def __float__(self) -> float:
+        return self.tracer.decide(self, float)
+
+    def __len__(self) -> int:
+        return self.tracer.decide(self, len, structural=True)
+
+    def __iter__(self) -> Any:
+        count = self.tracer.decide(self, len, structural=True)
+        return iter([self[i] for i in range(count)])
+
+
+class ValueAttribute(ValueProxy):
+    """``proxy.name``: a getattr node made only when used as a value (a method call is a
+    ``call_method`` node instead), as FX's own Attribute."""
+
+    def __init__(self, root: ValueProxy, attr: str, value: Any) -> None:
+        self.root, self.attr, self.tracer = root, attr, root.tracer
+        self.value, self.state, self._node = value, root.state, None
+
+    @property
+    def node(self) -> fx.Node:  # type: ignore[override]
+        if self._node is None:
+            self._node = self.tracer.create_proxy(
+                "call_function", getattr, (self.root, self.attr), {}
+            ).node
+        return self._node
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tracer.create_proxy("call_method", self.attr, (self.root, *args), kwargs)
+
+
+class SpecialisingTracer(RegionTracer):
+    """Traces ``module`` for one call: placeholders for the passed tensors and objects, Python
+    values baked in, fake values propagated alongside every node."""
+
+    def __init__(self, leaf_types: tuple[type, ...], args: tuple, kwargs: dict[str, Any]) -> None:
+        super().__init__(leaf_types)
+        self.shape_env = ShapeEnv(duck_shape=False)
+        self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
+        self.call_args, self.call_kwargs = args, kwargs
+        self.slots: list[int | str] = []
+        self.guard_inputs: list[torch.Tensor] = []
+        self.constants: dict[str, torch.Tensor] = {}
+        self._placeholder: tuple[Any, str | None] = (None, None)
+
+    # inputs -----------------------------------------------------------------------------------
+
+    def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None):
+        module = self.root
+        args = [self._input(i, a) for i, a in enumerate(self.call_args)]
+        kwargs = {k: self._input(k, v) for k, v in self.call_kwargs.items()}
+        return (lambda: root_fn(module, *args, **kwargs)), []
+
+    def _input(self, slot: int | str, value: Any) -> Any:
+        if is_plain(value):
+            return value
+        self.slots.append(slot)
+        name = slot if isinstance(slot, str) else f"arg{slot}"
+        state = type(value).__name__ if _holds_objects(value) else None
+        self._placeholder = (self._fake(value), state)
+        return self.create_proxy("placeholder", name, (), {})
+
+    def _fake(self, value: Any, depth: int = 0) -> Any:
+        """``value`` with fake tensors of symbolic sizes, in `input_tensors` order (the order
+        guards name them in). An object passed in becomes a copy holding fakes: the trace may
+        call its methods (a cache's ``update``) without touching the real one."""
+        if isinstance(value, torch.Tensor):
+            return self._fake_tensor(value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._fake(v, depth + 1) for v in value)
+        if isinstance(value, dict):
+            return {k: self._fake(v, depth + 1) for k, v in value.items()}
+        if is_plain(value):
+            return value
+        memo: dict[int, Any] = {}
+        for tensor in input_tensors(value, depth):
+            memo[id(tensor)] = self._fake_tensor(tensor, memo.get(id(tensor)))
+        try:
+            return copy.deepcopy(value, memo)
+        except Exception as err:
+            raise Unsound(f"cannot trace with a copy of {type(value).__name__}: {err}") from None
+
+    def _fake_tensor(self, value: torch.Tensor, known: Any = None) -> Any:
+        if known is None:
+            dynamic = [DimDynamic.DYNAMIC] * value.dim()
+            context = StatelessSymbolicContext(
+                dynamic_sizes=dynamic, constraint_sizes=[None] * value.dim()
+            )
+            known = self.fake_mode.from_tensor(value, symbolic_context=context)
+        self.guard_inputs.append(known)
+        return known
+
+    # nodes ------------------------------------------------------------------------------------
+
+    def proxy(self, node: fx.Node) -> ValueProxy:
+        return ValueProxy(node, self)
+
+    def create_proxy(
+        self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None
+    ):
+        if kind == "placeholder":
+            value, state = self._placeholder
+        else:
+            value, state = self._evaluate(kind, target, args, kwargs), _state_of((args, kwargs))
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxy.value, proxy.state = value, state
+        return proxy
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, fx.Proxy):
+            return a.node
+        if isinstance(a, torch._subclasses.FakeTensor):
+            raise Unsound("a traced value leaks into the graph as a constant")
+        if isinstance(a, torch.Tensor) and not self._known_tensor(a):
+            # a tensor the forward made from constants: kept with the graph, not set on the
+            # module as FX would (the graph may serve other modules of the same fingerprint)
+            name = f"_surgeon_constant{len(self.constants)}"
+            self.constants[name] = a
+            return self.create_node("get_attr", name, (), {})
+        if isinstance(a, dict) and type(a) is not dict:  # a ModelOutput: rebuilt as one
+            fields = {k: self.create_arg(v) for k, v in a.items()}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
+
+    def _known_tensor(self, tensor: torch.Tensor) -> bool:
+        """A parameter, buffer or tensor attribute of the module traced (read by its path)."""
+        if tensor in self.tensor_attrs:
+            return True
+        return any(tensor is t for t in (*self.root.parameters(), *self.root.buffers()))
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        # the class's forward: an installed rewrite (or this very dispatcher) must not run here
+        return super().call_module(m, lambda *a, **k: type(m).forward(m, *a, **k), args, kwargs)
+
+    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if kind == "get_attr":
+            with _unpatched_modules():
+                return operator.attrgetter(target)(self.root)
+        args, kwargs = fx.node.map_aggregate((args, kwargs), _value_of)
+        try:
+            if kind == "call_module":
+                with self.fake_mode, _unpatched_modules():
+                    module = self.root.get_submodule(target)
+                    return type(module).forward(module, *args, **kwargs)
+            with self.fake_mode:
+                if kind == "call_function":
+                    return target(*args, **kwargs)
+                return getattr(args[0], target)(*args[1:], **kwargs)
+        except Unsound:
+            raise
+        except Exception as err:
+            raise Unsound(f"{_name(target)}: {_why(err)}") from None
+
+    # decisions --------------------------------------------------------------------------------
+
+    def decide(self, proxy: ValueProxy, convert: Callable, structural: bool = False) -> Any:
+        """A Python decision on a traced value: answered from its value, guarded where it can be."""
+        value = proxy.value
+        if isinstance(value, torch.Tensor) and not structural:
+            raise Unsound("forward branches on tensor values (data-dependent control flow)")
+        try:
+            return convert(value)
+        except Exception as err:
+            raise Unsound(f"forward branches on a value it cannot guard: {_why(err)}") from None
+
+
+@contextlib.contextmanager
+def _unpatched_modules() -> Iterator[None]:
+    """nn.Module's own __call__/__getattr__ while computing a value (the tracer patches them)."""
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = (
+        _symbolic_trace._orig_module_call,
+        _symbolic_trace._orig_module_getattr,
+    )
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
+
+
+def _value_of(a: Any) -> Any:
+    return a.value if isinstance(a, ValueProxy) else a
+
+
+def _state_of(args: Any) -> str | None:
+    found: list[str] = []
+    fx.node.map_aggregate(
+        args, lambda a: found.append(a.state) if isinstance(a, ValueProxy) and a.state else None
+    )
+    return found[0] if found else None
+
+
+def _holds_objects(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_holds_objects(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_objects(v) for v in value.values())
+    return not (value is None or isinstance(value, (*_PYTHON_VALUES, torch.Tensor)))
+
+
+def _name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+def _why(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text[:160]}"
+
+
+def specialise(
+    module: nn.Module, leaf_types: tuple[type, ...], args: tuple, kwargs: dict[str, Any]
+) -> Variant:
+    """Trace ``module`` for a call with ``args``/``kwargs`` (raises `Unsound` when it cannot)."""
+    tracer = SpecialisingTracer(leaf_types, args, kwargs)
+    structured = logging.getLogger("torch.__trace")  # symbolic shapes' records for TORCH_TRACE
+    quiet, structured.disabled = structured.disabled, True
+    try:
+        with _module_state_kept(module):
+            graph = tracer.trace(module)
+    except Unsound:
+        raise
+    except Exception as err:
+        raise Unsound(_why(err)) from None
+    finally:
+        structured.disabled = quiet
+    _drop_unused_lookups(graph)
+    graph.lint()
+    graph.constants = tracer.constants  # type: ignore[attr-defined]  (read by the rewrite)
+    guards = tracer.shape_env.produce_guards_expression(tracer.guard_inputs, ignore_static=False)
+    return Variant(graph, tuple(tracer.slots), guards or None, _describe(args, kwargs))
+
+
+@contextlib.contextmanager
+def _module_state_kept(module: nn.Module) -> Iterator[None]:
+    """A forward may set attributes as it runs (a rotary cache, a lazily built table); during a
+    trace those would be fake tensors, so every module's attributes, parameters and buffers are
+    put back afterwards."""
+    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes, parameters, buffers in saved:
+            for name in set(vars(m)) - set(attributes):
+                del m.__dict__[name]
+            m.__dict__.update(attributes)
+            m._parameters.clear()
+            m._parameters.update(parameters)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+
+
+def _drop_unused_lookups(graph: fx.Graph) -> None:
+    """Lookups and comparisons nothing uses: what the answered decisions leave behind."""
+    for node in reversed(list(graph.nodes)):
+        pure = node.op == "call_function" and (
+            node.target is getattr or getattr(node.target, "__module__", "") == "_operator"
+        )
+        pure = pure or (node.op == "call_method" and node.target in _SHAPE_QUERIES)
+        if pure and not node.users:
+            graph.erase_node(node)
+
+
+def _describe(args: tuple, kwargs: dict[str, Any]) -> str:
+    parts = [_short(a) for a in args] + [f"{k}={_short(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}[{'x'.join(map(str, value.shape))}]"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_short(v) for v in value) + ")"
+    if value is None or isinstance(value, _PYTHON_VALUES):
+        return repr(value)
+    return type(value).__name__
+
+
+# -- running a specialised region -------------------------------------------------------------
+
+
+class Dispatcher(nn.Module):
+    """Runs a specialised region in place of its module's forward: the variant whose key and
+    guards fit the call, a variant traced now for a new kind of call, or, where tracing is
+    refused, the module's own forward (whose adaptable layers carry their adapters themselves).
+
+    ``build`` turns a variant's traced graph into the rewritten code that runs (the adapter
+    pass). Variants live on the region and outlive the dispatcher; rewrites are per dispatcher.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        region: Any,
+        build: Callable[[fx.Graph], Any],
+        leaf_types: tuple[type, ...],
+    ) -> None:
+        super().__init__()
+        object.__setattr__(self, "module", module)
+        self.region, self.build, self.leaf_types = region, build, leaf_types
+        self.flags = list(module.modules())
+        self.rewrites: dict[int, Any] = {}
+        self.run = _with_signature_of(type(module).forward)
+
+    def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        if _CHECKING.get() or _outside_eager(args, kwargs):
+            return self._own_forward(args, kwargs)
+        key = call_key(self.flags, args, kwargs)
+        if key.hooked:
+            self.region.variants.setdefault(key, _HOOKED)
+            return self._own_forward(args, kwargs)
+        entry = self.region.variants.get(key)
+        if isinstance(entry, str):
+            return self._own_forward(args, kwargs)
+        for variant in entry or ():
+            values = variant.inputs(args, kwargs)
+            if variant.holds(values):
+                return self._run(variant, values)
+        return self._new_variant(key, args, kwargs)
+
+    def _own_forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _new_variant(self, key: CallKey, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """A call no variant of this region fits: one traced for an identical module, else a
+        new trace; either is checked before it runs. A refusal is remembered for the key."""
+        shared_key = None if self._fingerprint() is None else (self._fingerprint(), key)
+        shared = _SHARED.get(shared_key, ()) if shared_key is not None else ()
+        try:
+            if isinstance(shared, str):
+                raise Unsound(shared)
+            variant = next((v for v in shared if v.holds(v.inputs(args, kwargs))), None)
+            if variant is None:
+                variant = specialise(self.module, self.leaf_types, args, kwargs)
+                if not variant.holds(variant.inputs(args, kwargs)):
+                    raise Unsound("the guards of the traced graph do not hold for its own call")
+                _share(shared_key, variant)
+            self._check(variant, args, kwargs)
+        except Unsound as err:
+            self.region.variants[key] = str(err)
+            _share(shared_key, str(err))
+            return self._own_forward(args, kwargs)
+        self.region.variants.setdefault(key, []).append(variant)
+        return self._run(variant, variant.inputs(args, kwargs))
+
+    def _fingerprint(self) -> tuple | None:
+        if not hasattr(self, "_module_fingerprint"):
+            self._module_fingerprint = module_fingerprint(self.module)
+        return self._module_fingerprint
+
+    def _check(self, variant: Variant, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Run a variant and the module's own forward on copies of any objects passed in, from
+        the same random state, and refuse the variant if they disagree (a trace can miss a
+        Python decision, an isinstance on a traced tensor say). Nothing real is touched."""
+        values = variant.inputs(args, kwargs)
+        devices = sorted({t.device for v in values for t in input_tensors(v) if t.is_cuda}, key=str)
+        start = _rng_state(devices)
+        token = _CHECKING.set(True)
+        try:
+            with torch.no_grad():
+                got = self._run(variant, variant.inputs(*_copy_objects(args, kwargs)))
+                _set_rng_state(devices, start)
+                expected = self._own_forward(*_copy_objects(args, kwargs))
+        finally:
+            _CHECKING.reset(token)
+            _set_rng_state(devices, start)
+        mismatch = _mismatch(got, expected)
+        if mismatch:
+            raise Unsound(f"the traced graph disagrees with the module's own forward: {mismatch}")
+
+    def _run(self, variant: Variant, values: list[Any]) -> Any:
+        rewrite = self.rewrites.get(id(variant))
+        if rewrite is None:
+            rewrite = self.rewrites[id(variant)] = self.build(variant.graph)
+            self.region.base, self.region.graph = variant.graph, rewrite.graph
+        return rewrite.holder.run(rewrite.holder, *values)
+
+
+def _with_signature_of(forward: Callable) -> Callable:
+    """What `install` binds as the module's forward: it dispatches, and shows the module's own
+    signature (generate() asks the forward which arguments it takes, position_ids say)."""
+
+    def run(dispatcher: Dispatcher, *args: Any, **kwargs: Any) -> Any:
+        return dispatcher._dispatch(*args, **kwargs)
+
+    with contextlib.suppress(TypeError, ValueError):
+        run.__signature__ = inspect.signature(forward)  # type: ignore[attr-defined]
+    return run
+
+
+_HOOKED = "modules in it have hooks (forward or backward), which a graph would not call"
+
+_SHARED: dict[tuple, list[Variant] | str] = {}
+"""(module fingerprint, call key) -> the variants traced for it, or why it was refused."""
+_SHARED_LIMIT = 512
+
+
+def _share(key: tuple | None, outcome: Variant | str) -> None:
+    if key is None:
+        return
+    while len(_SHARED) >= _SHARED_LIMIT:
+        _SHARED.pop(next(iter(_SHARED)))
+    if isinstance(outcome, str):
+        _SHARED.setdefault(key, outcome)
+    elif isinstance(_SHARED.get(key, []), list):
+        _SHARED.setdefault(key, []).append(outcome)
+
+
+def _copy_objects(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """The call with every object passed in (a cache a forward updates) deep-copied."""
+
+    def copied(value: Any) -> Any:
+        if not _holds_objects(value):
+            return value
+        memo = {id(t): t.detach().clone() for t in input_tensors(value)}
+        return copy.deepcopy(value, memo)
+
+    return tuple(copied(a) for a in args), {k: copied(v) for k, v in kwargs.items()}
+
+
+_CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("surgeon_checking", default=False)
+"""Set while a new variant is checked: the regions inside run their own forwards (no tracing)."""
+
+
+def _outside_eager(args: tuple, kwargs: dict[str, Any]) -> bool:
+    """torch.compile, torch.export and FX tracers see the module's own forward; so do calls on
+    the meta device (a memory estimate, say), where there is nothing to run faster."""
+    if torch.compiler.is_compiling() or _symbolic_trace.is_fx_symbolic_tracing():
+        return True
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    return isinstance(first, (fx.Proxy, torch._subclasses.FakeTensor)) or (
+        first is not None and first.is_meta
+    )
+
+
+def _rng_state(devices: list[torch.device]) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_state(devices: list[torch.device], state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    for device, cuda_state in zip(devices, state[1]):
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+def _mismatch(got: Any, expected: Any) -> str | None:
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
+    want_leaves, want_spec = torch.utils._pytree.tree_flatten(expected)
+    if got_spec != want_spec:
+        return f"outputs are structured differently ({got_spec} vs {want_spec})"
+    for a, b in zip(got_leaves, want_leaves):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return f"an output is {a.dtype}{list(a.shape)}, expected {b.dtype}{list(b.shape)}"
+            if a.is_meta or b.is_meta:
+                continue  # shapes and dtypes are all a meta tensor has
+            tolerance = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
+            if a.is_floating_point() and not torch.allclose(
+                a.detach(), b, atol=tolerance, rtol=tolerance, equal_nan=True
+            ):
+                return f"max abs difference {(a.detach() - b).abs().max().item():.3g}"
+            if not a.is_floating_point() and not torch.equal(a, b):
+                return "an integer output differs"
+        elif _holds_objects(a):
+            inner = _mismatch(input_tensors(a), input_tensors(b))
+            if inner:
+                return f"{type(a).__name__} output: {inner}"
+        elif not isinstance(a, torch.Tensor) and a != b:
+            return f"output {a!r} differs from {b!r}"
+    return None

@@ -1,0 +1,204 @@
+"""Specialised regions (surgeon/specialise.py): modules plain FX cannot trace are traced per kind
+of call, run as one graph while their guards hold, and fall back to their own forward (with the
+adapters on their layers) where a trace is refused. The oracle is the same compiled model with
+specialisation off: the plain regions, themselves checked against PEFT in tests/passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo import ZOO, logits, padded_ids, randomize
+
+import surgeon
+from passes.fuse import fused_sites
+
+
+def _pair(entry_name: str, train: bool = False, **spec) -> tuple:
+    """The same adapted model compiled twice: specialising, and on plain regions only."""
+    entry = ZOO[entry_name]
+    method = surgeon.LoRA(targets="all-linear", dropout=0.1 if train else 0.0, **spec)
+    compiled = []
+    for specialise in (True, False):
+        cm = surgeon.compile(entry.model(), method, specialise=specialise)
+        randomize(cm)
+        cm.train(train)
+        compiled.append(cm)
+    return compiled
+
+
+def _no_cache(name: str, inputs: dict) -> dict:
+    return inputs if name == "bert" else {**inputs, "use_cache": False}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_transformers_layers_run_as_one_region_with_the_same_outputs(name):
+    cm, plain = _pair(name)
+    inputs = _no_cache(name, padded_ids())
+    before = cm.graph.regions_per_layer()
+    torch.testing.assert_close(logits(cm(**inputs)), logits(plain(**inputs)), rtol=0, atol=1e-6)
+    assert cm.graph.traced(), cm.inspect().breaks_table()
+    assert cm.graph.regions_per_layer() == 1.0 < before
+    report = str(cm.inspect())
+    assert "1.0 per decoder layer" in report and "specialised at call time" in report
+
+
+def test_a_decoder_is_one_graph_with_adapters_marked():
+    cm, _ = _pair("llama")
+    assert "not traced yet" in cm.graph.code("model.layers.0")
+    cm(**_no_cache("llama", padded_ids()))
+    code = cm.graph.code("", marked=True)
+    assert "specialised" in code.splitlines()[0]
+    assert code.count("# + lora[default]") >= 2 * 7 * 3  # 7 linears per layer, A, B, add
+    assert "scaled_dot_product_attention" in code
+
+
+def test_training_step_matches_plain_regions_with_dropout():
+    cm, plain = _pair("llama", train=True)
+    inputs = _no_cache("llama", padded_ids())
+    grads = []
+    for model in (cm, plain):
+        torch.manual_seed(0)
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key], rtol=1e-5, atol=1e-6)
+    assert cm.graph.traced()
+
+
+def test_new_lengths_reuse_the_variant_and_batch_one_gets_its_own():
+    cm, plain = _pair("gpt2")
+    root = cm.graph.region("")
+    for batch, length in [(2, 6), (3, 9), (2, 4), (1, 5)]:
+        inputs = _no_cache("gpt2", padded_ids(batch, length, padded=False))
+        torch.testing.assert_close(logits(cm(**inputs)), logits(plain(**inputs)), rtol=0, atol=1e-6)
+    (variants,) = [v for v in root.variants.values() if isinstance(v, list)]
+    assert len(variants) == 2  # sizes > 1 share one graph; size 1 is specialised (0/1 guards)
+
+
+def test_calls_with_a_cache_run_the_modules_own_forward_with_adapters():
+    cm, plain = _pair("llama")
+    inputs = padded_ids()
+    torch.testing.assert_close(
+        logits(cm(**inputs, use_cache=True)),
+        logits(plain(**inputs, use_cache=True)),
+        rtol=0,
+        atol=1e-6,
+    )
+    refused = cm.graph.refused()
+    assert any("DynamicCache" in reason for _, _, reason in refused), refused
+    assert "runs its own forward" in cm.inspect().breaks_table()
+    out = cm.generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = plain.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, expected)
+
+
+class KwargsBlock(nn.Module):
+    """Takes ``**kwargs`` (plain FX cannot trace it) and branches on what it is given."""
+
+    def __init__(self, rule: str) -> None:
+        super().__init__()
+        self.rule = rule
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.rule == "shape" and x.shape[-2] > 4:
+            h = F.gelu(h)
+        if self.rule == "data" and x.sum() > 0:
+            h = -h
+        mask = kwargs.get("mask")
+        if self.rule == "isinstance" and isinstance(mask, torch.Tensor):
+            h = h * mask
+        return self.fc2(h)
+
+
+class KwargsNet(nn.Module):
+    def __init__(self, rule: str) -> None:
+        super().__init__()
+        self.block = KwargsBlock(rule)
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.block(x, **kwargs)
+
+
+def _kwargs_pair(rule: str) -> tuple:
+    compiled = []
+    for specialise in (True, False):
+        torch.manual_seed(0)
+        cm = surgeon.compile(
+            KwargsNet(rule), surgeon.LoRA(targets=("fc1", "fc2")), specialise=specialise
+        )
+        randomize(cm)
+        compiled.append(cm)
+    return compiled
+
+
+def test_a_branch_on_sizes_is_guarded():
+    cm, plain = _kwargs_pair("shape")
+    for length in (3, 7, 2, 9):
+        x = torch.randn(2, length, 6)
+        torch.testing.assert_close(cm(x), plain(x), rtol=0, atol=1e-6)
+    (variants,) = [v for v in cm.graph.region("").variants.values() if isinstance(v, list)]
+    assert len(variants) == 2
+    assert all(v.guards and "size()[1]" in v.guards for v in variants)
+
+
+def test_a_branch_on_tensor_values_is_refused():
+    cm, plain = _kwargs_pair("data")
+    for sign in (1, -1):
+        x = sign * torch.rand(2, 3, 6)
+        torch.testing.assert_close(cm(x), plain(x), rtol=0, atol=1e-6)
+    assert not cm.graph.traced()
+    assert any("tensor values" in reason for _, _, reason in cm.graph.refused())
+
+
+def test_a_trace_that_misses_a_decision_is_caught_by_the_first_run_check():
+    cm, plain = _kwargs_pair("isinstance")
+    x, mask = torch.randn(2, 3, 6), torch.rand(2, 3, 6)
+    torch.testing.assert_close(cm(x, mask=mask), plain(x, mask=mask), rtol=0, atol=1e-6)
+    assert any("disagrees" in reason for _, _, reason in cm.graph.refused())
+
+
+def test_mixed_batches_and_adapter_switches_use_specialised_regions():
+    cm, plain = _pair("gpt2")
+    for model in (cm, plain):
+        model.add_adapter("other", surgeon.LoRA(targets=("c_attn",), rank=4))
+        randomize(model, seed=5)
+    inputs = _no_cache("gpt2", padded_ids(3, 6, padded=False))
+    names = ["default", "other", "default"]
+    torch.testing.assert_close(
+        logits(cm(**inputs, adapter_names=names)),
+        logits(plain(**inputs, adapter_names=names)),
+        rtol=0,
+        atol=1e-6,
+    )
+    for active in ("other", ["default", "other"]):
+        cm.set_active(active)
+        plain.set_active(active)
+        torch.testing.assert_close(logits(cm(**inputs)), logits(plain(**inputs)), rtol=0, atol=1e-6)
+    with cm.disabled(), plain.disabled():
+        torch.testing.assert_close(logits(cm(**inputs)), logits(plain(**inputs)), rtol=0, atol=1e-6)
+
+
+def test_merge_and_fusion_keep_specialised_outputs():
+    cm, plain = _pair("llama")
+    inputs = _no_cache("llama", padded_ids())
+    expected = logits(plain(**inputs))
+    cm.fuse()
+    torch.testing.assert_close(logits(cm(**inputs)), expected, rtol=1e-5, atol=1e-5)
+    assert fused_sites(cm.graph.region("").graph) == 2 * 7, cm.graph.code("")
+    cm.fuse(False)
+    cm.merge()
+    torch.testing.assert_close(logits(cm(**inputs)), expected, rtol=1e-4, atol=1e-5)
+    cm.unmerge()
+    torch.testing.assert_close(logits(cm(**inputs)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_specialise_must_be_a_bool():
+    with pytest.raises(surgeon.SpecError, match="specialise"):
+        surgeon.compile(ZOO["mlp"].model(), surgeon.LoRA(targets=("head",)), specialise="yes")
