@@ -91,10 +91,18 @@ def nf4_lora_linear(
     lora_B: torch.Tensor,
     scale: float,
     x_lora: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """`lora_linear` on the NF4 weight dequantized into ``x``'s dtype (as bitsandbytes does)."""
-    weight = dequantize_nf4_reference(packed, absmax, code, shape, block_size).to(x.dtype)
-    return lora_linear(x, weight, bias, lora_A, lora_B, scale, x_lora)
+    """`lora_linear` on the 4-bit weight as QLoRA's unfused graph computes it: the base as
+    bitsandbytes' ``Linear4bit`` (weight, ``x`` and bias in ``compute_dtype``, default ``x``'s;
+    the product back in ``x``'s dtype), the adapter in ``lora_A``'s dtype, added in ``x``'s."""
+    dtype = compute_dtype or x.dtype
+    weight = dequantize_nf4_reference(packed, absmax, code, shape, block_size).to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    base = F.linear(x.to(dtype), weight, bias).to(x.dtype)
+    h = (x if x_lora is None else x_lora).to(lora_A.dtype)
+    delta = F.linear(F.linear(h, lora_A) * scale, lora_B)
+    return base + delta.to(x.dtype)
 
 
 def multi_lora_linear(
