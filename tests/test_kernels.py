@@ -242,6 +242,56 @@ def test_nf4_lora_linear_kernel_against_bitsandbytes_weights(dtype, block, rank)
     )
 
 
+def quantized_inputs(quant_type, compute_dtype, dropout=False):
+    """fp32 activations on a weight stored by `surgeon.quant` (double-quantized absmax read back
+    in float32, as the fusion pass passes it) and adapters in the compute dtype, as QLoRA has."""
+    from surgeon import quant
+
+    x, weight, b, a, bb = lora_inputs(torch.float32, 3)
+    state = quant.quantize_4bit(weight, 32, quant_type, double_quant=True)
+    a = a.detach().to(compute_dtype).requires_grad_()
+    bb = bb.detach().to(compute_dtype).requires_grad_()
+    torch.manual_seed(0)
+    dropped = F.dropout(x.to(compute_dtype), 0.3, training=True) if dropout else None
+    code = quant.code_4bit(quant_type)
+    op_args = (x, state.packed, state.fp32_absmax(), code, [OUT, IN], 32, b, a, bb, 1.25, dropped)
+    return state, op_args
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["x", "dropout"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_reference_in_a_compute_dtype_is_qloras_unfused_graph(quant_type, dropout):
+    from surgeon import quant
+
+    state, args = quantized_inputs(quant_type, torch.bfloat16, dropout)
+    x, _, _, _, _, _, b, a, bb, scale, dropped = args
+    out = K.nf4_lora_linear(*args, torch.bfloat16)
+    base = quant.linear_4bit(x, state.dequantize(torch.bfloat16), b)
+    h = x.to(torch.bfloat16) if dropped is None else dropped
+    delta = F.linear(F.linear(h, a) * scale, bb)
+    unfused = base + delta.type_as(base)
+    assert out.dtype == torch.float32 and torch.equal(out, unfused)
+    inputs = [x, b, a, bb]
+    for got, want in zip(grads(out, inputs), grads(unfused, inputs)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("dropout", [False, True], ids=["x", "dropout"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_kernel_in_a_compute_dtype(quant_type, dropout):
+    _, args = quantized_inputs(quant_type, torch.bfloat16, dropout)
+    x, _, _, _, _, _, b, a, bb, _, _ = args
+    check_against_reference(
+        K.nf4_lora_linear,
+        reference.nf4_lora_linear,
+        (*args, torch.bfloat16),
+        (x, b, a, bb),
+        torch.bfloat16,
+    )
+
+
 def multi_inputs(dtype, ranks=(2, 5, 3), device="cpu"):
     x, weight, b, _, _ = lora_inputs(dtype, 1, device=device)
     gen = torch.Generator().manual_seed(7)

@@ -159,10 +159,11 @@ def lora_linear_backward(
     for k, s in enumerate(scales):
         rows = torch.arange(g.shape[0], device=g.device) if index is None else index == k
         g_k, h_k = g_low[rows], h[rows]
-        gb = g_k @ lora_B[k]
-        d_a[k] = s * (gb.t() @ h_k)
-        d_b[k] = s * (g_k.t() @ (h_k @ lora_A[k].t()))
-        d_low[rows] = s * (gb @ lora_A[k])
+        # scaled where the unfused graph scales, so rounding in half precision is the same
+        gb = (g_k @ lora_B[k]) * s
+        d_a[k] = gb.t() @ h_k
+        d_b[k] = g_k.t() @ ((h_k @ lora_A[k].t()) * s)
+        d_low[rows] = gb @ lora_A[k]
     dx = (g @ weight.to(g.dtype)).to(x.dtype) if input_grad else grad.new_empty(0)
     dx_lora = grad.new_empty(0)
     if x_lora is None and input_grad:
