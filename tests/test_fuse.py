@@ -38,10 +38,12 @@ def fused_and_unfused(entry, method, dtype=torch.float32, train=False):
     return cm
 
 
-def run(cm, inputs, seed=0):
-    """Output, and the adapters' gradients of a fixed random projection of it."""
+def run(cm, inputs, seed=0, autocast=False, **kwargs):
+    """Output, and the adapters' gradients of a fixed random projection of it; ``autocast``: the
+    forward in CPU bfloat16 autocast (the backward outside it, as autocast recommends)."""
     torch.manual_seed(seed)
-    out = logits(cm(**inputs))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = logits(cm(**inputs, **kwargs))
     params = [p for p in cm.store.parameters() if p.requires_grad]
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
     grads = torch.autograd.grad((out * weight).sum(), params)
@@ -370,3 +372,92 @@ def test_fused_qlora_through_the_triton_kernels(monkeypatch, compute_dtype):
     cm.fuse(False)
     truth = run(cm.double(), inputs)
     assert max(errors(fused, truth)) <= 1.5 * max(errors(expected, truth)) + 1e-2
+
+
+# -- under autocast ----------------------------------------------------------------------------
+
+
+class ProductDtypes(TorchDispatchMode):
+    """Per ``surgeon::`` forward op that runs, the dtype of its adapter factor ``lora_A`` (the
+    dtype its products run in: autocast's kernels cast the operands before the op runs)."""
+
+    LORA_A = {"lora_linear": 3, "dora_linear": 3, "multi_lora_linear": 3, "nf4_lora_linear": 7}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, torch.dtype]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if func.namespace == "surgeon" and name in self.LORA_A:
+            self.seen.add((name, args[self.LORA_A[name]].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+AUTOCAST_CASES = {  # model, spec, the fused op
+    "lora": ("llama", surgeon.LoRA(rank=3, targets=("q_proj", "v_proj"), dropout=0.1), "lora"),
+    "dora": ("gpt2", surgeon.DoRA(rank=3, targets=("c_attn", "c_fc")), "dora"),
+    "qlora_fp32": ("llama", qlora("llama", "float32", dropout=0.1), "nf4_lora"),
+    "qlora_bf16": ("gpt2", qlora("gpt2", "bfloat16"), "nf4_lora"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AUTOCAST_CASES))
+def test_fused_graph_under_autocast_computes_like_the_unfused_one(case):
+    name, spec, op = AUTOCAST_CASES[case]
+    entry = ZOO[name]
+    cm = fused_and_unfused(entry, spec, train=True)
+    inputs = entry.example()
+    truth = run(cm, inputs, seed=3)  # float32 without autocast
+    unfused = run(cm, inputs, seed=3, autocast=True)
+    assert cm.fuse() == 4
+    with ProductDtypes() as dtypes:
+        fused = run(cm, inputs, seed=3, autocast=True)
+    # (DoRA's backward recomputes its unscaled output with lora_linear)
+    assert (f"{op}_linear", torch.bfloat16) in dtypes.seen
+    assert {d for _, d in dtypes.seen} == {torch.bfloat16}
+    assert fused[0].dtype == unfused[0].dtype == torch.bfloat16
+    assert [g.dtype for g in fused[1]] == [g.dtype for g in unfused[1]]
+    if case != "dora":  # the same operations in the same dtypes
+        assert torch.equal(fused[0], unfused[0])
+    assert errors(fused, unfused)[0] <= 1e-2
+    # gradients: as far from float32 as the unfused graph's (per tensor the bfloat16 noise
+    # differs by summation order)
+    assert max(errors(fused, truth)) <= 1.5 * max(errors(unfused, truth)) + 1e-2
+    with ProductDtypes() as dtypes:
+        assert_same(run(cm, inputs, seed=3), truth, 1e-5)  # outside autocast nothing changes
+    assert {d for _, d in dtypes.seen} == {torch.float32 if "bf16" not in case else torch.bfloat16}
+
+
+def test_mixed_batch_under_autocast():
+    entry = ZOO["llama"]
+    spec = surgeon.Spec(
+        {
+            "a": surgeon.LoRA(rank=2, targets=("q_proj", "v_proj")),
+            "b": surgeon.LoRA(rank=5, alpha=3, targets=("q_proj", "o_proj")),
+        }
+    )
+    cm = fused_and_unfused(entry, spec)
+    inputs = {"input_ids": torch.randint(3, 96, (4, 7), generator=torch.Generator().manual_seed(0))}
+    names = ["b", "__base__", "a", "b"]
+    truth = run(cm, inputs, adapter_names=names)
+    unfused = run(cm, inputs, autocast=True, adapter_names=names)
+    assert cm.fuse() == 6
+    with ProductDtypes() as dtypes:
+        fused = run(cm, inputs, autocast=True, adapter_names=names)
+    assert dtypes.seen == {("multi_lora_linear", torch.bfloat16)}
+    assert torch.equal(fused[0], unfused[0])
+    assert max(errors(fused, truth)) <= 1.5 * max(errors(unfused, truth)) + 1e-2
+
+
+def test_torch_compile_keeps_the_fused_ops_autocast():
+    entry = ZOO["mlp"]
+    cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=entry.targets), fuse=True)
+    randomize(cm)
+    inputs = entry.example()
+    expected = run(cm, inputs, autocast=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(cm, backend="aot_eager", fullgraph=True)
+    got = run(compiled, inputs, autocast=True)
+    assert got[0].dtype == torch.bfloat16
+    assert_same(got, expected, 1e-6)

@@ -72,10 +72,13 @@ def dora_linear(
     """``f ⊙ (x Wᵀ + scale · (h Aᵀ) Bᵀ) + b`` with ``f = magnitude / weight_norm`` (the norm of
     ``W + scale·B·A`` per output feature, a constant), as passes/dora.py emits it."""
     factor = magnitude / weight_norm
-    base = F.linear(x, weight, bias)
+    base = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
     h = (x if x_lora is None else x_lora).to(lora_A.dtype)
-    shift = None if bias is None else bias - bias * factor
-    low = F.linear(F.linear(h, lora_A), lora_B * (factor * scale).view(-1, 1), shift)
+    hidden = F.linear(h, lora_A)
+    # a float32 factor (under autocast) scales B and the bias shift before the rounding to the
+    # products' dtype, as in the unfused graph
+    shift = None if bias is None else (bias - bias * factor).to(hidden.dtype)
+    low = F.linear(hidden, (lora_B * (factor * scale).view(-1, 1)).to(hidden.dtype), shift)
     return torch.addcmul(low, base, factor).to(x.dtype)
 
 
