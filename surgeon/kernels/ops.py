@@ -4,7 +4,8 @@ Each op runs the Triton kernels on CUDA tensors (and on CPU tensors when ``TRITO
 through Triton's interpreter) and `surgeon.kernels.reference` elsewhere. Autograd calls
 ``surgeon::lora_backward``, itself an op with a fake implementation, so ``torch.compile`` traces
 forward and backward. Base weights get gradients only if they require them (computed with a plain
-matmul); NF4 weights never do.
+matmul); NF4 weights never do. Under ``torch.autocast`` `surgeon.kernels.autocast`'s kernels
+cast the operands first, as autocast casts the unfused graphs' products.
 """
 
 from __future__ import annotations
