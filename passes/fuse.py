@@ -7,16 +7,21 @@ by one dictionary lookup:
 
 * ``lora``: ``base(x) + linear(linear(h, A) * s, B)`` (h: x, its cast, or dropout of them)
   -> ``surgeon::lora_linear``;
+* ``qlora``: a 4-bit base spelled out by passes/qlora.py (``linear_4bit(x, dequantize_4bit(...))``)
+  plus its LoRA -> ``surgeon::nf4_lora_linear`` on the packed weight (NF4 or FP4, any block size,
+  absmax double-quantized or not), in the layer's compute dtype;
 * ``dora``: ``addcmul(linear(linear(h, A), B * view(f * s), (1 - f) b), base(x), f)``
   -> ``surgeon::dora_linear`` (the norm module stays: it caches in eval mode; so does the
   dropout-correction module after it, which only adds a term while training);
 * ``multi_lora``: a mixed batch's gather/adapter/scatter chain (``adapter_names=``) where every
   adapter is a LoRA without dropout -> ``surgeon::multi_lora_linear`` with a per-token index.
 
-Base layers: ``nn.Linear`` (and subclasses that keep its forward) and GPT-2's ``Conv1D``, whose
-``(in, out)`` weight goes in as a transposed view. Other layers, adapters and methods are left as
-they are. LoRA dropout is fused exactly: the model's own dropout module still draws the mask,
-and the fused op takes its output as the adapter's input (``x_lora``).
+Base layers: ``nn.Linear`` (and subclasses that keep its forward), GPT-2's ``Conv1D``, whose
+``(in, out)`` weight goes in as a transposed view, and QLoRA's 4-bit layers. Other layers,
+adapters and methods are left as they are. LoRA dropout is fused exactly: the model's own dropout
+module still draws the mask, and the fused op takes its output as the adapter's input
+(``x_lora``). An adapter's cast back to its base's dtype stays after the fused op (a no-op,
+except under autocast, where it gives the dtype the unfused graph gives).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch import nn
 import surgeon.kernels  # noqa: F401  (registers the torch.ops.surgeon ops)
 from surgeon.kernels import stack_adapters
 from surgeon.layers import gpt2_conv1d_type
+from surgeon.quant import QUANT_TYPES, code_4bit, dequantize_4bit, linear_4bit
 from surgeon.rewrite import BaseForward, batch_rows
 
 # -- the base layer ----------------------------------------------------------------------------
@@ -87,6 +93,60 @@ def base_layer(node: Any, root: dict[str, Any]) -> BaseLayer | None:
     return BaseLayer(node, module, path, transposed)
 
 
+@dataclass(frozen=True)
+class QuantizedBase:
+    """A 4-bit base as passes/qlora.py spells it out, ``linear_4bit(x, dequantize_4bit(packed,
+    absmax, shape, block_size, quant_type, compute_dtype), bias)``, read as `nf4_lora_linear`
+    takes it. ``absmax`` is the float32 one: with double quantization, the graph's own
+    `dequantize_absmax` of the stored 8-bit state (1/64 of the weight's size), kept."""
+
+    node: fx.Node  # the linear_4bit call
+    dequantize: fx.Node
+    packed: fx.Node
+    absmax: fx.Node
+    shape: tuple[int, int]
+    block_size: int
+    quant_type: str
+    compute_dtype: torch.dtype
+    bias: fx.Node | None
+
+    @property
+    def input(self) -> fx.Node:
+        return self.node.args[0]
+
+    @property
+    def site(self) -> str:
+        return self.node.meta["surgeon"]["replaces"]
+
+    def emit_weight(self, graph: fx.Graph) -> tuple:
+        """The op's weight arguments, ``packed, absmax, code, shape, block_size``."""
+        code = graph.call_function(code_table, (self.packed, self.quant_type))
+        return self.packed, self.absmax, code, list(self.shape), self.block_size
+
+
+def quantized_base(node: Any) -> QuantizedBase | None:
+    """The 4-bit base that ``node`` computes, or None (also for codes the op cannot take)."""
+    args = _call(node, linear_4bit, 3)
+    if args is None or "replaces" not in (_tag(node) or {}):
+        return None
+    weight = args[1]
+    found = _call(weight, dequantize_4bit, 6)
+    if found is None or len(weight.users) != 1:
+        return None
+    packed, absmax, shape, block_size, quant_type, dtype = found
+    if quant_type not in QUANT_TYPES or len(shape) != 2:
+        return None
+    shape = tuple(shape)
+    return QuantizedBase(
+        node, weight, packed, absmax, shape, block_size, quant_type, dtype, args[2]
+    )
+
+
+def code_table(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """The 16 values a 4-bit code stands for (NF4's or FP4's), on ``packed``'s device."""
+    return code_4bit(quant_type, packed.device)
+
+
 # -- node helpers ------------------------------------------------------------------------------
 
 
@@ -109,10 +169,6 @@ def _attr(node: Any, adapter: str) -> bool:
     """A get_attr the same adapter's pass inserted."""
     tag = _tag(node)
     return node.op == "get_attr" and tag is not None and tag.get("adapter") == adapter
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 @dataclass
@@ -151,17 +207,7 @@ class Match:
     build: Callable[[fx.Graph], fx.Node]
     dead: list[fx.Node]
     tag: dict
-    base: BaseLayer
-
-
-def _final(node: fx.Node, adapter: str) -> fx.Node:
-    """The adapter's output: ``node``, or the cast back to the base dtype right after it."""
-    user = _only_user(node)
-    cast = _method(user, "to") if user is not None else None
-    tag = _tag(user)
-    if cast is not None and tag is not None and tag.get("adapter") == adapter and cast[0] is node:
-        return user
-    return node
+    site: str  # the base layer the fused op replaces
 
 
 def _low_rank(delta: Any, adapter: str, x: fx.Node) -> tuple | None:
@@ -194,7 +240,6 @@ def match_lora(add: fx.Node, root: dict[str, Any]) -> Match | None:
     if low is None:
         return None
     a, b, scale, found, inner = low
-    out = _final(add, adapter)
 
     def build(graph: fx.Graph) -> fx.Node:
         weight, bias = base.emit_weight(graph)
@@ -203,8 +248,37 @@ def match_lora(add: fx.Node, root: dict[str, Any]) -> Match | None:
             torch.ops.surgeon.lora_linear.default, (base.input, weight, bias, a, b, scale, *extra)
         )
 
-    dead = [out, add, *inner, base.node, *found.nodes]
-    return Match(out, build, dead, tag, base)
+    dead = [add, *inner, base.node, *found.nodes]
+    return Match(add, build, dead, tag, str(base.node.target))
+
+
+def match_qlora(add: fx.Node, root: dict[str, Any]) -> Match | None:
+    """``linear_4bit(x, dequantize_4bit(...), b) + type_as(linear(linear(h, A) * s, B), base)``
+    (passes/qlora.py) -> ``surgeon::nf4_lora_linear`` in the base's compute dtype."""
+    tag = _tag(add)
+    args = _call(add, torch.add, 2)
+    if tag is None or tag.get("method") != "qlora" or args is None:
+        return None
+    base = quantized_base(args[0])
+    cast = _method(args[1], "type_as")
+    if base is None or cast is None or len(cast) != 2 or cast[1] is not base.node:
+        return None
+    if set(base.node.users) != {add, args[1]}:
+        return None
+    adapter = tag["adapter"]
+    low = _low_rank(cast[0], adapter, base.input)
+    if low is None:
+        return None
+    a, b, scale, found, inner = low
+
+    def build(graph: fx.Graph) -> fx.Node:
+        op_args = (base.input, *base.emit_weight(graph), base.bias, a, b, scale, found.dropped)
+        return graph.call_function(
+            torch.ops.surgeon.nf4_lora_linear.default, (*op_args, base.compute_dtype)
+        )
+
+    dead = [add, args[1], *inner, base.node, base.dequantize, *found.nodes]
+    return Match(add, build, dead, tag, base.site)
 
 
 def match_dora(out: fx.Node, root: dict[str, Any]) -> Match | None:
@@ -221,7 +295,6 @@ def match_dora(out: fx.Node, root: dict[str, Any]) -> Match | None:
     if parts is None:
         return None
     a, b, magnitude, norm, scale, found, inner = parts
-    final = _final(out, adapter)
 
     def build(graph: fx.Graph) -> fx.Node:
         weight, bias = base.emit_weight(graph)
@@ -231,8 +304,8 @@ def match_dora(out: fx.Node, root: dict[str, Any]) -> Match | None:
             (base.input, weight, bias, a, b, magnitude, norm, scale, *extra),
         )
 
-    dead = [final, out, *inner, factor, base.node, *found.nodes]
-    return Match(final, build, dead, tag, base)
+    dead = [out, *inner, factor, base.node, *found.nodes]
+    return Match(out, build, dead, tag, str(base.node.target))
 
 
 def _dora_parts(low: Any, factor: Any, adapter: str, base: BaseLayer) -> tuple | None:
@@ -329,7 +402,7 @@ def match_mixed(first: fx.Node, root: dict[str, Any]) -> Match | None:
         )
 
     tag = {"adapter": ",".join(names), "method": "lora"}
-    return Match(last, build, [*dead, base.node], tag, base)
+    return Match(last, build, [*dead, base.node], tag, str(base.node.target))
 
 
 def _mixed_step(node: fx.Node, base: BaseLayer) -> tuple | None:
@@ -396,6 +469,7 @@ class Rule:
 
 RULES = (
     Rule("lora", ("call_function", torch.add), match_lora),
+    Rule("qlora", ("call_function", torch.add), match_qlora),
     Rule("dora", ("call_function", torch.addcmul), match_dora),
     Rule("multi_lora", ("call_function", torch.index_copy), match_mixed),
 )
@@ -430,7 +504,7 @@ def _replace(graph: fx.Graph, match: Match, rule: str) -> set[fx.Node]:
     for node in graph.nodes:
         if node not in before:  # the fused call and the weight reads it needs
             node.meta["surgeon"] = dict(match.tag)
-    fused.meta["surgeon"].update(fused=str(match.base.node.target), rule=rule)
+    fused.meta["surgeon"].update(fused=match.site, rule=rule)
     match.out.replace_all_uses_with(fused)
     alive = [n for n in dict.fromkeys(match.dead) if n is not fused]
     erased: set[fx.Node] = set()

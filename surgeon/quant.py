@@ -456,8 +456,8 @@ class _RecomputedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.recompute()
+        if ctx.needs_input_grad[0]:  # under autocast the product ran in grad's dtype
+            grad_x = grad @ ctx.recompute().to(grad.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, grad_bias, None

@@ -38,10 +38,12 @@ def fused_and_unfused(entry, method, dtype=torch.float32, train=False):
     return cm
 
 
-def run(cm, inputs, seed=0):
-    """Output, and the adapters' gradients of a fixed random projection of it."""
+def run(cm, inputs, seed=0, autocast=False, **kwargs):
+    """Output, and the adapters' gradients of a fixed random projection of it; ``autocast``: the
+    forward in CPU bfloat16 autocast (the backward outside it, as autocast recommends)."""
     torch.manual_seed(seed)
-    out = logits(cm(**inputs))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = logits(cm(**inputs, **kwargs))
     params = [p for p in cm.store.parameters() if p.requires_grad]
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
     grads = torch.autograd.grad((out * weight).sum(), params)
@@ -252,3 +254,210 @@ def test_trainable_base_bias_and_weight_get_the_unfused_gradients():
     assert cm.fuse() == 2
     for got, want in zip(base_grads(), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- QLoRA's 4-bit layers ----------------------------------------------------------------------
+
+QLORA_TARGETS = {"llama": ("q_proj", "down_proj"), "gpt2": ("c_attn", "c_fc")}
+
+
+def qlora(entry_name, compute_dtype="float32", double_quant=True, quant_type="nf4", **fields):
+    quant = surgeon.NF4(
+        compute_dtype=compute_dtype, double_quant=double_quant, quant_type=quant_type
+    )
+    return surgeon.QLoRA(rank=3, targets=QLORA_TARGETS[entry_name], quant=quant, **fields)
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "plain_absmax"])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_fused_qlora_equals_unfused_in_train_mode(name, compute_dtype, double_quant):
+    entry = ZOO[name]
+    spec = qlora(name, compute_dtype, double_quant, dropout=0.2)
+    cm = fused_and_unfused(entry, spec, train=True)
+    inputs = entry.example()
+    unfused = run(cm, inputs, seed=3)
+    assert cm.fuse() == 4  # two targets x two layers
+    cm.graph.check()
+    code = cm.graph.code()
+    assert "torch.ops.surgeon.nf4_lora_linear.default" in code
+    assert "dequantize_4bit" not in code and "linear_4bit" not in code
+    with CountOps() as ops:
+        fused = run(cm, inputs, seed=3)
+    assert ops.counts["nf4_lora_linear"] == 4 and ops.counts["lora_backward"] == 4
+    assert torch.equal(fused[0], unfused[0])  # the same operations in the same dtypes
+    assert_same(fused, unfused, 1e-5 if compute_dtype == "float32" else 1e-2)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_fused_qlora_base_gets_no_gradient(quant_type):
+    entry = ZOO["gpt2"]
+    cm = fused_and_unfused(entry, qlora("gpt2", quant_type=quant_type), train=True)
+    assert cm.fuse() == 4
+    layer = cm.model.transformer.h[0].attn.c_attn
+    logits(cm(**entry.example())).square().mean().backward()
+    assert layer.weight.dtype == torch.uint8 and not layer.weight.requires_grad
+    assert layer.weight.grad is None and layer.bias.grad is None
+    trained = [p for p in cm.store.parameters() if p.grad is not None]
+    assert len(trained) == 8 and all(p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_fused_qlora_merges_unmerges_and_unfuses():
+    entry = ZOO["llama"]
+    cm = fused_and_unfused(entry, qlora("llama", "bfloat16"))
+    inputs = entry.example()
+    expected = logits(cm(**inputs)).detach()
+    assert cm.fuse() == 4
+    cm.merge()  # dequantized plain layers with LoRA folded in: nothing left to fuse
+    assert cm.fuse() == 0
+    merged = logits(cm(**inputs)).detach()
+    torch.testing.assert_close(merged, expected, rtol=2e-2, atol=2e-2)
+    cm.unmerge()
+    assert cm.fuse() == 4
+    assert torch.equal(logits(cm(**inputs)), expected)
+    assert cm.fuse(False) == 0
+    assert "linear_4bit" in cm.graph.code() and "nf4_lora_linear" not in cm.graph.code()
+    assert torch.equal(logits(cm(**inputs)), expected)
+
+
+def test_qlora_sites_left_unfused_are_counted():
+    # a second adapter on the same 4-bit layer adds to the fused op's output (as LoRA's rule
+    # does), and mixed batches call the 4-bit layer itself: both stay as they are
+    entry = ZOO["llama"]
+    spec = surgeon.Spec(
+        {
+            "a": surgeon.QLoRA(rank=2, targets=("q_proj",), quantize="targets"),
+            "b": surgeon.LoRA(rank=3, targets=("q_proj", "v_proj")),
+        }
+    )
+    cm = fused_and_unfused(entry, spec)
+    cm.set_active(["a", "b"])
+    inputs = {"input_ids": torch.randint(3, 96, (3, 5), generator=torch.Generator().manual_seed(0))}
+    stacked = logits(cm(**inputs)).detach()
+    names = ["a", "b", "__base__"]
+    mixed = logits(cm(**inputs, adapter_names=names)).detach()
+    assert cm.fuse() == 4  # q_proj: QLoRA "a" (b stays on top of it); v_proj: LoRA "b"
+    rules = collections.Counter(
+        n.meta["surgeon"]["rule"]
+        for r in cm.graph.rewritten()
+        for n in r.graph.nodes
+        if "rule" in n.meta.get("surgeon", {})
+    )
+    assert rules == {"qlora": 2, "lora": 2}
+    torch.testing.assert_close(logits(cm(**inputs)), stacked, rtol=1e-6, atol=1e-6)
+    with CountOps() as ops:
+        out = logits(cm(**inputs, adapter_names=names))
+    assert ops.counts["nf4_lora_linear"] == 0
+    torch.testing.assert_close(out, mixed, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_fused_qlora_through_the_triton_kernels(monkeypatch, compute_dtype):
+    pytest.importorskip("triton")
+    entry = ZOO["gpt2"]
+    spec = surgeon.QLoRA(
+        rank=3, targets=("c_attn",), quant=surgeon.NF4(compute_dtype=compute_dtype, block_size=32)
+    )
+    cm = fused_and_unfused(entry, spec)
+    inputs = entry.example()
+    expected = run(cm, inputs)
+    assert cm.fuse() == 2
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fused = run(cm, inputs)
+    if compute_dtype == "float32":
+        assert_same(fused, expected, 1e-4)
+        return
+    # bfloat16 products summed in another order: as far from a float64 run as unfused is
+    monkeypatch.delenv("TRITON_INTERPRET")
+    cm.fuse(False)
+    truth = run(cm.double(), inputs)
+    assert max(errors(fused, truth)) <= 1.5 * max(errors(expected, truth)) + 1e-2
+
+
+# -- under autocast ----------------------------------------------------------------------------
+
+
+class ProductDtypes(TorchDispatchMode):
+    """Per ``surgeon::`` forward op that runs, the dtype of its adapter factor ``lora_A`` (the
+    dtype its products run in: autocast's kernels cast the operands before the op runs)."""
+
+    LORA_A = {"lora_linear": 3, "dora_linear": 3, "multi_lora_linear": 3, "nf4_lora_linear": 7}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, torch.dtype]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if func.namespace == "surgeon" and name in self.LORA_A:
+            self.seen.add((name, args[self.LORA_A[name]].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+AUTOCAST_CASES = {  # model, spec, the fused op
+    "lora": ("llama", surgeon.LoRA(rank=3, targets=("q_proj", "v_proj"), dropout=0.1), "lora"),
+    "dora": ("gpt2", surgeon.DoRA(rank=3, targets=("c_attn", "c_fc")), "dora"),
+    "qlora_fp32": ("llama", qlora("llama", "float32", dropout=0.1), "nf4_lora"),
+    "qlora_bf16": ("gpt2", qlora("gpt2", "bfloat16"), "nf4_lora"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AUTOCAST_CASES))
+def test_fused_graph_under_autocast_computes_like_the_unfused_one(case):
+    name, spec, op = AUTOCAST_CASES[case]
+    entry = ZOO[name]
+    cm = fused_and_unfused(entry, spec, train=True)
+    inputs = entry.example()
+    truth = run(cm, inputs, seed=3)  # float32 without autocast
+    unfused = run(cm, inputs, seed=3, autocast=True)
+    assert cm.fuse() == 4
+    with ProductDtypes() as dtypes:
+        fused = run(cm, inputs, seed=3, autocast=True)
+    # (DoRA's backward recomputes its unscaled output with lora_linear)
+    assert (f"{op}_linear", torch.bfloat16) in dtypes.seen
+    assert {d for _, d in dtypes.seen} == {torch.bfloat16}
+    assert fused[0].dtype == unfused[0].dtype == torch.bfloat16
+    assert [g.dtype for g in fused[1]] == [g.dtype for g in unfused[1]]
+    if case != "dora":  # the same operations in the same dtypes
+        assert torch.equal(fused[0], unfused[0])
+    assert errors(fused, unfused)[0] <= 1e-2
+    # gradients: as far from float32 as the unfused graph's (per tensor the bfloat16 noise
+    # differs by summation order)
+    assert max(errors(fused, truth)) <= 1.5 * max(errors(unfused, truth)) + 1e-2
+    with ProductDtypes() as dtypes:
+        assert_same(run(cm, inputs, seed=3), truth, 1e-5)  # outside autocast nothing changes
+    assert {d for _, d in dtypes.seen} == {torch.float32 if "bf16" not in case else torch.bfloat16}
+
+
+def test_mixed_batch_under_autocast():
+    entry = ZOO["llama"]
+    spec = surgeon.Spec(
+        {
+            "a": surgeon.LoRA(rank=2, targets=("q_proj", "v_proj")),
+            "b": surgeon.LoRA(rank=5, alpha=3, targets=("q_proj", "o_proj")),
+        }
+    )
+    cm = fused_and_unfused(entry, spec)
+    inputs = {"input_ids": torch.randint(3, 96, (4, 7), generator=torch.Generator().manual_seed(0))}
+    names = ["b", "__base__", "a", "b"]
+    truth = run(cm, inputs, adapter_names=names)
+    unfused = run(cm, inputs, autocast=True, adapter_names=names)
+    assert cm.fuse() == 6
+    with ProductDtypes() as dtypes:
+        fused = run(cm, inputs, autocast=True, adapter_names=names)
+    assert dtypes.seen == {("multi_lora_linear", torch.bfloat16)}
+    assert torch.equal(fused[0], unfused[0])
+    assert max(errors(fused, truth)) <= 1.5 * max(errors(unfused, truth)) + 1e-2
+
+
+def test_torch_compile_keeps_the_fused_ops_autocast():
+    entry = ZOO["mlp"]
+    cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=entry.targets), fuse=True)
+    randomize(cm)
+    inputs = entry.example()
+    expected = run(cm, inputs, autocast=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(cm, backend="aot_eager", fullgraph=True)
+    got = run(compiled, inputs, autocast=True)
+    assert got[0].dtype == torch.bfloat16
+    assert_same(got, expected, 1e-6)

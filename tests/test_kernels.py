@@ -242,6 +242,56 @@ def test_nf4_lora_linear_kernel_against_bitsandbytes_weights(dtype, block, rank)
     )
 
 
+def quantized_inputs(quant_type, compute_dtype, dropout=False):
+    """fp32 activations on a weight stored by `surgeon.quant` (double-quantized absmax read back
+    in float32, as the fusion pass passes it) and adapters in the compute dtype, as QLoRA has."""
+    from surgeon import quant
+
+    x, weight, b, a, bb = lora_inputs(torch.float32, 3)
+    state = quant.quantize_4bit(weight, 32, quant_type, double_quant=True)
+    a = a.detach().to(compute_dtype).requires_grad_()
+    bb = bb.detach().to(compute_dtype).requires_grad_()
+    torch.manual_seed(0)
+    dropped = F.dropout(x.to(compute_dtype), 0.3, training=True) if dropout else None
+    code = quant.code_4bit(quant_type)
+    op_args = (x, state.packed, state.fp32_absmax(), code, [OUT, IN], 32, b, a, bb, 1.25, dropped)
+    return state, op_args
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["x", "dropout"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_reference_in_a_compute_dtype_is_qloras_unfused_graph(quant_type, dropout):
+    from surgeon import quant
+
+    state, args = quantized_inputs(quant_type, torch.bfloat16, dropout)
+    x, _, _, _, _, _, b, a, bb, scale, dropped = args
+    out = K.nf4_lora_linear(*args, torch.bfloat16)
+    base = quant.linear_4bit(x, state.dequantize(torch.bfloat16), b)
+    h = x.to(torch.bfloat16) if dropped is None else dropped
+    delta = F.linear(F.linear(h, a) * scale, bb)
+    unfused = base + delta.type_as(base)
+    assert out.dtype == torch.float32 and torch.equal(out, unfused)
+    inputs = [x, b, a, bb]
+    for got, want in zip(grads(out, inputs), grads(unfused, inputs)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("dropout", [False, True], ids=["x", "dropout"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_kernel_in_a_compute_dtype(quant_type, dropout):
+    _, args = quantized_inputs(quant_type, torch.bfloat16, dropout)
+    x, _, _, _, _, _, b, a, bb, _, _ = args
+    check_against_reference(
+        K.nf4_lora_linear,
+        reference.nf4_lora_linear,
+        (*args, torch.bfloat16),
+        (x, b, a, bb),
+        torch.bfloat16,
+    )
+
+
 def multi_inputs(dtype, ranks=(2, 5, 3), device="cpu"):
     x, weight, b, _, _ = lora_inputs(dtype, 1, device=device)
     gen = torch.Generator().manual_seed(7)
@@ -287,6 +337,111 @@ def test_multi_lora_linear_reference_is_each_token_through_its_adapter():
         if k >= 0:
             want = want + scales[k] * flat[t] @ a_list[k].t() @ b_list[k].t()
         torch.testing.assert_close(out[t], want)
+
+
+# -- under autocast ----------------------------------------------------------------------------
+# The unfused subgraphs as passes/lora.py, dora.py and qlora.py emit them: under autocast their
+# F.linear calls run in bfloat16, their element-wise ops in the promoted dtype.
+
+
+def unfused_lora(x, weight, b, a, bb, scale, x_lora=None):
+    h = x if x_lora is None else x_lora
+    return torch.add(F.linear(x, weight, b), F.linear(torch.mul(F.linear(h, a), scale), bb))
+
+
+def unfused_dora(x, weight, b, a, bb, magnitude, norm, scale):
+    factor = torch.div(magnitude, norm)
+    b_scaled = torch.mul(bb, torch.mul(factor, scale).view(-1, 1))
+    shift = torch.addcmul(b, b, factor, value=-1)
+    low = F.linear(F.linear(x, a), b_scaled, shift)
+    return torch.addcmul(low, F.linear(x, weight, b), factor)
+
+
+def unfused_qlora(state, x, b, a, bb, scale, compute_dtype):
+    from surgeon import quant
+
+    base = quant.linear_4bit(x, state.dequantize(compute_dtype), b)
+    delta = F.linear(torch.mul(F.linear(x.to(a.dtype), a), scale), bb)
+    return torch.add(base, delta.type_as(base))
+
+
+def dora_inputs(dtype):
+    x, weight, b, a, bb = lora_inputs(dtype, 3)
+    with torch.no_grad():
+        norm = (weight.float() + 0.8 * bb @ a).norm(dim=1)
+    return (x, weight, b, a, bb, (norm * 1.3).requires_grad_(), norm, 0.8), (x, b, a, bb)
+
+
+def autocast_cases():
+    """(name, fused op, unfused graph, arguments, tensors to differentiate, largest error)."""
+    x, weight, b, a, bb = lora_inputs(torch.float32, 3)
+    torch.manual_seed(0)
+    dropped = F.dropout(x, 0.3, training=True)
+    lora = (x, weight, b, a, bb, 1.5, dropped)
+    dora, dora_grads = dora_inputs(torch.float32)
+    state, nf4 = quantized_inputs("nf4", torch.float32)
+    x4, b4, a4, bb4, scale4 = nf4[0], nf4[6], nf4[7], nf4[8], nf4[9]
+    return [
+        ("lora", K.lora_linear, unfused_lora, lora, (x, b, a, bb), 0.0),
+        # DoRA's result is rounded to bfloat16 once before addcmul's float32 one, and its
+        # backward rounds the scaled gradient where autograd keeps it: a bfloat16 step or two
+        ("dora", K.dora_linear, unfused_dora, dora, dora_grads, 1e-2),
+        (
+            "nf4",
+            lambda *args: K.nf4_lora_linear(*args[:10], None, torch.float32),
+            lambda x, *_: unfused_qlora(state, x, b4, a4, bb4, scale4, torch.float32),
+            nf4[:10],
+            (x4, b4, a4, bb4),
+            0.0,
+        ),
+    ]
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("case", range(3), ids=["lora", "dora", "nf4"])
+def test_ops_under_autocast_compute_in_the_unfused_graphs_dtypes(case):
+    _, op, unfused, args, inputs, tolerance = autocast_cases()[case]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(*args)
+        expected = unfused(*args)
+    assert out.dtype == expected.dtype
+    assert relative_error(out, expected) <= tolerance
+    for got, want in zip(grads(out, inputs), grads(expected, inputs), strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        assert relative_error(got, want) <= max(tolerance, 1e-5)
+    outside = op(*args)  # outside autocast nothing changes
+    assert outside.dtype == torch.float32 and relative_error(outside, unfused(*args)) < 1e-5
+
+
+def test_multi_lora_under_autocast_runs_in_bfloat16():
+    x, weight, b, a_list, b_list, index = multi_inputs(torch.float32)
+    a, bb = K.stack_adapters(a_list, b_list)
+    scales = [0.5, 2.0, 1.0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = K.multi_lora_linear(x, weight, b, a, bb, scales, index)
+    cast = [t.to(torch.bfloat16) for t in (x, weight, b, a, bb)]
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, reference.multi_lora_linear(*cast[:5], scales, index))
+    inputs = [x, b, *a_list, *b_list]
+    expected = reference.multi_lora_linear(*(t.float() for t in cast), scales, index)
+    for got, want in zip(grads(out, inputs), grads(expected, inputs), strict=True):
+        assert got.dtype == torch.float32 and relative_error(got, want) <= 2e-2
+
+
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("case", range(3), ids=["lora", "dora", "nf4"])
+def test_kernels_under_autocast(case):
+    _, op, unfused, args, inputs, _ = autocast_cases()[case]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(*args)
+        expected = unfused(*args)
+    assert out.dtype == expected.dtype
+    close(out, expected.to(out.dtype), torch.bfloat16)
+    for got, want in zip(grads(out, inputs), grads(expected, inputs), strict=True):
+        close(got, want, torch.bfloat16)
 
 
 # -- on a GPU ----------------------------------------------------------------------------------

@@ -313,3 +313,19 @@ def test_backward_recomputes_the_weight_instead_of_keeping_it():
     x2 = x.detach().clone().requires_grad_(True)
     F.linear(x2, weight, layer.bias).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_backward_under_autocast_matches_f_linear():
+    # autocast runs the matmul in bfloat16 while the weight was dequantized in float32
+    layer = quant.quantize_linear(_linear(64, 32), surgeon.NF4(compute_dtype="float32"))
+    x = torch.randn(3, 64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    weight = layer.dequantize(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        expected = F.linear(x2, weight, layer.bias)
+    assert expected.dtype == torch.bfloat16  # the layer returns it in x's dtype
+    assert out.dtype == torch.float32 and torch.equal(out, expected.float())
+    out.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, x2.grad)

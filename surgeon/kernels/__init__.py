@@ -7,6 +7,7 @@ GPU); elsewhere `surgeon.kernels.reference`, which computes exactly what the unf
 The fusion pass (``passes/fuse.py``, ``surgeon.compile(..., fuse=True)``) puts them in graphs.
 """
 
+from surgeon.kernels import autocast  # noqa: F401  (the ops' autocast kernels)
 from surgeon.kernels.ops import (
     dora_linear,
     lora_linear,

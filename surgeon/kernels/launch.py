@@ -365,8 +365,10 @@ def lora_forward(
     index: torch.Tensor | None,
     x_lora: torch.Tensor | None,
     colscale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Forward of the LoRA family; ``lora_A``/``lora_B`` stacked ``[L, r, in]``/``[L, out, r]``."""
+    """Forward of the LoRA family; ``lora_A``/``lora_B`` stacked ``[L, r, in]``/``[L, out, r]``;
+    the result in ``out_dtype`` (default ``x``'s)."""
     _check(x, bias, lora_A, lora_B, index, x_lora)
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in)
@@ -382,7 +384,7 @@ def lora_forward(
         weight.forward(),
         n_out,
         dtype=x.dtype,
-        out_dtype=x.dtype,
+        out_dtype=out_dtype or x.dtype,
         lowrank=lowrank,
         bias=bias,
         colscale=colscale,

@@ -4,7 +4,8 @@ Each op runs the Triton kernels on CUDA tensors (and on CPU tensors when ``TRITO
 through Triton's interpreter) and `surgeon.kernels.reference` elsewhere. Autograd calls
 ``surgeon::lora_backward``, itself an op with a fake implementation, so ``torch.compile`` traces
 forward and backward. Base weights get gradients only if they require them (computed with a plain
-matmul); NF4 weights never do.
+matmul); NF4 weights never do. Under ``torch.autocast`` `surgeon.kernels.autocast`'s kernels
+cast the operands first, as autocast casts the unfused graphs' products.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from surgeon.kernels import reference
 
 _LORA = "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, Tensor? x_lora=None) -> Tensor"
 _DORA = "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor weight_norm, float scale, Tensor? x_lora=None) -> Tensor"
-_NF4 = "(Tensor x, Tensor packed, Tensor absmax, Tensor code, int[] shape, int block_size, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, Tensor? x_lora=None) -> Tensor"
+_NF4 = "(Tensor x, Tensor packed, Tensor absmax, Tensor code, int[] shape, int block_size, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, Tensor? x_lora=None, ScalarType? compute_dtype=None) -> Tensor"
 _MULTI = "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float[] scales, Tensor index, Tensor? x_lora=None) -> Tensor"
 _BACKWARD = "(Tensor grad, Tensor x, Tensor weight, Tensor? absmax, Tensor? code, int[] shape, int block_size, Tensor lora_A, Tensor lora_B, float[] scales, Tensor? index, Tensor? x_lora, bool input_grad, bool adapter_grad) -> (Tensor, Tensor, Tensor, Tensor)"
 
@@ -228,19 +229,27 @@ def nf4_lora_linear(
     lora_B: torch.Tensor,
     scale: float,
     x_lora: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`lora_linear` on a 4-bit weight in bitsandbytes' layout: ``packed`` uint8 (two codes per
     byte, first element high), ``absmax`` float32 per ``block_size`` elements, ``code`` the
-    16-entry table, ``shape`` (out, in). The Triton kernel dequantizes tile by tile inside its
-    K loop; no full-precision weight is ever formed."""
+    16-entry table (NF4's or FP4's), ``shape`` (out, in). The Triton kernel dequantizes tile by
+    tile inside its K loop; no full-precision weight is ever formed.
+
+    The base product runs in ``compute_dtype`` (default ``x``'s) and comes back in ``x``'s dtype,
+    as bitsandbytes' ``Linear4bit`` does; the adapter's runs in ``lora_A``'s dtype and is added
+    in ``x``'s (as QLoRA's unfused graph adds it).
+    """
     _check_nf4(packed, absmax, code, shape, block_size)
+    dtype = compute_dtype or x.dtype
     if uses_triton(x):
         weight = _launch().NF4Weight(packed, absmax, code, shape, block_size)
         return _launch().lora_forward(
-            x, weight, bias, lora_A[None], lora_B[None], [scale], None, x_lora
-        )
+            x.to(dtype), weight, bias, lora_A[None], lora_B[None], [scale], None, x_lora,
+            out_dtype=x.dtype,
+        )  # fmt: skip
     return reference.nf4_lora_linear(
-        x, packed, absmax, code, shape, block_size, bias, lora_A, lora_B, scale, x_lora
+        x, packed, absmax, code, shape, block_size, bias, lora_A, lora_B, scale, x_lora, dtype
     )
 
 
@@ -259,23 +268,32 @@ def _check_nf4(packed, absmax, code, shape, block_size) -> None:
 
 
 @register_fake("surgeon::nf4_lora_linear")
-def _(x, packed, absmax, code, shape, block_size, bias, lora_A, lora_B, scale, x_lora=None):
+def _(x, packed, absmax, code, shape, block_size, bias, lora_A, lora_B, scale, x_lora=None,
+      compute_dtype=None):  # fmt: skip
     return x.new_empty(*x.shape[:-1], shape[0])
 
 
 def _setup_nf4(ctx, inputs, output) -> None:
-    x, packed, absmax, code, shape, block_size, _, lora_A, lora_B, scale, x_lora = inputs
+    x, packed, absmax, code, shape, block_size, _, lora_A, lora_B, scale, x_lora, dtype = inputs
     ctx.save_for_backward(x, packed, absmax, code, lora_A, lora_B, x_lora)
     ctx.shape, ctx.block_size, ctx.scale = list(shape), block_size, scale
+    ctx.compute_dtype = dtype
 
 
 def _backward_nf4(ctx, grad):
     x, packed, absmax, code, lora_A, lora_B, x_lora = ctx.saved_tensors
-    need = _needs(ctx, 11)
+    need = _needs(ctx, 12)
+    dtype = ctx.compute_dtype or x.dtype
+    xc, g = x.to(dtype), grad.to(dtype)
+    # in another compute dtype, the base's and the adapter's input gradients are added in x's
+    # dtype (each came back through its own cast): the backward returns them apart
+    split = x_lora is None and dtype != x.dtype
     dx, dx_lora, d_a, d_b = torch.ops.surgeon.lora_backward(
-        grad, x, packed, absmax, code, ctx.shape, ctx.block_size, lora_A[None], lora_B[None],
-        [ctx.scale], None, x_lora, need[0], need[7] or need[8],
+        g, xc, packed, absmax, code, ctx.shape, ctx.block_size, lora_A[None], lora_B[None],
+        [ctx.scale], None, xc if split else x_lora, need[0], need[7] or need[8],
     )  # fmt: skip
+    if need[0]:
+        dx = dx.to(x.dtype) + dx_lora.to(x.dtype) if split else dx.to(x.dtype)
     return _grads(
         ctx,
         dx if need[0] else None,
@@ -284,11 +302,12 @@ def _backward_nf4(ctx, grad):
         None,
         None,
         None,
-        _bias_grad(grad) if need[6] else None,
+        _bias_grad(g) if need[6] else None,
         d_a[0] if need[7] else None,
         d_b[0] if need[8] else None,
         None,
         dx_lora if need[10] else None,
+        None,
     )
 
 

@@ -72,10 +72,13 @@ def dora_linear(
     """``f ⊙ (x Wᵀ + scale · (h Aᵀ) Bᵀ) + b`` with ``f = magnitude / weight_norm`` (the norm of
     ``W + scale·B·A`` per output feature, a constant), as passes/dora.py emits it."""
     factor = magnitude / weight_norm
-    base = F.linear(x, weight, bias)
+    base = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
     h = (x if x_lora is None else x_lora).to(lora_A.dtype)
-    shift = None if bias is None else bias - bias * factor
-    low = F.linear(F.linear(h, lora_A), lora_B * (factor * scale).view(-1, 1), shift)
+    hidden = F.linear(h, lora_A)
+    # a float32 factor (under autocast) scales B and the bias shift before the rounding to the
+    # products' dtype, as in the unfused graph
+    shift = None if bias is None else (bias - bias * factor).to(hidden.dtype)
+    low = F.linear(hidden, (lora_B * (factor * scale).view(-1, 1)).to(hidden.dtype), shift)
     return torch.addcmul(low, base, factor).to(x.dtype)
 
 
@@ -91,10 +94,18 @@ def nf4_lora_linear(
     lora_B: torch.Tensor,
     scale: float,
     x_lora: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """`lora_linear` on the NF4 weight dequantized into ``x``'s dtype (as bitsandbytes does)."""
-    weight = dequantize_nf4_reference(packed, absmax, code, shape, block_size).to(x.dtype)
-    return lora_linear(x, weight, bias, lora_A, lora_B, scale, x_lora)
+    """`lora_linear` on the 4-bit weight as QLoRA's unfused graph computes it: the base as
+    bitsandbytes' ``Linear4bit`` (weight, ``x`` and bias in ``compute_dtype``, default ``x``'s;
+    the product back in ``x``'s dtype), the adapter in ``lora_A``'s dtype, added in ``x``'s."""
+    dtype = compute_dtype or x.dtype
+    weight = dequantize_nf4_reference(packed, absmax, code, shape, block_size).to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    base = F.linear(x.to(dtype), weight, bias).to(x.dtype)
+    h = (x if x_lora is None else x_lora).to(lora_A.dtype)
+    delta = F.linear(F.linear(h, lora_A) * scale, lora_B)
+    return base + delta.to(x.dtype)
 
 
 def multi_lora_linear(
@@ -151,10 +162,11 @@ def lora_linear_backward(
     for k, s in enumerate(scales):
         rows = torch.arange(g.shape[0], device=g.device) if index is None else index == k
         g_k, h_k = g_low[rows], h[rows]
-        gb = g_k @ lora_B[k]
-        d_a[k] = s * (gb.t() @ h_k)
-        d_b[k] = s * (g_k.t() @ (h_k @ lora_A[k].t()))
-        d_low[rows] = s * (gb @ lora_A[k])
+        # scaled where the unfused graph scales, so rounding in half precision is the same
+        gb = (g_k @ lora_B[k]) * s
+        d_a[k] = gb.t() @ h_k
+        d_b[k] = g_k.t() @ ((h_k @ lora_A[k].t()) * s)
+        d_low[rows] = gb @ lora_A[k]
     dx = (g @ weight.to(g.dtype)).to(x.dtype) if input_grad else grad.new_empty(0)
     dx_lora = grad.new_empty(0)
     if x_lora is None and input_grad:
