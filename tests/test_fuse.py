@@ -121,17 +121,21 @@ def test_dropout_in_train_mode_is_fused_with_the_models_own_mask(method):
     assert not torch.allclose(fused[0], run(cm, inputs, seed=6)[0])  # dropout is on
 
 
-def test_mixed_batches_use_the_multi_adapter_op():
-    entry = ZOO["llama"]
+def mixed_batch_case() -> tuple:
+    """Two LoRA adapters sharing q_proj on the zoo Llama, and a batch whose rows pick them."""
     spec = surgeon.Spec(
         {
             "a": surgeon.LoRA(rank=2, targets=("q_proj", "v_proj")),
             "b": surgeon.LoRA(rank=5, alpha=3, targets=("q_proj", "o_proj")),
         }
     )
-    cm = fused_and_unfused(entry, spec)
+    cm = fused_and_unfused(ZOO["llama"], spec)
     inputs = {"input_ids": torch.randint(3, 96, (4, 7), generator=torch.Generator().manual_seed(0))}
-    names = ["b", "__base__", "a", "b"]
+    return cm, inputs, ["b", "__base__", "a", "b"]
+
+
+def test_mixed_batches_use_the_multi_adapter_op():
+    cm, inputs, names = mixed_batch_case()
     expected = logits(cm(**inputs, adapter_names=names))
     cm.fuse()
     with CountOps() as ops:
@@ -430,16 +434,7 @@ def test_fused_graph_under_autocast_computes_like_the_unfused_one(case):
 
 
 def test_mixed_batch_under_autocast():
-    entry = ZOO["llama"]
-    spec = surgeon.Spec(
-        {
-            "a": surgeon.LoRA(rank=2, targets=("q_proj", "v_proj")),
-            "b": surgeon.LoRA(rank=5, alpha=3, targets=("q_proj", "o_proj")),
-        }
-    )
-    cm = fused_and_unfused(entry, spec)
-    inputs = {"input_ids": torch.randint(3, 96, (4, 7), generator=torch.Generator().manual_seed(0))}
-    names = ["b", "__base__", "a", "b"]
+    cm, inputs, names = mixed_batch_case()
     truth = run(cm, inputs, adapter_names=names)
     unfused = run(cm, inputs, autocast=True, adapter_names=names)
     assert cm.fuse() == 6
