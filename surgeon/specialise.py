@@ -3,8 +3,9 @@
 transformers' attention and decoder layers take ``**kwargs``, splat shape tuples, branch on
 shapes (``query.shape[2] > 1``) and on whether a cache or mask was passed. Such a module is
 traced at call time, for the kind of inputs it gets, by a tracer whose proxies carry a fake
-value (`FakeTensor` with symbolic sizes): every Python decision the forward takes on those
-values is answered from them and leaves a guard behind:
+value (`FakeTensor`; sizes as they came at first, symbolic once a later call of the same kind
+changes them, as torch.compile's automatic dynamic shapes): every Python decision the forward
+takes on those values is answered from them and leaves a guard behind:
 
 * the structure of the call (which arguments are None, Python values, tensor dtypes, devices,
   ranks; objects passed in by the same of their attributes; training flags, grad mode,
@@ -141,6 +142,30 @@ def input_tensors(value: Any, depth: int = 0) -> list[torch.Tensor]:
         return [t for v in value.values() for t in input_tensors(v, depth + 1)]
     attributes = None if value is None else _attributes(value, depth)
     return [t for _, v in attributes or () for t in input_tensors(v, depth + 1)]
+
+
+def call_tensors(args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors a call passes (inside objects too), in the order traces and guards use."""
+    values = [v for v in (*args, *kwargs.values()) if not is_plain(v)]
+    return [t for v in values for t in input_tensors(v)]
+
+
+def grown_dynamic(seen: tuple | None, tensors: list[torch.Tensor]) -> tuple[tuple, frozenset]:
+    """Automatic dynamic sizes: a kind of call is first traced with the sizes it came with;
+    a size that later differs is traced symbolically from then on (as torch.compile does).
+    ``seen``: (first sizes, dims already dynamic) for this kind of call, or None."""
+    sizes = tuple(tuple(t.shape) for t in tensors)
+    if seen is None:
+        return (sizes, frozenset()), frozenset()
+    first, dynamic = seen
+    changed = {
+        (i, d)
+        for i, (a, b) in enumerate(zip(first, sizes))
+        for d in range(min(len(a), len(b)))
+        if a[d] != b[d]
+    }
+    dynamic = frozenset(dynamic | changed)
+    return (first, dynamic), dynamic
 
 
 def module_fingerprint(module: nn.Module) -> tuple | None:
@@ -297,8 +322,15 @@ class SpecialisingTracer(RegionTracer):
     """Traces ``module`` for one call: placeholders for the passed tensors and objects, Python
     values baked in, fake values propagated alongside every node."""
 
-    def __init__(self, leaf_types: tuple[type, ...], args: tuple, kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        leaf_types: tuple[type, ...],
+        args: tuple,
+        kwargs: dict[str, Any],
+        dynamic: frozenset[tuple[int, int]] = frozenset(),
+    ) -> None:
         super().__init__(leaf_types)
+        self.dynamic = dynamic
         self.shape_env = ShapeEnv(duck_shape=False)
         self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self.call_args, self.call_kwargs = args, kwargs
@@ -346,9 +378,13 @@ class SpecialisingTracer(RegionTracer):
 
     def _fake_tensor(self, value: torch.Tensor, known: Any = None) -> Any:
         if known is None:
-            dynamic = [DimDynamic.DYNAMIC] * value.dim()
+            index = len(self.guard_inputs)
+            sizes = [
+                DimDynamic.DYNAMIC if (index, d) in self.dynamic else DimDynamic.STATIC
+                for d in range(value.dim())
+            ]
             context = StatelessSymbolicContext(
-                dynamic_sizes=dynamic, constraint_sizes=[None] * value.dim()
+                dynamic_sizes=sizes, constraint_sizes=[None] * value.dim()
             )
             known = self.fake_mode.from_tensor(value, symbolic_context=context)
         self.guard_inputs.append(known)
@@ -472,10 +508,17 @@ def _why(err: Exception) -> str:
 
 
 def specialise(
-    module: nn.Module, leaf_types: tuple[type, ...], args: tuple, kwargs: dict[str, Any]
+    module: nn.Module,
+    leaf_types: tuple[type, ...],
+    args: tuple,
+    kwargs: dict[str, Any],
+    dynamic: frozenset[tuple[int, int]] = frozenset(),
 ) -> Variant:
-    """Trace ``module`` for a call with ``args``/``kwargs`` (raises `Unsound` when it cannot)."""
-    tracer = SpecialisingTracer(leaf_types, args, kwargs)
+    """Trace ``module`` for a call with ``args``/``kwargs`` (raises `Unsound` when it cannot).
+
+    ``dynamic``: the sizes traced symbolically, as (input tensor, dim) in `call_tensors` order;
+    the others are traced as they are, and guarded to stay so."""
+    tracer = SpecialisingTracer(leaf_types, args, kwargs, dynamic)
     structured = logging.getLogger("torch.__trace")  # symbolic shapes' records for TORCH_TRACE
     quiet, structured.disabled = structured.disabled, True
     try:
@@ -594,7 +637,9 @@ class Dispatcher(nn.Module):
                 raise Unsound(shared)
             variant = next((v for v in shared if v.holds(v.inputs(args, kwargs))), None)
             if variant is None:
-                variant = specialise(self.module, self.leaf_types, args, kwargs)
+                seen = self.region.dynamic.get(key)
+                self.region.dynamic[key], dynamic = grown_dynamic(seen, call_tensors(args, kwargs))
+                variant = specialise(self.module, self.leaf_types, args, kwargs, dynamic)
                 if not variant.holds(variant.inputs(args, kwargs)):
                     raise Unsound("the guards of the traced graph do not hold for its own call")
                 _share(shared_key, variant)

@@ -62,6 +62,7 @@ class Region:
     gm: nn.Module | None = None
     adapted: dict[str, list[str]] = field(default_factory=dict)
     variants: dict[tuple, Any] = field(default_factory=dict)
+    dynamic: dict[tuple, Any] = field(default_factory=dict)
 
     @property
     def current(self) -> fx.Graph:

@@ -12,7 +12,14 @@ from torch import nn
 from zoo import ZOO, logits, padded_ids, randomize
 
 import surgeon
+import surgeon.specialise
 from passes.fuse import fused_sites
+
+
+@pytest.fixture(autouse=True)
+def fresh_traces():
+    """Traces are shared across identical models in a process: start each test without any."""
+    surgeon.specialise._SHARED.clear()
 
 
 def _pair(entry_name: str, train: bool = False, **spec) -> tuple:
@@ -76,7 +83,10 @@ def test_new_lengths_reuse_the_variant_and_batch_one_gets_its_own():
         inputs = _no_cache("gpt2", padded_ids(batch, length, padded=False))
         torch.testing.assert_close(logits(cm(**inputs)), logits(plain(**inputs)), rtol=0, atol=1e-6)
     (variants,) = [v for v in root.variants.values() if isinstance(v, list)]
-    assert len(variants) == 2  # sizes > 1 share one graph; size 1 is specialised (0/1 guards)
+    # the first sizes are traced as they are; sizes that then change are traced symbolically,
+    # and that graph serves every later size > 1; a size of 1 is specialised (0/1 guards)
+    assert len(variants) == 3
+    assert "2 <= L['t0'].size()[1]" in variants[1].guards and "== 1" in variants[2].guards
 
 
 def test_kv_cache_calls_are_guarded_on_the_cache_and_generate_runs_as_one_graph():
@@ -143,8 +153,10 @@ def test_a_branch_on_sizes_is_guarded():
         x = torch.randn(2, length, 6)
         torch.testing.assert_close(cm(x), plain(x), rtol=0, atol=1e-6)
     (variants,) = [v for v in cm.graph.region("").variants.values() if isinstance(v, list)]
-    assert len(variants) == 2
+    assert len(variants) == 3  # length 3 as it came; then > 4 and <= 4 symbolically
     assert all(v.guards and "size()[1]" in v.guards for v in variants)
+    guards = " | ".join(v.guards for v in variants)
+    assert "5 <= L['t0'].size()[1]" in guards and "L['t0'].size()[1] <= 4" in guards, guards
 
 
 def test_a_branch_on_tensor_values_is_refused():
