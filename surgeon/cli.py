@@ -103,6 +103,14 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--diff", metavar="REGION", help="print a region's traced-vs-rewritten diff")
     p.add_argument(
+        "--call",
+        type=int,
+        metavar="SEQ_LEN",
+        help="run one forward on random token ids of this length first, so the modules plain "
+        "torch.fx cannot trace are traced for it (specialised regions) and the report shows "
+        "the regions calls run through",
+    )
+    p.add_argument(
         "--graph",
         type=Path,
         metavar="FILE",
@@ -111,7 +119,16 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
+    import torch
+
+    from surgeon.train import no_cache_arguments
+
     cm = _compiled(args, args.spec, args.adapter)
+    if args.call is not None:
+        _positive("--call", args.call)
+        inputs = _token_inputs(cm, "inspect --call", batch=2, seq_len=args.call)
+        with torch.no_grad():
+            cm(**inputs, **no_cache_arguments(cm.model))
     report = cm.inspect()
     print(report)
     if args.breaks:
@@ -234,22 +251,28 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    import torch
 
     import surgeon
 
     _positive("--seq-len", args.seq_len)
     cm = _compiled(args, None, args.adapter)
-    vocab = getattr(cm.config, "vocab_size", None)
-    if vocab is None:
-        raise CommandError("export needs a token model (its config has no vocab_size)")
-    generator = torch.Generator().manual_seed(0)
-    inputs = {
-        "input_ids": torch.randint(0, vocab, (1, args.seq_len), generator=generator),
-        "attention_mask": torch.ones(1, args.seq_len, dtype=torch.long),
-    }
+    inputs = _token_inputs(cm, "export", batch=1, seq_len=args.seq_len)
     report = surgeon.export_onnx(cm, args.out, inputs, verify=not args.no_verify)
     print(report)
+
+
+def _token_inputs(cm: Any, command: str, batch: int, seq_len: int) -> dict[str, Any]:
+    """Seeded random token ids (and an all-ones mask) for a model with a vocabulary."""
+    import torch
+
+    vocab = getattr(cm.config, "vocab_size", None)
+    if vocab is None:
+        raise CommandError(f"{command} needs a token model (its config has no vocab_size)")
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, vocab, (batch, seq_len), generator=generator),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
+    }
 
 
 # -- estimate-memory --------------------------------------------------------------------------

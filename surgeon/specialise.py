@@ -330,6 +330,7 @@ class SpecialisingTracer(RegionTracer):
         dynamic: frozenset[tuple[int, int]] = frozenset(),
     ) -> None:
         super().__init__(leaf_types)
+        self.proxy_buffer_attributes = True  # a buffer read is a node, so it is read at run time
         self.dynamic = dynamic
         self.shape_env = ShapeEnv(duck_shape=False)
         self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)

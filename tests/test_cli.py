@@ -77,6 +77,17 @@ def test_inspect_shows_breaks_marked_code_diff_and_writes_the_graph(
         assert "<svg" in written.read_text()
 
 
+def test_inspect_call_traces_the_specialised_regions(capsys, model_dir, spec_file):
+    code, out, _ = run(
+        capsys, "inspect", model_dir, "--spec", spec_file, "--call", "5", "--code", ""
+    )
+    assert code == 0
+    assert "(1.0 per decoder layer; 1 specialised at call time)" in out
+    assert "# region <root> (LlamaForCausalLM, specialised)" in out and "# + lora[default]" in out
+    code, _, err = run(capsys, "inspect", model_dir, "--spec", spec_file, "--call", "0")
+    assert code == 1 and "--call" in err
+
+
 def test_merge_writes_a_plain_model_with_the_merged_outputs(capsys, model_dir, spec_file, tmp_path):
     from transformers import LlamaForCausalLM
 
