@@ -84,9 +84,9 @@ class Graph:
         """The region whose subtree holds ``module_path`` (a traced specialised one first)."""
         best = None
         for region in self.live():
-            p = region.path
-            inside = p == "" or module_path == p or module_path.startswith(p + ".")
-            if inside and (best is None or len(p) > len(best.path)):
+            if _inside(module_path, region.path) and (
+                best is None or len(region.path) > len(best.path)
+            ):
                 best = region
         return best
 

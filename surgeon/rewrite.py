@@ -257,7 +257,7 @@ def reached_layers(model: nn.Module, regions: Sequence[Region]) -> set[int]:
     for region in regions:
         module = region_module(model, region)
         if region.specialised:
-            seen.update(id(m) for m in module.modules() if isinstance(m, adaptable_types()))
+            seen.update(id(layer) for _, layer in _layers_in(model, region))
             continue
         for node in region.base.nodes:
             if node.op == "call_module":

@@ -44,13 +44,14 @@ from torch.fx.experimental.symbolic_shapes import (
     StatelessSymbolicContext,
 )
 
-from surgeon.trace import RegionTracer, Unsound
+from surgeon.trace import MODULE_INTERNALS, RegionTracer, Unsound
 
 _PYTHON_VALUES = (bool, int, float, str, torch.dtype, torch.device)
 _CONTAINERS = (tuple, list, dict, torch.Size, *_PYTHON_VALUES, type(None))
 _OBJECT_DEPTH = 4
 _SHAPE_QUERIES = frozenset({"size", "dim", "numel", "stride"})
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training", "forward"}  # forward: ours
+# an instance ``forward`` is surgeon's own (a rewrite or a dispatcher); traces use the class's
+_MODULE_INTERNALS = MODULE_INTERNALS | {"forward"}
 
 
 # -- the kind of a call -----------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torch import nn
 from surgeon.layers import gpt2_conv1d_type
 
 _PRIMITIVES = (int, float, bool, str, type(None))
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
+MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
 
 
 @dataclass
@@ -316,7 +316,7 @@ def _attribute_key(module: nn.Module) -> tuple:
     items = []
     for name, m in module.named_modules():
         for attr, value in vars(m).items():
-            if attr in _MODULE_INTERNALS:
+            if attr in MODULE_INTERNALS:
                 continue
             if isinstance(value, _PRIMITIVES) or (
                 isinstance(value, tuple) and all(isinstance(v, _PRIMITIVES) for v in value)

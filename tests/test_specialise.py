@@ -22,17 +22,22 @@ def fresh_traces():
     surgeon.specialise._SHARED.clear()
 
 
-def _pair(entry_name: str, train: bool = False, **spec) -> tuple:
-    """The same adapted model compiled twice: specialising, and on plain regions only."""
-    entry = ZOO[entry_name]
-    method = surgeon.LoRA(targets="all-linear", dropout=0.1 if train else 0.0, **spec)
+def _compiled_both(build, method, train: bool = False, **options) -> list:
+    """The same adapted model compiled twice, specialising and on plain regions only, with the
+    same seeded base and adapter weights."""
     compiled = []
     for specialise in (True, False):
-        cm = surgeon.compile(entry.model(), method, specialise=specialise)
+        torch.manual_seed(0)
+        cm = surgeon.compile(build(), method, specialise=specialise, **options)
         randomize(cm)
         cm.train(train)
         compiled.append(cm)
     return compiled
+
+
+def _pair(entry_name: str, train: bool = False) -> list:
+    method = surgeon.LoRA(targets="all-linear", dropout=0.1 if train else 0.0)
+    return _compiled_both(ZOO[entry_name].model, method, train)
 
 
 def _no_cache(name: str, inputs: dict) -> dict:
@@ -135,16 +140,8 @@ class KwargsNet(nn.Module):
         return self.block(x, **kwargs)
 
 
-def _kwargs_pair(rule: str) -> tuple:
-    compiled = []
-    for specialise in (True, False):
-        torch.manual_seed(0)
-        cm = surgeon.compile(
-            KwargsNet(rule), surgeon.LoRA(targets=("fc1", "fc2")), specialise=specialise
-        )
-        randomize(cm)
-        compiled.append(cm)
-    return compiled
+def _kwargs_pair(rule: str) -> list:
+    return _compiled_both(lambda: KwargsNet(rule), surgeon.LoRA(targets=("fc1", "fc2")))
 
 
 def test_a_branch_on_sizes_is_guarded():
@@ -218,11 +215,7 @@ def test_specialise_must_be_a_bool():
 @pytest.mark.parametrize("fuse", [False, True])
 def test_qlora_layers_in_a_specialised_graph_match_plain_regions(fuse):
     spec = surgeon.QLoRA(targets="all-linear", quant=surgeon.NF4(compute_dtype="float32"))
-    compiled = []
-    for specialise in (True, False):
-        cm = surgeon.compile(ZOO["llama"].model(), spec, fuse=fuse, specialise=specialise)
-        randomize(cm)
-        compiled.append(cm)
+    compiled = _compiled_both(ZOO["llama"].model, spec, fuse=fuse)
     inputs = _no_cache("llama", padded_ids())
     grads = []
     for model in compiled:
