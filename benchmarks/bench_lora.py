@@ -70,7 +70,9 @@ from common import (
     make_inputs,
     median_ms,
     paired_ratio,
+    peft_lora_layers,
     progress,
+    share_lora_weights,
     small_llama,  # sets HF_HUB_OFFLINE before transformers is imported
 )
 
@@ -89,7 +91,6 @@ BATCH, SEQ = 4, 64
 RANK, ALPHA = 8, 16
 SEED = 0
 ATOL = 1e-5
-PEFT_PREFIX = "base_model.model."
 TARGET_SETS: dict[str, tuple[str, ...] | str] = {
     "q,v": ("q_proj", "v_proj"),
     "all-linear": "all-linear",
@@ -167,15 +168,6 @@ def make_contestants(state: dict[str, torch.Tensor], targets: tuple[str, ...] | 
     return pair
 
 
-def peft_lora_layers(model: peft.PeftModel) -> dict[str, nn.Module]:
-    """Module path (relative to the wrapped model) -> PEFT LoRA layer."""
-    return {
-        name.removeprefix(PEFT_PREFIX): module
-        for name, module in model.named_modules()
-        if isinstance(module, peft.tuners.lora.LoraLayer)
-    }
-
-
 @torch.no_grad()
 def share_adapter_weights(pair: Contestants) -> None:
     """Give PEFT's lora_B random values, then copy PEFT's A and B into surgeon's layers."""
@@ -186,13 +178,7 @@ def share_adapter_weights(pair: Contestants) -> None:
             f"targeted layers differ: surgeon-only {set(ours) - set(theirs)}, "
             f"PEFT-only {set(theirs) - set(ours)}"
         )
-    gen = torch.Generator().manual_seed(SEED + 2)
-    for path, layer in ours.items():
-        a = theirs[path].lora_A["default"].weight
-        b = theirs[path].lora_B["default"].weight
-        b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
-        layer.lora_A.copy_(a)
-        layer.lora_B.copy_(b)
+    share_lora_weights(pair.peft, pair.surgeon, SEED + 2)
 
 
 # -- equivalence -------------------------------------------------------------------------------

@@ -34,12 +34,13 @@ from common import (
     base_state,
     benchmark_parser,
     format_table,
+    forward_timer,
     interleaved,
     machine,
     make_inputs,
     median_ms,
     paired_ratio,
-    perturb_trainable,
+    share_lora_weights,
     small_llama,
 )
 
@@ -53,7 +54,6 @@ def contestants(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     peft = get_peft_model(
         small_llama(state), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
     )
-    perturb_trainable(peft, seed=3, noise=0.02)
     models = {"PEFT": peft, "plain model": small_llama(state)}
     for name, specialise in (("specialised", True), ("plain regions", False)):
         cm = surgeon.compile(
@@ -61,18 +61,9 @@ def contestants(state: dict[str, torch.Tensor]) -> dict[str, Any]:
             surgeon.LoRA(rank=8, alpha=16, targets="all-linear"),
             specialise=specialise,
         )
-        _copy_lora(peft, cm)
+        share_lora_weights(peft, cm, seed=3)  # the same seed: the same B for both
         models[name] = cm
     return models
-
-
-def _copy_lora(peft: Any, cm: Any) -> None:
-    theirs = {k: v for k, v in peft.state_dict().items() if "lora_" in k}
-    with torch.no_grad():
-        for path, layer in cm.store.items("default"):
-            prefix = f"base_model.model.{path}"
-            layer.lora_A.copy_(theirs[f"{prefix}.lora_A.default.weight"])
-            layer.lora_B.copy_(theirs[f"{prefix}.lora_B.default.weight"])
 
 
 def check_equal(models: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None:
@@ -89,12 +80,15 @@ def check_equal(models: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None
         )
 
 
-def forward_timer(model: Any, inputs: dict[str, Any], cache: Any = None):
+def decode_timer(model: Any, inputs: dict[str, Any], cache: Any):
+    """Times one cached step under no_grad; each call gets its own copy of the prompt's cache
+    (copied outside the timing), so every call sees the same state."""
+
     def run() -> float:
-        extra = {"past_key_values": copy.deepcopy(cache)} if cache is not None else {}
+        fresh = copy.deepcopy(cache)
         with torch.no_grad():
             start = time.perf_counter()
-            model(**inputs, **extra)
+            model(**inputs, past_key_values=fresh)
             return time.perf_counter() - start
 
     return run
@@ -115,9 +109,7 @@ def time_rows(models: dict[str, Any], reps: int) -> list[tuple[str, dict[str, fl
         "input_ids": prompt["input_ids"][:, -1:],
         "attention_mask": torch.ones(1, 33, dtype=torch.long),
     }
-    timers = {
-        n: forward_timer(m, {**step, "use_cache": True}, caches[n]) for n, m in models.items()
-    }
+    timers = {n: decode_timer(m, {**step, "use_cache": True}, caches[n]) for n, m in models.items()}
     rows.append(("decode step, KV cache", interleaved(timers, reps, 2)))
     return rows
 

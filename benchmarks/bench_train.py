@@ -51,6 +51,8 @@ from common import (
     interleaved,
     machine,
     paired_ratio,
+    peft_lora_layers,
+    share_lora_weights,
     small_llama,  # sets HF_HUB_OFFLINE before transformers is imported
 )
 
@@ -116,14 +118,6 @@ def base_state(setting: Setting) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in setting.model().state_dict().items()}
 
 
-def peft_layers(pm: peft.PeftModel) -> dict[str, torch.nn.Module]:
-    return {
-        n.removeprefix("base_model.model."): m
-        for n, m in pm.named_modules()
-        if isinstance(m, peft.tuners.lora.LoraLayer)
-    }
-
-
 def contestants(
     setting: Setting, state: dict[str, torch.Tensor]
 ) -> tuple[surgeon.CompiledModel, peft.PeftModel]:
@@ -133,14 +127,7 @@ def contestants(
         setting.model(state),
         peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]),
     )
-    gen = torch.Generator().manual_seed(SEED + 2)
-    theirs = peft_layers(pm)
-    with torch.no_grad():
-        for path, layer in cm.store.items("default"):
-            b = theirs[path].lora_B["default"].weight
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
-            layer.lora_A.copy_(theirs[path].lora_A["default"].weight)
-            layer.lora_B.copy_(b)
+    share_lora_weights(pm, cm, SEED + 2)
     return cm, pm
 
 
@@ -185,7 +172,7 @@ def check_equivalent(setting: Setting, state: dict[str, torch.Tensor], data: lis
     cm, pm = contestants(setting, state)
     surgeon.train(cm, data, config(setting, 1, shuffle=False))
     plain_loop(pm, data, setting.batch, 1, shuffle=False)
-    theirs = peft_layers(pm)
+    theirs = peft_lora_layers(pm)
     for path, layer in cm.store.items("default"):
         for ours, other in (
             (layer.lora_A, theirs[path].lora_A["default"].weight),

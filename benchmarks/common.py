@@ -184,3 +184,30 @@ def perturb_trainable(model: nn.Module, seed: int, noise: float) -> None:
     for p in model.parameters():
         if p.requires_grad:
             p.add_(torch.randn(p.shape, generator=gen) * noise)
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path (relative to the wrapped model) -> PEFT LoRA layer."""
+    import peft
+
+    return {
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+
+
+@torch.no_grad()
+def share_lora_weights(peft_model: nn.Module, cm: Any, seed: int, noise: float = 0.02) -> None:
+    """Give PEFT's lora_B seeded random values (B starts at zero: the adapters would be a no-op),
+    then copy PEFT's A and B into surgeon's ``default`` adapter: both run identical weights."""
+    theirs = peft_lora_layers(peft_model)
+    gen = torch.Generator().manual_seed(seed)
+    for path, layer in cm.store.items("default"):
+        b = theirs[path].lora_B["default"].weight
+        b.copy_(torch.randn(b.shape, generator=gen) * noise)
+        layer.lora_A.copy_(theirs[path].lora_A["default"].weight)
+        layer.lora_B.copy_(b)
