@@ -50,6 +50,17 @@ class FunctionalDropoutMLP(nn.Module):
         return self.fc2(F.dropout(self.fc1(x), p=0.5, training=self.training))
 
 
+class One(nn.Module):
+    """Wraps one layer so it can be targeted by name."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 class OptionalMaskBlock(nn.Module):
     """Branches on ``mask is None``: a Proxy is never None, so tracing would freeze one branch."""
 
@@ -63,13 +74,13 @@ class OptionalMaskBlock(nn.Module):
         return self.proj(x)
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(hidden_size: int = 32, intermediate_size: int = 48) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, logits, randomize
+from zoo import ZOO, One, logits, randomize
 
 import surgeon
 from passes.adalora import AdaLoRA, allocate
@@ -27,17 +27,6 @@ TARGETS = {
     "cnn": ("conv1", "conv2", "fc"),
 }
 FACTORS = ("lora_A", "lora_E", "lora_B")
-
-
-class One(nn.Module):
-    """Wraps one layer so it can be targeted by name."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _spec(**fields) -> AdaLoRA:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, logits, randomize
+from zoo import ZOO, One, logits, randomize
 
 import surgeon
 from passes.dora import DoRA, DoRALayer
@@ -19,17 +19,6 @@ from surgeon.io import CONFIG_NAME, WEIGHTS_NAME, method_from_peft_config
 from surgeon.spec import METHODS, MethodSpec
 
 peft = pytest.importorskip("peft")
-
-
-class One(nn.Module):
-    """Wraps one layer so it can be targeted by name."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _conv1d_gpt2():

@@ -11,24 +11,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, logits
+from zoo import ZOO, One, logits
 
 import surgeon
 from passes.ia3 import IA3
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
 
 peft = pytest.importorskip("peft")
-
-
-class One(nn.Module):
-    """Wraps one layer so it can be targeted by name."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _conv1d_gpt2():

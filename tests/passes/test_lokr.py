@@ -9,21 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, logits, randomize
+from zoo import ZOO, One, logits, randomize
 
 import surgeon
 from passes.lokr import LoKr, factorization
-
-
-class One(nn.Module):
-    """Wraps one layer so it can be targeted by name."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _w1(adapter) -> torch.Tensor:

@@ -8,20 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, logits, randomize
+from zoo import ZOO, One, logits, randomize
 
 import surgeon
-
-
-class One(nn.Module):
-    """Wraps one layer so it can be targeted by name."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _conv1d_gpt2():

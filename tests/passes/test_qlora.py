@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, logits, randomize
+from zoo import ZOO, One, logits, randomize, tiny_llama
 
 import surgeon
 from surgeon import quant
@@ -19,34 +19,11 @@ from surgeon import quant
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class One(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
-
-
 def _llama64():
     """A tiny Llama whose linear layers take 64 or 128 inputs: bitsandbytes' CPU dequantizer is
     only right for rows that are whole blocks (see tests/test_quant.py)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(hidden_size=64, intermediate_size=128).eval()
 
 
 def _ids(seed=1):

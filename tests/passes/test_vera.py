@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from zoo import ZOO, logits, randomize
+from zoo import ZOO, One, logits, randomize
 
 import surgeon
 from passes.vera import VeRA
@@ -25,17 +25,6 @@ TARGETS = {
     "gpt2": ("c_attn", "c_fc"),
     "mlp": ("body.0", "body.3", "head"),
 }
-
-
-class One(nn.Module):
-    """Wraps one layer so it can be targeted by name."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _peft_model(entry, dtype=torch.float32, perturb: bool = True, **config):
