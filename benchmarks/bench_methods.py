@@ -52,21 +52,24 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from common import (
+    Reps,
+    Row,
     base_state,
     benchmark_parser,
-    format_table,
     forward_timer,
     interleaved,
     machine,
     make_inputs,
     median_ms,
+    method_row,
     paired_ratio,
     perturb_trainable,
     progress,
+    rows_table,
     small_llama,
 )
 
@@ -88,13 +91,6 @@ QV = ["q_proj", "v_proj"]
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
 
 
-@dataclass(frozen=True)
-class Reps:
-    warmup: int
-    forward: int
-    train: int
-
-
 FULL = Reps(warmup=5, forward=150, train=50)
 QUICK = Reps(warmup=1, forward=5, train=3)
 
@@ -108,17 +104,6 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
     "AdaLoRA": lambda: peft.AdaLoraConfig(init_r=12, target_r=8, total_step=100, target_modules=QV),
 }
 """Method -> PEFT config; surgeon's side is whatever ``surgeon.load`` reads from its save."""
-
-
-@dataclass
-class Row:
-    method: str
-    fwd_surgeon_ms: float
-    fwd_peft_ms: float
-    fwd_ratio: float
-    train_surgeon_ms: float
-    train_peft_ms: float
-    train_ratio: float
 
 
 # -- models and inputs -------------------------------------------------------------------------
@@ -165,55 +150,6 @@ def lm_loss(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> t
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-class TrainStep:
-    """forward + cross-entropy + backward + AdamW step on one model's trainable parameters."""
-
-    def __init__(self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
-        self.model, self.inputs, self.labels = model, inputs, labels
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-4
-        )
-
-    def __call__(self) -> float:
-        self.model.train()
-        start = time.perf_counter()
-        lm_loss(self.model, self.inputs, self.labels).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        self.model.eval()
-        return elapsed
-
-
-def method_row(
-    name: str,
-    ours: nn.Module,
-    theirs: nn.Module,
-    inputs: dict[str, Any],
-    labels: torch.Tensor,
-    reps: Reps,
-) -> Row:
-    fwd = interleaved(
-        {"surgeon": forward_timer(ours, inputs), "peft": forward_timer(theirs, inputs)},
-        reps.forward,
-        reps.warmup,
-    )
-    train = interleaved(
-        {"surgeon": TrainStep(ours, inputs, labels), "peft": TrainStep(theirs, inputs, labels)},
-        reps.train,
-        reps.warmup,
-    )
-    return Row(
-        name,
-        median_ms(fwd["surgeon"]),
-        median_ms(fwd["peft"]),
-        paired_ratio(fwd["surgeon"], fwd["peft"]),
-        median_ms(train["surgeon"]),
-        median_ms(train["peft"]),
-        paired_ratio(train["surgeon"], train["peft"]),
-    )
-
-
 def dora_vs_lora(
     models: dict[str, nn.Module], inputs: dict[str, Any], reps: Reps
 ) -> dict[str, float]:
@@ -247,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, config in METHODS.items():
         ours, theirs = make_pair(state, config())
         check_equivalent(ours, theirs, plain, inputs, name)
-        rows.append(progress(f"[{name}]", method_row, name, ours, theirs, inputs, labels, reps))
+        rows.append(
+            progress(f"[{name}]", method_row, name, ours, theirs, inputs, labels, reps, lm_loss)
+        )
         if name in ("LoRA", "DoRA"):
             kept[f"surgeon {name}"], kept[f"peft {name}"] = ours, theirs
     dora = progress("[DoRA vs LoRA]", dora_vs_lora, kept, inputs, reps)
@@ -255,25 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print()
     print(f"surgeon vs PEFT, batch {BATCH}, seq {SEQ}, ratio = median paired surgeon / PEFT")
-    header = ["method", "fwd surgeon ms", "fwd peft ms", "ratio"]
-    header += ["train surgeon ms", "train peft ms", "ratio"]
-    print(
-        format_table(
-            header,
-            [
-                [
-                    r.method,
-                    f"{r.fwd_surgeon_ms:.2f}",
-                    f"{r.fwd_peft_ms:.2f}",
-                    f"{r.fwd_ratio:.2f}",
-                    f"{r.train_surgeon_ms:.2f}",
-                    f"{r.train_peft_ms:.2f}",
-                    f"{r.train_ratio:.2f}",
-                ]
-                for r in rows
-            ],
-        )
-    )
+    print(rows_table(rows))
     print(
         f"DoRA / LoRA unmerged forward: surgeon {dora['surgeon']:.2f} (goal <= 1.3), "
         f"PEFT {dora['peft']:.2f}"

@@ -37,21 +37,19 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from common import (
+    Reps,
     base_state,
     benchmark_parser,
-    format_table,
-    forward_timer,
-    interleaved,
     machine,
     make_inputs,
-    median_ms,
-    paired_ratio,
+    method_row,
     perturb_trainable,
     progress,
+    rows_table,
     small_llama,
 )
 
@@ -70,13 +68,6 @@ ATOL = 1e-4
 NOISE = 0.3
 
 
-@dataclass(frozen=True)
-class Reps:
-    warmup: int
-    forward: int
-    train: int
-
-
 FULL = Reps(warmup=5, forward=100, train=40)
 QUICK = Reps(warmup=1, forward=5, train=3)
 
@@ -90,17 +81,6 @@ def peft_configs() -> dict[str, peft.PeftConfig]:
             **common, prefix_projection=True, encoder_hidden_size=256
         ),
     }
-
-
-@dataclass
-class Row:
-    method: str
-    fwd_surgeon_ms: float
-    fwd_peft_ms: float
-    fwd_ratio: float
-    train_surgeon_ms: float
-    train_peft_ms: float
-    train_ratio: float
 
 
 def make_pair(
@@ -139,46 +119,9 @@ def check_equivalent(ours: nn.Module, theirs: nn.Module, plain: nn.Module, input
     )
 
 
-class TrainStep:
-    """forward with labels + backward + AdamW step on one model's trainable parameters."""
-
-    def __init__(self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
-        self.model, self.inputs, self.labels = model, inputs, labels
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-4
-        )
-
-    def __call__(self) -> float:
-        self.model.train()
-        start = time.perf_counter()
-        self.model(**self.inputs, labels=self.labels).loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        self.model.eval()
-        return elapsed
-
-
-def method_row(name, ours, theirs, inputs, labels, reps: Reps) -> Row:
-    fwd = interleaved(
-        {"surgeon": forward_timer(ours, inputs), "peft": forward_timer(theirs, inputs)},
-        reps.forward,
-        reps.warmup,
-    )
-    train = interleaved(
-        {"surgeon": TrainStep(ours, inputs, labels), "peft": TrainStep(theirs, inputs, labels)},
-        reps.train,
-        reps.warmup,
-    )
-    return Row(
-        name,
-        median_ms(fwd["surgeon"]),
-        median_ms(fwd["peft"]),
-        paired_ratio(fwd["surgeon"], fwd["peft"]),
-        median_ms(train["surgeon"]),
-        median_ms(train["peft"]),
-        paired_ratio(train["surgeon"], train["peft"]),
-    )
+def model_loss(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+    """The model's own loss: prompt methods shift the labels past the virtual tokens."""
+    return model(**inputs, labels=labels).loss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,28 +136,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, config in peft_configs().items():
         ours, theirs = make_pair(state, config)
         check_equivalent(ours, theirs, plain, inputs, name)
-        rows.append(progress(f"[{name}]", method_row, name, ours, theirs, inputs, labels, reps))
+        rows.append(
+            progress(f"[{name}]", method_row, name, ours, theirs, inputs, labels, reps, model_loss)
+        )
     elapsed = time.perf_counter() - start
 
     print()
     print(
         f"surgeon vs PEFT, batch {BATCH}, seq {SEQ}, {TOKENS} virtual tokens, ratio = surgeon / PEFT"
     )
-    header = ["method", "fwd surgeon ms", "fwd peft ms", "ratio"]
-    header += ["train surgeon ms", "train peft ms", "ratio"]
-    lines = [
-        [
-            r.method,
-            f"{r.fwd_surgeon_ms:.2f}",
-            f"{r.fwd_peft_ms:.2f}",
-            f"{r.fwd_ratio:.2f}",
-            f"{r.train_surgeon_ms:.2f}",
-            f"{r.train_peft_ms:.2f}",
-            f"{r.train_ratio:.2f}",
-        ]
-        for r in rows
-    ]
-    print(format_table(header, lines))
+    print(rows_table(rows))
     print(f"reps: {asdict(reps)}; total {elapsed:.1f} s")
     if args.json:
         payload = {

@@ -15,6 +15,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,100 @@ def share_lora_weights(peft_model: nn.Module, cm: Any, seed: int, noise: float =
         b.copy_(torch.randn(b.shape, generator=gen) * noise)
         layer.lora_A.copy_(theirs[path].lora_A["default"].weight)
         layer.lora_B.copy_(b)
+
+
+# -- surgeon and PEFT side by side, one row per method -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Reps:
+    warmup: int
+    forward: int
+    train: int
+
+
+@dataclass
+class Row:
+    method: str
+    fwd_surgeon_ms: float
+    fwd_peft_ms: float
+    fwd_ratio: float
+    train_surgeon_ms: float
+    train_peft_ms: float
+    train_ratio: float
+
+
+Loss = Callable[[nn.Module, dict[str, Any], torch.Tensor], torch.Tensor]
+"""(model, inputs, labels) -> the loss a train step backpropagates."""
+
+
+class TrainStep:
+    """forward + loss + backward + AdamW step on one model's trainable parameters."""
+
+    def __init__(self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, loss: Loss):
+        self.model, self.inputs, self.labels, self.loss = model, inputs, labels, loss
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4
+        )
+
+    def __call__(self) -> float:
+        self.model.train()
+        start = time.perf_counter()
+        self.loss(self.model, self.inputs, self.labels).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        self.model.eval()
+        return elapsed
+
+
+def method_row(
+    name: str,
+    ours: nn.Module,
+    theirs: nn.Module,
+    inputs: dict[str, Any],
+    labels: torch.Tensor,
+    reps: Reps,
+    loss: Loss,
+) -> Row:
+    """Forward and train step of surgeon's and PEFT's model, interleaved; medians and ratios."""
+    fwd = interleaved(
+        {"surgeon": forward_timer(ours, inputs), "peft": forward_timer(theirs, inputs)},
+        reps.forward,
+        reps.warmup,
+    )
+    train = interleaved(
+        {
+            "surgeon": TrainStep(ours, inputs, labels, loss),
+            "peft": TrainStep(theirs, inputs, labels, loss),
+        },
+        reps.train,
+        reps.warmup,
+    )
+    return Row(
+        name,
+        median_ms(fwd["surgeon"]),
+        median_ms(fwd["peft"]),
+        paired_ratio(fwd["surgeon"], fwd["peft"]),
+        median_ms(train["surgeon"]),
+        median_ms(train["peft"]),
+        paired_ratio(train["surgeon"], train["peft"]),
+    )
+
+
+def rows_table(rows: Sequence[Row]) -> str:
+    header = ["method", "fwd surgeon ms", "fwd peft ms", "ratio"]
+    header += ["train surgeon ms", "train peft ms", "ratio"]
+    lines = [
+        [
+            r.method,
+            f"{r.fwd_surgeon_ms:.2f}",
+            f"{r.fwd_peft_ms:.2f}",
+            f"{r.fwd_ratio:.2f}",
+            f"{r.train_surgeon_ms:.2f}",
+            f"{r.train_peft_ms:.2f}",
+            f"{r.train_ratio:.2f}",
+        ]
+        for r in rows
+    ]
+    return format_table(header, lines)
