@@ -111,8 +111,7 @@ def code_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tens
     return _code(quant_type, torch.device(device))
 
 
-@_tables
-def _dynamic_code(device: torch.device) -> torch.Tensor:
+def _dynamic_values() -> tuple[float, ...]:
     # Signed dynamic code, 7 exponent bits (Dettmers 2015): for exponent i the fraction takes
     # 2^i values, the midpoints of linspace(0.1, 1, 2^i + 1), scaled by 10^(i - 6); plus 0 and 1.
     values: list[float] = []
@@ -122,7 +121,16 @@ def _dynamic_code(device: torch.device) -> torch.Tensor:
         scale = 10 ** (i - 6)
         values += (scale * means).tolist() + (-scale * means).tolist()
     values += [0.0, 1.0]
-    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+    return tuple(sorted(values))
+
+
+# Built once at import: torch.compile cannot trace the tolist() above inside a forward.
+DYNAMIC_VALUES = _dynamic_values()
+
+
+@_tables
+def _dynamic_code(device: torch.device) -> torch.Tensor:
+    return torch.tensor(DYNAMIC_VALUES, dtype=torch.float32, device=device)
 
 
 def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -324,6 +324,20 @@ def test_fused_qlora_merges_unmerges_and_unfuses():
     assert torch.equal(logits(cm(**inputs)), expected)
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_torch_compile_runs_double_quantized_qlora(fuse):
+    entry = ZOO["mlp"]
+    quant = surgeon.NF4(compute_dtype="float32", double_quant=True)
+    spec = surgeon.QLoRA(rank=2, targets=entry.targets, quant=quant)
+    cm = surgeon.compile(entry.model(), spec, fuse=fuse)
+    randomize(cm)
+    inputs = entry.example()
+    expected = run(cm, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(cm, backend="aot_eager", fullgraph=True)
+    assert_same(run(compiled, inputs), expected, 1e-5)
+
+
 def test_qlora_sites_left_unfused_are_counted():
     # a second adapter on the same 4-bit layer adds to the fused op's output (as LoRA's rule
     # does), and mixed batches call the 4-bit layer itself: both stay as they are
