@@ -40,6 +40,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -397,6 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one shape, 1 and 4096 tokens")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows here")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write a results page here")
+    parser.add_argument(
+        "--budget", type=float, metavar="SECONDS", help="start no new shape after this long"
+    )
     return parser.parse_args(argv)
 
 
@@ -425,13 +429,62 @@ def machine_line() -> str:
     )
 
 
-def markdown(rows: Sequence[Row], machine: str) -> str:
+def goals(rows: Sequence[Row]) -> list[str]:
+    """The issue's goals, each with the measured figure and whether it holds (rows not measured
+    are said so, never passed)."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = []
+    for shape in dict.fromkeys(r.shape for r in rows):
+        lora = [r for r in rows if (r.op, r.shape, r.tokens) == ("lora fwd", shape, 4096)]
+        if lora and lora[0].overhead is not None:
+            over = lora[0].overhead
+            lines.append(f"LoRA overhead over the base GEMM, {shape}, 4096 tokens: "
+                         f"{100 * over:+.1f}% (goal <= +5%): {verdict(over <= 0.05)}")  # fmt: skip
+        else:
+            lines.append(f"LoRA overhead, {shape}, 4096 tokens: not measured")
+        nf4 = [r for r in rows if (r.op, r.shape, r.tokens) == ("nf4+lora fwd", shape, 1)]
+        if nf4 and nf4[0].paired is not None:
+            speedup = 1 / nf4[0].paired
+            lines.append(f"NF4+LoRA vs bitsandbytes+LoRA, {shape}, 1 token: {speedup:.2f}x "
+                         f"(goal >= 1.5x): {verdict(speedup >= 1.5)}")  # fmt: skip
+        else:
+            lines.append(f"NF4+LoRA vs bitsandbytes, {shape}, 1 token: not measured")
+        if nf4:
+            share = nf4[0].gbs / PEAK_GBS
+            lines.append(f"NF4+LoRA bandwidth, {shape}, 1 token: {100 * share:.0f}% of HBM "
+                         f"(goal >= 70%): {verdict(share >= 0.7)}")  # fmt: skip
+    return lines
+
+
+def markdown(rows: Sequence[Row], machine: str, skipped: Sequence[str] = ()) -> str:
     date = datetime.date.today().isoformat()
+    verdicts = "".join(f"- {line}\n" for line in goals(rows))
+    left_out = f"\nNot measured in this run: {', '.join(skipped)}.\n" if skipped else ""
     return (
         f"# GPU kernel benchmark\n\nMeasured {date} on {machine} with "
         f"`python benchmarks/gpu_kernels.py`.\nPeaks: {PEAK_TFLOPS:.0f} TFLOP/s dense bf16, "
-        f"{PEAK_GBS:.0f} GB/s HBM (datasheet).\n\n```\n{format_rows(rows)}\n```\n"
+        f"{PEAK_GBS:.0f} GB/s HBM (datasheet).\n\n## Goals\n\n{verdicts}{left_out}\n"
+        f"## All rows\n\n```\n{format_rows(rows)}\n```\n"
     )
+
+
+def case_rows(n_in: int, n_out: int, tokens: int, settings: Settings) -> list[Row]:
+    case = Case(n_in, n_out, tokens)
+    rows = lora_rows(case, settings)
+    rows.append(dora_row(case, settings))
+    if tokens >= ADAPTERS:
+        rows.append(multi_row(case, settings))
+    del case
+    rows.append(nf4_row(Case(n_in, n_out, tokens, nf4=True), settings))
+    torch.cuda.empty_cache()
+    return rows
+
+
+def labels(cases: Sequence[tuple[int, int, int]]) -> list[str]:
+    return [f"{n_in}x{n_out} at {tokens} tokens" for n_in, n_out, tokens in cases]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -441,24 +494,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     machine = machine_line()
     print(machine, flush=True)
+    start = time.monotonic()
     rows: list[Row] = []
-    for n_in, n_out in settings.shapes:
-        for tokens in settings.tokens:
-            case = Case(n_in, n_out, tokens)
-            rows += lora_rows(case, settings)
-            rows.append(dora_row(case, settings))
-            if tokens >= ADAPTERS:
-                rows.append(multi_row(case, settings))
-            del case
-            rows.append(nf4_row(Case(n_in, n_out, tokens, nf4=True), settings))
-            torch.cuda.empty_cache()
-            print(format_rows(rows[-1:]).splitlines()[2], flush=True)
+    cases = [(n_in, n_out, t) for n_in, n_out in settings.shapes for t in settings.tokens]
+    for done, (n_in, n_out, tokens) in enumerate(cases):
+        if args.budget is not None and time.monotonic() - start > args.budget:
+            print(f"time budget of {args.budget:.0f} s spent; not measured: "
+                  f"{', '.join(labels(cases[done:]))}")  # fmt: skip
+            break
+        new = case_rows(n_in, n_out, tokens, settings)
+        rows += new
+        print("\n".join(format_rows(new).splitlines()[2:]), flush=True)
+        # written after every case: a run stopped early still leaves what it measured
+        if args.json:
+            args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        if args.markdown:
+            args.markdown.write_text(markdown(rows, machine, labels(cases[done + 1 :])))
     print()
     print(format_rows(rows))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    if args.markdown:
-        args.markdown.write_text(markdown(rows, machine))
+    print("\n".join(goals(rows)))
 
 
 if __name__ == "__main__":

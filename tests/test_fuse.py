@@ -42,12 +42,17 @@ def run(cm, inputs, seed=0, autocast=False, **kwargs):
     """Output, and the adapters' gradients of a fixed random projection of it; ``autocast``: the
     forward in CPU bfloat16 autocast (the backward outside it, as autocast recommends)."""
     torch.manual_seed(seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    device = next(cm.store.parameters()).device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         out = logits(cm(**inputs, **kwargs))
     params = [p for p in cm.store.parameters() if p.requires_grad]
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     grads = torch.autograd.grad((out * weight).sum(), params)
     return out.detach(), grads
+
+
+def on(device, inputs):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def errors(a, b) -> list[float]:
@@ -470,3 +475,104 @@ def test_torch_compile_keeps_the_fused_ops_autocast():
     got = run(compiled, inputs, autocast=True)
     assert got[0].dtype == torch.bfloat16
     assert_same(got, expected, 1e-6)
+
+
+# -- on a GPU: the same checks through the compiled Triton kernels -----------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def dropout(dtype):
+    """Dropout where fused and unfused graphs alone are compared (a float64 run of the same
+    model, the oracle in half precision, would not draw the same masks on CUDA)."""
+    return 0.1 if dtype == torch.float32 else 0.0
+
+
+GPU_CASES = {  # model, spec for a compute dtype, surgeon ops per train step
+    "lora": (
+        "llama",
+        lambda dtype: surgeon.LoRA(rank=3, targets=("q_proj", "v_proj"), dropout=dropout(dtype)),
+        8,
+    ),
+    "dora": ("gpt2", lambda dtype: surgeon.DoRA(rank=3, targets=("c_attn", "c_fc")), 12),
+    "qlora": (
+        "llama",
+        lambda dtype: qlora("llama", str(dtype).split(".")[1], dropout=dropout(dtype)),
+        8,
+    ),
+}
+
+
+def fused_model_matches_unfused(device, case, dtype):
+    """Train-mode outputs and gradients; in half precision, as far from float64 as unfused."""
+    name, spec, ops_per_step = GPU_CASES[case]
+    entry = ZOO[name]
+    cm = surgeon.compile(entry.model().to(device, dtype), spec(dtype))
+    randomize(cm, scale=0.3)
+    cm.train()
+    inputs = on(device, entry.example())
+    unfused = run(cm, inputs, seed=3)
+    assert cm.fuse() == 4
+    with CountOps() as ops:
+        fused = run(cm, inputs, seed=3)
+    assert sum(ops.counts.values()) == ops_per_step  # forwards and backwards, all fused
+    assert fused[0].device.type == device
+    if dtype == torch.float32:
+        assert_same(fused, unfused, 1e-4)
+        return
+    cm.fuse(False)
+    truth = run(cm.double(), inputs, seed=3)
+    assert max(errors(fused, truth)) <= 1.5 * max(errors(unfused, truth)) + 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_fused_models_on_cuda_match_unfused(case, dtype):
+    fused_model_matches_unfused("cuda", case, dtype)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", sorted(AUTOCAST_CASES))
+def test_fused_models_under_cuda_autocast(case):
+    name, spec, op = AUTOCAST_CASES[case]
+    entry = ZOO[name]
+    cm = surgeon.compile(entry.model().cuda(), spec)
+    randomize(cm, scale=0.3)
+    inputs = on("cuda", entry.example())
+    truth = run(cm, inputs)
+    unfused = run(cm, inputs, autocast=True)
+    assert cm.fuse() == 4
+    with ProductDtypes() as dtypes:
+        fused = run(cm, inputs, autocast=True)
+    assert (f"{op}_linear", torch.bfloat16) in dtypes.seen
+    assert fused[0].dtype == unfused[0].dtype == torch.bfloat16
+    assert max(errors(fused, truth)) <= 1.5 * max(errors(unfused, truth)) + 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_mixed_batch_on_cuda():
+    cm, inputs, names = mixed_batch_case()
+    cm.cuda()
+    inputs = on("cuda", inputs)
+    unfused = run(cm, inputs, adapter_names=names)
+    assert cm.fuse() == 6
+    assert_same(run(cm, inputs, adapter_names=names), unfused, 1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", ["lora", "qlora"])
+def test_inductor_compiles_fused_models_on_cuda(case):
+    name, spec, _ = GPU_CASES[case]
+    entry = ZOO[name]
+    cm = surgeon.compile(entry.model().cuda(), spec(torch.float32))
+    randomize(cm, scale=0.3)
+    inputs = on("cuda", entry.example())
+    assert cm.fuse() == 4
+    expected = run(cm, inputs)
+    torch._dynamo.reset()
+    assert_same(run(torch.compile(cm), inputs), expected, 1e-4)

@@ -492,6 +492,7 @@ def test_nf4_and_multi_kernels_on_cuda(rows):
 
 
 def test_gpu_benchmark_parses_formats_and_stops_cleanly_without_a_gpu(monkeypatch):
+    import dataclasses
     import importlib.util
     from pathlib import Path
 
@@ -508,7 +509,16 @@ def test_gpu_benchmark_parses_formats_and_stops_cleanly_without_a_gpu(monkeypatc
     ]
     table = bench.format_rows(rows)
     assert "0.913" in table and "+5.0%" in table and "71" in table  # 3400 GB/s of 4800
-    assert "# GPU kernel benchmark" in bench.markdown(rows, "a machine")
+    fast = dataclasses.replace(rows[0], fused_us=205.0)
+    page = bench.markdown([fast, rows[1]], "a machine", ["4096x4096 at 16 tokens"])
+    assert "# GPU kernel benchmark" in page and "Not measured in this run: 4096x4096 at 16" in page
+    assert "4096x4096, 4096 tokens: +2.5% (goal <= +5%): met" in page
+    assert "4096x14336, 4096 tokens: not measured" in page
+    assert "4096x14336, 1 token: 71% of HBM (goal >= 70%): met" in page
+    assert "NF4+LoRA vs bitsandbytes, 4096x14336, 1 token: not measured" in page  # no bnb row
+    slow_nf4 = dataclasses.replace(rows[1], unfused_us=15.0, paired=0.8, gbs=2000.0)
+    verdicts = bench.goals([slow_nf4])
+    assert "1.25x (goal >= 1.5x): NOT met" in verdicts[1] and "42% of HBM" in verdicts[2]
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="cannot run here: no CUDA device"):
             bench.main(["--quick"])
