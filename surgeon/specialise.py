@@ -15,6 +15,9 @@ takes on those values is answered from them and leaves a guard behind:
 * decisions on tensor data cannot be guarded before the call: the trace is refused and the
   module runs its own forward.
 
+An object the forward makes and returns (the KV cache a causal LM creates when none is passed)
+is rebuilt by the graph, per call, from a template of it holding the values the graph computes.
+
 Tracing runs on fake values and on fake copies of objects passed in, so a refused trace has no
 side effects and the module's own forward can always take over. A new variant's first run is
 checked against the module's own forward (on copies) before it is used.
@@ -340,6 +343,8 @@ class SpecialisingTracer(RegionTracer):
         self.guard_inputs: list[torch.Tensor] = []
         self.constants: dict[str, torch.Tensor] = {}
         self._placeholder: tuple[Any, str | None] = (None, None)
+        self._at_output = False
+        self._rebuilt: dict[int, fx.Node] = {}
 
     # inputs -----------------------------------------------------------------------------------
 
@@ -347,7 +352,13 @@ class SpecialisingTracer(RegionTracer):
         module = self.root
         args = [self._input(i, a) for i, a in enumerate(self.call_args)]
         kwargs = {k: self._input(k, v) for k, v in self.call_kwargs.items()}
-        return (lambda: root_fn(module, *args, **kwargs)), []
+
+        def run() -> Any:
+            out = root_fn(module, *args, **kwargs)
+            self._at_output = True  # FX turns what it returns into graph arguments next
+            return out
+
+        return run, []
 
     def _input(self, slot: int | str, value: Any) -> Any:
         if is_plain(value):
@@ -422,7 +433,28 @@ class SpecialisingTracer(RegionTracer):
         if isinstance(a, dict) and type(a) is not dict:  # a ModelOutput: rebuilt as one
             fields = {k: self.create_arg(v) for k, v in a.items()}
             return self.create_node("call_function", type(a), (), fields)
+        if self._at_output and _is_object(a):
+            return self._rebuild(a)
         return super().create_arg(a)
+
+    def _rebuild(self, obj: Any) -> fx.Node:
+        """An object the forward made and returns (the KV cache a model creates when none is
+        passed): a node that builds a fresh one per call from a template, holding the values
+        the graph computes where the traced one held proxies."""
+        if id(obj) not in self._rebuilt:
+            proxies, kept = _proxies_and_modules(obj)
+            memo: dict[Any, Any] = {id(m): m for m in kept}
+            memo.update({id(p): _Slot(i) for i, p in enumerate(proxies)})
+            try:
+                template = copy.deepcopy(obj, memo)
+            except Exception as err:
+                raise Unsound(f"cannot rebuild the {type(obj).__name__} returned: {err}") from None
+            if _proxies_and_modules(template)[0] or _holds_fake(template):
+                raise Unsound(f"the {type(obj).__name__} returned holds values too deep to rebuild")
+            rebuild = Rebuild(template, kept)
+            args = tuple(p.node for p in proxies)
+            self._rebuilt[id(obj)] = self.create_node("call_function", rebuild, args, {})
+        return self._rebuilt[id(obj)]
 
     def _known_tensor(self, tensor: torch.Tensor) -> bool:
         """A parameter, buffer or tensor attribute of the module traced (read by its path)."""
@@ -498,6 +530,95 @@ def _holds_objects(value: Any) -> bool:
     if isinstance(value, dict):
         return any(_holds_objects(v) for v in value.values())
     return not (value is None or isinstance(value, (*_PYTHON_VALUES, torch.Tensor)))
+
+
+def _is_object(value: Any) -> bool:
+    """An instance with attributes of its own (not a module, class, function or container)."""
+    return (
+        hasattr(value, "__dict__")
+        and not isinstance(value, (nn.Module, type, fx.Proxy, torch.Tensor, dict, tuple, list))
+        and not callable(value)
+    )
+
+
+_REBUILD_DEPTH = 8
+
+
+def _proxies_and_modules(value: Any) -> tuple[list[fx.Proxy], list[nn.Module]]:
+    """The proxies inside an object (its attributes, lists, tuples and dicts, to
+    `_REBUILD_DEPTH` levels) and the modules it refers to (kept as they are, never copied)."""
+    proxies: dict[int, fx.Proxy] = {}
+    modules: dict[int, nn.Module] = {}
+    seen: set[int] = set()
+
+    def walk(v: Any, depth: int) -> None:
+        if id(v) in seen or depth > _REBUILD_DEPTH:
+            return
+        seen.add(id(v))
+        if isinstance(v, fx.Proxy):
+            proxies[id(v)] = v
+        elif isinstance(v, nn.Module):
+            modules[id(v)] = v
+        elif isinstance(v, (tuple, list, set, frozenset)):
+            for item in v:
+                walk(item, depth + 1)
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item, depth + 1)
+        elif _is_object(v):
+            for item in vars(v).values():
+                walk(item, depth + 1)
+
+    walk(value, 0)
+    return list(proxies.values()), list(modules.values())
+
+
+def _holds_fake(value: Any) -> bool:
+    found: list[bool] = []
+
+    def walk(v: Any, depth: int) -> None:
+        if isinstance(v, (torch._subclasses.FakeTensor, torch.SymInt, torch.SymFloat)):
+            found.append(True)
+        elif depth < _REBUILD_DEPTH and isinstance(v, (tuple, list, set, frozenset)):
+            for item in v:
+                walk(item, depth + 1)
+        elif depth < _REBUILD_DEPTH and isinstance(v, dict):
+            for item in v.values():
+                walk(item, depth + 1)
+        elif depth < _REBUILD_DEPTH and _is_object(v):
+            for item in vars(v).values():
+                walk(item, depth + 1)
+
+    walk(value, 0)
+    return bool(found)
+
+
+class _Slot:
+    """Where a rebuilt object takes the ``index``-th value its node receives."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __deepcopy__(self, memo: dict[Any, Any]) -> Any:
+        return memo[_Slot][self.index]
+
+
+class Rebuild:
+    """A graph node's target that builds an object the traced forward returned: a deep copy
+    of its template, with the node's arguments in its slots and the modules it refers to
+    shared, not copied."""
+
+    def __init__(self, template: Any, modules: Sequence[nn.Module]) -> None:
+        self.template, self.modules = template, list(modules)
+        self.__name__ = self.__qualname__ = f"rebuild_{type(template).__name__}"
+        self.__module__ = __name__
+
+    def __call__(self, *values: Any) -> Any:
+        memo: dict[Any, Any] = {id(m): m for m in self.modules}
+        memo[_Slot] = values
+        return copy.deepcopy(self.template, memo)
 
 
 def _name(target: Any) -> str:

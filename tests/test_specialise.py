@@ -94,15 +94,36 @@ def test_new_lengths_reuse_the_variant_and_batch_one_gets_its_own():
     assert "2 <= L['t0'].size()[1]" in variants[1].guards and "== 1" in variants[2].guards
 
 
-def test_kv_cache_calls_are_guarded_on_the_cache_and_generate_runs_as_one_graph():
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def test_a_cache_made_inside_the_forward_is_rebuilt_per_call_and_decoding_goes_on():
     cm, plain = _pair("llama")
     inputs = padded_ids()
     got, expected = cm(**inputs, use_cache=True), plain(**inputs, use_cache=True)
     torch.testing.assert_close(logits(got), logits(expected), rtol=0, atol=1e-6)
-    # the model makes its cache inside its forward, which a graph cannot hold: its layers trace
-    refused = dict(((path, reason) for path, _, reason in cm.graph.refused()))
-    assert "DynamicCache" in refused["<root>"], refused
-    assert cm.graph.region("model.layers.0") in cm.graph.live()
+    assert cm.graph.refused() == [] and cm.graph.regions_per_layer() == 1.0
+    cache = got.past_key_values
+    assert type(cache) is type(expected.past_key_values) and cache.get_seq_length() == 6
+    for a, b in zip(_cache_tensors(cache), _cache_tensors(expected.past_key_values), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    again = cm(**inputs, use_cache=True).past_key_values
+    assert again is not cache and again.layers[0] is not cache.layers[0]
+    # decoding goes on from each model's own cache
+    step = {
+        "input_ids": torch.tensor([[5], [7]]),
+        "attention_mask": F.pad(inputs["attention_mask"], (0, 1), value=1),
+    }
+    got = cm(**step, past_key_values=cache)
+    expected = plain(**step, past_key_values=expected.past_key_values)
+    torch.testing.assert_close(logits(got), logits(expected), rtol=0, atol=1e-6)
+    assert got.past_key_values is cache and cache.get_seq_length() == 7
+
+
+def test_kv_cache_calls_are_guarded_on_the_cache_and_generate_runs_as_one_graph():
+    cm, plain = _pair("llama")
+    inputs = padded_ids()
     out = cm.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, plain.generate(**inputs, max_new_tokens=4, do_sample=False))
     traced = [v for v in cm.graph.region("").variants.values() if isinstance(v, list)]
