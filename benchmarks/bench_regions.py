@@ -15,11 +15,14 @@ plain regions: one per projection plus the MLP block), PEFT, and the plain model
 checked equal (atol 1e-5) before any timing. Each repetition runs every contestant once in a
 rotating order; medians are reported, ratios are against PEFT (lower is better).
 
-* forward: batch 4, seq 64, ``use_cache=False``, ``no_grad``;
+* forward: batch 4, seq 64, ``no_grad``; with ``use_cache=False``, and with ``use_cache=True``
+  and no cache passed (a causal LM's default: the model builds and returns a new cache);
 * decode step: batch 1, one new token after a 32-token prompt, with the KV cache (a copy of the
   prompt's cache per call, so every call sees the same state);
 * first call: the wall time of a fresh compiled model's first forward (the trace of a new kind
-  of call, its check, and its code generation), against the second call.
+  of call, its check, and its code generation), against the second call; for the small Llama
+  and for the same config with 32 layers (the depth of Llama-7B/8B: tracing cost follows the
+  number of operations, not their width).
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ def time_rows(models: dict[str, Any], reps: int) -> list[tuple[str, dict[str, fl
     check_equal(models, batch)
     samples = interleaved({n: forward_timer(m, batch) for n, m in models.items()}, reps, 2)
     rows.append(("forward 4x64, no cache", samples))
+    making = {**batch, "use_cache": True}
+    samples = interleaved({n: forward_timer(m, making) for n, m in models.items()}, reps, 2)
+    rows.append(("forward 4x64, new cache", samples))
 
     prompt, _ = make_inputs(1, 32, seed=2)
     with torch.no_grad():
@@ -114,9 +120,9 @@ def time_rows(models: dict[str, Any], reps: int) -> list[tuple[str, dict[str, fl
     return rows
 
 
-def first_call(state: dict[str, torch.Tensor]) -> tuple[float, float]:
+def first_call(model: torch.nn.Module) -> tuple[float, float]:
     surgeon.specialise._SHARED.clear()  # a fresh process would not have traced this model yet
-    cm = surgeon.compile(small_llama(state), surgeon.LoRA(rank=8, alpha=16, targets="all-linear"))
+    cm = surgeon.compile(model, surgeon.LoRA(rank=8, alpha=16, targets="all-linear"))
     batch, _ = make_inputs(4, 64, seed=1)
     times = []
     for _ in range(2):
@@ -144,11 +150,12 @@ def main() -> None:
         results["rows"][what] = {n: median_ms(samples[n]) for n in names}
     header = ["ms (median)", *names, "spec/PEFT", "regions/PEFT"]
     print(format_table(header, table))
-    first, second = first_call(state)
-    print(
-        f"first call of a fresh compiled model: {first * 1e3:.0f} ms (second: {second * 1e3:.1f} ms)"
-    )
-    results["first_call_ms"], results["second_call_ms"] = first * 1e3, second * 1e3
+    for layers, model in ((4, small_llama(state)), (32, small_llama(layers=32))):
+        first, second = first_call(model)
+        print(f"first call of a fresh compiled {layers}-layer model: {first * 1e3:.0f} ms "
+              f"(second: {second * 1e3:.1f} ms)")  # fmt: skip
+        results[f"first_call_ms_{layers}_layers"] = first * 1e3
+        results[f"second_call_ms_{layers}_layers"] = second * 1e3
     per_layer = models["specialised"].graph.regions_per_layer()
     print(
         f"regions per decoder layer: specialised {per_layer:.1f}, plain regions "

@@ -38,11 +38,15 @@ SMALL_LLAMA = {
 Timer = Callable[[], float]
 
 
-def small_llama(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """The benchmarks' small Llama (``SMALL_LLAMA``), in eval mode, optionally with given weights."""
+def small_llama(
+    state: dict[str, torch.Tensor] | None = None, layers: int | None = None
+) -> nn.Module:
+    """The benchmarks' small Llama (``SMALL_LLAMA``), in eval mode, optionally with given weights
+    or another number of layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA))
+    config = {**SMALL_LLAMA, "num_hidden_layers": layers or SMALL_LLAMA["num_hidden_layers"]}
+    model = LlamaForCausalLM(LlamaConfig(**config))
     if state is not None:
         model.load_state_dict(state)
     return model.eval()
