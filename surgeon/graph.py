@@ -237,7 +237,7 @@ def _layers_spanned(region: Region) -> set[int]:
 def _call_kind(key: Any) -> str:
     """A specialisation key as people read it: the arguments' kinds."""
     parts = [_kind(k) for k in key.args] + [f"{name}={_kind(k)}" for name, k in key.kwargs]
-    return ", ".join(parts) + ("" if key.training[0] else " (eval)")
+    return ", ".join(parts) + ("" if key.training else " (eval)")
 
 
 def _kind(key: Any) -> str:

@@ -53,6 +53,9 @@ _PYTHON_VALUES = (bool, int, float, str, torch.dtype, torch.device)
 _CONTAINERS = (tuple, list, dict, torch.Size, *_PYTHON_VALUES, type(None))
 _OBJECT_DEPTH = 4
 _SHAPE_QUERIES = frozenset({"size", "dim", "numel", "stride"})
+# values whose proxies keep the proxy's class (a SymInt's would have C functions read its node)
+_OWN_CLASS = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, *_CONTAINERS)
+_FIXED_TENSOR_ATTRIBUTES = frozenset({"dtype", "device", "ndim", "is_cuda", "layout", "is_sparse"})
 # an instance ``forward`` is surgeon's own (a rewrite or a dispatcher); traces use the class's
 _MODULE_INTERNALS = MODULE_INTERNALS | {"forward"}
 
@@ -89,7 +92,8 @@ def _attributes(value: Any, depth: int) -> list[tuple[str, Any]] | None:
 class CallKey(NamedTuple):
     """The kind of a call, which a variant is specialised on."""
 
-    training: tuple[bool, ...]  # of every module in the region
+    state: int  # the version of the region's module state (`ModuleState`)
+    training: bool  # the region's own flag (every module's is in ``state``)
     hooked: bool
     grad: bool
     autocast: tuple
@@ -97,10 +101,11 @@ class CallKey(NamedTuple):
     kwargs: tuple
 
 
-def call_key(module_flags: Sequence[nn.Module], args: tuple, kwargs: dict[str, Any]) -> CallKey:
+def call_key(state: ModuleState, args: tuple, kwargs: dict[str, Any]) -> CallKey:
     return CallKey(
-        tuple(m.training for m in module_flags),
-        any(map(_has_hooks, module_flags)),
+        state.version(),
+        state.module.training,
+        state.hooked(),
         torch.is_grad_enabled(),
         _autocast_state(),
         tuple(value_key(a) for a in args),
@@ -108,13 +113,92 @@ def call_key(module_flags: Sequence[nn.Module], args: tuple, kwargs: dict[str, A
     )
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """A graph calls its layers past their hooks: a subtree with hooks runs its own forward."""
+class ModuleState:
+    """What a trace depends on besides the call, in the modules of a region: every module's
+    training flag and settings (plain attributes: ``layer_idx``, ``gradient_checkpointing``),
+    the configs they hold (a forward reads ``config.use_cache`` or ``output_hidden_states``),
+    and the dtypes and devices of their parameters and buffers. `version` numbers each state
+    seen, so a setting changed after a trace (or changed back) selects the variants traced
+    under it.
+
+    Configs are compared attribute by attribute (an object held in one, by identity): a change
+    made inside a nested value (an item of ``config.rope_scaling``) is not seen."""
+
+    LIMIT = 16  # states; a region whose settings keep changing (a call counter) is not traced
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.watch()
+        self._seen: list[tuple[list[Any], list[dict[str, Any]]]] = []
+        self._current = -1
+        self.note_tensors()
+
+    def note_tensors(self) -> None:
+        """Read the parameters' and buffers' dtypes and devices (a trace bakes them in). Read
+        when a dispatcher is made, as `CompiledModel.to()` and ``.half()`` do, not per call."""
+        tensors = (*self.module.parameters(), *self.module.buffers())
+        self._tensors = tuple((t.dtype, t.device) for t in tensors)
+
+    def watch(self) -> None:
+        """Find the settings and configs to compare (again, after a forward added one)."""
+        modules = list(self.module.modules())
+        self._getters = [(m, operator.attrgetter("training", *_settings(m))) for m in modules]
+        configs = {id(v): v for m in modules for v in vars(m).values() if _is_config(v)}
+        self._configs = list(configs.values())
+        self._hooks = [
+            hooks
+            for m in modules
+            for hooks in (
+                m._forward_hooks,
+                m._forward_pre_hooks,
+                m._backward_hooks,
+                m._backward_pre_hooks,
+            )
+        ]
+        self._current = -1
+
+    def hooked(self) -> bool:
+        """A graph calls its layers past their hooks: a region with hooks (on any of its
+        modules, or global module hooks) runs its own forward."""
+        return any(self._hooks) or _global_hooks()
+
+    def version(self) -> int | None:
+        """The current state's number (None: more states than `LIMIT` were seen)."""
+        values = [self._tensors, *(get(m) for m, get in self._getters)]
+        if self._current >= 0:
+            seen_values, seen_configs = self._seen[self._current]
+            if values == seen_values and all(
+                vars(c) == seen for c, seen in zip(self._configs, seen_configs)
+            ):
+                return self._current
+        state = (values, [dict(vars(c)) for c in self._configs])
+        if state not in self._seen:
+            if len(self._seen) >= self.LIMIT:
+                return None
+            self._seen.append(state)
+        self._current = self._seen.index(state)
+        return self._current
+
+
+def _settings(module: nn.Module) -> list[str]:
+    return [
+        name
+        for name, value in vars(module).items()
+        if name not in _MODULE_INTERNALS and is_plain(value)
+    ]
+
+
+def _is_config(value: Any) -> bool:
+    return type(value).__name__.endswith("Config") and hasattr(value, "__dict__")
+
+
+def _global_hooks() -> bool:
+    hooks = torch.nn.modules.module
     return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
     )
 
 
@@ -267,7 +351,7 @@ class ValueProxy(fx.Proxy):
         """isinstance(proxy, SomeCache) answers as for the object passed in. Tensors and Python
         values keep the proxy's class: C functions take isinstance(x, Tensor) at its word."""
         value = self.__dict__.get("value")
-        if self.__dict__.get("state") and not isinstance(value, (torch.Tensor, *_CONTAINERS)):
+        if self.__dict__.get("state") and not isinstance(value, _OWN_CLASS):
             return type(value)
         return type(self)
 
@@ -275,6 +359,8 @@ class ValueProxy(fx.Proxy):
         if name.startswith("__") or name in ("value", "state", "node", "tracer"):
             raise AttributeError(name)
         value = getattr(self.value, name)  # AttributeError as the real object would raise
+        if name in _FIXED_TENSOR_ATTRIBUTES and isinstance(self.value, torch.Tensor):
+            return value  # follows from the key: inputs' dtypes, devices, ranks; the module state
         return ValueAttribute(self, name, value)
 
     def keys(self) -> Any:
@@ -662,21 +748,39 @@ def specialise(
 
 @contextlib.contextmanager
 def _module_state_kept(module: nn.Module) -> Iterator[None]:
-    """A forward may set attributes as it runs (a rotary cache, a lazily built table); during a
-    trace those would be fake tensors, so every module's attributes, parameters and buffers are
-    put back afterwards."""
-    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    """A forward may set attributes as it runs (a rotary cache, a lazily built table) or register
+    hooks (transformers' output capturing); during a trace those would be fake tensors, or hooks
+    registered twice, so every module's attributes and the contents of its dicts (parameters,
+    buffers, submodules, hooks) are put back afterwards."""
+    saved = [
+        (m, dict(vars(m)), {k: dict(v) for k, v in vars(m).items() if isinstance(v, dict)})
+        for m in module.modules()
+    ]
     try:
         yield
+        _check_settings_kept(module, [attributes for _, attributes, _ in saved])
     finally:
-        for m, attributes, parameters, buffers in saved:
+        for m, attributes, contents in saved:
             for name in set(vars(m)) - set(attributes):
                 del m.__dict__[name]
             m.__dict__.update(attributes)
-            m._parameters.clear()
-            m._parameters.update(parameters)
-            m._buffers.clear()
-            m._buffers.update(buffers)
+            for name, items in contents.items():
+                m.__dict__[name].clear()
+                m.__dict__[name].update(items)
+
+
+class SettingSet(Unsound):
+    """The forward set a setting of a module while traced."""
+
+
+def _check_settings_kept(module: nn.Module, before: list[dict[str, Any]]) -> None:
+    """A graph does not repeat what a forward sets on its modules: a trace during which a
+    setting changed (a call counter, a flag set on the first call) is refused."""
+    for (path, m), attributes in zip(module.named_modules(), before):
+        for name in _settings(m):
+            if name not in attributes or attributes[name] != getattr(m, name):
+                where = f"{path}.{name}" if path else name
+                raise SettingSet(f"its forward sets {where}, which a graph would not repeat")
 
 
 def _drop_unused_lookups(graph: fx.Graph) -> None:
@@ -727,14 +831,21 @@ class Dispatcher(nn.Module):
         super().__init__()
         object.__setattr__(self, "module", module)
         self.region, self.build, self.leaf_types = region, build, leaf_types
-        self.flags = list(module.modules())
+        if region.state is None or region.state.module is not module:
+            region.state = ModuleState(module)
+        else:
+            region.state.note_tensors()
         self.rewrites: dict[int, Any] = {}
+        self._fingerprints: dict[int, tuple | None] = {}  # per state version
         self.run = _with_signature_of(type(module).forward)
 
     def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
         if _CHECKING.get() or _outside_eager(args, kwargs):
             return self._own_forward(args, kwargs)
-        key = call_key(self.flags, args, kwargs)
+        key = call_key(self.region.state, args, kwargs)
+        if key.state is None:
+            self.region.variants.setdefault(key, _UNSETTLED)
+            return self._own_forward(args, kwargs)
         if key.hooked:
             self.region.variants.setdefault(key, _HOOKED)
             return self._own_forward(args, kwargs)
@@ -753,7 +864,7 @@ class Dispatcher(nn.Module):
     def _new_variant(self, key: CallKey, args: tuple, kwargs: dict[str, Any]) -> Any:
         """A call no variant of this region fits: one traced for an identical module, else a
         new trace; either is checked before it runs. A refusal is remembered for the key."""
-        shared_key = None if self._fingerprint() is None else (self._fingerprint(), key)
+        shared_key = self._shared_key(key)
         shared = _SHARED.get(shared_key, ()) if shared_key is not None else ()
         try:
             if isinstance(shared, str):
@@ -769,15 +880,27 @@ class Dispatcher(nn.Module):
             self._check(variant, args, kwargs)
         except Unsound as err:
             self.region.variants[key] = str(err)
-            _share(shared_key, str(err))
-            return self._own_forward(args, kwargs)
+            if not isinstance(err, SettingSet):  # another model's forward has not set it yet
+                _share(shared_key, str(err))
+            out = self._own_forward(args, kwargs)
+            if isinstance(err, SettingSet):
+                # the own forward has set it: a flag set once is part of the next call's
+                # state, which traces anew; a counter soon exceeds ModuleState.LIMIT
+                self.region.state.watch()
+            return out
         self.region.variants.setdefault(key, []).append(variant)
         return self._run(variant, variant.inputs(args, kwargs))
 
-    def _fingerprint(self) -> tuple | None:
-        if not hasattr(self, "_module_fingerprint"):
-            self._module_fingerprint = module_fingerprint(self.module)
-        return self._module_fingerprint
+    def _shared_key(self, key: CallKey) -> tuple | None:
+        """The key of this kind of call in `_SHARED`: the module's fingerprint in its current
+        state with every module's training flag (state versions are this region's own)."""
+        if key.state not in self._fingerprints:
+            self._fingerprints[key.state] = module_fingerprint(self.module)
+        fingerprint = self._fingerprints[key.state]
+        if fingerprint is None:
+            return None
+        flags = tuple(m.training for m in self.module.modules())
+        return (fingerprint, flags, key._replace(state=0))
 
     def _check(self, variant: Variant, args: tuple, kwargs: dict[str, Any]) -> None:
         """Run a variant and the module's own forward on copies of any objects passed in, from
@@ -820,6 +943,10 @@ def _with_signature_of(forward: Callable) -> Callable:
 
 
 _HOOKED = "modules in it have hooks (forward or backward), which a graph would not call"
+_UNSETTLED = (
+    f"the settings of its modules or their config changed more than {ModuleState.LIMIT} times "
+    "(a forward that updates an attribute on every call?)"
+)
 
 _SHARED: dict[tuple, list[Variant] | str] = {}
 """(module fingerprint, call key) -> the variants traced for it, or why it was refused."""

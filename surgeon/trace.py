@@ -63,6 +63,7 @@ class Region:
     adapted: dict[str, list[str]] = field(default_factory=dict)
     variants: dict[tuple, Any] = field(default_factory=dict)
     dynamic: dict[tuple, Any] = field(default_factory=dict)
+    state: Any = None  # specialise.ModuleState, made by the region's first dispatcher
 
     @property
     def current(self) -> fx.Graph:

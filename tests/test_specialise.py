@@ -193,6 +193,107 @@ def test_a_trace_that_misses_a_decision_is_caught_by_the_first_run_check():
     assert any("disagrees" in reason for _, _, reason in cm.graph.refused())
 
 
+def _traced_variants(cm, path: str = "") -> list:
+    return [v for vs in cm.graph.region(path).variants.values() if isinstance(vs, list) for v in vs]
+
+
+def test_config_changes_after_a_trace_are_traced_and_changing_back_reuses_the_first():
+    cm, plain = _pair("llama")
+    inputs = padded_ids()
+    for setting in (True, False, True):
+        for model in (cm, plain):
+            model.model.config.use_cache = setting
+        got, expected = cm(**inputs), plain(**inputs)
+        torch.testing.assert_close(logits(got), logits(expected), rtol=0, atol=1e-6)
+        assert (got.past_key_values is None) is (expected.past_key_values is None) is (not setting)
+    assert len(_traced_variants(cm)) == 2 and cm.graph.refused() == []
+
+
+def test_hidden_states_asked_for_after_a_trace_match_plain_regions():
+    cm, plain = _pair("llama")
+    inputs = _no_cache("llama", padded_ids())
+    assert cm(**inputs).hidden_states is None
+    for model in (cm, plain):
+        model.model.config.output_hidden_states = True
+    for _ in range(2):  # transformers registers its capturing hooks on the first such call
+        got, expected = cm(**inputs), plain(**inputs)
+        assert len(got.hidden_states) == len(expected.hidden_states) == 3
+        for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_switching_the_attention_implementation_traces_the_new_one():
+    cm, plain = _pair("llama")
+    inputs = _no_cache("llama", padded_ids())
+    cm(**inputs)
+    assert "scaled_dot_product_attention" in cm.graph.code("")
+    for model in (cm, plain):
+        model.model.set_attn_implementation("eager")
+    torch.testing.assert_close(logits(cm(**inputs)), logits(plain(**inputs)), rtol=0, atol=1e-6)
+    assert "scaled_dot_product_attention" not in cm.graph.code("") and "softmax" in cm.graph.code(
+        ""
+    )
+
+
+class ScaledNet(KwargsNet):
+    """Reads a setting (``scale``); ``count`` makes its forward update one on every call."""
+
+    def __init__(self, count: bool) -> None:
+        super().__init__("none")
+        self.scale, self.count, self.calls = 2.0, count, 0
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.count:
+            self.calls += 1
+        return self.block(x, **kwargs) * self.scale
+
+
+class LazyNet(KwargsNet):
+    """Sets a flag of its own on its first call (a table built once, say)."""
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if not getattr(self, "ready", False):
+            self.ready = True
+        return self.block(x, **kwargs)
+
+
+def test_a_flag_a_forward_sets_on_its_first_call_is_traced_from_the_next():
+    cm, plain = _compiled_both(lambda: LazyNet("none"), surgeon.LoRA(targets=("fc1", "fc2")))
+    x = torch.randn(2, 3, 6)
+    for _ in range(3):
+        torch.testing.assert_close(cm(x), plain(x), rtol=0, atol=1e-6)
+    assert cm.model.ready and cm.graph.region("") in cm.graph.traced()
+    assert any("sets ready" in reason for _, _, reason in cm.graph.refused())
+
+
+def _scaled_pair(count: bool) -> list:
+    return _compiled_both(lambda: ScaledNet(count), surgeon.LoRA(targets=("fc1", "fc2")))
+
+
+def test_a_forward_that_sets_a_setting_runs_its_own_forward():
+    cm, plain = _scaled_pair(count=True)
+    x = torch.randn(2, 3, 6)
+    for _ in range(3):
+        torch.testing.assert_close(cm(x), plain(x), rtol=0, atol=1e-6)
+    assert cm.model.calls == plain.model.calls == 3
+    assert [r.path for r in cm.graph.traced()] == ["block"]  # the block inside sets nothing
+    assert any("sets calls" in reason for _, _, reason in cm.graph.refused())
+
+
+def test_settings_that_keep_changing_stop_being_traced():
+    cm, plain = _scaled_pair(count=False)
+    x = torch.randn(2, 3, 6)
+    limit = surgeon.specialise.ModuleState.LIMIT
+    for step in range(limit + 3):
+        for model in (cm, plain):
+            model.model.scale = step / 4  # each a new state, traced while under the limit
+        torch.testing.assert_close(cm(x), plain(x), rtol=0, atol=1e-6)
+    assert len(_traced_variants(cm)) == limit
+    assert any("changed more than" in reason for _, _, reason in cm.graph.refused())
+    cm.model.scale = plain.model.scale = 1 / 4  # a state seen before: its variant again
+    torch.testing.assert_close(cm(x), plain(x), rtol=0, atol=1e-6)
+
+
 def test_mixed_batches_and_adapter_switches_use_specialised_regions():
     cm, plain = _pair("gpt2")
     for model in (cm, plain):
