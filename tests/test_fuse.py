@@ -213,10 +213,21 @@ def test_fused_graphs_run_on_the_meta_device():
     assert logits(cm(input_ids=ids)).shape == (2, 5, 96)
 
 
+COMPILED_SPECS = {
+    "lora": surgeon.LoRA(rank=2, targets=ZOO["mlp"].targets),
+    "qlora_double_quant": surgeon.QLoRA(
+        rank=2,
+        targets=ZOO["mlp"].targets,
+        quant=surgeon.NF4(compute_dtype="float32", double_quant=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(COMPILED_SPECS))
 @pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
-def test_torch_compile_runs_fused_and_unfused_graphs(fuse):
+def test_torch_compile_runs_fused_and_unfused_graphs(fuse, spec):
     entry = ZOO["mlp"]
-    cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=entry.targets), fuse=fuse)
+    cm = surgeon.compile(entry.model(), COMPILED_SPECS[spec], fuse=fuse)
     randomize(cm)
     inputs = entry.example()
     expected = run(cm, inputs)
@@ -327,20 +338,6 @@ def test_fused_qlora_merges_unmerges_and_unfuses():
     assert cm.fuse(False) == 0
     assert "linear_4bit" in cm.graph.code() and "nf4_lora_linear" not in cm.graph.code()
     assert torch.equal(logits(cm(**inputs)), expected)
-
-
-@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
-def test_torch_compile_runs_double_quantized_qlora(fuse):
-    entry = ZOO["mlp"]
-    quant = surgeon.NF4(compute_dtype="float32", double_quant=True)
-    spec = surgeon.QLoRA(rank=2, targets=entry.targets, quant=quant)
-    cm = surgeon.compile(entry.model(), spec, fuse=fuse)
-    randomize(cm)
-    inputs = entry.example()
-    expected = run(cm, inputs)
-    torch._dynamo.reset()
-    compiled = torch.compile(cm, backend="aot_eager", fullgraph=True)
-    assert_same(run(compiled, inputs), expected, 1e-5)
 
 
 def test_qlora_sites_left_unfused_are_counted():
