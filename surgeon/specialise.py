@@ -430,6 +430,8 @@ class SpecialisingTracer(RegionTracer):
         self.constants: dict[str, torch.Tensor] = {}
         self._placeholder: tuple[Any, str | None] = (None, None)
         self._at_output = False
+        self._evaluating = False
+        self._paths: dict[int, str] | None = None
         self._rebuilt: dict[int, fx.Node] = {}
 
     # inputs -----------------------------------------------------------------------------------
@@ -544,22 +546,53 @@ class SpecialisingTracer(RegionTracer):
 
     def _known_tensor(self, tensor: torch.Tensor) -> bool:
         """A parameter, buffer or tensor attribute of the module traced (read by its path)."""
-        if tensor in self.tensor_attrs:
-            return True
-        return any(tensor is t for t in (*self.root.parameters(), *self.root.buffers()))
+        return tensor in self.tensor_attrs or id(tensor) in self._tensor_paths()
+
+    def _tensor_paths(self) -> dict[int, str]:
+        """Parameters' and buffers' paths by tensor (the first path of a shared one)."""
+        if self._paths is None:
+            self._paths = {}
+            for path, tensor in (*self.root.named_parameters(), *self.root.named_buffers()):
+                self._paths.setdefault(id(tensor), path)
+        return self._paths
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        """FX's: a parameter or buffer read is a ``get_attr`` node (found by a dict lookup
+        rather than FX's search of every parameter on every read)."""
+        if self._evaluating or not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        path = self._tensor_paths().get(id(attr_val))
+        if path is None:
+            return attr_val
+        if path not in parameter_proxy_cache:
+            parameter_proxy_cache[path] = self.create_proxy("get_attr", path, (), {})
+        return parameter_proxy_cache[path]
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if self._evaluating:
+            return forward(*args, **kwargs)
         # the class's forward: an installed rewrite (or this very dispatcher) must not run here
         return super().call_module(m, lambda *a, **k: type(m).forward(m, *a, **k), args, kwargs)
 
+    @contextlib.contextmanager
+    def _evaluation(self) -> Iterator[None]:
+        """Modules behave as outside a trace while a value is computed (FX's patched module
+        ``__call__``/``__getattr__`` pass through: cheaper than unpatching nn.Module, whose
+        class attributes every module class inherits)."""
+        self._evaluating = True
+        try:
+            yield
+        finally:
+            self._evaluating = False
+
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "get_attr":
-            with _unpatched_modules():
+            with self._evaluation():
                 return operator.attrgetter(target)(self.root)
         args, kwargs = fx.node.map_aggregate((args, kwargs), _value_of)
         try:
             if kind == "call_module":
-                with self.fake_mode, _unpatched_modules():
+                with self.fake_mode, self._evaluation():
                     module = self.root.get_submodule(target)
                     return type(module).forward(module, *args, **kwargs)
             with self.fake_mode:
@@ -582,20 +615,6 @@ class SpecialisingTracer(RegionTracer):
             return convert(value)
         except Exception as err:
             raise Unsound(f"forward branches on a value it cannot guard: {_why(err)}") from None
-
-
-@contextlib.contextmanager
-def _unpatched_modules() -> Iterator[None]:
-    """nn.Module's own __call__/__getattr__ while computing a value (the tracer patches them)."""
-    patched = nn.Module.__call__, nn.Module.__getattr__
-    nn.Module.__call__, nn.Module.__getattr__ = (
-        _symbolic_trace._orig_module_call,
-        _symbolic_trace._orig_module_getattr,
-    )
-    try:
-        yield
-    finally:
-        nn.Module.__call__, nn.Module.__getattr__ = patched
 
 
 def _value_of(a: Any) -> Any:
