@@ -121,6 +121,27 @@ def test_a_cache_made_inside_the_forward_is_rebuilt_per_call_and_decoding_goes_o
     assert got.past_key_values is cache and cache.get_seq_length() == 7
 
 
+class _Holder:
+    pass
+
+
+def test_rebuilt_objects_are_fresh_and_keep_what_they_share_shared():
+    from surgeon.specialise import Rebuild, _Slot
+
+    module = nn.Linear(2, 2)
+    inner = _Holder()
+    inner.tensor, inner.sizes, inner.module = _Slot(0), [1, 2], module
+    for shared in (False, True):
+        outer = _Holder()
+        outer.first, outer.second = inner, inner if shared else _Holder()
+        rebuild = Rebuild(outer, [module])
+        values = torch.ones(3)
+        made, again = rebuild(values), rebuild(values)
+        assert made is not again and made.first is not inner and made.first.sizes is not inner.sizes
+        assert made.first.tensor is values and made.first.module is module
+        assert made.first.sizes == [1, 2] and (made.second is made.first) is shared
+
+
 def test_kv_cache_calls_are_guarded_on_the_cache_and_generate_runs_as_one_graph():
     cm, plain = _pair("llama")
     inputs = padded_ids()
