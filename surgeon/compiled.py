@@ -529,7 +529,7 @@ class CompiledModel(nn.Module):
         method, tensors = read_adapter(Path(path))
         method._set("modules_to_save", present_names(self.model, method.modules_to_save))
         current = self.store.specs[name]
-        if type(method) is not type(current):
+        if not isinstance(current, type(method)):
             raise SpecError(
                 f"hotswap_adapter: {path} holds a {method.name} adapter, {name!r} is {current.name}"
             )
@@ -538,6 +538,9 @@ class CompiledModel(nn.Module):
             for f in dataclasses.fields(method)
             if getattr(method, f.name) != getattr(current, f.name)
         )
+        if type(current) is not type(method):  # a LoRA file for a QLoRA adapter: keep its quant
+            fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+            method = dataclasses.replace(current, **fields)
         if set(changed) - {"alpha", "alpha_pattern"} or (
             changed and not hasattr(method, "rank_and_scale")
         ):

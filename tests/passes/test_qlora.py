@@ -449,6 +449,22 @@ def test_lora_on_a_4bit_model_is_qlora_and_other_methods_refuse():
         cm.add_adapter("p", surgeon.LoRA(targets=("v_proj",), init="pissa"))
 
 
+def test_hotswap_of_a_saved_adapter_keeps_the_4bit_base_and_the_parameters(tmp_path):
+    spec = _fp32(rank=4, targets=("q_proj", "v_proj"))
+    source, serving = (surgeon.compile(ZOO["llama"].model(), spec) for _ in range(2))
+    randomize(source, seed=1)
+    randomize(serving, seed=2)
+    source.save_adapters(tmp_path)  # a PEFT LoRA file, read back as LoRA
+    params = {id(p) for p in serving.store.parameters()}
+    serving.hotswap_adapter(tmp_path)
+    inputs = ZOO["llama"].example()
+    torch.testing.assert_close(logits(serving(**inputs)), logits(source(**inputs)))
+    assert {id(p) for p in serving.store.parameters()} == params
+    assert serving.store.specs["default"] == source.store.specs["default"]  # quant kept
+    with pytest.raises(surgeon.SpecError, match="differs from adapter 'default' in rank"):
+        surgeon.compile(ZOO["llama"].model(), spec.replace(rank=2)).hotswap_adapter(tmp_path)
+
+
 def test_gpt2_conv1d_layers_are_stored_as_4bit_linears():
     model = ZOO["gpt2"].model()
     c_attn = model.transformer.h[0].attn.c_attn
