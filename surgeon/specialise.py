@@ -432,6 +432,7 @@ class SpecialisingTracer(RegionTracer):
         self._at_output = False
         self._evaluating = False
         self._paths: dict[int, str] | None = None
+        self._modules: set[int] | None = None
         self._rebuilt: dict[int, fx.Node] = {}
 
     # inputs -----------------------------------------------------------------------------------
@@ -572,7 +573,15 @@ class SpecialisingTracer(RegionTracer):
         if self._evaluating:
             return forward(*args, **kwargs)
         # the class's forward: an installed rewrite (or this very dispatcher) must not run here
-        return super().call_module(m, lambda *a, **k: type(m).forward(m, *a, **k), args, kwargs)
+        own_forward = lambda *a, **k: type(m).forward(m, *a, **k)  # noqa: E731
+        if id(m) not in self._submodules():  # made by the forward (a loss): traced through
+            return own_forward(*args, **kwargs)
+        return super().call_module(m, own_forward, args, kwargs)
+
+    def _submodules(self) -> set[int]:
+        if self._modules is None:
+            self._modules = {id(m) for m in self.root.modules()}
+        return self._modules
 
     @contextlib.contextmanager
     def _evaluation(self) -> Iterator[None]:

@@ -81,6 +81,20 @@ def test_training_step_matches_plain_regions_with_dropout():
     assert cm.graph.traced()
 
 
+def test_a_loss_module_made_inside_the_forward_is_traced_through():
+    cm, plain = _pair("bert", train=True)
+    inputs, labels = padded_ids(), torch.tensor([0, 2])
+    grads = []
+    for model in (cm, plain):
+        torch.manual_seed(0)
+        model(**inputs, labels=labels).loss.backward()  # BERT makes a CrossEntropyLoss
+        grads.append([p.grad for p in model.store.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert cm.graph.refused() == [] and cm.graph.region("") in cm.graph.live()
+    assert "cross_entropy" in cm.graph.code("")
+
+
 def test_new_lengths_reuse_the_variant_and_batch_one_gets_its_own():
     cm, plain = _pair("gpt2")
     root = cm.graph.region("")
