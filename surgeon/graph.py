@@ -250,6 +250,8 @@ def _kind(key: Any) -> str:
         return "(" + ", ".join(_kind(k) for k in key[1]) + ")"
     if head is dict:
         return "{" + ", ".join(f"{n}: {_kind(k)}" for n, k in key[1]) + "}"
+    if isinstance(head, type) and issubclass(head, dict):  # a ModelOutput
+        return head.__name__
     return repr(key[1])
 
 

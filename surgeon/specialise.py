@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import inspect
 import logging
 import operator
@@ -73,8 +74,8 @@ def value_key(value: Any, depth: int = 0) -> Any:
         return (torch.Tensor, value.dtype, value.device, value.dim(), value.requires_grad)
     if isinstance(value, (tuple, list)):
         return (type(value), tuple(value_key(v, depth + 1) for v in value))
-    if isinstance(value, dict):
-        return (dict, tuple((k, value_key(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, dict):  # a ModelOutput passed in keys by its class too
+        return (type(value), tuple((k, value_key(v, depth + 1)) for k, v in value.items()))
     attributes = _attributes(value, depth)
     if attributes is None:
         return (object, type(value), id(value))
@@ -363,9 +364,17 @@ class ValueProxy(fx.Proxy):
             return value  # follows from the key: inputs' dtypes, devices, ranks; the module state
         return ValueAttribute(self, name, value)
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``x[i] = v`` (a tensor written in place, a flag in a cache's dict): a node, run in
+        its place at run time, and applied to the traced value now."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    @property
     def keys(self) -> Any:
+        """A mapping's own ``keys`` (``**proxy`` unpacks by them); any other value's attribute
+        of that name (a cache layer's ``keys`` tensor)."""
         if isinstance(self.value, Mapping):
-            return self.value.keys()
+            return self.value.keys
         return self.__getattr__("keys")
 
     def __bool__(self) -> bool:
@@ -466,8 +475,13 @@ class SpecialisingTracer(RegionTracer):
             return self._fake_tensor(value)
         if isinstance(value, (tuple, list)):
             return type(value)(self._fake(v, depth + 1) for v in value)
-        if isinstance(value, dict):
+        if type(value) is dict:
             return {k: self._fake(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, dict):  # a ModelOutput passed in (encoder outputs): its class kept
+            copied = copy.copy(value)
+            for k, v in value.items():
+                copied[k] = self._fake(v, depth + 1)
+            return copied
         if is_plain(value):
             return value
         memo: dict[int, Any] = {}
@@ -815,7 +829,7 @@ def specialise(
     structured = logging.getLogger("torch.__trace")  # symbolic shapes' records for TORCH_TRACE
     quiet, structured.disabled = structured.disabled, True
     try:
-        with _module_state_kept(module):
+        with _module_state_kept(module), _sizes_packed():
             graph = tracer.trace(module)
     except Unsound:
         raise
@@ -828,6 +842,34 @@ def specialise(
     graph.constants = tracer.constants  # type: ignore[attr-defined]  (read by the rewrite)
     guards = tracer.shape_env.produce_guards_expression(tracer.guard_inputs, ignore_static=False)
     return Variant(graph, tuple(tracer.slots), guards or None, _describe(args, kwargs))
+
+
+_SIZED_FACTORIES = ("ones", "zeros", "empty", "rand", "randn")
+
+
+@contextlib.contextmanager
+def _sizes_packed() -> Iterator[None]:
+    """``torch.ones(batch, length)`` with traced sizes: torch's argument parser takes sizes as
+    separate arguments only when they are plain integers, so the factories get them packed
+    in a tuple (the same call), where traced values reach ``__torch_function__``."""
+    originals = {name: getattr(torch, name) for name in _SIZED_FACTORIES}
+
+    def packing(factory: Callable) -> Callable:
+        @functools.wraps(factory)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > 1 and any(isinstance(a, fx.Proxy) for a in args):
+                args = (args,)
+            return factory(*args, **kwargs)
+
+        return call
+
+    for name, factory in originals.items():
+        setattr(torch, name, packing(factory))
+    try:
+        yield
+    finally:
+        for name, factory in originals.items():
+            setattr(torch, name, factory)
 
 
 @contextlib.contextmanager
@@ -871,7 +913,11 @@ def _drop_unused_lookups(graph: fx.Graph) -> None:
     """Lookups and comparisons nothing uses: what the answered decisions leave behind."""
     for node in reversed(list(graph.nodes)):
         pure = node.op == "call_function" and (
-            node.target is getattr or getattr(node.target, "__module__", "") == "_operator"
+            node.target is getattr
+            or (
+                getattr(node.target, "__module__", "") == "_operator"
+                and node.target is not operator.setitem
+            )
         )
         pure = pure or (node.op == "call_method" and node.target in _SHAPE_QUERIES)
         if pure and not node.users:

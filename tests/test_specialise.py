@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, logits, padded_ids, randomize
+from zoo import FAMILIES, ZOO, logits, padded_ids, randomize, tiny_family
 
 import surgeon
 import surgeon.specialise
@@ -93,6 +93,52 @@ def test_a_loss_module_made_inside_the_forward_is_traced_through():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert cm.graph.refused() == [] and cm.graph.region("") in cm.graph.live()
     assert "cross_entropy" in cm.graph.code("")
+
+
+def _family_calls(cm, name: str) -> list[torch.Tensor]:
+    """Logits of a padded batch, a train step's loss and gradients, and generated tokens."""
+    inputs = padded_ids()
+    seq2seq = name in ("t5", "bart")
+    if seq2seq:
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, :4].contiguous()
+    with torch.no_grad():
+        results = [logits(cm(**inputs))]
+    cm.train()
+    torch.manual_seed(0)
+    classifier = "Classification" in type(cm.model).__name__
+    labels = torch.tensor([0, 2]) if classifier else inputs.get("decoder_input_ids")
+    loss = cm(**inputs, labels=inputs["input_ids"] if labels is None else labels).loss
+    loss.backward()
+    results += [loss.detach(), *(p.grad for p in cm.store.parameters())]
+    cm.eval()
+    if not classifier:
+        prompt = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+        results.append(cm.generate(**prompt, max_new_tokens=3, do_sample=False))
+    return results
+
+
+FAST_FAMILIES = ("t5", "bart")  # encoder-decoders: their caches and encoder outputs
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FAST_FAMILIES else pytest.param(n, marks=pytest.mark.slow) for n in FAMILIES]
+)
+def test_transformers_families_run_as_one_graph_like_plain_regions(name):
+    """Eval, a train step with labels, and generate(): the same numbers as plain regions, with
+    the whole model one graph and nothing refused."""
+    results = []
+    for specialise in (True, False):
+        torch.manual_seed(0)
+        cm = surgeon.compile(
+            tiny_family(name).eval(), surgeon.LoRA(targets="all-linear"), specialise=specialise
+        )
+        randomize(cm)
+        results.append(_family_calls(cm, name))
+        if specialise:
+            assert cm.graph.refused() == [], cm.graph.refused()
+            assert cm.graph.regions_per_layer() == 1.0
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_new_lengths_reuse_the_variant_and_batch_one_gets_its_own():

@@ -300,6 +300,65 @@ ZOO = {
 }
 
 
+def tiny_family(name: str) -> nn.Module:
+    """A tiny model of another transformers family (the zoo's Llama, GPT-2 and BERT aside), by
+    its name in `FAMILIES`; seeded by the caller."""
+    import transformers as T
+
+    common = {"vocab_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
+    decoder = {**common, "hidden_size": 32, "intermediate_size": 48}
+    seq2seq = {"vocab_size": 96, "max_position_embeddings": 64}
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**decoder, num_key_value_heads=2)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**decoder, num_key_value_heads=2)),
+        "gemma": lambda: T.GemmaForCausalLM(
+            T.GemmaConfig(**decoder, num_key_value_heads=2, head_dim=8)
+        ),
+        "phi": lambda: T.PhiForCausalLM(T.PhiConfig(**decoder)),
+        "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**decoder)),
+        "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(**common, hidden_size=32)),
+        "opt": lambda: T.OPTForCausalLM(
+            T.OPTConfig(**common, hidden_size=32, ffn_dim=48, word_embed_proj_dim=32)
+        ),
+        "roberta": lambda: T.RobertaForSequenceClassification(
+            T.RobertaConfig(**decoder, num_labels=3, max_position_embeddings=64)
+        ),
+        "distilbert": lambda: T.DistilBertForSequenceClassification(
+            T.DistilBertConfig(
+                vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=48, num_labels=3
+            )
+        ),
+        "t5": lambda: T.T5ForConditionalGeneration(
+            T.T5Config(
+                vocab_size=96,
+                d_model=32,
+                d_kv=8,
+                d_ff=48,
+                num_layers=2,
+                num_heads=4,
+                decoder_start_token_id=0,
+            )
+        ),
+        "bart": lambda: T.BartForConditionalGeneration(
+            T.BartConfig(
+                **seq2seq,
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=48,
+                decoder_ffn_dim=48,
+            )
+        ),
+    }
+    return builders[name]()
+
+
+FAMILIES = ("mistral", "qwen2", "gemma", "phi", "gpt_neox", "falcon", "opt", "roberta",
+            "distilbert", "t5", "bart")  # fmt: skip
+
+
 def padded_ids(batch: int = 2, length: int = 6, padded: bool = True) -> dict[str, torch.Tensor]:
     """Seeded token ids and their mask; ``padded`` left-pads the last row by two tokens."""
     generator = torch.Generator().manual_seed(1)
