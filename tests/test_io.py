@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from zoo import ZOO, logits, randomize
+from zoo import FAMILIES, ZOO, logits, padded_ids, randomize, tiny_family
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -61,6 +61,34 @@ def test_saved_by_peft_loads_in_surgeon_with_same_outputs(zoo_entry, bias, tmp_p
     cm = surgeon.load(zoo_entry.model(), tmp_path)
     assert not torch.allclose(expected, logits(zoo_entry.model()(**x)), atol=1e-3)
     torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def _family(name: str):
+    torch.manual_seed(0)
+    return tiny_family(name).eval()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_all_linear_peft_files_of_other_families_load_with_same_outputs(name, tmp_path):
+    """PEFT's ``all-linear`` picks the same layers as ours on each family (its output head
+    left out), and its file gives the same outputs once loaded."""
+    pm = peft.get_peft_model(_family(name), peft.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    pm.save_pretrained(tmp_path)
+    cm = surgeon.load(_family(name), tmp_path)
+    inputs = padded_ids()
+    if name in ("t5", "bart"):
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, :4].contiguous()
+    with torch.no_grad():
+        expected = logits(pm.eval()(**inputs))
+        torch.testing.assert_close(logits(cm(**inputs)), expected, rtol=0, atol=1e-6)
+    theirs = {n for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert {p for p, _ in cm.store.items("default")} == {
+        n.removeprefix("base_model.model.") for n in theirs
+    }
 
 
 @pytest.mark.parametrize(
