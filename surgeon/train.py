@@ -569,6 +569,7 @@ class _Loop:
         best = best_evaluation(self.progress.eval_losses)
         if best is None or best[0] == self.progress.step:
             return  # nothing evaluated, or the weights are the best's already
+        self.parallel.reshard(self.cm)  # FSDP: write into the shards, then gather them anew
         if self.best is not None and self.best.step == best[0]:
             self.best.restore(self.params, self.cm)
             return
