@@ -204,16 +204,22 @@ def _publish(staging: Path, final: Path) -> None:
 
 def rotate(output_dir: Path, limit: int, newest: Path, keep: Path | None = None) -> list[Path]:
     """Delete the ``checkpoint-<step>`` directories of ``output_dir`` beyond the ``limit`` newest
-    (by step, ``newest``, the one just written, counting as the newest of all), sparing ``keep``;
-    return those deleted. Each is renamed to a hidden name before it is removed, so a crash
-    midway never leaves a partial checkpoint that `latest` would pick."""
+    (by step, ``newest``, the one just written, counting as the newest of all); return those
+    deleted. ``keep`` (the best evaluation's) counts as the second newest, as transformers'
+    Trainer does: it stays within the limit, which becomes 2 if it is 1 and ``keep`` is not the
+    newest. Each is renamed to a hidden name before it is removed, so a crash midway never
+    leaves a partial checkpoint that `latest` would pick."""
     found = sorted(
         (int(m.group(1)), p)
         for p in output_dir.iterdir()
         if (m := CHECKPOINT.fullmatch(p.name)) and p.is_dir()
     )
-    order = [p for _, p in found if p != newest] + [newest]
-    doomed = [p for p in order[: max(0, len(order) - limit)] if p != keep]
+    order = [p for _, p in found if p not in (newest, keep)]
+    if keep is not None and keep != newest and keep.is_dir():
+        order.append(keep)
+        limit = max(limit, 2)
+    order.append(newest)
+    doomed = order[: max(0, len(order) - limit)]
     for path in doomed:
         hidden = path.with_name(f".{path.name}.deleting")
         shutil.rmtree(hidden, ignore_errors=True)

@@ -71,7 +71,8 @@ class TrainingConfig(metaclass=_ValidatingMeta):
     ``max_grad_norm`` None or 0 turns clipping off. With ``output_dir``, checkpoints go to
     ``output_dir/checkpoint-<step>`` every ``save_steps`` and at the end; ``save_total_limit``
     keeps the newest that many ``checkpoint-<step>`` directories of ``output_dir`` (those of an
-    earlier run too), plus the best evaluation's with ``load_best_at_end``. ``eval_steps``: how
+    earlier run too); with ``load_best_at_end`` the best evaluation's is one of them (as in
+    transformers: two are kept when the limit is 1). ``eval_steps``: how
     often to evaluate ``eval_data`` (it is also evaluated at the end). ``load_best_at_end``:
     end with the weights of the evaluation with the lowest loss (the final checkpoint still holds
     the last step's). ``early_stopping_patience``: stop once that many evaluations in a row did

@@ -939,6 +939,11 @@ def test_rotation_counts_other_checkpoints_and_never_drops_the_one_just_written(
     assert checkpoints(tmp_path) == ["checkpoint-20", "checkpoint-5", "notes"]
     rotate(tmp_path, 1, tmp_path / "checkpoint-5", keep=tmp_path / "checkpoint-20")
     assert checkpoints(tmp_path) == ["checkpoint-20", "checkpoint-5", "notes"]
+    for step in (1, 2, 3):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    # transformers' count: the best is one of the newest 3, in the place of the second newest
+    rotate(tmp_path, 3, tmp_path / "checkpoint-5", keep=tmp_path / "checkpoint-1")
+    assert checkpoints(tmp_path) == ["checkpoint-1", "checkpoint-20", "checkpoint-5", "notes"]
 
 
 def test_an_interrupted_deletion_leaves_only_whole_checkpoints(tmp_path, monkeypatch):
