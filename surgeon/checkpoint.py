@@ -13,8 +13,9 @@ A checkpoint directory holds:
   Python, NumPy).
 
 Each file is written atomically into a temporary directory, which is renamed into place, so a
-checkpoint directory is either complete or absent. Reading validates everything before any
-state is touched: a corrupt or mismatched checkpoint raises and changes nothing.
+checkpoint directory is either complete or absent; `rotate` deletes old ones the other way round
+(renamed to a hidden name first). Reading validates everything before any state is touched: a
+corrupt or mismatched checkpoint raises and changes nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ STATE_TENSORS = "trainer_state.safetensors"
 FORMAT = "surgeon-checkpoint"
 VERSION = 1
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+DELETING = re.compile(r"\.checkpoint-\d+\.deleting")
 # resuming with other values changes the data order or the batches: allowed, but not exact
 DATA_FIELDS = ("batch_size", "gradient_accumulation_steps", "seed", "shuffle")
 
@@ -200,6 +202,34 @@ def _publish(staging: Path, final: Path) -> None:
             os.close(fd)
 
 
+def rotate(output_dir: Path, limit: int, newest: Path, keep: Path | None = None) -> list[Path]:
+    """Delete the ``checkpoint-<step>`` directories of ``output_dir`` beyond the ``limit`` newest
+    (by step, ``newest``, the one just written, counting as the newest of all); return those
+    deleted. ``keep`` (the best evaluation's) counts as the second newest, as transformers'
+    Trainer does: it stays within the limit, which becomes 2 if it is 1 and ``keep`` is not the
+    newest. Each is renamed to a hidden name before it is removed, so a crash midway never
+    leaves a partial checkpoint that `latest` would pick."""
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := CHECKPOINT.fullmatch(p.name)) and p.is_dir()
+    )
+    order = [p for _, p in found if p not in (newest, keep)]
+    if keep is not None and keep != newest and keep.is_dir():
+        order.append(keep)
+        limit = max(limit, 2)
+    order.append(newest)
+    doomed = order[: max(0, len(order) - limit)]
+    for path in doomed:
+        hidden = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(hidden, ignore_errors=True)
+        os.replace(path, hidden)
+    for path in output_dir.iterdir():  # these, and any a crash left behind
+        if DELETING.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
 # -- reading ----------------------------------------------------------------------------------
 
 
@@ -245,17 +275,14 @@ class Checkpoint:
 
     @torch.no_grad()
     def restore_model(self, cm: Any, params: Mapping[str, torch.Tensor]) -> None:
-        """Trained parameters and the adapter store's buffers, in place."""
+        """Trained parameters (whole, or FSDP shards) and the adapter store's buffers, in place."""
         for name, param in params.items():
-            param.copy_(self.tensors[f"param/{name}"].to(param.device))
-        modules = dict(cm.store.named_modules())
+            param.copy_(like(self.tensors[f"param/{name}"].to(param.device), param))
         device = next(iter(params.values())).device
-        for name in self.state["empty_buffers"]:
-            owner, leaf = _buffer_owner(modules, name)
-            setattr(owner, leaf, None)
+        buffers = dict.fromkeys(self.state["empty_buffers"])
         for name in self.state["buffers"]:
-            owner, leaf = _buffer_owner(modules, name)
-            setattr(owner, leaf, self.tensors[f"buffer/{name}"].to(device))
+            buffers[name] = self.tensors[f"buffer/{name}"].to(device)
+        set_store_buffers(cm, buffers)
 
     def restore_optimizer(
         self, optimizer: torch.optim.Optimizer, scheduler: Any, names: Sequence[str]
@@ -429,6 +456,14 @@ def store_buffers(cm: Any) -> dict[str, torch.Tensor | None]:
         for prefix, module in cm.store.named_modules()
         for name, value in module._buffers.items()
     }
+
+
+def set_store_buffers(cm: Any, buffers: Mapping[str, torch.Tensor | None]) -> None:
+    """Set buffers of the adapter store by name (``None`` unsets one)."""
+    modules = dict(cm.store.named_modules())
+    for name, value in buffers.items():
+        owner, leaf = _buffer_owner(modules, name)
+        setattr(owner, leaf, value)
 
 
 def _buffer_owner(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, str]:

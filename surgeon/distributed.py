@@ -112,13 +112,7 @@ class Parallel:
         if self.kind != "fsdp":
             yield
             return
-        from torch.distributed.fsdp import FSDPModule
-
-        groups = [
-            m
-            for m in cm.modules()
-            if isinstance(m, FSDPModule) and any(p.requires_grad for p in m.parameters())
-        ]
+        groups = _trained_groups(cm)
         for m in groups:
             m.unshard()
         try:
@@ -127,6 +121,24 @@ class Parallel:
             if not keep:
                 for m in groups:
                     m.reshard()
+
+    def reshard(self, cm: nn.Module) -> None:
+        """Under FSDP, drop the gathered trained parameters (the root group keeps them after a
+        forward), so that what is written into the shards is what the next gather reads."""
+        if self.kind == "fsdp":
+            for m in _trained_groups(cm):
+                m.reshard()
+
+
+def _trained_groups(cm: nn.Module) -> list[nn.Module]:
+    """The FSDP-sharded modules that hold trained parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [
+        m
+        for m in cm.modules()
+        if isinstance(m, FSDPModule) and any(p.requires_grad for p in m.parameters())
+    ]
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

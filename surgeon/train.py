@@ -6,8 +6,9 @@ a method or the user made trainable), with warmup and a linear, cosine or consta
 large batch: every micro-batch's mean loss is weighted by its share of the step's items (label
 tokens that are not -100, after the shift a causal LM applies; samples otherwise), counted over
 all micro-batches of the step and all processes. Method hooks (``cm.regularization_loss()`` and
-``cm.update_ranks(step)``, AdaLoRA's) run every step. Checkpoints resume exactly; DDP and FSDP2
-run through ``torchrun``.
+``cm.update_ranks(step)``, AdaLoRA's) run every step. Checkpoints resume exactly and rotate;
+the best evaluation's weights can be loaded at the end, and training can stop early (as
+transformers' Trainer); DDP and FSDP2 run through ``torchrun``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from surgeon import checkpoint, distributed
+from surgeon.best import Snapshot, best_evaluation, evaluations_without_improvement
 from surgeon.checkpoint import Progress
 from surgeon.data import (
     Batch,
@@ -67,8 +69,14 @@ class TrainingConfig(metaclass=_ValidatingMeta):
     ``batch_size x gradient_accumulation_steps`` samples per process. ``lr_scheduler`` decays
     after ``warmup_steps`` of linear warmup (``constant`` keeps the rate after warmup).
     ``max_grad_norm`` None or 0 turns clipping off. With ``output_dir``, checkpoints go to
-    ``output_dir/checkpoint-<step>`` every ``save_steps`` and at the end. ``eval_steps``: how
-    often to evaluate ``eval_data`` (it is also evaluated at the end). ``loraplus_lr_ratio``
+    ``output_dir/checkpoint-<step>`` every ``save_steps`` and at the end; ``save_total_limit``
+    keeps the newest that many ``checkpoint-<step>`` directories of ``output_dir`` (those of an
+    earlier run too); with ``load_best_at_end`` the best evaluation's is one of them (as in
+    transformers: two are kept when the limit is 1). ``eval_steps``: how
+    often to evaluate ``eval_data`` (it is also evaluated at the end). ``load_best_at_end``:
+    end with the weights of the evaluation with the lowest loss (the final checkpoint still holds
+    the last step's). ``early_stopping_patience``: stop once that many evaluations in a row did
+    not lower the best eval loss by more than ``early_stopping_threshold``. ``loraplus_lr_ratio``
     (LoRA+): B matrices and vectors learn at ``learning_rate x ratio``, embedding adapters at
     ``loraplus_lr_embedding``, grouped as PEFT's ``create_loraplus_optimizer``. ``bf16``:
     autocast to bfloat16 (CPU too). ``distributed``: ``auto`` uses DDP when a process group
@@ -89,7 +97,11 @@ class TrainingConfig(metaclass=_ValidatingMeta):
     shuffle: bool = True
     output_dir: str | None = None
     save_steps: int | None = None
+    save_total_limit: int | None = None
     eval_steps: int | None = None
+    load_best_at_end: bool = False
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
     logging_steps: int = 10
     gradient_checkpointing: bool = False
     loraplus_lr_ratio: float | None = None
@@ -109,18 +121,32 @@ class TrainingConfig(metaclass=_ValidatingMeta):
         if self.max_grad_norm is not None:
             check_number(o, "max_grad_norm", self.max_grad_norm, 0, low_inclusive=True)
         check_choice(o, "lr_scheduler", self.lr_scheduler, SCHEDULES)
-        for name in ("max_steps", "save_steps", "eval_steps"):
+        for name in (
+            "max_steps",
+            "save_steps",
+            "save_total_limit",
+            "eval_steps",
+            "early_stopping_patience",
+        ):
             if getattr(self, name) is not None:
                 check_int(o, name, getattr(self, name))
+        threshold = self.early_stopping_threshold
+        check_number(o, "early_stopping_threshold", threshold, 0, low_inclusive=True)
         check_int(o, "seed", self.seed, minimum=0)
         check_int(o, "logging_steps", self.logging_steps)
-        for name in ("shuffle", "gradient_checkpointing", "bf16", "progress"):
+        for name in ("shuffle", "gradient_checkpointing", "bf16", "progress", "load_best_at_end"):
             check_bool(o, name, getattr(self, name))
         if self.loraplus_lr_ratio is not None:
             check_number(o, "loraplus_lr_ratio", self.loraplus_lr_ratio, 0)
         check_number(o, "loraplus_lr_embedding", self.loraplus_lr_embedding, 0)
         check_choice(o, "distributed", self.distributed, distributed.KINDS)
         self._check_output_dir(o)
+        for name, value in self._selecting_by_eval_loss().items():
+            if self.eval_steps is None:
+                raise SpecError(
+                    f"{o}.{name}={value!r}: needs evaluations during training; set eval_steps "
+                    f"(and pass eval_data to train)"
+                )
 
     def _check_output_dir(self, owner: str) -> None:
         if self.output_dir is not None:
@@ -129,11 +155,21 @@ class TrainingConfig(metaclass=_ValidatingMeta):
                     f"{owner}.output_dir={self.output_dir!r}: expected a directory path or None"
                 )
             object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
-        elif self.save_steps is not None:
-            raise SpecError(
-                f"{owner}.save_steps={self.save_steps}: checkpoints need output_dir; set "
-                f"output_dir or leave save_steps None"
-            )
+            return
+        for name in ("save_steps", "save_total_limit"):
+            if getattr(self, name) is not None:
+                raise SpecError(
+                    f"{owner}.{name}={getattr(self, name)}: checkpoints need output_dir; set "
+                    f"output_dir or leave {name} None"
+                )
+
+    def _selecting_by_eval_loss(self) -> dict[str, Any]:
+        """The fields set that act on the eval losses (and so need evaluations), by name."""
+        fields = {
+            "load_best_at_end": self.load_best_at_end,
+            "early_stopping_patience": self.early_stopping_patience,
+        }
+        return {name: value for name, value in fields.items() if value not in (None, False)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,13 +183,18 @@ class TrainResult:
     """``losses`` and ``learning_rates``: one per optimizer step (the step's mean loss over
     all processes, and the base learning rate it used); ``eval_losses``: ``(step, mean loss)``
     pairs; ``checkpoint``: the last checkpoint written, if any. A resumed run's lists start with
-    the interrupted run's."""
+    the interrupted run's. ``best_step`` / ``best_eval_loss``: the evaluation with the lowest
+    loss (the earliest on ties), None without evaluations; ``stopped_early``: early stopping
+    ended the run before its last step."""
 
     steps: int
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
     checkpoint: Path | None = None
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    stopped_early: bool = False
 
 
 def train(
@@ -161,7 +202,7 @@ def train(
     train_data: Any,
     config: TrainingConfig | None = None,
     eval_data: Any = None,
-    resume_from: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | bool | None = None,
     loss_fn: LossFn | None = None,
 ) -> TrainResult:
     """Train ``cm``'s active adapters on ``train_data``.
@@ -173,10 +214,13 @@ def train(
     micro-batch's mean loss: the model is then called without ``labels`` (dict samples) or with
     all but the last element (tuple samples, the last being the target).
 
-    ``resume_from``: a checkpoint directory, or an output directory (its latest checkpoint);
-    training continues exactly where that run stopped.
+    ``resume_from``: a checkpoint directory, or an output directory (its latest checkpoint), or
+    True (the latest checkpoint in ``config.output_dir``); training continues exactly where that
+    run stopped.
     """
     config = _check_config(config)
+    resume_from = _resume_path(resume_from, config)
+    _check_evaluation_data(config, eval_data)
     _check_model(cm)
     parallel = distributed.context(config.distributed)
     _check_methods(cm, parallel)
@@ -200,7 +244,7 @@ def train(
     saved = None
     if resume_from is not None:
         saved = checkpoint.read(
-            Path(resume_from),
+            resume_from,
             names,
             [g.names for g in groups],
             trained,
@@ -275,6 +319,8 @@ class _Loop:
         self.checkpoint: Path | None = None
         self.saved_at = self.evaluated_at = -1
         self.no_cache = no_cache_arguments(cm.model)
+        self.best: Snapshot | None = None  # the best evaluation's weights (load_best_at_end)
+        self.stopped = False  # by early stopping
 
     def plan(
         self,
@@ -293,27 +339,35 @@ class _Loop:
         bar = _progress_bar(self.total, p.step, config.progress and self.parallel.main)
         was_training = self.cm.training
         self.cm.train()
+        self._start_from_history()
         try:
-            if p.step < self.total:  # else a resumed run that had finished: nothing to do
+            # else a resumed run that had finished, or stopped early: nothing to do
+            if p.step < self.total and not self.stopped:
                 for micro_batches, epoch, index in self._steps():
                     self._step(micro_batches)
                     p.step, p.epoch, p.batch_in_epoch = p.step + 1, epoch, index
                     bar.update(1)
                     self._after_step(bar)
-                    if p.step >= self.total:
+                    if p.step >= self.total or self.stopped:
                         break
                 self._finish(bar)
         finally:
             bar.close()
             self.cm.train(was_training)
+        if config.load_best_at_end:
+            self._load_best()
         with self.parallel.gathered(self.cm, keep=True):  # FSDP: leave the adapters whole
             pass
+        best_step, best_loss = best_evaluation(p.eval_losses) or (None, None)
         return TrainResult(
             steps=p.step,
             losses=list(p.losses),
             eval_losses=list(p.eval_losses),
             learning_rates=list(p.learning_rates),
             checkpoint=self.checkpoint,
+            best_step=best_step,
+            best_eval_loss=best_loss,
+            stopped_early=self.stopped,
         )
 
     def _steps(self) -> Iterator[tuple[list[Batch], int, int]]:
@@ -397,6 +451,7 @@ class _Loop:
             self._log(bar)
         if config.eval_steps and self.eval_data is not None and p.step % config.eval_steps == 0:
             self._evaluate()
+            self._check_patience()
         if config.save_steps and p.step % config.save_steps == 0:
             self._save()
 
@@ -447,6 +502,7 @@ class _Loop:
         self.evaluated_at = self.progress.step
         if self.parallel.main:
             logger.info("step %d/%d: eval loss %.4f", self.progress.step, self.total, loss)
+        self._remember_if_best()
 
     def _save(self) -> None:
         self._read_losses()
@@ -461,6 +517,94 @@ class _Loop:
             self.parallel,
         )
         self.saved_at = self.progress.step
+        if self.config.save_total_limit is not None and self.parallel.main:
+            checkpoint.rotate(
+                Path(self.config.output_dir),
+                self.config.save_total_limit,
+                self.checkpoint,
+                keep=self._best_checkpoint(),
+            )
+
+    # -- the best evaluation, early stopping ---------------------------------------------------
+
+    def _start_from_history(self) -> None:
+        """A resumed run: whether its history already ran out of patience, and a copy of the
+        weights if they are the best evaluation's."""
+        self._remember_if_best()
+        self._check_patience()
+
+    def _remember_if_best(self) -> None:
+        """With load_best_at_end, copy the weights when the latest evaluation is the best."""
+        best = best_evaluation(self.progress.eval_losses)
+        if self.config.load_best_at_end and best is not None and best[0] == self.progress.step:
+            self.best = Snapshot.take(self.progress.step, self.params, self.cm)
+
+    def _check_patience(self) -> None:
+        """Stop when the last ``early_stopping_patience`` evaluations did not improve enough."""
+        p, patience = self.progress, self.config.early_stopping_patience
+        if patience is None or p.step >= self.total:
+            return
+        stale = evaluations_without_improvement(p.eval_losses, self.config.early_stopping_threshold)
+        if stale < patience:
+            return
+        self.stopped = True
+        if self.parallel.main:
+            _, loss = best_evaluation(p.eval_losses) or (None, math.nan)
+            logger.info(
+                "early stopping at step %d: no improvement over %.4f for %d evaluations",
+                p.step,
+                loss,
+                stale,
+            )
+
+    def _best_checkpoint(self) -> Path | None:
+        """``checkpoint-<step>`` of the best evaluation, which rotation keeps (load_best_at_end)."""
+        best = best_evaluation(self.progress.eval_losses)
+        if not self.config.load_best_at_end or best is None or self.config.output_dir is None:
+            return None
+        return Path(self.config.output_dir) / f"checkpoint-{best[0]}"
+
+    def _load_best(self) -> None:
+        """Put the best evaluation's weights into the model: the copy taken when it happened,
+        or, when it happened before this run resumed, its checkpoint."""
+        best = best_evaluation(self.progress.eval_losses)
+        if best is None or best[0] == self.progress.step:
+            return  # nothing evaluated, or the weights are the best's already
+        self.parallel.reshard(self.cm)  # FSDP: write into the shards, then gather them anew
+        if self.best is not None and self.best.step == best[0]:
+            self.best.restore(self.params, self.cm)
+            return
+        path = self._best_checkpoint()
+        if path is None or not (path / checkpoint.STATE_JSON).exists():
+            missing = f"{path} does not exist" if path else "there is no output_dir to hold it"
+            warnings.warn(
+                f"TrainingConfig.load_best_at_end: the best evaluation (step {best[0]}, eval loss "
+                f"{best[1]:.4f}) came before this run resumed, and its checkpoint is gone "
+                f"({missing}); the model keeps the weights of the last step, "
+                f"{self.progress.step}",
+                stacklevel=4,
+            )
+            return
+        params = dict(zip(self.names, self.params, strict=True))
+        saved = checkpoint.read(
+            path,
+            self.names,
+            _group_names(self.optimizer, self.names),
+            params,
+            self.cm,
+            self.config.to_dict(),
+            self.parallel,
+        )
+        saved.restore_model(self.cm, params)
+
+
+def _group_names(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> list[list[str]]:
+    """The parameter names of each optimizer group (``names`` lists them group after group)."""
+    out, start = [], 0
+    for group in optimizer.param_groups:
+        out.append(list(names[start : start + len(group["params"])]))
+        start += len(group["params"])
+    return out
 
 
 def _share(
@@ -742,6 +886,33 @@ def _check_config(config: Any) -> TrainingConfig:
             f"train: config must be a surgeon.TrainingConfig, got {type(config).__name__}"
         )
     return config
+
+
+def _resume_path(resume_from: Any, config: TrainingConfig) -> Path | None:
+    if resume_from is None or resume_from is False:
+        return None
+    if resume_from is True:
+        if config.output_dir is None:
+            raise SpecError(
+                "train: resume_from=True resumes from the latest checkpoint in "
+                "TrainingConfig.output_dir, which is None; set output_dir or pass the checkpoint "
+                "directory"
+            )
+        return Path(config.output_dir)
+    if not isinstance(resume_from, (str, os.PathLike)) or not str(resume_from):
+        raise SpecError(
+            f"train: resume_from={resume_from!r}: expected a checkpoint directory, an output "
+            f"directory, True (the latest checkpoint in config.output_dir) or None"
+        )
+    return Path(resume_from)
+
+
+def _check_evaluation_data(config: TrainingConfig, eval_data: Any) -> None:
+    for name, value in config._selecting_by_eval_loss().items():
+        if eval_data is None:
+            raise SpecError(
+                f"train: TrainingConfig.{name}={value!r} selects by eval loss; pass eval_data"
+            )
 
 
 def _check_model(cm: Any) -> None:

@@ -1,8 +1,10 @@
 """One process of tests/test_distributed.py, started by ``torchrun --nproc_per_node 2``.
 
 For each of DDP and FSDP2 (gloo, CPU): train a tiny Llama's LoRA adapter on the shared data,
-saving checkpoints, then resume a fresh model from the mid-run one; rank 0 writes the adapters,
-losses and eval losses to ``OUT/<kind>.*`` for the test to compare with one process.
+saving checkpoints, then resume a fresh model from the mid-run one, then train one with
+``load_best_at_end`` at a rate that makes the eval loss rise, and resume it after its best
+evaluation; rank 0 writes the adapters, losses
+and eval losses to ``OUT/<kind>.*`` for the test to compare with one process.
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ def samples(n: int, seed: int) -> list[dict]:
 
 
 TRAIN, EVAL = samples(24, seed=1), samples(7, seed=2)
+# the eval loss is lowest after the first step, then rises (asserted in the test)
+BEST = dict(
+    learning_rate=0.3,
+    lr_scheduler="constant",
+    warmup_steps=0,
+    max_steps=4,
+    eval_steps=1,
+    load_best_at_end=True,
+)
 
 
 def config(batch_size: int, **changes) -> surgeon.TrainingConfig:
@@ -81,13 +92,33 @@ def main(out: Path) -> None:
             eval_data=EVAL,
             resume_from=run / "checkpoint-2",
         )
+        best_run = out / f"{kind}-best-run"
+        best_config = config(
+            BATCH, distributed=kind, **BEST, output_dir=str(best_run), save_steps=1
+        )
+        best_cm = compiled()
+        best = surgeon.train(best_cm, TRAIN, best_config, eval_data=EVAL)
+        # resumed after the best evaluation: the best weights come from its checkpoint
+        best_resumed_cm = compiled()
+        best_resumed = surgeon.train(
+            best_resumed_cm,
+            TRAIN,
+            best_config,
+            eval_data=EVAL,
+            resume_from=best_run / "checkpoint-2",
+        )
         if torch.distributed.get_rank() == 0:
             save_file(whole, str(out / f"{kind}.safetensors"))
             save_file(adapter(resumed_cm), str(out / f"{kind}-resumed.safetensors"))
+            save_file(adapter(best_cm), str(out / f"{kind}-best.safetensors"))
+            save_file(adapter(best_resumed_cm), str(out / f"{kind}-best-resumed.safetensors"))
             report = {
                 "losses": result.losses,
                 "eval_losses": result.eval_losses,
                 "resumed_losses": resumed.losses,
+                "best_eval_losses": best.eval_losses,
+                "best_step": best.best_step,
+                "best_resumed_step": best_resumed.best_step,
                 "sharded_blocks": sum(isinstance(m, FSDPModule) for m in cm.modules()),
             }
             (out / f"{kind}.json").write_text(json.dumps(report))

@@ -1,6 +1,6 @@
 """Data-parallel training through torchrun: 2 gloo processes x batch b end with the same adapter,
 losses and eval losses as one process x batch 2b, with DDP and with FSDP2; checkpoints written by
-both processes resume exactly."""
+both processes resume exactly; load_best_at_end ends with the best evaluation's weights."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import BATCH, EVAL, TRAIN, adapter, compiled, config
+from distributed_worker import BATCH, BEST, EVAL, TRAIN, adapter, compiled, config
 from safetensors.torch import load_file
 from zoo import ZOO
 
@@ -95,3 +95,30 @@ def test_checkpoints_of_two_processes_resume_exactly(kind, two_processes):
     for path, layer in loaded.store.items("default"):
         key = f"store.layers.default.{path.replace('.', '_')}.lora_B"
         assert torch.equal(layer.lora_B, whole[key])
+
+
+@pytest.fixture(scope="module")
+def one_process_best() -> tuple[dict[str, torch.Tensor], surgeon.TrainResult]:
+    cm = compiled()
+    result = surgeon.train(cm, TRAIN, config(2 * BATCH, distributed="none", **BEST), eval_data=EVAL)
+    return adapter(cm), result
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_load_best_at_end_under_two_processes(kind, two_processes, one_process_best):
+    expected, result = one_process_best
+    assert result.best_step == 1 < result.steps  # the eval loss rose after the first step
+    report = json.loads((two_processes / f"{kind}.json").read_text())
+    assert report["best_step"] == result.best_step
+    assert [x for _, x in report["best_eval_losses"]] == pytest.approx(
+        [x for _, x in result.eval_losses], rel=1e-5
+    )
+    theirs = load_file(str(two_processes / f"{kind}-best.safetensors"))
+    assert theirs.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(theirs[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # resumed at step 2, after the best (step 1): loaded from checkpoint-1, the same weights
+    assert report["best_resumed_step"] == result.best_step
+    resumed = load_file(str(two_processes / f"{kind}-best-resumed.safetensors"))
+    for name, value in theirs.items():
+        assert torch.equal(resumed[name], value), name

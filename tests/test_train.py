@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from zoo import ZOO, randomize
 
 import surgeon
+from surgeon.checkpoint import store_buffers
 from surgeon.data import Order, collate
 from surgeon.train import parameter_groups, schedule, trained_parameters
 
@@ -822,3 +824,281 @@ def test_distributed_modes_need_a_process_group_and_fsdp_refuses_self_updating_m
     with pytest.raises(surgeon.SpecError, match="'default' \\(adalora\\) updates itself"):
         _check_methods(adalora, Parallel("fsdp", 0, 2))
     _check_methods(compiled(), Parallel("fsdp", 0, 2))  # LoRA has no such hook
+
+
+# -- run management: checkpoint rotation, best weights, early stopping -------------------------
+
+# a rate high enough that the eval loss provably rises again: best at step 2 of 6 (asserted)
+RISING = dict(learning_rate=0.3, lr_scheduler="constant", warmup_steps=0, max_steps=6, eval_steps=1)
+EVAL_DATA = token_samples(4, seed=1)
+
+
+def saved_tensors(ckpt, kind: str = "param") -> dict[str, torch.Tensor]:
+    """A checkpoint's trained parameters (or adapter buffers) by name."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    return {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{kind}/")}
+
+
+def checkpoints(directory) -> list[str]:
+    return sorted((p.name for p in directory.iterdir()), key=lambda n: (n[0] != ".", n))
+
+
+def first_patience_stop(eval_losses, patience: int, threshold: float = 0.0) -> int | None:
+    """Where transformers' EarlyStoppingCallback stops, replayed on a full run's history."""
+    best, stale = None, 0
+    for step, loss in eval_losses:
+        stale = 0 if best is None or (loss < best and best - loss > threshold) else stale + 1
+        best = loss if best is None or loss < best else best
+        if stale >= patience:
+            return step
+    return None
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"save_total_limit": 2}, r"save_total_limit=2: checkpoints need output_dir"),
+        ({"save_total_limit": 0, "output_dir": "x"}, r"save_total_limit=0: expected an int"),
+        ({"load_best_at_end": True}, r"load_best_at_end=True: needs evaluations.*eval_steps"),
+        ({"load_best_at_end": 1, "eval_steps": 1}, r"load_best_at_end=1: expected true or false"),
+        ({"early_stopping_patience": 3}, r"early_stopping_patience=3: needs evaluations"),
+        (
+            {"early_stopping_patience": 0, "eval_steps": 1},
+            r"early_stopping_patience=0: expected an integer >= 1",
+        ),
+        ({"early_stopping_threshold": -0.1}, r"early_stopping_threshold=-0.1: expected a number"),
+    ],
+)
+def test_bad_run_management_fields_raise_spec_errors(fields, match):
+    with pytest.raises(surgeon.SpecError, match=match):
+        surgeon.TrainingConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("best without eval data", r"load_best_at_end=True selects by eval loss; pass eval_data"),
+        ("patience without eval data", r"early_stopping_patience=2 selects by eval loss"),
+        ("resume True without output_dir", r"resume_from=True .*\.output_dir, which is None"),
+        ("resume True without checkpoint", r"neither a checkpoint"),
+        ("resume from a number", r"resume_from=3: expected a checkpoint directory"),
+    ],
+)
+def test_bad_run_management_arguments_raise_spec_errors(case, match, tmp_path):
+    cm, eval_data, resume = compiled(), EVAL_DATA, None
+    cfg = config(output_dir=str(tmp_path))
+    if case == "best without eval data":
+        cfg, eval_data = config(eval_steps=1, load_best_at_end=True), None
+    elif case == "patience without eval data":
+        cfg, eval_data = config(eval_steps=1, early_stopping_patience=2), None
+    elif case == "resume True without output_dir":
+        cfg, resume = config(), True
+    elif case == "resume True without checkpoint":
+        resume = True
+    else:
+        resume = 3
+    before = adapter_state(cm)
+    with pytest.raises(surgeon.SpecError, match=match):
+        surgeon.train(cm, token_samples(8), cfg, eval_data=eval_data, resume_from=resume)
+    assert_same(adapter_state(cm), before, exact=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_also_across_a_resume(tmp_path):
+    data = token_samples(16, seed=3)
+    cfg = config(
+        lr_scheduler="constant",
+        max_steps=7,
+        save_steps=1,
+        save_total_limit=2,
+        output_dir=str(tmp_path / "whole"),
+    )
+    whole = compiled()
+    surgeon.train(whole, data, cfg)
+    assert checkpoints(tmp_path / "whole") == ["checkpoint-6", "checkpoint-7"]
+    run = tmp_path / "run"
+    surgeon.train(compiled(), data, cfg.replace(max_steps=4, output_dir=str(run)))
+    assert checkpoints(run) == ["checkpoint-3", "checkpoint-4"]
+    fresh = compiled(adapter_seed=5)
+    result = surgeon.train(fresh, data, cfg.replace(output_dir=str(run)), resume_from=True)
+    assert result.steps == 7 and checkpoints(run) == ["checkpoint-6", "checkpoint-7"]
+    assert_same(adapter_state(fresh), adapter_state(whole), exact=True)
+
+
+def test_rotation_counts_other_checkpoints_and_never_drops_the_one_just_written(tmp_path):
+    from surgeon.checkpoint import rotate
+
+    for step in (3, 10, 20):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-5").mkdir()  # written now, by a run that restarted the count
+    (tmp_path / "notes").mkdir()
+    deleted = rotate(tmp_path, 2, tmp_path / "checkpoint-5")
+    assert [p.name for p in deleted] == ["checkpoint-3", "checkpoint-10"]
+    assert checkpoints(tmp_path) == ["checkpoint-20", "checkpoint-5", "notes"]
+    rotate(tmp_path, 1, tmp_path / "checkpoint-5", keep=tmp_path / "checkpoint-20")
+    assert checkpoints(tmp_path) == ["checkpoint-20", "checkpoint-5", "notes"]
+    for step in (1, 2, 3):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    # transformers' count: the best is one of the newest 3, in the place of the second newest
+    rotate(tmp_path, 3, tmp_path / "checkpoint-5", keep=tmp_path / "checkpoint-1")
+    assert checkpoints(tmp_path) == ["checkpoint-1", "checkpoint-20", "checkpoint-5", "notes"]
+
+
+def test_an_interrupted_deletion_leaves_only_whole_checkpoints(tmp_path, monkeypatch):
+    from surgeon import checkpoint
+
+    run = tmp_path / "run"
+    cfg = config(max_steps=3, save_steps=1, save_total_limit=1, output_dir=str(run))
+    surgeon.train(compiled(), token_samples(8), cfg.replace(save_total_limit=None))
+    rmtree = checkpoint.shutil.rmtree
+
+    def crash_midway(path, ignore_errors=False):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+        if not files:
+            return rmtree(path, ignore_errors=ignore_errors)
+        files[0].unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.rotate(run, 1, run / "checkpoint-3")
+    monkeypatch.undo()
+    names = checkpoints(run)
+    assert names == [".checkpoint-1.deleting", ".checkpoint-2.deleting", "checkpoint-3"]
+    assert checkpoint.latest(run) == run / "checkpoint-3"
+    checkpoint.rotate(run, 1, run / "checkpoint-3")  # the next rotation removes the leftovers
+    assert checkpoints(run) == ["checkpoint-3"]
+
+
+def test_load_best_at_end_loads_the_best_evaluations_weights(tmp_path):
+    data = token_samples(16)
+    cfg = config(**RISING, save_steps=1, output_dir=str(tmp_path / "last"))
+    last = compiled()
+    plain = surgeon.train(last, data, cfg, eval_data=EVAL_DATA)
+    best, loss = min(plain.eval_losses, key=lambda pair: pair[1])
+    assert (plain.best_step, plain.best_eval_loss) == (best, loss) and best == 2
+    assert [x for _, x in plain.eval_losses][-1] > loss  # the loss rose again after the best
+    cm = compiled()
+    run = tmp_path / "best"
+    result = surgeon.train(
+        cm, data, cfg.replace(load_best_at_end=True, output_dir=str(run)), eval_data=EVAL_DATA
+    )
+    assert result.eval_losses == plain.eval_losses and result.best_step == best
+    assert_same(adapter_state(cm), saved_tensors(run / f"checkpoint-{best}"), exact=True)
+    # the final checkpoint holds the last step, as without load_best_at_end (resume stays exact)
+    assert result.checkpoint == run / "checkpoint-6"
+    assert_same(saved_tensors(run / "checkpoint-6"), adapter_state(last), exact=True)
+    assert any(not torch.equal(adapter_state(cm)[n], t) for n, t in adapter_state(last).items())
+
+
+def test_rotation_keeps_the_best_checkpoint_besides_the_newest(tmp_path):
+    cfg = config(**RISING, save_steps=1, save_total_limit=1, output_dir=str(tmp_path))
+    result = surgeon.train(
+        compiled(), token_samples(16), cfg.replace(load_best_at_end=True), eval_data=EVAL_DATA
+    )
+    assert result.best_step == 2 and checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-6"]
+
+
+def test_load_best_at_end_restores_adalora_rank_state(tmp_path):
+    spec = surgeon.AdaLoRA(
+        initial_rank=4,
+        target_rank=2,
+        tinit=1,
+        tfinal=2,
+        delta_t=1,
+        total_steps=6,
+        targets=("q_proj", "v_proj"),
+    )
+    cfg = config(**{**RISING, "learning_rate": 0.1}, save_steps=1, output_dir=str(tmp_path))
+    cm = compiled(method=spec)
+    result = surgeon.train(
+        cm, token_samples(16), cfg.replace(load_best_at_end=True), eval_data=EVAL_DATA
+    )
+    assert result.best_step == 2 < result.steps
+    best, last = tmp_path / "checkpoint-2", tmp_path / "checkpoint-6"
+    assert_same(adapter_state(cm), saved_tensors(best), exact=True)
+    buffers = store_buffers(cm)
+    saved = json.loads((best / "trainer_state.json").read_text())
+    assert {n for n, b in buffers.items() if b is None} == set(saved["empty_buffers"])
+    assert_same(
+        {n: b for n, b in buffers.items() if b is not None},
+        saved_tensors(best, "buffer"),
+        exact=True,
+    )
+    # no rank was cut at step 2, every layer's was by step 6: the rank state went back
+    kept = [n for n in buffers if n.endswith(".kept")]
+    assert kept and all(buffers[n] is None for n in kept)
+    assert all(n in saved_tensors(last, "buffer") for n in kept)
+    assert all(layer.rank == 4 for _, layer in cm.store.items("default"))
+
+
+def test_a_resumed_run_loads_the_best_from_its_checkpoint_or_warns(tmp_path):
+    data = token_samples(16)
+    cfg = config(**RISING, save_steps=1, load_best_at_end=True, output_dir=str(tmp_path / "whole"))
+    whole = compiled()
+    surgeon.train(whole, data, cfg, eval_data=EVAL_DATA)
+    for keep_best in (True, False):
+        run = tmp_path / f"run-{keep_best}"
+        first = surgeon.train(
+            compiled(), data, cfg.replace(max_steps=4, output_dir=str(run)), eval_data=EVAL_DATA
+        )
+        assert first.best_step == 2
+        if not keep_best:
+            shutil.rmtree(run / "checkpoint-2")
+        fresh = compiled(adapter_seed=5)
+        resume = dict(resume_from=run, eval_data=EVAL_DATA)
+        if keep_best:
+            result = surgeon.train(fresh, data, cfg.replace(output_dir=str(run)), **resume)
+            assert_same(adapter_state(fresh), adapter_state(whole), exact=True)
+        else:
+            with pytest.warns(UserWarning, match=r"best evaluation \(step 2, .* came before"):
+                result = surgeon.train(fresh, data, cfg.replace(output_dir=str(run)), **resume)
+            assert_same(adapter_state(fresh), saved_tensors(run / "checkpoint-6"), exact=True)
+        assert result.steps == 6 and result.best_step == 2
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path, caplog):
+    data = token_samples(16)
+    full = surgeon.train(compiled(), data, config(**RISING), eval_data=EVAL_DATA)
+    stop = first_patience_stop(full.eval_losses, patience=2)
+    assert stop is not None and stop < full.steps
+    cm = compiled()
+    cfg = config(**RISING, early_stopping_patience=2, output_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="surgeon.train"):
+        result = surgeon.train(cm, data, cfg, eval_data=EVAL_DATA)
+    assert result.stopped_early and result.steps == stop
+    assert result.eval_losses == full.eval_losses[:stop]  # no extra evaluation at the end
+    assert result.checkpoint == tmp_path / f"checkpoint-{stop}"
+    assert_same(adapter_state(cm), saved_tensors(result.checkpoint), exact=True)
+    best = min(x for _, x in full.eval_losses[:stop])
+    message = f"early stopping at step {stop}: no improvement over {best:.4f} for 2 evaluations"
+    assert message in [r.getMessage() for r in caplog.records]
+    # a threshold larger than any change: nothing counts as an improvement after the first
+    strict = surgeon.train(
+        compiled(), data, cfg.replace(early_stopping_threshold=1.0, output_dir=None), EVAL_DATA
+    )
+    assert strict.stopped_early and strict.steps == 3
+    patient = surgeon.train(
+        compiled(), data, cfg.replace(early_stopping_patience=9, output_dir=None), EVAL_DATA
+    )
+    assert not patient.stopped_early and patient.steps == 6
+
+
+def test_resuming_an_early_stopped_run_trains_nothing_more(tmp_path):
+    data = token_samples(16)
+    cfg = config(**RISING, early_stopping_patience=2, output_dir=str(tmp_path))
+    cm = compiled()
+    done = surgeon.train(cm, data, cfg, eval_data=EVAL_DATA)
+    assert done.stopped_early and done.steps < 6
+    after = adapter_state(cm)
+    ckpt = tmp_path / f"checkpoint-{done.steps}"
+    written = (ckpt / "trainer_state.json").stat().st_mtime_ns
+    fresh = compiled(adapter_seed=5)
+    again = surgeon.train(fresh, data, cfg, eval_data=EVAL_DATA, resume_from=True)
+    assert again.stopped_early and again.steps == done.steps
+    assert again.eval_losses == done.eval_losses and again.losses == done.losses
+    assert (ckpt / "trainer_state.json").stat().st_mtime_ns == written
+    assert checkpoints(tmp_path) == [ckpt.name]
+    assert_same(adapter_state(fresh), after, exact=True)
