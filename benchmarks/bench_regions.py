@@ -28,6 +28,7 @@ rotating order; medians are reported, ratios are against PEFT (lower is better).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import time
 from typing import Any
@@ -83,15 +84,22 @@ def check_equal(models: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None
         )
 
 
+def cache_argument(model: Any) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns)."""
+    forward = getattr(model, "model", model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 def decode_timer(model: Any, inputs: dict[str, Any], cache: Any):
     """Times one cached step under no_grad; each call gets its own copy of the prompt's cache
     (copied outside the timing), so every call sees the same state."""
+    name = cache_argument(model)
 
     def run() -> float:
         fresh = copy.deepcopy(cache)
         with torch.no_grad():
             start = time.perf_counter()
-            model(**inputs, past_key_values=fresh)
+            model(**inputs, **{name: fresh})
             return time.perf_counter() - start
 
     return run
