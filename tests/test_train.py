@@ -397,8 +397,9 @@ def test_micro_batches_without_any_label_count_for_nothing():
 # -- method hooks -----------------------------------------------------------------------------
 
 
-def test_adalora_hooks_run_every_step_as_in_a_hand_written_loop():
-    spec = surgeon.AdaLoRA(
+def _adalora(**fields):
+    """AdaLoRA that allocates ranks within six one-step micro-batches (tinit 1, tfinal 2)."""
+    return surgeon.AdaLoRA(
         initial_rank=4,
         target_rank=2,
         tinit=1,
@@ -406,8 +407,12 @@ def test_adalora_hooks_run_every_step_as_in_a_hand_written_loop():
         delta_t=1,
         total_steps=6,
         targets=("q_proj", "v_proj"),
-        orth_reg_weight=0.5,
+        **fields,
     )
+
+
+def test_adalora_hooks_run_every_step_as_in_a_hand_written_loop():
+    spec = _adalora(orth_reg_weight=0.5)
     data = token_samples(12, seed=6)
     cfg = config(max_steps=6, gradient_accumulation_steps=1, shuffle=False, warmup_steps=0)
     ours = compiled(method=spec)
@@ -1002,15 +1007,7 @@ def test_rotation_keeps_the_best_checkpoint_besides_the_newest(tmp_path):
 
 
 def test_load_best_at_end_restores_adalora_rank_state(tmp_path):
-    spec = surgeon.AdaLoRA(
-        initial_rank=4,
-        target_rank=2,
-        tinit=1,
-        tfinal=2,
-        delta_t=1,
-        total_steps=6,
-        targets=("q_proj", "v_proj"),
-    )
+    spec = _adalora()
     cfg = config(**{**RISING, "learning_rate": 0.1}, save_steps=1, output_dir=str(tmp_path))
     cm = compiled(method=spec)
     result = surgeon.train(
