@@ -32,7 +32,7 @@ import functools
 import inspect
 import logging
 import operator
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -48,10 +48,10 @@ from torch.fx.experimental.symbolic_shapes import (
     StatelessSymbolicContext,
 )
 
-from surgeon.trace import MODULE_INTERNALS, RegionTracer, Unsound
+from surgeon.rebuild import is_object, rebuilding
+from surgeon.trace import MODULE_INTERNALS, PYTHON_VALUES, RegionTracer, Unsound
 
-_PYTHON_VALUES = (bool, int, float, str, torch.dtype, torch.device)
-_CONTAINERS = (tuple, list, dict, torch.Size, *_PYTHON_VALUES, type(None))
+_CONTAINERS = (tuple, list, dict, torch.Size, *PYTHON_VALUES, type(None))
 _OBJECT_DEPTH = 4
 _SHAPE_QUERIES = frozenset({"size", "dim", "numel", "stride"})
 # values whose proxies keep the proxy's class (a SymInt's would have C functions read its node)
@@ -68,7 +68,7 @@ def value_key(value: Any, depth: int = 0) -> Any:
     """What a variant is specialised on for one argument: None-ness, Python values, tensors'
     dtypes, devices and ranks (their sizes are guarded separately); an object passed in (a KV
     cache) by the same of its attributes, to `_OBJECT_DEPTH` levels."""
-    if value is None or isinstance(value, _PYTHON_VALUES):
+    if value is None or isinstance(value, PYTHON_VALUES):
         return (type(value), value)
     if isinstance(value, torch.Tensor):
         return (torch.Tensor, value.dtype, value.device, value.dim(), value.requires_grad)
@@ -213,7 +213,7 @@ def _autocast_state() -> tuple:
 
 def is_plain(value: Any) -> bool:
     """Arguments that are baked into a variant (its key names them) rather than passed in."""
-    if value is None or isinstance(value, _PYTHON_VALUES):
+    if value is None or isinstance(value, PYTHON_VALUES):
         return True
     if isinstance(value, (tuple, list)):
         return all(is_plain(v) for v in value)
@@ -281,7 +281,7 @@ def module_fingerprint(module: nn.Module) -> tuple | None:
 
 
 def _attribute_value(value: Any) -> Any:
-    if value is None or isinstance(value, _PYTHON_VALUES):
+    if value is None or isinstance(value, PYTHON_VALUES):
         return value
     if isinstance(value, (tuple, list)):
         return (type(value), tuple(_attribute_value(v) for v in value))
@@ -536,7 +536,7 @@ class SpecialisingTracer(RegionTracer):
         if isinstance(a, dict) and type(a) is not dict:  # a ModelOutput: rebuilt as one
             fields = {k: self.create_arg(v) for k, v in a.items()}
             return self.create_node("call_function", type(a), (), fields)
-        if self._at_output and _is_object(a):
+        if self._at_output and is_object(a):
             return self._rebuild(a)
         return super().create_arg(a)
 
@@ -545,16 +545,7 @@ class SpecialisingTracer(RegionTracer):
         passed): a node that builds a fresh one per call from a template, holding the values
         the graph computes where the traced one held proxies."""
         if id(obj) not in self._rebuilt:
-            proxies, kept = _proxies_and_modules(obj)
-            memo: dict[Any, Any] = {id(m): m for m in kept}
-            memo.update({id(p): _Slot(i) for i, p in enumerate(proxies)})
-            try:
-                template = copy.deepcopy(obj, memo)
-            except Exception as err:
-                raise Unsound(f"cannot rebuild the {type(obj).__name__} returned: {err}") from None
-            if _proxies_and_modules(template)[0] or _holds_fake(template):
-                raise Unsound(f"the {type(obj).__name__} returned holds values too deep to rebuild")
-            rebuild = Rebuild(template, kept)
+            rebuild, proxies = rebuilding(obj)
             args = tuple(p.node for p in proxies)
             self._rebuilt[id(obj)] = self.create_node("call_function", rebuild, args, {})
         return self._rebuilt[id(obj)]
@@ -657,152 +648,7 @@ def _holds_objects(value: Any) -> bool:
         return any(_holds_objects(v) for v in value)
     if isinstance(value, dict):
         return any(_holds_objects(v) for v in value.values())
-    return not (value is None or isinstance(value, (*_PYTHON_VALUES, torch.Tensor)))
-
-
-def _is_object(value: Any) -> bool:
-    """An instance with attributes of its own (not a module, class, function or container)."""
-    return (
-        hasattr(value, "__dict__")
-        and not isinstance(value, (nn.Module, type, fx.Proxy, torch.Tensor, dict, tuple, list))
-        and not callable(value)
-    )
-
-
-_REBUILD_DEPTH = 8
-
-
-def _proxies_and_modules(value: Any) -> tuple[list[fx.Proxy], list[nn.Module]]:
-    """The proxies inside an object (its attributes, lists, tuples and dicts, to
-    `_REBUILD_DEPTH` levels) and the modules it refers to (kept as they are, never copied)."""
-    proxies: dict[int, fx.Proxy] = {}
-    modules: dict[int, nn.Module] = {}
-    seen: set[int] = set()
-
-    def walk(v: Any, depth: int) -> None:
-        if id(v) in seen or depth > _REBUILD_DEPTH:
-            return
-        seen.add(id(v))
-        if isinstance(v, fx.Proxy):
-            proxies[id(v)] = v
-        elif isinstance(v, nn.Module):
-            modules[id(v)] = v
-        elif isinstance(v, (tuple, list, set, frozenset)):
-            for item in v:
-                walk(item, depth + 1)
-        elif isinstance(v, dict):
-            for item in v.values():
-                walk(item, depth + 1)
-        elif _is_object(v):
-            for item in vars(v).values():
-                walk(item, depth + 1)
-
-    walk(value, 0)
-    return list(proxies.values()), list(modules.values())
-
-
-def _holds_fake(value: Any) -> bool:
-    found: list[bool] = []
-
-    def walk(v: Any, depth: int) -> None:
-        if isinstance(v, (torch._subclasses.FakeTensor, torch.SymInt, torch.SymFloat)):
-            found.append(True)
-        elif depth < _REBUILD_DEPTH and isinstance(v, (tuple, list, set, frozenset)):
-            for item in v:
-                walk(item, depth + 1)
-        elif depth < _REBUILD_DEPTH and isinstance(v, dict):
-            for item in v.values():
-                walk(item, depth + 1)
-        elif depth < _REBUILD_DEPTH and _is_object(v):
-            for item in vars(v).values():
-                walk(item, depth + 1)
-
-    walk(value, 0)
-    return bool(found)
-
-
-class _Slot:
-    """Where a rebuilt object takes the ``index``-th value its node receives."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def __deepcopy__(self, memo: dict[Any, Any]) -> Any:
-        return memo[_Slot][self.index]
-
-
-class Rebuild:
-    """A graph node's target that builds an object the traced forward returned: a deep copy
-    of its template, with the node's arguments in its slots and the modules it refers to
-    shared, not copied."""
-
-    def __init__(self, template: Any, modules: Sequence[nn.Module]) -> None:
-        self.template, self.modules = template, list(modules)
-        self.__name__ = self.__qualname__ = f"rebuild_{type(template).__name__}"
-        self.__module__ = __name__
-        try:
-            self._build: Callable[[tuple], Any] | None = _builder(
-                template, {id(m) for m in modules}, set()
-            )
-        except _SharedInside:
-            self._build = None
-
-    def __call__(self, *values: Any) -> Any:
-        if self._build is not None:
-            return self._build(values)
-        memo: dict[Any, Any] = {id(m): m for m in self.modules}
-        memo[_Slot] = values
-        return copy.deepcopy(self.template, memo)
-
-
-def _copied_by_dict(kind: type) -> bool:
-    """Whether `copy.deepcopy` copies instances of ``kind`` field by field of ``__dict__``:
-    no copy hooks of its own, no slots holding values."""
-    hooks = ("__reduce_ex__", "__reduce__", "__getstate__")
-    if any(getattr(kind, h) is not getattr(object, h) for h in hooks):
-        return False
-    if hasattr(kind, "__deepcopy__") or hasattr(kind, "__setstate__"):
-        return False
-    declared = [vars(k).get("__slots__", ()) for k in kind.__mro__]
-    slots = [n for names in declared for n in ((names,) if isinstance(names, str) else names)]
-    return all(n in ("__dict__", "__weakref__") for n in slots)
-
-
-class _SharedInside(Exception):
-    """An object the template refers to twice: only a deep copy keeps that."""
-
-
-def _builder(value: Any, modules: set[int], seen: set[int]) -> Callable[[tuple], Any]:
-    """What `copy.deepcopy` of a template does, planned once: plain objects, lists, tuples and
-    dicts are built directly (a 32-layer KV cache: about 10x faster per call); anything else
-    is deep-copied as it is."""
-    if isinstance(value, _Slot):
-        index = value.index
-        return lambda values: values[index]
-    if value is None or isinstance(value, _PYTHON_VALUES) or id(value) in modules:
-        return lambda values: value
-    if id(value) in seen:
-        raise _SharedInside
-    seen.add(id(value))
-    kind = type(value)
-    if kind in (list, tuple):
-        items = [_builder(item, modules, seen) for item in value]
-        return lambda values: kind(build(values) for build in items)
-    if kind is dict:
-        entries = [(k, _builder(item, modules, seen)) for k, item in value.items()]
-        return lambda values: {k: build(values) for k, build in entries}
-    if _is_object(value) and _copied_by_dict(kind):
-        fields = [(k, _builder(item, modules, seen)) for k, item in vars(value).items()]
-
-        def build_object(values: tuple) -> Any:
-            made = kind.__new__(kind)
-            made.__dict__.update({k: build(values) for k, build in fields})
-            return made
-
-        return build_object
-    return lambda values: copy.deepcopy(value)
+    return not (value is None or isinstance(value, (*PYTHON_VALUES, torch.Tensor)))
 
 
 def _name(target: Any) -> str:
@@ -934,7 +780,7 @@ def _short(value: Any) -> str:
         return f"{str(value.dtype).removeprefix('torch.')}[{'x'.join(map(str, value.shape))}]"
     if isinstance(value, (tuple, list)):
         return "(" + ", ".join(_short(v) for v in value) + ")"
-    if value is None or isinstance(value, _PYTHON_VALUES):
+    if value is None or isinstance(value, PYTHON_VALUES):
         return repr(value)
     return type(value).__name__
 

@@ -37,6 +37,8 @@ from torch import nn
 from surgeon.layers import gpt2_conv1d_type
 
 _PRIMITIVES = (int, float, bool, str, type(None))
+PYTHON_VALUES = (bool, int, float, str, torch.dtype, torch.device)
+"""Values a trace takes as constants (a specialised region's key holds them)."""
 MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
 
 

@@ -186,7 +186,7 @@ class _Holder:
 
 
 def test_rebuilt_objects_are_fresh_and_keep_what_they_share_shared():
-    from surgeon.specialise import Rebuild, _Slot
+    from surgeon.rebuild import Rebuild, _Slot
 
     module = nn.Linear(2, 2)
     inner = _Holder()
