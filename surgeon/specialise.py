@@ -165,7 +165,11 @@ class ModuleState:
 
     def version(self) -> int | None:
         """The current state's number (None: more states than `LIMIT` were seen)."""
-        values = [self._tensors, *(get(m) for m, get in self._getters)]
+        try:
+            values = [self._tensors, *(get(m) for m, get in self._getters)]
+        except AttributeError:  # a setting was deleted since: watch what there is now
+            self.watch()
+            values = [self._tensors, *(get(m) for m, get in self._getters)]
         if self._current >= 0:
             seen_values, seen_configs = self._seen[self._current]
             if values == seen_values and all(

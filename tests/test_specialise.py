@@ -361,6 +361,16 @@ def test_a_forward_that_sets_a_setting_runs_its_own_forward():
     assert any("sets calls" in reason for _, _, reason in cm.graph.refused())
 
 
+def test_a_setting_deleted_after_a_trace_is_a_new_state():
+    cm, plain = _scaled_pair(count=False)
+    x = torch.randn(2, 3, 6)
+    cm(x)
+    for model in (cm, plain):
+        del model.model.calls  # not read by the forward: the same outputs, traced anew
+    torch.testing.assert_close(cm(x), plain(x), rtol=0, atol=1e-6)
+    assert len(_traced_variants(cm)) == 2
+
+
 def test_settings_that_keep_changing_stop_being_traced():
     cm, plain = _scaled_pair(count=False)
     x = torch.randn(2, 3, 6)
