@@ -5,7 +5,7 @@ whose proxies became slots for the values the graph computes."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,53 +41,41 @@ def is_object(value: Any) -> bool:
 _REBUILD_DEPTH = 8
 
 
-def _proxies_and_modules(value: Any) -> tuple[list[fx.Proxy], list[nn.Module]]:
-    """The proxies inside an object (its attributes, lists, tuples and dicts, to
-    `_REBUILD_DEPTH` levels) and the modules it refers to (kept as they are, never copied)."""
-    proxies: dict[int, fx.Proxy] = {}
-    modules: dict[int, nn.Module] = {}
+def _leaves(value: Any) -> Iterator[Any]:
+    """What an object holds through its attributes, lists, tuples, sets and dicts, to
+    `_REBUILD_DEPTH` levels: every value that is none of those, each once."""
     seen: set[int] = set()
 
-    def walk(v: Any, depth: int) -> None:
+    def walk(v: Any, depth: int) -> Iterator[Any]:
         if id(v) in seen or depth > _REBUILD_DEPTH:
             return
         seen.add(id(v))
-        if isinstance(v, fx.Proxy):
-            proxies[id(v)] = v
-        elif isinstance(v, nn.Module):
-            modules[id(v)] = v
-        elif isinstance(v, (tuple, list, set, frozenset)):
-            for item in v:
-                walk(item, depth + 1)
+        if isinstance(v, (tuple, list, set, frozenset)):
+            children: Any = v
         elif isinstance(v, dict):
-            for item in v.values():
-                walk(item, depth + 1)
+            children = v.values()
         elif is_object(v):
-            for item in vars(v).values():
-                walk(item, depth + 1)
+            children = vars(v).values()
+        else:
+            yield v
+            return
+        for child in children:
+            yield from walk(child, depth + 1)
 
-    walk(value, 0)
-    return list(proxies.values()), list(modules.values())
+    yield from walk(value, 0)
+
+
+def _proxies_and_modules(value: Any) -> tuple[list[fx.Proxy], list[nn.Module]]:
+    """The proxies inside an object and the modules it refers to (kept as they are, never
+    copied)."""
+    leaves = list(_leaves(value))
+    proxies = [v for v in leaves if isinstance(v, fx.Proxy)]
+    return proxies, [v for v in leaves if isinstance(v, nn.Module)]
 
 
 def _holds_fake(value: Any) -> bool:
-    found: list[bool] = []
-
-    def walk(v: Any, depth: int) -> None:
-        if isinstance(v, (torch._subclasses.FakeTensor, torch.SymInt, torch.SymFloat)):
-            found.append(True)
-        elif depth < _REBUILD_DEPTH and isinstance(v, (tuple, list, set, frozenset)):
-            for item in v:
-                walk(item, depth + 1)
-        elif depth < _REBUILD_DEPTH and isinstance(v, dict):
-            for item in v.values():
-                walk(item, depth + 1)
-        elif depth < _REBUILD_DEPTH and is_object(v):
-            for item in vars(v).values():
-                walk(item, depth + 1)
-
-    walk(value, 0)
-    return bool(found)
+    fake = (torch._subclasses.FakeTensor, torch.SymInt, torch.SymFloat)
+    return any(isinstance(v, fake) for v in _leaves(value))
 
 
 class _Slot:
