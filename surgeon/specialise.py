@@ -49,7 +49,7 @@ from torch.fx.experimental.symbolic_shapes import (
 )
 
 from surgeon.rebuild import is_object, rebuilding
-from surgeon.trace import MODULE_INTERNALS, PYTHON_VALUES, RegionTracer, Unsound
+from surgeon.trace import MODULE_INTERNALS, PYTHON_VALUES, RegionTracer, Unsound, why
 
 _CONTAINERS = (tuple, list, dict, torch.Size, *PYTHON_VALUES, type(None))
 _OBJECT_DEPTH = 4
@@ -131,7 +131,6 @@ class ModuleState:
         self.module = module
         self.watch()
         self._seen: list[tuple[list[Any], list[dict[str, Any]]]] = []
-        self._current = -1
         self.note_tensors()
 
     def note_tensors(self) -> None:
@@ -166,10 +165,10 @@ class ModuleState:
     def version(self) -> int | None:
         """The current state's number (None: more states than `LIMIT` were seen)."""
         try:
-            values = [self._tensors, *(get(m) for m, get in self._getters)]
+            values = self._values()
         except AttributeError:  # a setting was deleted since: watch what there is now
             self.watch()
-            values = [self._tensors, *(get(m) for m, get in self._getters)]
+            values = self._values()
         if self._current >= 0:
             seen_values, seen_configs = self._seen[self._current]
             if values == seen_values and all(
@@ -183,6 +182,9 @@ class ModuleState:
             self._seen.append(state)
         self._current = self._seen.index(state)
         return self._current
+
+    def _values(self) -> list[Any]:
+        return [self._tensors, *(get(m) for m, get in self._getters)]
 
 
 def _settings(module: nn.Module) -> list[str]:
@@ -293,7 +295,7 @@ def _attribute_value(value: Any) -> Any:
         return (dict, tuple((k, _attribute_value(v)) for k, v in value.items()))
     if isinstance(value, (set, frozenset)):
         return (type(value), tuple(sorted(repr(v) for v in value)))
-    if type(value).__name__.endswith("Config") and hasattr(value, "__dict__"):
+    if _is_config(value):
         return (type(value), repr(sorted(vars(value).items(), key=lambda item: item[0])))
     return _Identity(value)
 
@@ -620,7 +622,7 @@ class SpecialisingTracer(RegionTracer):
         except Unsound:
             raise
         except Exception as err:
-            raise Unsound(f"{_name(target)}: {_why(err)}") from None
+            raise Unsound(f"{_name(target)}: {why(err)}") from None
 
     # decisions --------------------------------------------------------------------------------
 
@@ -632,7 +634,7 @@ class SpecialisingTracer(RegionTracer):
         try:
             return convert(value)
         except Exception as err:
-            raise Unsound(f"forward branches on a value it cannot guard: {_why(err)}") from None
+            raise Unsound(f"forward branches on a value it cannot guard: {why(err)}") from None
 
 
 def _value_of(a: Any) -> Any:
@@ -659,11 +661,6 @@ def _name(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
 
 
-def _why(err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text[:160]}"
-
-
 def specialise(
     module: nn.Module,
     leaf_types: tuple[type, ...],
@@ -684,7 +681,7 @@ def specialise(
     except Unsound:
         raise
     except Exception as err:
-        raise Unsound(_why(err)) from None
+        raise Unsound(why(err)) from None
     finally:
         structured.disabled = quiet
     _drop_unused_lookups(graph)
@@ -858,16 +855,17 @@ class Dispatcher(nn.Module):
                     raise Unsound("the guards of the traced graph do not hold for its own call")
                 _share(shared_key, variant)
             self._check(variant, args, kwargs)
+        except SettingSet as err:
+            self.region.variants[key] = str(err)  # not shared: another model has not set it yet
+            out = self._own_forward(args, kwargs)
+            # the own forward has set it: a flag set once is part of the next call's state,
+            # which traces anew; a counter soon exceeds ModuleState.LIMIT
+            self.region.state.watch()
+            return out
         except Unsound as err:
             self.region.variants[key] = str(err)
-            if not isinstance(err, SettingSet):  # another model's forward has not set it yet
-                _share(shared_key, str(err))
-            out = self._own_forward(args, kwargs)
-            if isinstance(err, SettingSet):
-                # the own forward has set it: a flag set once is part of the next call's
-                # state, which traces anew; a counter soon exceeds ModuleState.LIMIT
-                self.region.state.watch()
-            return out
+            _share(shared_key, str(err))
+            return self._own_forward(args, kwargs)
         self.region.variants.setdefault(key, []).append(variant)
         return self._run(variant, variant.inputs(args, kwargs))
 

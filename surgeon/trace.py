@@ -16,7 +16,8 @@ A subtree that fails a check, or does not trace at all, is a graph break: its re
 recorded and its children are tried. A broken module with a forward of its own is also listed as
 a *specialised* region: surgeon/specialise.py traces it at call time, per kind of call.
 Adaptable layers (Linear, Conv, Embedding, ...) are leaves: they always appear as
-``call_module`` nodes, and one reached from a broken parent becomes a region of its own. Subtrees without adaptable layers are not traced: no adapter can land there.
+``call_module`` nodes, and one reached from a broken parent becomes a region of its own.
+Subtrees without adaptable layers are not traced: no adapter can land there.
 
 Structurally identical subtrees (the decoder layers of an LLM) are traced once: the graph only
 names submodules relative to its root, so it serves every instance with the same structure.
@@ -252,8 +253,13 @@ def _trace(
     try:
         return RegionTracer(leaf_types).trace(module, concrete_args=concrete)
     except Exception as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise Unsound(f"{type(err).__name__}: {message[:200]}") from None
+        raise Unsound(why(err)) from None
+
+
+def why(err: Exception) -> str:
+    """An exception as a one-line reason: its type and the first line of its message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _variadic_parameters(module: nn.Module) -> str:
