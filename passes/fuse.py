@@ -5,9 +5,13 @@ Runs on a rewritten region graph (`surgeon.rewrite.rewrite_region`'s ``graph_pas
 anchored on the ``(op, target)`` of the node that ends the subgraph, so most nodes are rejected
 by one dictionary lookup:
 
+Adapter layers declare which rule their subgraph follows (`AdapterLayer.fuses_as`, carried in
+each node's ``surgeon`` tag); a rule only looks at nodes tagged with its name:
+
 * ``lora``: ``base(x) + linear(linear(h, A) * s, B)`` (h: x, its cast, or dropout of them)
   -> ``surgeon::lora_linear``;
-* ``qlora``: a 4-bit base spelled out by passes/qlora.py (``linear_4bit(x, dequantize_4bit(...))``)
+* ``qlora``: a 4-bit base spelled out by LoRA's 4-bit layer (passes/lowrank/lora.py,
+  ``linear_4bit(x, dequantize_4bit(...))``)
   plus its LoRA -> ``surgeon::nf4_lora_linear`` on the packed weight (NF4 or FP4, any block size,
   absmax double-quantized or not), in the layer's compute dtype;
 * ``dora``: ``addcmul(linear(linear(h, A), B * view(f * s), (1 - f) b), base(x), f)``
@@ -95,7 +99,7 @@ def base_layer(node: Any, root: dict[str, Any]) -> BaseLayer | None:
 
 @dataclass(frozen=True)
 class QuantizedBase:
-    """A 4-bit base as passes/qlora.py spells it out, ``linear_4bit(x, dequantize_4bit(packed,
+    """A 4-bit base as LoRA's 4-bit layer spells it out, ``linear_4bit(x, dequantize_4bit(packed,
     absmax, shape, block_size, quant_type, compute_dtype), bias)``, read as `nf4_lora_linear`
     takes it. ``absmax`` is the float32 one: with double quantization, the graph's own
     `dequantize_absmax` of the stored 8-bit state (1/64 of the weight's size), kept."""
@@ -230,7 +234,7 @@ def _low_rank(delta: Any, adapter: str, x: fx.Node) -> tuple | None:
 def match_lora(add: fx.Node, root: dict[str, Any]) -> Match | None:
     tag = _tag(add)
     args = _call(add, torch.add, 2)
-    if tag is None or tag.get("method") != "lora" or args is None:
+    if tag is None or tag.get("fuses_as") != "lora" or args is None:
         return None
     base = base_layer(args[0], root)
     if base is None or len(base.node.users) != 1:
@@ -254,10 +258,10 @@ def match_lora(add: fx.Node, root: dict[str, Any]) -> Match | None:
 
 def match_qlora(add: fx.Node, root: dict[str, Any]) -> Match | None:
     """``linear_4bit(x, dequantize_4bit(...), b) + type_as(linear(linear(h, A) * s, B), base)``
-    (passes/qlora.py) -> ``surgeon::nf4_lora_linear`` in the base's compute dtype."""
+    (passes/lowrank/lora.py) -> ``surgeon::nf4_lora_linear`` in the base's compute dtype."""
     tag = _tag(add)
     args = _call(add, torch.add, 2)
-    if tag is None or tag.get("method") != "qlora" or args is None:
+    if tag is None or tag.get("fuses_as") != "qlora" or args is None:
         return None
     base = quantized_base(args[0])
     cast = _method(args[1], "type_as")
@@ -284,7 +288,7 @@ def match_qlora(add: fx.Node, root: dict[str, Any]) -> Match | None:
 def match_dora(out: fx.Node, root: dict[str, Any]) -> Match | None:
     tag = _tag(out)
     args = _call(out, torch.addcmul, 3)
-    if tag is None or tag.get("method") != "dora" or args is None:
+    if tag is None or tag.get("fuses_as") != "dora" or args is None:
         return None
     low, base_out, factor = args
     base = base_layer(base_out, root)
@@ -401,7 +405,7 @@ def match_mixed(first: fx.Node, root: dict[str, Any]) -> Match | None:
             (base.input, weight, bias, a_all, b_all, scales, index),
         )
 
-    tag = {"adapter": ",".join(names), "method": "lora"}
+    tag = {"adapter": ",".join(names), "method": "lora", "fuses_as": "lora"}
     return Match(last, build, [*dead, base.node], tag, str(base.node.target))
 
 
@@ -417,7 +421,7 @@ def _mixed_step(node: fx.Node, base: BaseLayer) -> tuple | None:
     if cast is not None and _tag(part) is not None and _tag(part).get("adapter") == name:
         add = cast[0]
     args = _call(add, torch.add, 2)
-    if args is None or _tag(add) is None or _tag(add).get("method") != "lora":
+    if args is None or _tag(add) is None or _tag(add).get("fuses_as") != "lora":
         return None
     base_rows = _call(args[0], torch.index_select, 3)
     if base_rows is None or base_rows != (base.node, 0, rows):

@@ -1,10 +1,11 @@
 """surgeon: a declarative model-surgery compiler for PyTorch.
 
 Every method class (``surgeon.LoRA``, ``surgeon.DoRA``, ...) is exported under its class name
-from the registry in ``passes/registry.py``: adding a method adds no line here.
+from the registry that `surgeon.passes` fills as it imports the method modules: adding a method
+adds no line here. ``import surgeon.kernels`` for the fused ops themselves.
 """
 
-import passes.registry  # noqa: F401  (registers every method)
+import surgeon.passes  # noqa: F401  (registers every method)
 from surgeon.compiled import CompiledModel, compile
 from surgeon.errors import SpecError
 from surgeon.export import ExportError, ExportReport, export_onnx
@@ -16,20 +17,6 @@ from surgeon.spec import METHODS, MethodSpec, Spec, load_spec
 from surgeon.train import TrainingConfig, TrainResult, train
 
 globals().update({cls.__name__: cls for cls in METHODS.values()})
-
-
-def __getattr__(name: str):
-    if name == "kernels":  # imported on first use: importing it registers the torch.library ops
-        import surgeon.kernels
-
-        return surgeon.kernels
-    # `import passes.registry` before `import surgeon` runs this module before every method
-    # has registered; look them up when asked.
-    for cls in METHODS.values():
-        if cls.__name__ == name:
-            return cls
-    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
-
 
 __all__ = [
     "CompiledModel",

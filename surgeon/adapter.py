@@ -18,26 +18,31 @@ import contextlib
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-if TYPE_CHECKING:
-    from surgeon.trace import Region
+from surgeon.trace import Region
 
 
 class EmitContext:
     """Builds adapter nodes in a region graph; records the objects that get_attr/call_module name."""
 
     def __init__(
-        self, graph: fx.Graph, root: dict[str, Any], prefix: str, adapter: str, method: str
+        self,
+        graph: fx.Graph,
+        root: dict[str, Any],
+        prefix: str,
+        adapter: str,
+        method: str,
+        fuses_as: str | None = None,
     ) -> None:
         self.graph = graph
         self.root = root
         self.prefix = prefix
-        self.tag = {"adapter": adapter, "method": method}
+        self.tag = {"adapter": adapter, "method": method, "fuses_as": fuses_as}
         self.inserted: list[fx.Node] = []
 
     def _mark(self, node: fx.Node) -> fx.Node:
@@ -69,6 +74,13 @@ class AdapterLayer(nn.Module):
     no_weight_decay: ClassVar[tuple[str, ...]] = ()
     """Parameters weight decay must leave alone (DoRA's magnitudes: decay would shrink the
     adapted weight's norm towards zero, not the update)."""
+    peft_names: ClassVar[Mapping[str, str]] = {}
+    """PEFT's key (under the layer's path) of each parameter whose name differs from it."""
+    loraplus_b: ClassVar[tuple[str, ...]] = ()
+    """Parameters LoRA+ trains at its raised learning rate besides vectors (the B factors)."""
+    fuses_as: ClassVar[str | None] = None
+    """The fusion rule (``passes/fuse.py``) that matches the subgraph `emit` builds: the shape of
+    the computation, not the method's name (LoRA on a 4-bit base fuses as ``qlora``)."""
 
     @property
     def transforms_input(self) -> bool:
@@ -96,8 +108,9 @@ class AdapterLayer(nn.Module):
     def emit_input(self, ctx: EmitContext, x: fx.Node) -> fx.Node | None:
         """Optionally transform the base layer's input (IA³ on feed-forward layers scales it).
 
-        Return the node the base layer should read instead of ``x``, or None to leave it.
-        Other adapters on the same layer still see the original ``x``.
+        Return the node the base layer should read instead of ``x``, or None to leave it. Several
+        adapters on one layer transform it in turn (each gets the previous one's result); their
+        `emit` still sees the original ``x``.
         """
         return None
 
@@ -128,12 +141,19 @@ class AdapterLayer(nn.Module):
         changed how the base is stored (QLoRA's 4 bits) store it that way again if asked."""
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
-        """State-dict entries under the layer's path, in PEFT's naming without the adapter name."""
-        raise NotImplementedError
+        """State-dict entries under the layer's path, in PEFT's naming without the adapter name:
+        the layer's own parameters, renamed by `peft_names`."""
+        names = self.peft_names
+        return {names.get(n, n): p for n, p in self.named_parameters(recurse=False)}
 
     def peft_tensors_to_save(self) -> dict[str, torch.Tensor]:
         """What a save writes; `peft_tensors` unless training shrank the layer (AdaLoRA)."""
         return self.peft_tensors()
+
+    def loraplus_group(self, name: str, param: nn.Parameter) -> str:
+        """LoRA+'s learning-rate group of parameter ``name``, by PEFT's rule: ``"B"`` (raised)
+        for the B factors and for vectors, ``"A"`` (the base rate) for the rest."""
+        return "B" if name in self.loraplus_b or param.ndim == 1 else "A"
 
 
 @torch.no_grad()

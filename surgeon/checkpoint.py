@@ -38,7 +38,7 @@ from torch import nn
 
 from surgeon.distributed import Parallel, full, like
 from surgeon.errors import SpecError
-from surgeon.io import _atomic_write, read_safetensors
+from surgeon.io import atomic_write, read_safetensors
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -176,12 +176,12 @@ def _write_rng(directory: Path, rank: int) -> None:
 def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata={"format": "pt"}))
 
 
 def _write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=1) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _publish(staging: Path, final: Path) -> None:

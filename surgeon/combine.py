@@ -1,24 +1,15 @@
-"""Weighted combinations of LoRA adapters: `CompiledModel.merge_adapters`, PEFT's add_weighted_adapter.
+"""Weighted combinations of adapters: `CompiledModel.merge_adapters`, PEFT's add_weighted_adapter.
 
-Each source adapter's scaling is folded into the new adapter's factors, so the new adapter runs
-with scale 1 (alpha equals rank on every layer) and its file loads in PEFT unchanged.
-
-* ``cat``: the factors side by side, ``A = [w_i s_i A_i]``, ``B = [B_i]``: exactly
-  ``sum w_i s_i B_i A_i``, at the sum of the ranks.
-* ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: the A factors and
-  the B factors are combined separately (``sqrt(|w_i s_i|)`` on each side, the sign on A), which
-  keeps the rank but only approximates the weighted sum of the deltas.
-* ``svd`` and ``<method>_svd``: combine the full deltas ``s_i B_i A_i`` with the method, then
-  factor the result back to ``svd_rank`` by a truncated SVD.
-
-As in PEFT, a single adapter is always combined linearly.
+This module checks the arguments, then hands the sources to their method's `MethodSpec.combine`
+(LoRA's ``cat``, ``svd`` and factor-wise combinations; IA³'s weighted sum), which uses the
+task-arithmetic merges written here once: ``linear``, ``ties`` (Yadav et al.), ``dare_linear``
+and ``dare_ties`` (Yu et al.) and ``magnitude_prune``. As in PEFT, a single adapter is always
+combined linearly.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from surgeon.errors import SpecError, did_you_mean
-from surgeon.io import PREFIX
+from surgeon.peft import PREFIX
+from surgeon.spec import METHODS, Combination, MethodSpec
 
 if TYPE_CHECKING:
-    from passes.lora import LoRA, LoRALayer
     from surgeon.compiled import CompiledModel
-    from surgeon.spec import MethodSpec
 
 TASK_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 HOWS = ("cat", *TASK_METHODS, "svd", *(f"{m}_svd" for m in TASK_METHODS[1:]))
@@ -39,19 +29,19 @@ SIGN_METHODS = ("total", "frequency")
 SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "density": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "density": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "majority_sign_method": (lambda v: v in SIGN_METHODS, f"one of {SIGN_METHODS}"),
     "svd_rank": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "svd_clamp": (lambda v: _is_number(v) and 0 < v <= 1, "a quantile in (0, 1]"),
+    "svd_clamp": (lambda v: is_number(v) and 0 < v <= 1, "a quantile in (0, 1]"),
     "svd_full_matrices": (lambda v: isinstance(v, bool), "true or false"),
     "svd_driver": (lambda v: v in SVD_DRIVERS, f"one of {SVD_DRIVERS} (CUDA only)"),
     "seed": (_is_int, "an integer"),
@@ -71,7 +61,6 @@ class Options:
     seed: int | None = None
 
 
-Source = tuple[float, "LoRALayer"]  # (weight, the adapter's layer)
 MaskDrawer = Callable[[torch.Tensor, float], torch.Tensor]  # (tensor, density) -> keep-mask
 
 
@@ -81,28 +70,42 @@ def combine_adapters(
 ) -> tuple[MethodSpec, dict[str, torch.Tensor]]:
     """The spec and PEFT-keyed tensors of the adapter that combines ``weights`` (name -> weight)."""
     opts = _check_options(how, options)
-    if weights and all(n in cm.adapters and cm.spec(n).name == "ia3" for n in weights):
-        return _combine_ia3(cm, weights, how)
     _check_weights(cm, weights)
+    first = _method_of(cm, weights)
+    if how not in first.combinations:
+        raise SpecError(
+            f"merge_adapters(how={how!r}): {type(first).__name__} adapters combine by "
+            f"{', '.join(first.combinations)} only"
+        )
     if len(weights) == 1:
         how = "linear"  # one adapter: the others have nothing to combine with (as in PEFT)
-    ranks = {name: _config_rank(cm.spec(name)) for name in weights}
-    _check_equal_ranks(how, ranks)
-    sources = _sources_by_layer(cm, weights)
-    draw = _mask_drawer(opts.seed)
-    svd_rank = opts.svd_rank or max(ranks.values())
-    factors = {
-        path: _combine_layer(how, path, layer_sources, opts, draw, svd_rank)
-        for path, layer_sources in sources.items()
-    }
-    kinds = {path: layer_sources[0][1].kind for path, layer_sources in sources.items()}
-    first = cm.spec(next(iter(weights)))
-    spec = _combined_spec(cm, first, {p: a.shape[0] for p, (a, _) in factors.items()})
-    tensors = _peft_tensors(factors, kinds)
+    sources = [
+        Combination(name, float(w), cm.spec(name), dict(cm.store.items(name)))
+        for name, w in weights.items()
+    ]
+    spec, tensors = first.combine(cm.model, sources, how, opts)
+    adapted = sorted({path for source in sources for path in source.layers})
     params = dict(cm.model.named_parameters())
-    for pname in spec.trainable_base_parameters(cm.model, list(factors)):
+    for pname in spec.trainable_base_parameters(cm.model, adapted):
         tensors[PREFIX + pname] = params[pname].detach().clone()
     return spec, tensors
+
+
+def _method_of(cm: CompiledModel, weights: Mapping[str, float]) -> MethodSpec:
+    """The spec of the first adapter, once every adapter is of its method and that combines."""
+    combinable = sorted(cls.__name__ for cls in METHODS.values() if cls.combinations)
+    names = list(weights)
+    first = cm.spec(names[0])
+    for name in names:
+        spec = cm.spec(name)
+        if not spec.combinations or type(spec) is not type(first):
+            raise SpecError(
+                f"merge_adapters: adapter {name!r} is {spec.name}"
+                + (f" and {names[0]!r} is {first.name}" if spec.combinations else "")
+                + "; weighted merging combines adapters of one method among themselves, for "
+                f"{', '.join(combinable)}"
+            )
+    return first
 
 
 # -- checking arguments -----------------------------------------------------------------------
@@ -147,38 +150,6 @@ def _check_options(how: str, options: Mapping[str, Any]) -> Options:
     return Options(**given)
 
 
-def _combine_ia3(
-    cm: CompiledModel, weights: dict[str, float], how: str
-) -> tuple[MethodSpec, dict[str, torch.Tensor]]:
-    """IA³ vectors add up with their weights (PEFT's IA3 add_weighted_adapter): a layer that only
-    some adapters cover gets only their terms. A layer must be feed-forward in all or none."""
-    from passes.ia3 import IA3
-
-    if how != "linear":
-        raise SpecError(
-            f"merge_adapters(how={how!r}): IA³ adapters combine linearly only (how='linear')"
-        )
-    for name, weight in weights.items():
-        if not _is_number(weight):
-            raise SpecError(
-                f"merge_adapters: weights[{name!r}]={weight!r}: expected a finite number"
-            )
-    vectors: dict[str, torch.Tensor] = {}
-    feedforward: dict[str, bool] = {}
-    for name, weight in weights.items():
-        for path, layer in cm.store.items(name):
-            if feedforward.setdefault(path, layer.feedforward) != layer.feedforward:
-                raise SpecError(
-                    f"merge_adapters: {path} is a feed-forward target in some of the adapters and "
-                    f"not in others; IA³ cannot combine those"
-                )
-            term = layer.peft_tensors()["ia3_l"].detach().float() * weight
-            vectors[path] = vectors[path] + term if path in vectors else term
-    paths = sorted(vectors)
-    spec = IA3(targets=tuple(paths), feedforward=tuple(p for p in paths if feedforward[p]))
-    return spec, {f"{PREFIX}{p}.ia3_l": v for p, v in vectors.items()}
-
-
 def _check_weights(cm: CompiledModel, weights: Mapping[str, float]) -> None:
     if not weights:
         raise SpecError(
@@ -194,140 +165,18 @@ def _check_weights(cm: CompiledModel, weights: Mapping[str, float]) -> None:
             raise SpecError(
                 f"merge_adapters: adapter {name!r} trains full copies of "
                 f"{', '.join(cm.spec(name).modules_to_save)} (modules_to_save); copies have no "
-                f"low-rank factors to combine"
+                f"weights to combine"
             )
-        method = cm.spec(name).name
-        if method != "lora":
-            raise SpecError(
-                f"merge_adapters: adapter {name!r} is {method}; weighted merging is defined for LoRA adapters, or for IA³ adapters among themselves"
-            )
-        if not _is_number(weight):
+        if not is_number(weight):
             raise SpecError(
                 f"merge_adapters: weights[{name!r}]={weight!r}: expected a finite number"
             )
 
 
-def _config_rank(spec: LoRA) -> int:
-    """The largest rank the adapter's spec allows (PEFT's rule for combining ranks)."""
-    return max([spec.rank, *spec.rank_pattern.values()])
-
-
-def _check_equal_ranks(how: str, ranks: Mapping[str, int]) -> None:
-    if how == "cat" or how.endswith("svd") or len(set(ranks.values())) == 1:
-        return
-    shown = ", ".join(f"{n!r} has rank {r}" for n, r in ranks.items())
-    raise SpecError(
-        f"merge_adapters(how={how!r}) combines the A and B factors themselves, so every adapter "
-        f"needs the same rank ({shown}); use how='cat' or how='svd' for different ranks"
-    )
-
-
-# -- combining --------------------------------------------------------------------------------
-
-
-def _sources_by_layer(cm: CompiledModel, weights: Mapping[str, float]) -> dict[str, list[Source]]:
-    """Path -> (weight, layer) of every adapter on it, paths in the model's module order (the
-    order PEFT draws dare's random masks in)."""
-    order = {path: i for i, (path, _) in enumerate(cm.model.named_modules())}
-    by_path: dict[str, list[Source]] = {}
-    for name, weight in weights.items():
-        for path, layer in cm.store.items(name):
-            by_path.setdefault(path, []).append((float(weight), layer))
-    return {p: by_path[p] for p in sorted(by_path, key=order.__getitem__)}
-
-
-def _combine_layer(
-    how: str,
-    path: str,
-    sources: Sequence[Source],
-    opts: Options,
-    draw: MaskDrawer,
-    svd_rank: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of the combined adapter on one layer."""
-    if how == "cat":
-        return _cat(sources)
-    method = "linear" if how == "svd" else how.removesuffix("_svd")
-    if how.endswith("svd"):
-        return _svd(sources, method, opts, draw, svd_rank)
-    ranks = {layer.rank for _, layer in sources}
-    if len(ranks) > 1:
-        raise SpecError(
-            f"merge_adapters(how={how!r}): {path} has ranks {sorted(ranks)} in the adapters; "
-            f"use how='cat' or how='svd' for different ranks"
-        )
-    return _factorwise(sources, method, opts, draw)
-
-
-def _cat(sources: Sequence[Source]) -> tuple[torch.Tensor, torch.Tensor]:
-    a = torch.cat([layer.lora_A * weight * layer.scale for weight, layer in sources], dim=0)
-    b = torch.cat([layer.lora_B for _, layer in sources], dim=1)
-    return a, b
-
-
-def _factorwise(
-    sources: Sequence[Source], method: str, opts: Options, draw: MaskDrawer
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine the A factors and the B factors apart; ``sqrt(|w s|)`` on each, the sign on A."""
-    folded = [weight * layer.scale for weight, layer in sources]
-    roots = [math.sqrt(abs(f)) for f in folded]
-    signed = [r if f >= 0 else -r for r, f in zip(roots, folded)]
-    device = sources[0][1].lora_A.device
-    dtype = sources[0][1].lora_A.dtype
-    a = _merge(
-        method,
-        [layer.lora_A for _, layer in sources],
-        torch.tensor(signed, device=device),
-        opts,
-        draw,
-    )
-    b = _merge(
-        method,
-        [layer.lora_B for _, layer in sources],
-        torch.tensor(roots, device=device),
-        opts,
-        draw,
-    )
-    return a.to(dtype), b.to(dtype)
-
-
-def _svd(
-    sources: Sequence[Source], method: str, opts: Options, draw: MaskDrawer, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine the full deltas, then factor the result back to ``rank``.
-
-    The deltas are combined in the base weight's layout, as PEFT does (DARE's random masks then
-    fall on the same entries), and factored as out x in (kernel dims flattened)."""
-    deltas = [layer.delta_weight() for _, layer in sources]
-    device = deltas[0].device
-    if opts.svd_driver is not None and device.type != "cuda":
-        raise SpecError(
-            f"merge_adapters: svd_driver={opts.svd_driver!r} works on CUDA only; the adapters "
-            f"are on {device}"
-        )
-    weights = torch.tensor([weight for weight, _ in sources], device=device)
-    delta = _merge(method, deltas, weights, opts, draw)
-    if sources[0][1].kind in ("embedding", "conv1d_gpt2"):
-        delta = delta.t()  # these store their weight as in x out
-    u, s, vh = torch.linalg.svd(
-        delta.flatten(1), full_matrices=opts.svd_full_matrices, driver=opts.svd_driver
-    )
-    kept = min(rank, s.shape[0])
-    b = u[:, :kept] @ torch.diag(s[:kept])
-    a = vh[:kept, :]
-    if opts.svd_clamp is not None:
-        high = torch.quantile(torch.cat([b.flatten(), a.flatten()]), opts.svd_clamp)
-        b, a = b.clamp(-high, high), a.clamp(-high, high)
-    like_a, like_b = sources[0][1].lora_A, sources[0][1].lora_B
-    a = a.reshape(kept, *like_a.shape[1:])
-    b = b.reshape(like_b.shape[0], kept, *like_b.shape[2:])
-    return a.to(like_a.dtype), b.to(like_b.dtype)
-
-
 # -- the task-arithmetic family (Ilharco et al.; TIES: Yadav et al.; DARE: Yu et al.) ---------
 
 
-def _mask_drawer(seed: int | None) -> MaskDrawer:
+def mask_drawer(seed: int | None) -> MaskDrawer:
     """Bernoulli keep-masks for DARE: from torch's global RNG (as PEFT), or from ``seed``."""
     generators: dict[torch.device, torch.Generator] = {}
 
@@ -342,18 +191,21 @@ def _mask_drawer(seed: int | None) -> MaskDrawer:
     return draw
 
 
-def _merge(
+def merge_tensors(
     method: str,
     tensors: Sequence[torch.Tensor],
     weights: torch.Tensor,
     opts: Options,
     draw: MaskDrawer,
 ) -> torch.Tensor:
+    """``tensors`` (one per adapter, same shape) merged by a task-arithmetic ``method`` with
+    ``weights``: pruned (ties, magnitude_prune) or dropped at random (dare), weighted, summed
+    (or, for ties, averaged over the adapters that agree with the elected sign)."""
     density = opts.density
     if method in ("ties", "magnitude_prune"):
         tensors = [_keep_largest(t, density) for t in tensors]
     elif method in ("dare_linear", "dare_ties"):
-        tensors = [_drop_at_random(t, density, draw) for t in tensors]
+        tensors = [drop_at_random(t, density, draw) for t in tensors]
     stacked = torch.stack(list(tensors))
     weighted = stacked * weights.view(-1, *(1,) * (stacked.dim() - 1))
     if method not in ("ties", "dare_ties"):
@@ -372,7 +224,7 @@ def _keep_largest(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return tensor * keep.view(tensor.shape)
 
 
-def _drop_at_random(tensor: torch.Tensor, density: float, draw: MaskDrawer) -> torch.Tensor:
+def drop_at_random(tensor: torch.Tensor, density: float, draw: MaskDrawer) -> torch.Tensor:
     """Keep each entry with probability ``density``, rescaled to keep the expectation."""
     if density >= 1:
         return tensor
@@ -386,54 +238,3 @@ def _agrees_with_majority_sign(stacked: torch.Tensor, method: str) -> torch.Tens
     votes = stacked.sum(dim=0) if method == "total" else signs.sum(dim=0)
     elected = torch.where(votes >= 0, 1, -1)
     return signs == elected
-
-
-# -- the new adapter --------------------------------------------------------------------------
-
-
-def _combined_spec(cm: CompiledModel, first: LoRA, ranks: Mapping[str, int]) -> LoRA:
-    """A LoRA with scale 1 everywhere on exactly ``ranks``' paths; dropout and bias as the first
-    adapter's (as PEFT). rsLoRA is off: its scale would be sqrt(rank), not 1 (a PEFT bug,
-    huggingface/peft#3449)."""
-    from passes.lora import LoRA
-
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    patterns = {re.escape(p): r for p, r in ranks.items() if r != rank}
-    paths = sorted(ranks)
-    targets: str | tuple[str, ...] = tuple(paths)
-    if _suffixes_of_other_paths(cm.model) & set(paths):
-        # a list would also select the module that path ends in: name the paths exactly
-        targets = "|".join(re.escape(p) for p in paths)
-    return LoRA(
-        rank=rank,
-        alpha=rank,
-        targets=targets,
-        dropout=first.dropout,
-        bias=first.bias,
-        rank_pattern=patterns,
-        alpha_pattern=patterns,
-    )
-
-
-def _suffixes_of_other_paths(model: torch.nn.Module) -> set[str]:
-    """Every ``b.c`` and ``c`` of a module path ``a.b.c``: what a list target would match too."""
-    return {
-        path.split(".", cut)[cut]
-        for path, _ in model.named_modules()
-        for cut in range(1, path.count(".") + 1)
-    }
-
-
-def _peft_tensors(
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], kinds: Mapping[str, str]
-) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path, (a, b) in factors.items():
-        names = (
-            ("lora_embedding_A", "lora_embedding_B")
-            if kinds[path] == "embedding"
-            else ("lora_A.weight", "lora_B.weight")
-        )
-        tensors[f"{PREFIX}{path}.{names[0]}"] = a.detach().clone()
-        tensors[f"{PREFIX}{path}.{names[1]}"] = b.detach().clone()
-    return tensors

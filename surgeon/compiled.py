@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,14 @@ import torch
 from torch import nn
 
 from surgeon.adapter import AdapterLayer, CallAdapter, merge_layers, transform_call
+from surgeon.combine import combine_adapters
 from surgeon.copies import LayerCopy, copy_paths, present_names
-from surgeon.errors import SpecError
+from surgeon.errors import SpecError, did_you_mean
 from surgeon.graph import Graph
+from surgeon.inspect import Report
+from surgeon.io import adapter_config, adapter_tensors, fill_adapter, read_adapter, write_adapter
+from surgeon.passes.fuse import fuse_graph, fused_sites
+from surgeon.quant import Linear4bit
 from surgeon.rewrite import (
     escape,
     install,
@@ -171,8 +177,10 @@ class CompiledModel(nn.Module):
 
     def _build_adapter(
         self, name: str, method: MethodSpec, tensors: Mapping[str, torch.Tensor] | None = None
-    ) -> None:
-        """Create (and fill from ``tensors``) an adapter; on any error the model is left as it was."""
+    ) -> Callable[[], None]:
+        """Create (and fill from ``tensors``) an adapter; on any error the model is left as it
+        was. Returns the function that puts back what creating it changed in the base model
+        (`MethodSpec.snapshot_base`), for a caller that must undo several adapters at once."""
         check_adapter_name(name)
         if name in self.store.specs:
             raise SpecError(
@@ -184,14 +192,13 @@ class CompiledModel(nn.Module):
             )
         paths = method.select(self.model)
         copies = copy_paths(self.model, method, paths)
-        with _unchanged_on_error(self.model, [method.snapshot_base(self.model, paths)]):
+        restore = method.snapshot_base(self.model, paths)
+        with _unchanged_on_error(self.model, [restore]):
             layers = method.create_layers(self.model, paths)
             layers.update({p: LayerCopy(self.model.get_submodule(p)) for p in copies})
             call = method.create_call_adapter(self.model, self.graph, tensors is not None)
             base_trainable = method.trainable_base_parameters(self.model, paths)
             if tensors is not None:
-                from surgeon.io import fill_adapter
-
                 fill_adapter(self.model, name, method, layers, base_trainable, tensors, call)
         self._freeze_base()
         params = dict(self.model.named_parameters())
@@ -206,6 +213,7 @@ class CompiledModel(nn.Module):
         self.store.add(name, method, layers, call)
         self._add_unreached_layers([*paths, *copies])
         self._forget_plans()
+        return restore
 
     def set_active(self, names: str | Sequence[str] | None) -> None:
         """Which adapters run: a name, several names (applied in order), or None for none."""
@@ -259,6 +267,11 @@ class CompiledModel(nn.Module):
                 f"can be active at a time, alongside any layer adapters: use set_active"
             )
 
+    def _remove_call_hook(self) -> None:
+        if self._call_hook is not None:
+            self._call_hook.remove()
+            self._call_hook = None
+
     def _transform_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if not self._calls:
             return None
@@ -266,8 +279,6 @@ class CompiledModel(nn.Module):
 
     def _require(self, name: str) -> None:
         if name not in self.store.specs:
-            from surgeon.errors import did_you_mean
-
             raise SpecError(
                 f"no adapter named {name!r}{did_you_mean(name, self.adapters)} "
                 f"(adapters: {', '.join(self.adapters) or 'none'})"
@@ -281,8 +292,6 @@ class CompiledModel(nn.Module):
         """A new adapter ``name`` made from weighted existing ones (PEFT's add_weighted_adapter):
         ``how`` is linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, or one of
         ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd."""
-        from surgeon.combine import combine_adapters
-
         check_adapter_name(name)
         if name in self.store.specs:
             raise SpecError(
@@ -363,9 +372,7 @@ class CompiledModel(nn.Module):
             install(self.model, region, None)
         for name in list(self.store.specs):
             self.store.remove(name)
-        if self._call_hook is not None:
-            self._call_hook.remove()
-            self._call_hook = None
+        self._remove_call_hook()
         self._active, self._merged = (), []
         self._forget_plans()
         return self.model
@@ -438,11 +445,7 @@ class CompiledModel(nn.Module):
         self._calls = [call for _, call in calls]
 
     def _graph_passes(self) -> tuple:
-        if not self._fused:
-            return ()
-        from passes.fuse import fuse_graph
-
-        return (fuse_graph,)
+        return (fuse_graph,) if self._fused else ()
 
     def fuse(self, enabled: bool = True) -> int:
         """Run the fusion pass (``passes/fuse.py``) on the rewritten graphs, now and after every
@@ -453,8 +456,6 @@ class CompiledModel(nn.Module):
             raise SpecError(f"fuse: expected True or False, got {enabled!r}")
         self._fused = enabled
         self._recompile()
-        from passes.fuse import fused_sites
-
         return sum(fused_sites(region.graph) for region in self.graph.rewritten())
 
     @property
@@ -493,8 +494,6 @@ class CompiledModel(nn.Module):
         """Parameters of the base model and the adapters, with transformers' options (its
         ``Trainer`` counts FLOPs with ``exclude_embeddings=True``). A weight stored in 4 bits
         counts the values it holds, not its packed bytes (as PEFT counts bitsandbytes weights)."""
-        from surgeon.quant import Linear4bit
-
         skip = set()
         if exclude_embeddings:
             skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
@@ -509,22 +508,42 @@ class CompiledModel(nn.Module):
             if id(p) not in skip and (p.requires_grad or not only_trainable)
         )
 
-    def inspect(self):
-        from surgeon.inspect import Report
-
+    def inspect(self) -> Report:
         return Report.of(self)
 
-    def save_adapters(self, path: str | Path, names: Sequence[str] | None = None) -> None:
-        from surgeon.io import save_adapters
+    def adapter_state_dict(self, name: str = "default") -> dict[str, torch.Tensor]:
+        """The tensors `save_adapters` writes for adapter ``name``, under PEFT's keys (on the CPU)."""
+        self._require(name)
+        items = dict(self.store.items(name))
+        return adapter_tensors(self.model, self.spec(name), items, self.store.call(name))
 
-        save_adapters(self, Path(path), names)
+    def save_adapters(self, path: str | Path, names: Sequence[str] | None = None) -> None:
+        """PEFT layout: the adapter named "default" at ``path``, every other one in
+        ``path/<name>``. Every file is written atomically; nothing is written if any adapter
+        cannot be saved."""
+        chosen = list(self.adapters if names is None else names)
+        if not chosen:
+            raise SpecError("save_adapters: the model has no adapters to save")
+        for n in chosen:
+            self._require(n)
+        if any(n in self.merged for n in chosen):
+            warnings.warn(
+                "saving adapters that are merged into the weights: the saved adapter is the "
+                "adapter itself, not the merged model",
+                stacklevel=2,
+            )
+        prepared = []
+        for n in chosen:
+            items, call = dict(self.store.items(n)), self.store.call(n)
+            config = adapter_config(self.model, self.spec(n), items, call)
+            prepared.append((n, config, self.adapter_state_dict(n)))
+        for n, config, tensors in prepared:
+            write_adapter(Path(path) if n == "default" else Path(path) / n, config, tensors)
 
     def hotswap_adapter(self, path: str | Path, name: str = "default") -> None:
         """Replace adapter ``name``'s weights in place from a saved adapter (for serving): no
         parameter is reallocated, and nothing is recompiled unless the scaling (alpha) differs.
         The file must adapt the same layers with the same shapes; otherwise nothing changes."""
-        from surgeon.io import fill_adapter, read_adapter
-
         self._require(name)
         method, tensors = read_adapter(Path(path))
         method._set("modules_to_save", present_names(self.model, method.modules_to_save))
@@ -565,8 +584,8 @@ class CompiledModel(nn.Module):
     def load_adapters(
         self, path: str | Path, name: str = "default", activate: bool | None = None
     ) -> None:
-        from surgeon.io import read_adapter
-
+        """Load the adapter saved at ``path`` (surgeon- or PEFT-saved) as ``name``; it becomes
+        active if it is the first one (or when ``activate``). On any error nothing changes."""
         method, tensors = read_adapter(Path(path))
         method._set("modules_to_save", present_names(self.model, method.modules_to_save))
         if activate:
@@ -623,10 +642,11 @@ def compile(
     cm.graph.specialising = specialise
     if spec is not None:
         cm._check_call_adapters(list(spec.adapters), spec.adapters)
-        restores = [m.snapshot_base(model, m.select(model)) for m in spec.adapters.values()]
+        # the model's own hook for prompt methods goes too if a later adapter fails
+        restores: list[Callable[[], None]] = [cm._remove_call_hook]
         with _unchanged_on_error(model, restores):
             for adapter_name, method in spec.adapters.items():
-                cm._build_adapter(adapter_name, method)
+                restores.append(cm._build_adapter(adapter_name, method))
         cm._active = tuple(spec.adapters)
         cm._recompile()
     return cm

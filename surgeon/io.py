@@ -10,125 +10,28 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from surgeon.adapter import AdapterLayer, CallAdapter
+from surgeon.checks import check_names
 from surgeon.copies import LayerCopy
 from surgeon.errors import SpecError
-from surgeon.spec import METHODS, MethodSpec, check_names
-
-if TYPE_CHECKING:
-    from surgeon.adapter import AdapterLayer, CallAdapter
-    from surgeon.compiled import CompiledModel
+from surgeon.peft import PREFIX
+from surgeon.spec import METHODS, MethodSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
-PREFIX = "base_model.model."
-
-# adapter_config.json fields that never change the math (bookkeeping, or inits whose result the
-# saved weights replace).
-NEUTRAL_FIELDS = frozenset(
-    {
-        "peft_type",
-        "task_type",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "peft_version",
-        "auto_mapping",
-        "megatron_core",
-        "loftq_config",
-        "eva_config",
-        "corda_config",
-        "lora_ga_config",
-        "qalora_group_size",
-        "ensure_weight_tying",
-        "runtime_config",
-    }
-)
-# Fields that switch on a variant surgeon does not implement, with the value meaning "off".
-VARIANT_FIELDS: dict[str, Any] = {
-    "use_dora": False,
-    "lora_bias": False,
-    "use_qalora": False,
-    "layer_replication": None,
-    "trainable_token_indices": None,
-    "target_parameters": None,
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "use_bdlora": None,
-    "kasa_config": None,
-    "velora_config": None,
-    "monteclora_config": None,
-    "megatron_config": None,
-}
-
-
-def _is_off(value: Any, off: Any) -> bool:
-    return value == off or value in (None, False, [], {}, ())
-
-
-def check_peft_fields(config: Mapping[str, Any], handled: set[str], where: str) -> None:
-    """Refuse configs that would load as something else; ignore fields that do not change the math."""
-    for key, value in config.items():
-        if key in handled or key in NEUTRAL_FIELDS:
-            continue
-        if key in VARIANT_FIELDS:
-            if not _is_off(value, VARIANT_FIELDS[key]):
-                raise SpecError(
-                    f"{where}: {key}={value!r} selects a variant surgeon does not support yet; "
-                    f"loading it as plain {config.get('peft_type')} would give different outputs"
-                )
-            continue
-        if _is_off(value, None):
-            continue
-        if key.startswith("use_") or key.endswith("_config"):
-            raise SpecError(
-                f"{where}: unknown field {key}={value!r} looks like a variant switch; "
-                f"refusing to load it as something else"
-            )
-        warnings.warn(
-            f"{where}: ignoring unknown adapter_config.json field {key}={value!r}", stacklevel=3
-        )
-
-
-def refuse_peft_bias(config: Mapping[str, Any], method: str, where: str) -> None:
-    """For methods that do not train base biases: PEFT's ``bias`` must be ``"none"``."""
-    if config.get("bias", "none") != "none":
-        raise SpecError(
-            f"{where}: bias={config['bias']!r} (training base biases) is not supported for "
-            f"{method} yet; supported: 'none'"
-        )
-
-
-def peft_targets(config: Mapping[str, Any], where: str) -> str | tuple[str, ...]:
-    """``target_modules`` of a PEFT config, after checking the selection fields surgeon reads
-    the way PEFT does (``layers_pattern`` must be one of the layer containers it knows)."""
-    from surgeon.targets import LAYER_CONTAINERS
-
-    layers_pattern = config.get("layers_pattern")
-    if layers_pattern and config.get("layers_to_transform") is not None:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-        if any(p not in LAYER_CONTAINERS for p in patterns):
-            raise SpecError(
-                f"{where}: layers_pattern={layers_pattern!r} is not supported "
-                f"(supported: {', '.join(LAYER_CONTAINERS)})"
-            )
-    targets = config.get("target_modules")
-    if targets is None:
-        raise SpecError(
-            f"{where}: target_modules is missing; surgeon needs the targeted modules named"
-        )
-    return targets if isinstance(targets, str) else tuple(targets)
 
 
 def method_from_peft_config(config: Any, where: str) -> MethodSpec:
+    """The method a PEFT (or surgeon) adapter_config.json describes, by its ``peft_type`` and the
+    switches each method of that type claims (`MethodSpec.accepts_peft_config`)."""
     if not isinstance(config, Mapping):
         raise SpecError(f"{where}: expected a JSON object")
     peft_type = config.get("peft_type")
@@ -139,7 +42,8 @@ def method_from_peft_config(config: Any, where: str) -> MethodSpec:
             f"{where}: peft_type={peft_type!r} is not supported (supported: {', '.join(known)})"
         )
     claiming = [c for c in candidates if c.accepts_peft_config(config)]
-    cls = claiming[0] if claiming else candidates[0]
+    loading = [c for c in candidates if c.peft_format.claims_files]
+    cls = claiming[0] if claiming else loading[0]
     config = dict(config)
     modules_to_save = config.pop("modules_to_save", None) or ()
     try:
@@ -260,36 +164,39 @@ def _layer_tensors(
     return out
 
 
-def adapter_tensors(cm: CompiledModel, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's state dict under PEFT's keys (biases of targeted layers under ``base_layer``)."""
-    paths = cm.store.paths[name]
-    out = _layer_tensors(cm.spec(name), dict(cm.store.items(name)), saving=True)
-    if (call := cm.store.call(name)) is not None:
+def adapter_tensors(
+    model: nn.Module, spec: MethodSpec, layers: Mapping[str, AdapterLayer], call: CallAdapter | None
+) -> dict[str, torch.Tensor]:
+    """An adapter's state dict as saved, under PEFT's keys (biases of targeted layers under
+    ``base_layer``), on the CPU."""
+    out = _layer_tensors(spec, layers, saving=True)
+    if call is not None:
         out.update(call.peft_tensors_to_save())
-    targeted = set(paths)
-    params = dict(cm.model.named_parameters())
-    for pname in cm.spec(name).trainable_base_parameters(cm.model, paths):
+    params = dict(model.named_parameters())
+    for pname in spec.trainable_base_parameters(model, list(layers)):
         owner, _, leaf = pname.rpartition(".")
-        key = f"{owner}.base_layer.{leaf}" if owner in targeted else pname
+        key = f"{owner}.base_layer.{leaf}" if owner in layers else pname
         out[PREFIX + key] = params[pname]
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def adapter_config(cm: CompiledModel, name: str) -> dict[str, Any]:
+def adapter_config(
+    model: nn.Module, spec: MethodSpec, layers: Mapping[str, AdapterLayer], call: CallAdapter | None
+) -> dict[str, Any]:
+    """An adapter's adapter_config.json, PEFT's fields."""
     from importlib.metadata import PackageNotFoundError, version
 
-    spec = cm.spec(name)
-    adapted = [p for p, layer in cm.store.items(name) if not isinstance(layer, LayerCopy)]
+    adapted = [p for p, layer in layers.items() if not isinstance(layer, LayerCopy)]
     config = spec.to_peft_config(adapted)
     config["modules_to_save"] = list(spec.modules_to_save) or None
-    config.update(spec.peft_config_from_training(dict(cm.store.items(name))))
-    if (call := cm.store.call(name)) is not None:
+    config.update(spec.peft_config_from_training(layers))
+    if call is not None:
         config.update(call.peft_config())
     try:
         surgeon_version = version("surgeon-peft")
     except PackageNotFoundError:
         surgeon_version = "0+unknown"
-    name_or_path = getattr(getattr(cm.model, "config", None), "_name_or_path", None) or None
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config.update(
         {
             "base_model_name_or_path": name_or_path,
@@ -302,38 +209,21 @@ def adapter_config(cm: CompiledModel, name: str) -> dict[str, Any]:
     return dict(sorted(config.items()))
 
 
-def save_adapters(cm: CompiledModel, path: Path, names: Sequence[str] | None = None) -> None:
-    """PEFT layout: the adapter named "default" at ``path``, every other one in ``path/<name>``."""
+def write_adapter(
+    target: Path, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """One adapter directory in PEFT's layout; each file is replaced atomically."""
     from safetensors.torch import save_file
 
-    chosen = list(cm.adapters if names is None else names)
-    if not chosen:
-        raise SpecError("save_adapters: the model has no adapters to save")
-    for n in chosen:
-        cm._require(n)
-    if any(n in cm.merged for n in chosen):
-        warnings.warn(
-            "saving adapters that are merged into the weights: the saved adapter is the "
-            "adapter itself, not the merged model",
-            stacklevel=3,
-        )
-    prepared = []
-    for n in chosen:
-        target = path if n == "default" else path / n
-        prepared.append((target, adapter_config(cm, n), adapter_tensors(cm, n)))
-    for target, config, tensors in prepared:
-        target.mkdir(parents=True, exist_ok=True)
-        _atomic_write(
-            target / WEIGHTS_NAME,
-            lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}),
-        )
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        _atomic_write(
-            target / CONFIG_NAME, lambda tmp, s=text: Path(tmp).write_text(s, encoding="utf-8")
-        )
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_write(
+        target / WEIGHTS_NAME, lambda tmp: save_file(dict(tensors), tmp, metadata={"format": "pt"})
+    )
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _atomic_write(final: Path, write) -> None:
+def atomic_write(final: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     try:

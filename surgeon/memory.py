@@ -12,7 +12,6 @@ a time.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgeon.checks import check_choice, check_int
+from surgeon.compiled import compile
 from surgeon.errors import SpecError
 from surgeon.quant import Linear4bit
-from surgeon.spec import MethodSpec, Spec, as_spec, check_choice, check_int
+from surgeon.spec import METHODS, MethodSpec, Spec, as_spec, method_class
+
+DEFAULT_METHOD = "lora"
+"""The adapter estimated when none is given: LoRA with its defaults."""
 
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0}
 """Optimizer state tensors per trainable parameter (Adam: two moments, in the parameter's dtype)."""
@@ -137,8 +141,6 @@ def estimate_memory(
     ``spec`` itself when it is a QLoRA, else the same LoRA fields with ``NF4()``. ``inputs``:
     example forward arguments for models that do not take ``input_ids``.
     """
-    from passes.qlora import QLoRA
-
     check_int("estimate_memory", "batch_size", batch_size)
     check_int("estimate_memory", "seq_len", seq_len)
     check_choice("estimate_memory", "optimizer", optimizer, OPTIMIZER_STATES)
@@ -149,14 +151,10 @@ def estimate_memory(
         model_or_config = AutoConfig.from_pretrained(model_or_config)
     build = _meta_builder(model_or_config)
     dtype = _dtype(dtype, model_or_config)
-    from passes.lora import LoRA
-
-    lora_fields = _lora_fields(method)
-    if isinstance(method, QLoRA):
-        adapter, qlora = LoRA(**lora_fields), method
-    else:
-        adapter = method
-        qlora = QLoRA(**lora_fields) if lora_fields is not None else None
+    adapter = method.on_full_precision_base()
+    qlora = next(
+        (q for cls in METHODS.values() if (q := cls.on_4bit_base(method)) is not None), None
+    )
     setups: list[tuple[str, torch.dtype, MethodSpec | None]] = [
         ("full fine-tune", dtype, None),
         (type(adapter).__name__, dtype, adapter),
@@ -165,7 +163,7 @@ def estimate_memory(
     if qlora is not None:
         setups.append(("QLoRA", qlora.quant.dtype, qlora))
     else:
-        notes.append(f"(no QLoRA row: {type(method).__name__} has no LoRA fields to reuse)")
+        notes.append(f"(no QLoRA row: {type(method).__name__} cannot run on a 4-bit base)")
     rows = []
     for name, row_dtype, row_method in setups:
         model = build(row_dtype)
@@ -245,24 +243,11 @@ def _dtype(dtype: Any, source: Any) -> torch.dtype:
 
 def _single_method(spec: Any) -> MethodSpec:
     if spec is None:
-        from passes.lora import LoRA
-
-        return LoRA()
+        return method_class(DEFAULT_METHOD)()
     adapters = as_spec(spec).adapters
     if len(adapters) != 1:
         raise SpecError("estimate_memory: give one adapter method (a Spec with one adapter)")
     return next(iter(adapters.values()))
-
-
-def _lora_fields(method: MethodSpec) -> dict[str, Any] | None:
-    from passes.lora import LoRA
-
-    if not isinstance(method, LoRA):
-        return None
-    names = [
-        f.name for f in dataclasses.fields(LoRA) if f.name != "init" or method.init == "default"
-    ]
-    return {f: getattr(method, f) for f in names}
 
 
 # -- one row --------------------------------------------------------------------------------------
@@ -278,8 +263,6 @@ def _row(
     checkpointing: bool,
     inputs: Mapping[str, torch.Tensor] | None,
 ) -> MemoryRow:
-    from surgeon.compiled import compile
-
     if method is None:
         for p in model.parameters():
             p.requires_grad_(True)

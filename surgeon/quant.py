@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from surgeon.checks import ValidatingMeta, check_bool, check_choice
 from surgeon.errors import SpecError
-from surgeon.spec import _ValidatingMeta, check_bool, check_choice
+from surgeon.layers import gpt2_conv1d_type
+from surgeon.targets import PRESETS, matches_selector, preset_paths
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -475,7 +477,7 @@ class _RecomputedLinear(torch.autograd.Function):
 
 
 @dataclasses.dataclass(frozen=True)
-class NF4(metaclass=_ValidatingMeta):
+class NF4(metaclass=ValidatingMeta):
     """How QLoRA stores base weights: 4-bit NormalFloat blocks of ``block_size`` values, absmax
     double-quantized, dequantized into ``compute_dtype`` for the matmul. ``quant_type="fp4"``
     (or `FP4`) uses bitsandbytes' 4-bit float instead of NormalFloat."""
@@ -618,8 +620,6 @@ def is_quantized(layer: nn.Module) -> bool:
 
 def quantizable(layer: nn.Module) -> bool:
     """Plain ``nn.Linear`` and GPT-2's ``Conv1D`` can be stored in 4 bits."""
-    from surgeon.layers import gpt2_conv1d_type
-
     conv1d = gpt2_conv1d_type()
     return type(layer) in (nn.Linear, Linear4bit) or (conv1d is not None and type(layer) is conv1d)
 
@@ -678,9 +678,6 @@ def dequantize_linear(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn
 def quantizable_paths(model: nn.Module, selector: str | Sequence[str], owner: str) -> list[str]:
     """Paths of the layers ``selector`` picks (a preset, a regex or name suffixes, as in
     ``targets``) that can be stored in 4 bits; `SpecError` if there are none."""
-    from surgeon.spec import PRESETS
-    from surgeon.targets import matches_selector, preset_paths
-
     if isinstance(selector, str) and selector in PRESETS:
         hits = preset_paths(model, selector)
     else:

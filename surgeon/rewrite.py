@@ -131,23 +131,40 @@ def _emit_adapters(
     adapters: Sequence[tuple[str, AdapterLayer]],
     region: Region,
 ) -> None:
-    x = _layer_input(node)
+    x = layer_input = _layer_input(node)
     inserted: set[fx.Node] = set()
     for name, adapter in adapters:
         with graph.inserting_before(node):
-            ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
-            new_x = adapter.emit_input(ctx, x)
-        if new_x is not None and node.args:
-            node.args = (new_x, *node.args[1:])
-        elif new_x is not None:
-            node.kwargs = {**node.kwargs, next(iter(node.kwargs)): new_x}
+            transformed = adapter.emit_input(_context(graph, root, region, node, name, adapter), x)
+        x = transformed if transformed is not None else x  # the next adapter transforms this one
+    if x is not layer_input:
+        _set_layer_input(node, x)
     base = out = _replace_base_call(graph, root, node, adapters, region)
     with graph.inserting_before(base.next):
         for name, adapter in adapters:
-            ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
-            out = adapter.emit(ctx, x, out)
+            ctx = _context(graph, root, region, node, name, adapter)
+            out = adapter.emit(ctx, layer_input, out)
             inserted.update(ctx.inserted)
     base.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
+
+
+def _context(
+    graph: fx.Graph,
+    root: dict[str, Any],
+    region: Region,
+    node: fx.Node,
+    name: str,
+    adapter: AdapterLayer,
+) -> EmitContext:
+    prefix = _prefix(region, node, name)
+    return EmitContext(graph, root, prefix, name, adapter.method, adapter.fuses_as)
+
+
+def _set_layer_input(node: fx.Node, x: fx.Node) -> None:
+    if node.args:
+        node.args = (x, *node.args[1:])
+    else:
+        node.kwargs = {**node.kwargs, next(iter(node.kwargs)): x}
 
 
 def _replace_base_call(
@@ -161,8 +178,9 @@ def _replace_base_call(
     replaces the layer's call node; the node that now gives the base output is returned."""
     for name, adapter in adapters:
         with graph.inserting_before(node):
-            ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
-            base_out = adapter.emit_base(ctx, _layer_input(node))
+            base_out = adapter.emit_base(
+                _context(graph, root, region, node, name, adapter), _layer_input(node)
+            )
         if base_out is not None:
             base_out.meta["surgeon"]["replaces"] = str(node.target)
             node.replace_all_uses_with(base_out)
@@ -189,7 +207,7 @@ def _emit_mixed(
                     f"adapter {name!r} ({adapter.method}) transforms its layer's input; "
                     f"mixed batches do not support that yet"
                 )
-            ctx = EmitContext(graph, root, _prefix(region, node, name), name, adapter.method)
+            ctx = _context(graph, root, region, node, name, adapter)
             rows = ctx.call(batch_rows, name, x)
             part = adapter.emit(
                 ctx,

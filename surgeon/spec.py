@@ -1,7 +1,9 @@
 """Declarative specs: one frozen dataclass per method, a `Spec` of named adapters, spec files.
 
 Every method class registers itself under its ``name``; constructing one validates every
-field and raises `SpecError` naming the field, the value and what is allowed.
+field and raises `SpecError` naming the field, the value and what is allowed. A method's class
+is also its contract with the compiler (which layers it adapts, the layers it builds, its PEFT
+format, its training hooks): see `MethodSpec`.
 """
 
 from __future__ import annotations
@@ -16,48 +18,44 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from surgeon.adapter import AdapterLayer, CallAdapter
+from surgeon.checks import ValidatingMeta, check_layers, check_names, check_targets, spec_fields
 from surgeon.errors import SpecError, did_you_mean
+from surgeon.peft import PeftFormat
+from surgeon.quant import is_quantized
+from surgeon.targets import check_pattern_keys, select_targets
 
 if TYPE_CHECKING:
-    from surgeon.adapter import AdapterLayer, CallAdapter
     from surgeon.graph import Graph
 
 METHODS: dict[str, type[MethodSpec]] = {}
-PRESETS = ("attention", "mlp", "all-linear")
 
-
-def spec_fields(cls: type) -> list[dataclasses.Field]:
-    """A method's own fields first, then the ones every method shares (keyword-only)."""
-    fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
-    return [f for f in fields if not f.kw_only] + [f for f in fields if f.kw_only]
-
-
-class _ValidatingMeta(type):
-    """Turns unknown or surplus constructor arguments into `SpecError` instead of `TypeError`."""
-
-    def __call__(cls, *args: Any, **kwargs: Any):
-        fields = spec_fields(cls)
-        names = [f.name for f in fields]
-        positional = [f for f in fields if not f.kw_only]
-        if len(args) > len(positional):
-            raise SpecError(
-                f"{cls.__name__} takes at most {len(positional)} positional arguments, got {len(args)}"
-            )
-        for key in kwargs:
-            if key not in names:
-                raise SpecError(
-                    f"{cls.__name__} has no field {key!r}{did_you_mean(key, names)} "
-                    f"(fields: {', '.join(names)})"
-                )
-        return super().__call__(*args, **kwargs)
+SELECTION_FIELDS: dict[str, Callable[[str, str, Any], Any]] = {
+    "targets": check_targets,
+    "exclude": lambda owner, field, value: check_targets(owner, field, value, allow_empty=True),
+    "layers": check_layers,
+}
+"""The fields that choose target layers, checked alike in every method that has them."""
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodSpec(metaclass=_ValidatingMeta):
+class Combination:
+    """One adapter in a weighted combination (`MethodSpec.combine`)."""
+
+    name: str
+    weight: float
+    spec: MethodSpec
+    layers: Mapping[str, AdapterLayer]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec(metaclass=ValidatingMeta):
     """Base of every method spec (`surgeon.LoRA`, ...).
 
     Subclasses are frozen dataclasses with a class-level ``name`` (the registry key and the
-    ``method`` value in spec files) and implement `validate`.
+    ``method`` value in spec files); ``validate`` checks their own fields. The fields that choose
+    target layers (``targets``, ``exclude``, ``layers``) are checked here for every method that
+    declares them.
 
     Every method also takes ``modules_to_save``: modules (name suffixes, as PEFT's field) that
     the adapter trains as a full copy, such as a new classification head. The copy replaces the
@@ -70,23 +68,69 @@ class MethodSpec(metaclass=_ValidatingMeta):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls.peft_type = cls.peft_format.peft_type if cls.peft_format is not None else None
         name = cls.__dict__.get("name")
         if name:
             METHODS[name] = cls
 
     def __post_init__(self) -> None:
-        self._set(
-            "modules_to_save",
-            check_names(type(self).__name__, "modules_to_save", self.modules_to_save),
-        )
+        owner = type(self).__name__
+        self._set("modules_to_save", check_names(owner, "modules_to_save", self.modules_to_save))
+        for f in spec_fields(type(self)):
+            check = SELECTION_FIELDS.get(f.name)
+            if check is not None:
+                self._set(f.name, check(owner, f.name, getattr(self, f.name)))
         self.validate()
 
     def validate(self) -> None:
-        """Check and normalise fields; raise `SpecError` on the first bad one."""
+        """Check and normalise this method's own fields; raise `SpecError` on the first bad one."""
 
-    # -- what a method supplies to the compiler (see surgeon.adapter) --------------------------
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        """Representative configurations on ``targets`` (each option that changes the math at
+        least once): the conformance suite runs every one of them."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return {"default": cls(targets=targets) if "targets" in fields else cls()}
 
-    peft_type: ClassVar[str | None] = None
+    # -- the layers it adapts -------------------------------------------------------------------
+
+    adapts_quantized: ClassVar[bool] = False
+    """Whether this method can adapt layers stored in 4 bits (`surgeon.quant.Linear4bit`)."""
+
+    acts_on_call: ClassVar[bool] = False
+    """Whether the method acts on the model call (`create_call_adapter`) instead of on layers."""
+
+    pattern_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields mapping PEFT-style module patterns to per-layer values (LoRA's rank_pattern):
+    every key must match a targeted layer."""
+
+    def supports(self, layer: nn.Module) -> bool:
+        """Whether this method can adapt ``layer``."""
+        raise NotImplementedError
+
+    def select(self, model: nn.Module) -> list[str]:
+        """Paths of the layers this method adapts in ``model``."""
+        if self.acts_on_call:
+            return []
+        owner = type(self).__name__
+        paths = select_targets(
+            model,
+            owner,
+            self.targets,
+            self.supports,
+            layers=getattr(self, "layers", None),
+            exclude=getattr(self, "exclude", ()),
+        )
+        if not self.adapts_quantized:
+            _refuse_quantized(owner, model, paths)
+        for field_name in self.pattern_fields:
+            check_pattern_keys(owner, field_name, getattr(self, field_name), paths)
+        return paths
+
+    @property
+    def starts_as_base(self) -> bool:
+        """Whether a freshly created adapter leaves the model's outputs unchanged."""
+        return not self.acts_on_call
 
     @property
     def rewrites_base(self) -> bool:
@@ -107,13 +151,6 @@ class MethodSpec(metaclass=_ValidatingMeta):
 
         return restore
 
-    adapts_quantized: ClassVar[bool] = False
-    """Whether this method can adapt layers stored in 4 bits (`surgeon.quant.Linear4bit`)."""
-
-    def supports(self, layer: nn.Module) -> bool:
-        """Whether this method can adapt ``layer``."""
-        raise NotImplementedError
-
     def create_layer(self, layer: nn.Module, path: str) -> AdapterLayer:
         """The adapter parameters for one targeted layer (on the layer's device)."""
         raise NotImplementedError
@@ -123,9 +160,6 @@ class MethodSpec(metaclass=_ValidatingMeta):
         projections) override this; the others build each layer on its own."""
         return {p: self.create_layer(model.get_submodule(p), p) for p in paths}
 
-    acts_on_call: ClassVar[bool] = False
-    """Whether the method acts on the model call (`create_call_adapter`) instead of on layers."""
-
     def create_call_adapter(
         self, model: nn.Module, graph: Graph, from_file: bool
     ) -> CallAdapter | None:
@@ -134,58 +168,79 @@ class MethodSpec(metaclass=_ValidatingMeta):
         (a load fills it next)."""
         return None
 
-    def peft_shared_tensors(self, layers: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
-        """Adapter-wide tensors (not under one layer's path), by their full PEFT key."""
-        return {}
-
-    pattern_fields: ClassVar[tuple[str, ...]] = ()
-    """Fields mapping PEFT-style module patterns to per-layer values (LoRA's rank_pattern):
-    every key must match a targeted layer."""
-
-    def select(self, model: nn.Module) -> list[str]:
-        """Paths of the layers this method adapts in ``model``."""
-        from surgeon.targets import check_pattern_keys
-
-        paths = self._select_targets(model)
-        if not self.adapts_quantized:
-            _refuse_quantized(type(self).__name__, model, paths)
-        for field_name in self.pattern_fields:
-            check_pattern_keys(type(self).__name__, field_name, getattr(self, field_name), paths)
-        return paths
-
-    def _select_targets(self, model: nn.Module) -> list[str]:
-        from surgeon.targets import select_targets
-
-        return select_targets(
-            model,
-            type(self).__name__,
-            self.targets,
-            self.supports,
-            layers=getattr(self, "layers", None),
-            exclude=getattr(self, "exclude", ()),
-        )
-
     def trainable_base_parameters(self, model: nn.Module, paths: Sequence[str]) -> list[str]:
         """Names of base-model parameters this method trains too (e.g. LoRA's ``bias="all"``)."""
         return []
 
-    def to_peft_config(self, paths: Sequence[str]) -> dict[str, Any]:
+    # -- PEFT's format (surgeon.peft) -------------------------------------------------------------
+
+    peft_format: ClassVar[PeftFormat | None] = None
+    """How this method reads from and writes to PEFT's adapter_config.json; None for methods
+    PEFT does not have."""
+
+    peft_type: ClassVar[str | None] = None
+    """``peft_format``'s PEFT type (set from it)."""
+
+    def peft_shared_tensors(self, layers: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+        """Adapter-wide tensors (not under one layer's path), by their full PEFT key."""
+        return {}
+
+    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
         """This spec as PEFT's adapter_config.json fields (``paths``: the layers it adapted)."""
-        raise SpecError(f"{type(self).__name__} cannot be saved in PEFT's format yet")
+        if self.peft_format is None:
+            raise SpecError(f"{type(self).__name__} has no PEFT format")
+        return {**self.peft_format.write(self, paths), "modules_to_save": None}
+
+    @classmethod
+    def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
+        """Whether a config of this class's PEFT type is this method (PEFT writes DoRA as LORA
+        with ``use_dora``: LoRA and DoRA each claim their half)."""
+        return cls.peft_format is not None and cls.peft_format.claims(config)
 
     @classmethod
     def from_peft_config(cls, config: Mapping[str, Any], where: str) -> MethodSpec:
-        raise SpecError(f"{where}: {cls.__name__} cannot be read from PEFT's format yet")
+        """The spec a PEFT config describes; `SpecError` naming the key for a value of the wrong
+        type, a variant this method does not implement, or a field it does not accept."""
+        if cls.peft_format is None:
+            raise SpecError(f"{where}: {cls.__name__} has no PEFT format")
+        fields = cls.peft_format.read(config, where, cls.__name__)
+        try:
+            return cls(**fields)
+        except SpecError as err:
+            raise SpecError(f"{where}: {_naming_peft_key(cls, str(err))}") from None
 
     def peft_config_from_training(self, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
         """adapter_config.json fields that training decided (AdaLoRA's final rank_pattern)."""
         return {}
 
+    # -- weighted combination (CompiledModel.merge_adapters) -------------------------------------
+
+    combinations: ClassVar[tuple[str, ...]] = ()
+    """The ``how`` values `combine` accepts; empty when adapters of this method do not combine."""
+
+    def combine(
+        self,
+        model: nn.Module,
+        sources: Sequence[Combination],
+        how: str,
+        options: Any,
+    ) -> tuple[MethodSpec, dict[str, torch.Tensor]]:
+        """The spec and PEFT-keyed tensors (full keys) of the adapter that combines ``sources``
+        (all of this method; this spec is the first one's) by ``how``, one of `combinations`,
+        with the checked ``options`` (`surgeon.combine.Options`)."""
+        raise SpecError(f"{type(self).__name__} adapters cannot be combined")
+
+    # -- memory estimates (surgeon.estimate_memory) ----------------------------------------------
+
+    def on_full_precision_base(self) -> MethodSpec:
+        """This adapter on a base kept in full precision (QLoRA's is LoRA)."""
+        return self
+
     @classmethod
-    def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
-        """Whether a config of this class's ``peft_type`` is this method (PEFT writes DoRA as
-        LORA with ``use_dora``: LoRA and DoRA each claim their half)."""
-        return True
+    def on_4bit_base(cls, method: MethodSpec) -> MethodSpec | None:
+        """``method`` as this class would run it on a base stored in 4 bits, or None if this
+        class does not store bases in 4 bits or cannot express ``method``."""
+        return None
 
     # -- training hooks (surgeon.train and custom loops call them through the compiled model) --
 
@@ -197,6 +252,8 @@ class MethodSpec(metaclass=_ValidatingMeta):
         """A regulariser to add to the training loss (AdaLoRA's orthogonality term), or None."""
         return None
 
+    # -- dicts and copies ----------------------------------------------------------------------
+
     def _set(self, field: str, value: Any) -> None:
         object.__setattr__(self, field, value)
 
@@ -207,7 +264,7 @@ class MethodSpec(metaclass=_ValidatingMeta):
         out: dict[str, Any] = {"method": self.name}
         for f in spec_fields(type(self)):
             value = getattr(self, f.name)
-            if isinstance(value, MethodSpec):
+            if hasattr(value, "to_dict"):
                 value = value.to_dict()
             elif isinstance(value, tuple):
                 value = list(value)
@@ -232,9 +289,14 @@ class MethodSpec(metaclass=_ValidatingMeta):
             raise SpecError(f"{where}: {err}") from None
 
 
-def _refuse_quantized(owner: str, model: nn.Module, paths: Sequence[str]) -> None:
-    from surgeon.quant import is_quantized
+def _naming_peft_key(cls: type[MethodSpec], message: str) -> str:
+    """A spec error from reading a PEFT config, with the config key of the field it names."""
+    match = re.match(rf"{re.escape(cls.__name__)}\.(\w+)", message)
+    key = cls.peft_format.field_key(match.group(1)) if match else None
+    return f"{message} (adapter_config.json key {key!r})" if key else message
 
+
+def _refuse_quantized(owner: str, model: nn.Module, paths: Sequence[str]) -> None:
     stored = [p for p in paths if is_quantized(model.get_submodule(p))]
     if stored:
         raise SpecError(
@@ -352,117 +414,3 @@ def check_adapter_name(name: Any) -> str:
             f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-', not starting with a digit"
         )
     return name
-
-
-# -- field checks shared by the method specs -------------------------------------------------
-
-
-def check_int(owner: str, field: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpecError(f"{owner}.{field}={value!r}: expected an integer >= {minimum}")
-    return value
-
-
-def check_number(
-    owner: str,
-    field: str,
-    value: Any,
-    low: float,
-    high: float | None = None,
-    high_inclusive: bool = False,
-    low_inclusive: bool = False,
-) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = value >= low if low_inclusive else value > low
-    if ok and high is not None:
-        ok = value <= high if high_inclusive else value < high
-    if not ok:
-        lo = f"{'>=' if low_inclusive else '>'} {low}"
-        hi = f" and {'<=' if high_inclusive else '<'} {high}" if high is not None else ""
-        raise SpecError(f"{owner}.{field}={value!r}: expected a number {lo}{hi}")
-    return value
-
-
-def check_bool(owner: str, field: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise SpecError(f"{owner}.{field}={value!r}: expected true or false")
-    return value
-
-
-def check_choice(owner: str, field: str, value: Any, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        hint = did_you_mean(str(value), allowed)
-        raise SpecError(
-            f"{owner}.{field}={value!r}: expected one of {', '.join(map(repr, allowed))}{hint}"
-        )
-    return value
-
-
-def check_regex(owner: str, field: str, value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as err:
-        raise SpecError(
-            f"{owner}.{field}={value!r}: not a valid regular expression ({err})"
-        ) from None
-    return value
-
-
-def check_targets(
-    owner: str, field: str, value: Any, allow_empty: bool = False
-) -> str | tuple[str, ...]:
-    """A preset name or regex (a string), or name suffixes (a list of strings)."""
-    if isinstance(value, str):
-        if not value:
-            raise SpecError(
-                f"{owner}.{field}='': expected a regex, a preset ({', '.join(PRESETS)}) or a list of names"
-            )
-        return value if value in PRESETS else check_regex(owner, field, value)
-    if isinstance(value, Sequence) and all(isinstance(v, str) and v for v in value):
-        if not value and not allow_empty:
-            raise SpecError(f"{owner}.{field}=[]: expected at least one target")
-        return tuple(value)
-    raise SpecError(
-        f"{owner}.{field}={value!r}: expected a list of module-name suffixes, a regex, "
-        f"or a preset ({', '.join(PRESETS)})"
-    )
-
-
-def check_names(owner: str, field: str, value: Any) -> tuple[str, ...]:
-    """Module-name suffixes: a name or a list of names (possibly empty)."""
-    if isinstance(value, str) and value:
-        return (value,)
-    listed = isinstance(value, Sequence) and not isinstance(value, str)
-    if listed and all(isinstance(v, str) and v for v in value):
-        return tuple(value)
-    raise SpecError(f"{owner}.{field}={value!r}: expected a list of module names (suffixes)")
-
-
-def check_layers(owner: str, field: str, value: Any) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    given = value  # the error names what the user wrote, not the tuple made of it
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,)
-    if (
-        isinstance(value, Sequence)
-        and value
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-    ):
-        return tuple(value)
-    raise SpecError(
-        f"{owner}.{field}={given!r}: expected a layer index or a non-empty list of indices >= 0"
-    )
-
-
-def check_pattern_map(owner: str, field: str, value: Any, check_value) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise SpecError(f"{owner}.{field}={value!r}: expected a mapping of module pattern -> value")
-    out = {}
-    for key, item in value.items():
-        if not isinstance(key, str) or not key:
-            raise SpecError(f"{owner}.{field}: key {key!r} must be a non-empty module pattern")
-        check_regex(owner, f"{field}[{key!r}]", key)
-        out[key] = check_value(owner, f"{field}[{key!r}]", item)
-    return out

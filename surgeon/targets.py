@@ -15,8 +15,8 @@ from torch import nn
 
 from surgeon.errors import SpecError, closest
 from surgeon.layers import gpt2_conv1d_type
-from surgeon.spec import PRESETS
 
+PRESETS = ("attention", "mlp", "all-linear")
 LAYER_CONTAINERS = ("layers", "h", "block", "blocks", "layer")
 # Lazy prefix: the first container index counts, as in PEFT (T5's block.1.layer.0 is layer 1).
 _LAYER_INDEX = re.compile(rf"(?:^|.*?\.)(?:{'|'.join(LAYER_CONTAINERS)})\.(\d+)(?:\.|$)")

@@ -33,6 +33,8 @@ from torch import nn
 from surgeon import checkpoint, distributed
 from surgeon.best import Snapshot, best_evaluation, evaluations_without_improvement
 from surgeon.checkpoint import Progress
+from surgeon.checks import ValidatingMeta, check_bool, check_choice, check_int, check_number
+from surgeon.compiled import CompiledModel
 from surgeon.data import (
     Batch,
     Source,
@@ -45,14 +47,7 @@ from surgeon.data import (
 )
 from surgeon.distributed import Parallel
 from surgeon.errors import SpecError
-from surgeon.spec import (
-    MethodSpec,
-    _ValidatingMeta,
-    check_bool,
-    check_choice,
-    check_int,
-    check_number,
-)
+from surgeon.spec import MethodSpec
 
 logger = logging.getLogger("surgeon.train")
 
@@ -62,7 +57,7 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class TrainingConfig(metaclass=_ValidatingMeta):
+class TrainingConfig(metaclass=ValidatingMeta):
     """How `train` trains. Invalid values raise `SpecError` when the config is built.
 
     ``epochs`` may be fractional; ``max_steps`` (optimizer steps) overrides it. A step is
@@ -785,24 +780,19 @@ def no_decay_parameters(cm: Any) -> set[int]:
 
 
 def _loraplus_kinds(cm: Any, trained: Mapping[str, nn.Parameter]) -> dict[str, str]:
-    """PEFT's LoRA+ rule on PEFT's parameter names: embedding adapters apart, ``lora_B`` and
-    vectors at the raised rate, the rest at the base rate."""
-    keys = {
-        id(tensor): f"{path}.{suffix}"
+    """LoRA+'s group of each trained parameter, as its adapter layer declares it
+    (`AdapterLayer.loraplus_group`: PEFT's rule); base parameters trained beside the adapters
+    (biases) go by the same rule as vectors."""
+    groups = {
+        id(param): layer.loraplus_group(pname, param)
         for adapter in cm.active
-        for path, layer in cm.store.items(adapter)
-        for suffix, tensor in layer.peft_tensors().items()
+        for _, layer in cm.store.items(adapter)
+        for pname, param in layer.named_parameters(recurse=False)
     }
-    kinds = {}
-    for name, param in trained.items():
-        key = keys.get(id(param), name)
-        if "lora_embedding_" in key:
-            kinds[name] = "embedding"
-        elif "lora_B" in key or param.ndim == 1:
-            kinds[name] = "B"
-        else:
-            kinds[name] = "A"
-    return kinds
+    return {
+        name: groups.get(id(param), "B" if param.ndim == 1 else "A")
+        for name, param in trained.items()
+    }
 
 
 def no_cache_arguments(model: nn.Module) -> dict[str, bool]:
@@ -916,8 +906,6 @@ def _check_evaluation_data(config: TrainingConfig, eval_data: Any) -> None:
 
 
 def _check_model(cm: Any) -> None:
-    from surgeon.compiled import CompiledModel
-
     if not isinstance(cm, CompiledModel):
         raise SpecError(
             f"train: expected a compiled model (surgeon.compile(model, spec)), got "

@@ -17,8 +17,7 @@ from torch import nn
 from zoo import ZOO, logits, randomize
 
 import surgeon
-from surgeon.combine import Options, _drop_at_random, _mask_drawer, _merge
-from surgeon.io import adapter_tensors
+from surgeon.combine import Options, drop_at_random, mask_drawer, merge_tensors
 
 peft = pytest.importorskip("peft")
 lora_model = pytest.importorskip("peft.tuners.lora.model")
@@ -155,7 +154,7 @@ def test_matches_peft_add_weighted_adapter(pairs, pair, how, options, reseed_pef
         assert not torch.allclose(ours, base, atol=1e-3)  # the combination matters
         torch.testing.assert_close(ours, logits(pm(**x)), rtol=1e-5, atol=1e-5)
         theirs = _peft_lora_tensors(pm, "ab")
-        _assert_same_tensors(theirs, adapter_tensors(cm, "ab"), padded=how == "cat")
+        _assert_same_tensors(theirs, cm.adapter_state_dict("ab"), padded=how == "cat")
 
 
 def _sources(cm, path: str):
@@ -210,13 +209,15 @@ HAND_B = torch.tensor([[-2.5, -2.0], [1.0, -4.0]])
 )
 def test_pruning_merges_by_hand(method, options, expected):
     opts = Options(density=0.5, **options)
-    merged = _merge(method, [HAND_A, HAND_B], torch.tensor([1.0, 2.0]), opts, _mask_drawer(None))
+    merged = merge_tensors(
+        method, [HAND_A, HAND_B], torch.tensor([1.0, 2.0]), opts, mask_drawer(None)
+    )
     torch.testing.assert_close(merged, torch.tensor(expected))
 
 
 def test_dare_drops_at_random_and_rescales_to_keep_the_mean():
     tensor = torch.ones(20000)
-    kept = _drop_at_random(tensor, 0.25, _mask_drawer(0))
+    kept = drop_at_random(tensor, 0.25, mask_drawer(0))
     assert set(kept.unique().tolist()) == {0.0, 4.0}
     assert abs(kept.mean().item() - 1.0) < 0.05
 
@@ -230,7 +231,7 @@ def test_dare_is_seedable(pairs):
         torch.manual_seed(3)
         cm.merge_adapters(WEIGHTS, name, how="dare_linear", density=0.5)
     try:
-        tensors = {n: adapter_tensors(cm, n) for n in [*names, "g1", "g1_again"]}
+        tensors = {n: cm.adapter_state_dict(n) for n in [*names, "g1", "g1_again"]}
         for a, b in [("s1", "s1_again"), ("g1", "g1_again")]:
             for key in tensors[a]:
                 assert torch.equal(tensors[a][key], tensors[b][key]), key
@@ -322,7 +323,9 @@ def test_bfloat16_bases_match_peft(how, options, tmp_path):
         ours = logits(cm(**x))
         assert ours.dtype == torch.bfloat16
         torch.testing.assert_close(ours, logits(pm(**x)), rtol=0, atol=1e-2)
-        _assert_same_tensors(_peft_lora_tensors(pm, "ab"), adapter_tensors(cm, "ab"), how == "cat")
+        _assert_same_tensors(
+            _peft_lora_tensors(pm, "ab"), cm.adapter_state_dict("ab"), how == "cat"
+        )
 
 
 class Nested(nn.Module):
@@ -402,7 +405,7 @@ def test_lora_and_ia3_adapters_do_not_combine_with_each_other():
     cm.add_adapter("scaled", surgeon.IA3())
     with pytest.raises(
         surgeon.SpecError,
-        match="'scaled' is ia3; weighted merging is defined for LoRA adapters, or for IA³",
+        match="'scaled' is ia3 and 'default' is lora; weighted merging combines adapters of one method",
     ):
         cm.merge_adapters({"default": 1.0, "scaled": 1.0}, "mix", how="cat")
     assert cm.adapters == ["default", "scaled"]
@@ -436,5 +439,5 @@ def test_ia3_adapters_combine_linearly_like_peft(tmp_path):
     assert sorted(cm.store.paths["ab"]) == sorted(
         cm.store.paths["a"] + [p for p in cm.store.paths["b"] if p not in cm.store.paths["a"]]
     )
-    with pytest.raises(surgeon.SpecError, match="IA³ adapters combine linearly only"):
+    with pytest.raises(surgeon.SpecError, match="IA3 adapters combine by linear only"):
         cm.merge_adapters({"a": 1.0, "b": 1.0}, name="ties", how="ties", density=0.5)

@@ -176,7 +176,7 @@ def test_spec_rejects_bad_adapter_names(name):
     [
         ({"method": "lora"}, "dict"),
         ("lora", "str"),
-        (surgeon.LoRA, "_ValidatingMeta"),
+        (surgeon.LoRA, "ValidatingMeta"),
         (None, "NoneType"),
     ],
 )

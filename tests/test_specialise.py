@@ -13,7 +13,7 @@ from zoo import FAMILIES, ZOO, logits, padded_ids, randomize, tiny_family
 
 import surgeon
 import surgeon.specialise
-from passes.fuse import fused_sites
+from surgeon.passes.fuse import fused_sites
 
 
 @pytest.fixture(autouse=True)

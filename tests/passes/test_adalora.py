@@ -15,8 +15,8 @@ from torch import nn
 from zoo import ZOO, One, logits, randomize
 
 import surgeon
-from passes.adalora import AdaLoRA, allocate
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
+from surgeon.passes.lowrank.adalora import AdaLoRA, allocate
 
 peft = pytest.importorskip("peft")
 

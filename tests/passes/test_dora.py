@@ -13,9 +13,9 @@ from torch import nn
 from zoo import ZOO, One, logits, randomize
 
 import surgeon
-from passes.dora import DoRA, DoRALayer
-from passes.lora import LoRA
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME, method_from_peft_config
+from surgeon.passes.lowrank.dora import DoRA, DoRALayer
+from surgeon.passes.lowrank.lora import LoRA
 from surgeon.spec import METHODS, MethodSpec
 
 peft = pytest.importorskip("peft")

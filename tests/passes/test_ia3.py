@@ -14,8 +14,8 @@ from torch import nn
 from zoo import ZOO, One, logits
 
 import surgeon
-from passes.ia3 import IA3
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
+from surgeon.passes.vector.ia3 import IA3
 
 peft = pytest.importorskip("peft")
 
@@ -420,7 +420,7 @@ def test_golden_graph_of_a_bfloat16_feed_forward_input():
     ],
 )
 def test_feedforward_matching_is_peft_rule(feedforward, path):
-    from passes.ia3 import matches_feedforward
+    from surgeon.passes.vector.ia3 import matches_feedforward
 
     config = peft.IA3Config(target_modules=".*", feedforward_modules=feedforward)
     expected = bool(peft.tuners.ia3.IA3Model._check_target_module_feedforward(config, path))

@@ -12,7 +12,7 @@ from torch import nn
 from zoo import ZOO, One, logits, randomize
 
 import surgeon
-from passes.loha import LoHa
+from surgeon.passes.lycoris.loha import LoHa
 
 
 def _rebuild(core, out_factor, in_factor):
@@ -240,7 +240,7 @@ def test_spec_round_trips_through_peft_config():
         ({"layers_to_transform": [0], "layers_pattern": "blocks_x"}, "layers_pattern"),
         (
             {"init_weights": "lycoris"},
-            r"init_weights='lycoris' is not supported \(supported: True, False\)",
+            r"init_weights='lycoris' is not supported \(supported: true, false\)",
         ),
         ({"target_modules": None}, "target_modules is missing"),
         ({"rank_dropout": 1.0}, "rank_dropout=1.0"),
@@ -405,8 +405,8 @@ def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
     adapters_default_body_3_hada_w1_b = self.adapters.default.body_3.hada_w1_b
     adapters_default_body_3_hada_w2_a = self.adapters.default.body_3.hada_w2_a
     adapters_default_body_3_hada_w2_b = self.adapters.default.body_3.hada_w2_b
-    row_kron = passes_loha_row_kron(adapters_default_body_3_hada_w1_a, adapters_default_body_3_hada_w2_a);  adapters_default_body_3_hada_w1_a = adapters_default_body_3_hada_w2_a = None
-    column_kron = passes_loha_column_kron(adapters_default_body_3_hada_w1_b, adapters_default_body_3_hada_w2_b);  adapters_default_body_3_hada_w1_b = adapters_default_body_3_hada_w2_b = None
+    row_kron = surgeon_passes_lycoris_loha_row_kron(adapters_default_body_3_hada_w1_a, adapters_default_body_3_hada_w2_a);  adapters_default_body_3_hada_w1_a = adapters_default_body_3_hada_w2_a = None
+    column_kron = surgeon_passes_lycoris_loha_column_kron(adapters_default_body_3_hada_w1_b, adapters_default_body_3_hada_w2_b);  adapters_default_body_3_hada_w1_b = adapters_default_body_3_hada_w2_b = None
     mul = torch.mul(column_kron, 2.0);  column_kron = None
     linear = torch._C._nn.linear(body_2, mul);  body_2 = mul = None
     linear_1 = torch._C._nn.linear(linear, row_kron);  linear = row_kron = None
@@ -425,7 +425,7 @@ def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
     adapters_default_conv1_hada_t2 = self.adapters.default.conv1.hada_t2
     adapters_default_conv1_hada_w2_a = self.adapters.default.conv1.hada_w2_a
     adapters_default_conv1_hada_w2_b = self.adapters.default.conv1.hada_w2_b
-    hadamard_delta_cp = passes_loha_hadamard_delta_cp(adapters_default_conv1_hada_t1, adapters_default_conv1_hada_w1_a, adapters_default_conv1_hada_w1_b, adapters_default_conv1_hada_t2, adapters_default_conv1_hada_w2_a, adapters_default_conv1_hada_w2_b, 2.0, (8, 3, 3, 3));  adapters_default_conv1_hada_t1 = adapters_default_conv1_hada_w1_a = adapters_default_conv1_hada_w1_b = adapters_default_conv1_hada_t2 = adapters_default_conv1_hada_w2_a = adapters_default_conv1_hada_w2_b = None
+    hadamard_delta_cp = surgeon_passes_lycoris_loha_hadamard_delta_cp(adapters_default_conv1_hada_t1, adapters_default_conv1_hada_w1_a, adapters_default_conv1_hada_w1_b, adapters_default_conv1_hada_t2, adapters_default_conv1_hada_w2_a, adapters_default_conv1_hada_w2_b, 2.0, (8, 3, 3, 3));  adapters_default_conv1_hada_t1 = adapters_default_conv1_hada_w1_a = adapters_default_conv1_hada_w1_b = adapters_default_conv1_hada_t2 = adapters_default_conv1_hada_w2_a = adapters_default_conv1_hada_w2_b = None
     conv2d = torch.conv2d(x, hadamard_delta_cp, None, (1, 1), (1, 1), (1, 1), 1);  x = hadamard_delta_cp = None
     add = torch.add(conv1, conv2d);  conv1 = conv2d = None
     relu = torch.nn.functional.relu(add, inplace = False);  add = None

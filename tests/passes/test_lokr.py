@@ -12,7 +12,7 @@ from torch import nn
 from zoo import ZOO, One, logits, randomize
 
 import surgeon
-from passes.lokr import LoKr, factorization
+from surgeon.passes.lycoris.lokr import LoKr, factorization
 
 
 def _w1(adapter) -> torch.Tensor:
@@ -529,7 +529,7 @@ def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
     adapters_default_conv1_lokr_w1 = self.adapters.default.conv1.lokr_w1
     adapters_default_conv1_lokr_w2 = self.adapters.default.conv1.lokr_w2
     mul = torch.mul(adapters_default_conv1_lokr_w1, 0.5);  adapters_default_conv1_lokr_w1 = None
-    kron_conv = passes_lokr_kron_conv(x, mul, adapters_default_conv1_lokr_w2, (1, 1), (1, 1), (1, 1));  x = mul = adapters_default_conv1_lokr_w2 = None
+    kron_conv = surgeon_passes_lycoris_lokr_kron_conv(x, mul, adapters_default_conv1_lokr_w2, (1, 1), (1, 1), (1, 1));  x = mul = adapters_default_conv1_lokr_w2 = None
     add = torch.add(conv1, kron_conv);  conv1 = kron_conv = None
     relu = torch.nn.functional.relu(add, inplace = False);  add = None
     conv2 = self.conv2(relu);  relu = None
@@ -538,7 +538,7 @@ def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
     seq = self.seq(flatten)
     adapters_default_seq_lokr_w1 = self.adapters.default.seq.lokr_w1
     adapters_default_seq_lokr_w2 = self.adapters.default.seq.lokr_w2
-    kron_delta = passes_lokr_kron_delta(adapters_default_seq_lokr_w1, adapters_default_seq_lokr_w2, 0.5, (8, 8, 3));  adapters_default_seq_lokr_w1 = adapters_default_seq_lokr_w2 = None
+    kron_delta = surgeon_passes_lycoris_lokr_kron_delta(adapters_default_seq_lokr_w1, adapters_default_seq_lokr_w2, 0.5, (8, 8, 3));  adapters_default_seq_lokr_w1 = adapters_default_seq_lokr_w2 = None
     conv1d = torch.conv1d(flatten, kron_delta, None, (2,), (0,), (1,), 1);  flatten = kron_delta = None
     add_1 = torch.add(seq, conv1d);  seq = conv1d = None
     mean = add_1.mean(-1);  add_1 = None

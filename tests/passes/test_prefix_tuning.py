@@ -20,7 +20,7 @@ from zoo import (
 )
 
 import surgeon
-from passes.prefix_graph import attend_with_prefix
+from surgeon.passes.prompt.graph import attend_with_prefix
 
 peft = pytest.importorskip("peft")
 

@@ -14,8 +14,8 @@ from torch import nn
 from zoo import ZOO, One, logits, randomize
 
 import surgeon
-from passes.vera import VeRA
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
+from surgeon.passes.vector.vera import VeRA
 
 peft = pytest.importorskip("peft")
 

@@ -15,40 +15,33 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.ia3 import in_out_features
-from passes.lora import adapter_dtype, layer_kind
 from surgeon.adapter import AdapterLayer, EmitContext
-from surgeon.spec import (
-    MethodSpec,
-    check_bool,
-    check_int,
-    check_layers,
-    check_number,
-    check_targets,
-)
-from surgeon.targets import peft_selection
+from surgeon.checks import check_bool, check_int, check_positive, check_probability
+from surgeon.layers import adapter_dtype, in_out_features, layer_kind, through_base_dtype
+from surgeon.peft import BOOL, INT, NUMBER, PeftFormat, PeftKey, selection_keys
+from surgeon.spec import MethodSpec
 
-# fan_in_fan_out is implied by the layer type; init_weights only decides values the file replaces.
-PEFT_FIELDS = {
-    "r",
-    "target_modules",
-    "projection_prng_key",
-    "save_projection",
-    "vera_dropout",
-    "d_initial",
-    "fan_in_fan_out",
-    "bias",
-    "init_weights",
-    "layers_to_transform",
-    "layers_pattern",
-}
+PEFT_FORMAT = PeftFormat(
+    "VERA",
+    keys=(
+        PeftKey("r", "rank", 256, INT),
+        *selection_keys(exclude=False),
+        PeftKey("projection_prng_key", "seed", 0, INT),
+        PeftKey("save_projection", "save_projection", True, BOOL),
+        PeftKey("vera_dropout", "dropout", 0.0, NUMBER),
+        PeftKey("d_initial", "d_initial", 0.1, NUMBER),
+    ),
+    switches={"bias": "none"},
+    # fan_in_fan_out is implied by the layer type; init_weights only decides values the file
+    # replaces
+    constants={"fan_in_fan_out": False, "init_weights": True},
+)
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
 
@@ -57,7 +50,7 @@ class VeRA(MethodSpec):
     """Vector-based random matrix adaptation."""
 
     name = "vera"
-    peft_type = "VERA"
+    peft_format = PEFT_FORMAT
 
     rank: int = 256
     targets: str | tuple[str, ...] = ("q_proj", "v_proj")
@@ -71,13 +64,19 @@ class VeRA(MethodSpec):
     def validate(self) -> None:
         owner = type(self).__name__
         check_int(owner, "rank", self.rank)
-        self._set("targets", check_targets(owner, "targets", self.targets))
-        check_number(owner, "d_initial", self.d_initial, 0)
+        check_positive(owner, "d_initial", self.d_initial)
         check_int(owner, "seed", self.seed, minimum=0)
-        check_number(owner, "dropout", self.dropout, 0, 1, low_inclusive=True)
+        check_probability(owner, "dropout", self.dropout)
         check_bool(owner, "save_projection", self.save_projection)
-        self._set("layers", check_layers(owner, "layers", self.layers))
-        self._set("exclude", check_targets(owner, "exclude", self.exclude, allow_empty=True))
+
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        return {
+            "default": cls(rank=4, targets=targets),
+            "unsaved-projections-dropout": cls(
+                rank=3, d_initial=0.5, seed=7, dropout=0.1, save_projection=False, targets=targets
+            ),
+        }
 
     def supports(self, layer: nn.Module) -> bool:
         return layer_kind(layer) in ("linear", "conv1d_gpt2")
@@ -102,55 +101,11 @@ class VeRA(MethodSpec):
         projections = next(iter(layers.values())).projections
         return dict(zip(PROJECTION_KEYS, (projections.vera_A, projections.vera_B)))
 
-    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        targets, exclude, layers = peft_selection(self, paths)
-        if exclude is not None:  # PEFT's VeRA has no exclude_modules: name the chosen modules
-            targets, layers = sorted(paths), None
-        return {
-            "peft_type": "VERA",
-            "r": self.rank,
-            "target_modules": targets,
-            "projection_prng_key": self.seed,
-            "save_projection": self.save_projection,
-            "vera_dropout": self.dropout,
-            "d_initial": self.d_initial,
-            "fan_in_fan_out": False,
-            "bias": "none",
-            "init_weights": True,
-            "layers_to_transform": layers,
-            "layers_pattern": None,
-            "modules_to_save": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> VeRA:
-        from surgeon.io import check_peft_fields, peft_targets, refuse_peft_bias
-
-        check_peft_fields(config, PEFT_FIELDS, where)
-        refuse_peft_bias(config, "VeRA", where)
-        targets = peft_targets(config, where)
-        return cls(
-            rank=config.get("r", 256),
-            targets=targets,
-            d_initial=config.get("d_initial", 0.1),
-            seed=config.get("projection_prng_key", 0),
-            dropout=config.get("vera_dropout", 0.0),
-            save_projection=config.get("save_projection", True),
-            layers=config.get("layers_to_transform"),
-        )
-
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """Kaiming-uniform (gain sqrt(2), fan_in = shape[1]) drawn from ``generator``, as PEFT draws."""
     bound = math.sqrt(6 / shape[1])
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
-
-
-def through_base_dtype(value: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
-    """``value`` rounded to the base weight's dtype, kept in the adapter's dtype: PEFT first moves
-    adapter tensors to the base dtype, then upcasts half precision to float32."""
-    device = base_weight.device
-    return value.to(base_weight.dtype).to(device=device, dtype=adapter_dtype(base_weight))
 
 
 class Projections(nn.Module):
@@ -216,6 +171,3 @@ class VeRALayer(AdapterLayer):
         sliced_a, sliced_b = self._sliced()
         delta = (self.vera_lambda_b[:, None] * sliced_b) @ (self.vera_lambda_d[:, None] * sliced_a)
         return delta.t() if self.kind == "conv1d_gpt2" else delta
-
-    def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}

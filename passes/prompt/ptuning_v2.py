@@ -10,13 +10,14 @@ so the adapter is saved as PEFT's prefix tuning (``prefix_projection`` with
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from passes.prompt_common import PrefixMethod
+from surgeon.checks import check_int
 from surgeon.errors import SpecError
-from surgeon.spec import check_int
+from surgeon.passes.prompt.common import PREFIX_FORMAT, PrefixMethod
+from surgeon.spec import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class PTuningV2(PrefixMethod):
     """Deep prompts from an MLP encoder; ``route``: auto, cache or graph."""
 
     name = "ptuning_v2"
+    peft_format = PREFIX_FORMAT.but(claims_files=False)  # PEFT's files load as PrefixTuning
 
     num_virtual_tokens: int = 20
     encoder_hidden_size: int = 128
@@ -36,6 +38,13 @@ class PTuningV2(PrefixMethod):
         check_int(owner, "encoder_hidden_size", self.encoder_hidden_size)
         check_int(owner, "encoder_num_layers", self.encoder_num_layers)
 
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        return {
+            "two-layers": cls(num_virtual_tokens=3, encoder_hidden_size=8),
+            "three-layers": cls(num_virtual_tokens=2, encoder_hidden_size=6, encoder_num_layers=3),
+        }
+
     def encoder_size(self) -> tuple[int, int] | None:
         return self.encoder_hidden_size, self.encoder_num_layers
 
@@ -47,8 +56,4 @@ class PTuningV2(PrefixMethod):
                 f"Linear), so this adapter has no PEFT equivalent and cannot be saved in its "
                 f"layout; use encoder_num_layers=2 for an adapter that saves and loads in PEFT"
             )
-        return self.prefix_peft_config(self.encoder_hidden_size)
-
-    @classmethod
-    def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
-        return False  # PEFT's files are prefix tuning; they load as PrefixTuning
+        return super().to_peft_config(paths)

@@ -10,13 +10,11 @@ How prefixes reach attention (the cache or the graph route) is described in `pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from passes.prompt_common import PREFIX_PEFT_FIELDS, PrefixMethod, file_sizes
-from surgeon.errors import SpecError
-from surgeon.spec import check_int
+from surgeon.checks import check_int
+from surgeon.passes.prompt.common import PrefixMethod
+from surgeon.spec import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -36,24 +34,12 @@ class PrefixTuning(PrefixMethod):
         if self.projection_dim is not None:
             check_int(type(self).__name__, "projection_dim", self.projection_dim)
 
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        return {
+            "plain": cls(num_virtual_tokens=3, projection_dim=None),
+            "projection": cls(num_virtual_tokens=2, projection_dim=8),
+        }
+
     def encoder_size(self) -> tuple[int, int] | None:
         return None if self.projection_dim is None else (self.projection_dim, 2)
-
-    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        return self.prefix_peft_config(self.projection_dim)
-
-    @classmethod
-    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> PrefixTuning:
-        from surgeon.io import check_peft_fields
-
-        check_peft_fields(config, PREFIX_PEFT_FIELDS, where)
-        sizes = file_sizes(config, where)
-        projection = config.get("encoder_hidden_size") or config.get("token_dim")
-        if config.get("prefix_projection") and not isinstance(projection, int):
-            raise SpecError(f"{where}: prefix_projection is set but encoder_hidden_size is missing")
-        spec = cls(
-            num_virtual_tokens=config.get("num_virtual_tokens"),
-            projection_dim=projection if config.get("prefix_projection") else None,
-        )
-        spec._set("_file_sizes", sizes)
-        return spec

@@ -11,7 +11,7 @@ Layers: Linear, transformers' GPT-2 ``Conv1D``, Conv2d and Conv3d (those PEFT's 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,20 +19,21 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes.lora import adapter_dtype, layer_kind
 from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.checks import check_targets
 from surgeon.errors import SpecError
-from surgeon.spec import MethodSpec, check_layers, check_targets
-from surgeon.targets import peft_selection
-
-# fan_in_fan_out is implied by the layer type (PEFT corrects it the same way).
-PEFT_FIELDS = {
-    "target_modules",
-    "exclude_modules",
-    "feedforward_modules",
-    "fan_in_fan_out",
-    "init_ia3_weights",
-}
+from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.peft import (
+    NAMES,
+    PREFIX,
+    REQUIRED,
+    PeftFormat,
+    PeftKey,
+    as_json,
+    selection_keys,
+    written_targets,
+)
+from surgeon.spec import Combination, MethodSpec
 
 
 def ia3_kind(layer: nn.Module) -> str | None:
@@ -43,15 +44,6 @@ def ia3_kind(layer: nn.Module) -> str | None:
     return kind if kind in ("linear", "conv1d_gpt2", "conv") else None
 
 
-def in_out_features(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if isinstance(layer, (nn.Conv2d, nn.Conv3d)):
-        return layer.in_channels, layer.out_channels
-    fan_in, fan_out = layer.weight.shape  # GPT-2's Conv1D stores (in, out)
-    return fan_in, fan_out
-
-
 def matches_feedforward(path: str, feedforward: str | Sequence[str]) -> bool:
     """PEFT's rule, kept exactly so files mean the same: a regex must match the whole path, a
     name only has to end the path (no dot boundary, unlike target names)."""
@@ -60,8 +52,32 @@ def matches_feedforward(path: str, feedforward: str | Sequence[str]) -> bool:
     return any(path.endswith(name) for name in feedforward)
 
 
-def _as_json(selector: str | tuple[str, ...]) -> str | list[str]:
-    return selector if isinstance(selector, str) else list(selector)
+def _written_feedforward(spec: IA3, paths: Sequence[str]) -> str | list[str]:
+    """PEFT checks that the feed-forward modules are among the targets: where the targets are
+    written as the chosen paths, so are the feed-forward ones."""
+    if written_targets(spec, paths, PEFT_FORMAT) == sorted(paths):
+        return sorted(p for p in paths if spec.is_feedforward(p))
+    return as_json(spec.feedforward)
+
+
+PEFT_FORMAT = PeftFormat(
+    "IA3",
+    keys=(
+        *selection_keys(layers=False),
+        PeftKey(
+            "feedforward_modules",
+            "feedforward",
+            REQUIRED,
+            NAMES,
+            _written_feedforward,
+            lambda value, config, where: tuple(value) if isinstance(value, list) else value,
+            why_required="surgeon needs it written out (PEFT fills it in from the model type)",
+        ),
+    ),
+    # fan_in_fan_out is implied by the layer type; init_ia3_weights only decides values the
+    # file replaces
+    constants={"fan_in_fan_out": False, "init_ia3_weights": True},
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +85,8 @@ class IA3(MethodSpec):
     """Infused Adapter by Inhibiting and Amplifying Inner Activations."""
 
     name = "ia3"
-    peft_type = "IA3"
+    peft_format = PEFT_FORMAT
+    combinations = ("linear",)
 
     targets: str | tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     feedforward: str | tuple[str, ...] = ("down_proj",)
@@ -78,12 +95,9 @@ class IA3(MethodSpec):
 
     def validate(self) -> None:
         owner = type(self).__name__
-        self._set("targets", check_targets(owner, "targets", self.targets))
         self._set(
             "feedforward", check_targets(owner, "feedforward", self.feedforward, allow_empty=True)
         )
-        self._set("layers", check_layers(owner, "layers", self.layers))
-        self._set("exclude", check_targets(owner, "exclude", self.exclude, allow_empty=True))
         if isinstance(self.targets, tuple) and isinstance(self.feedforward, tuple):
             stray = [f for f in self.feedforward if f not in self.targets]
             if stray:
@@ -102,44 +116,33 @@ class IA3(MethodSpec):
     def create_layer(self, layer: nn.Module, path: str) -> IA3Layer:
         return IA3Layer(layer, self.is_feedforward(path))
 
-    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        targets, exclude, layers = peft_selection(self, paths)
-        feedforward = _as_json(self.feedforward)
-        if layers is not None or targets == sorted(paths):
-            # PEFT's IA3 has no layers_to_transform: name the chosen modules, and name the
-            # feed-forward ones among them (PEFT checks those are a subset of the targets).
-            targets, exclude = sorted(paths), None
-            feedforward = sorted(p for p in paths if self.is_feedforward(p))
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
         return {
-            "peft_type": "IA3",
-            "target_modules": targets,
-            "exclude_modules": exclude,
-            "feedforward_modules": feedforward,
-            "fan_in_fan_out": False,
-            "init_ia3_weights": True,
-            "modules_to_save": None,
+            "output": cls(targets=targets, feedforward=()),
+            "feedforward": cls(targets=targets, feedforward=targets[-1:]),
         }
 
-    @classmethod
-    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> IA3:
-        from surgeon.io import check_peft_fields
-
-        check_peft_fields(config, PEFT_FIELDS, where)
-        selectors = {}
-        for key in ("target_modules", "feedforward_modules"):
-            value = config.get(key)
-            if value is None:
-                raise SpecError(
-                    f"{where}: {key} is missing; surgeon needs it written out (PEFT fills it "
-                    f"in from the model type)"
-                )
-            selectors[key] = value if isinstance(value, str) else tuple(value)
-        exclude = config.get("exclude_modules") or ()
-        return cls(
-            targets=selectors["target_modules"],
-            feedforward=selectors["feedforward_modules"],
-            exclude=exclude if isinstance(exclude, str) else tuple(exclude),
-        )
+    def combine(
+        self, model: nn.Module, sources: Sequence[Combination], how: str, options: Any
+    ) -> tuple[IA3, dict[str, torch.Tensor]]:
+        """The vectors add up with their weights (PEFT's IA3 add_weighted_adapter): a layer that
+        only some adapters cover gets only their terms. A layer must be feed-forward in all or
+        none."""
+        vectors: dict[str, torch.Tensor] = {}
+        feedforward: dict[str, bool] = {}
+        for source in sources:
+            for path, layer in source.layers.items():
+                if feedforward.setdefault(path, layer.feedforward) != layer.feedforward:
+                    raise SpecError(
+                        f"merge_adapters: {path} is a feed-forward target in some of the adapters "
+                        f"and not in others; IA³ cannot combine those"
+                    )
+                term = layer.peft_tensors()["ia3_l"].detach().float() * source.weight
+                vectors[path] = vectors[path] + term if path in vectors else term
+        paths = sorted(vectors)
+        spec = IA3(targets=tuple(paths), feedforward=tuple(p for p in paths if feedforward[p]))
+        return spec, {f"{PREFIX}{p}.ia3_l": v for p, v in vectors.items()}
 
 
 class IA3Layer(AdapterLayer):

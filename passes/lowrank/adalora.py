@@ -28,47 +28,72 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.lora import adapter_dtype, layer_kind
-from passes.vera import through_base_dtype
 from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.checks import check_int, check_number, check_positive, check_probability
 from surgeon.errors import SpecError
-from surgeon.spec import (
-    MethodSpec,
-    check_int,
-    check_layers,
-    check_number,
-    check_targets,
-)
-from surgeon.targets import peft_selection
+from surgeon.layers import adapter_dtype, layer_kind, through_base_dtype
+from surgeon.peft import INT, MAPPING, NUMBER, PeftFormat, PeftKey, selection_keys
+from surgeon.spec import MethodSpec
 
-# PEFT ignores r, alpha_pattern and use_rslora for AdaLoRA, and init_lora_weights only decides
-# values the file replaces; fan_in_fan_out is implied by the layer type.
-PEFT_FIELDS = {
-    "init_r",
-    "target_r",
-    "lora_alpha",
-    "beta1",
-    "beta2",
-    "tinit",
-    "tfinal",
-    "deltaT",
-    "total_step",
-    "orth_reg_weight",
-    "rank_pattern",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "lora_dropout",
-    "bias",
-    "r",
-    "alpha_pattern",
-    "use_rslora",
-    "init_lora_weights",
-    "fan_in_fan_out",
-}
 FACTORS = ("lora_A", "lora_E", "lora_B")
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
+
+
+def _paths_of_peft_rank_pattern(pattern: Any, config: Mapping[str, Any], where: str) -> dict:
+    """PEFT keys a rank pattern by the ``lora_E`` parameter (``<path>.lora_E``, in memory with
+    the adapter name after it); surgeon by the module path."""
+    out = {}
+    for key, flags in pattern.items():
+        path, found, _ = str(key).rpartition(".lora_E")
+        if not found:
+            raise SpecError(
+                f"{where}: rank_pattern key {key!r} does not name a lora_E parameter "
+                f"(expected '<module path>.lora_E')"
+            )
+        out[path] = flags
+    return out
+
+
+PEFT_FORMAT = PeftFormat(
+    "ADALORA",
+    keys=(
+        PeftKey("init_r", "initial_rank", 12, INT),
+        PeftKey("target_r", "target_rank", 8, INT),
+        PeftKey("lora_alpha", "alpha", 8, NUMBER),
+        PeftKey("beta1", "beta1", 0.85, NUMBER),
+        PeftKey("beta2", "beta2", 0.85, NUMBER),
+        PeftKey("tinit", "tinit", 0, INT),
+        PeftKey("tfinal", "tfinal", 0, INT),
+        PeftKey("deltaT", "delta_t", 1, INT),
+        # PEFT refuses configs without total_step even for inference; the smallest valid one
+        # stands in (it only matters for training)
+        PeftKey(
+            "total_step",
+            "total_steps",
+            None,
+            INT.optional(),
+            save=lambda spec, paths: spec.total_steps or spec.tinit + spec.tfinal + 1,
+        ),
+        PeftKey("orth_reg_weight", "orth_reg_weight", 0.5, NUMBER),
+        PeftKey(
+            "rank_pattern",
+            "rank_pattern",
+            {},
+            MAPPING.optional(),
+            save=lambda spec, paths: (
+                {f"{p}.lora_E": list(flags) for p, flags in spec.rank_pattern.items()} or None
+            ),
+            load=_paths_of_peft_rank_pattern,
+        ),
+        *selection_keys(),
+        PeftKey("lora_dropout", "dropout", 0.0, NUMBER),
+    ),
+    switches={"use_dora": False, "bias": "none"},
+    # init_lora_weights only decides values the file replaces; fan_in_fan_out is implied by the
+    # layer type
+    constants={"fan_in_fan_out": False, "init_lora_weights": True},
+    ignored=frozenset({"r", "alpha_pattern", "use_rslora"}),  # PEFT ignores them for AdaLoRA
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +105,7 @@ class AdaLoRA(MethodSpec):
     """
 
     name = "adalora"
-    peft_type = "ADALORA"
+    peft_format = PEFT_FORMAT
 
     initial_rank: int = 12
     target_rank: int = 8
@@ -107,7 +132,7 @@ class AdaLoRA(MethodSpec):
                 f"{owner}.target_rank={self.target_rank}: expected an integer <= initial_rank "
                 f"({self.initial_rank}); allocation only removes ranks"
             )
-        check_number(owner, "alpha", self.alpha, 0)
+        check_positive(owner, "alpha", self.alpha)
         check_number(owner, "beta1", self.beta1, 0, 1)
         check_number(owner, "beta2", self.beta2, 0, 1)
         check_int(owner, "tinit", self.tinit, minimum=0)
@@ -122,11 +147,15 @@ class AdaLoRA(MethodSpec):
                     f"ranks in; lower tinit or tfinal, or raise total_steps"
                 )
         check_number(owner, "orth_reg_weight", self.orth_reg_weight, 0, low_inclusive=True)
-        self._set("targets", check_targets(owner, "targets", self.targets))
-        check_number(owner, "dropout", self.dropout, 0, 1, low_inclusive=True)
-        self._set("layers", check_layers(owner, "layers", self.layers))
-        self._set("exclude", check_targets(owner, "exclude", self.exclude, allow_empty=True))
+        check_probability(owner, "dropout", self.dropout)
         self._set("rank_pattern", self._checked_rank_pattern(owner))
+
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        return {
+            "default": cls(initial_rank=4, target_rank=2, total_steps=10, targets=targets),
+            "dropout": cls(initial_rank=3, target_rank=1, alpha=5, dropout=0.1, targets=targets),
+        }
 
     def _checked_rank_pattern(self, owner: str) -> dict[str, tuple[bool, ...]]:
         if not isinstance(self.rank_pattern, Mapping):
@@ -246,81 +275,6 @@ class AdaLoRA(MethodSpec):
                 norms.append(torch.linalg.matrix_norm(gram - eye))
         return self.orth_reg_weight * torch.stack(norms).mean()
 
-    # -- PEFT files ----------------------------------------------------------------------------
-
-    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        targets, exclude, layers = peft_selection(self, paths)
-        # PEFT refuses configs without total_step even for inference; the smallest valid one
-        # stands in (it only matters for training)
-        total = self.total_steps if self.total_steps is not None else self.tinit + self.tfinal + 1
-        return {
-            "peft_type": "ADALORA",
-            "init_r": self.initial_rank,
-            "target_r": self.target_rank,
-            "lora_alpha": self.alpha,
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "tinit": self.tinit,
-            "tfinal": self.tfinal,
-            "deltaT": self.delta_t,
-            "total_step": total,
-            "orth_reg_weight": self.orth_reg_weight,
-            "rank_pattern": {f"{p}.lora_E": list(f) for p, f in self.rank_pattern.items()} or None,
-            "target_modules": targets,
-            "exclude_modules": exclude,
-            "layers_to_transform": layers,
-            "layers_pattern": None,
-            "lora_dropout": self.dropout,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "init_lora_weights": True,
-            "use_dora": False,
-            "modules_to_save": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> AdaLoRA:
-        from surgeon.io import check_peft_fields, peft_targets, refuse_peft_bias
-
-        check_peft_fields(config, PEFT_FIELDS, where)
-        refuse_peft_bias(config, "AdaLoRA", where)
-        targets = peft_targets(config, where)
-        exclude = config.get("exclude_modules") or ()
-        return cls(
-            initial_rank=config.get("init_r", 12),
-            target_rank=config.get("target_r", 8),
-            alpha=config.get("lora_alpha", 8),
-            beta1=config.get("beta1", 0.85),
-            beta2=config.get("beta2", 0.85),
-            tinit=config.get("tinit", 0),
-            tfinal=config.get("tfinal", 0),
-            delta_t=config.get("deltaT", 1),
-            total_steps=config.get("total_step"),
-            orth_reg_weight=config.get("orth_reg_weight", 0.5),
-            targets=targets,
-            dropout=config.get("lora_dropout", 0.0),
-            layers=config.get("layers_to_transform"),
-            exclude=exclude if isinstance(exclude, str) else tuple(exclude),
-            rank_pattern=_paths_of_peft_rank_pattern(config.get("rank_pattern") or {}, where),
-        )
-
-
-def _paths_of_peft_rank_pattern(pattern: Any, where: str) -> dict[str, Any]:
-    """PEFT keys a rank pattern by the ``lora_E`` parameter (``<path>.lora_E``, in memory with
-    the adapter name after it); surgeon by the module path."""
-    if not isinstance(pattern, Mapping):
-        raise SpecError(f"{where}: rank_pattern={pattern!r}: expected a mapping")
-    out = {}
-    for key, flags in pattern.items():
-        path, found, _ = str(key).rpartition(".lora_E")
-        if not found:
-            raise SpecError(
-                f"{where}: rank_pattern key {key!r} does not name a lora_E parameter "
-                f"(expected '<module path>.lora_E')"
-            )
-        out[path] = flags
-    return out
-
 
 @torch.no_grad()
 def allocate(layers: Sequence[AdaLoRALayer], budget: int) -> None:
@@ -342,6 +296,7 @@ class AdaLoRALayer(AdapterLayer):
     plus its rank-allocation state (importance averages, the latest allocation)."""
 
     method = "adalora"
+    loraplus_b = ("lora_B",)
 
     def __init__(self, base: nn.Module, path: str, rank: int, scale: float, dropout: float) -> None:
         super().__init__(base)
@@ -427,9 +382,6 @@ class AdaLoRALayer(AdapterLayer):
         if self.kind == "conv2d":
             return delta.view(self.base.weight.shape)
         return delta.t() if self.kind == "conv1d_gpt2" else delta
-
-    def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {factor: getattr(self, factor) for factor in FACTORS}
 
     def peft_tensors_to_save(self) -> dict[str, torch.Tensor]:
         """Only the kept triplets, as PEFT saves after allocation (with the rank_pattern)."""

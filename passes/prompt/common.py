@@ -27,11 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.prefix_graph import LayerPrefix, graph_sites, insert_prefix
 from surgeon.adapter import CACHE_ARGUMENTS, CallAdapter, EmitContext, ModelCall, cached_length
+from surgeon.checks import check_choice, check_int
 from surgeon.errors import SpecError
 from surgeon.graph import Graph
-from surgeon.spec import MethodSpec, check_choice, check_int
+from surgeon.layers import adapter_dtype
+from surgeon.passes.prompt.graph import LayerPrefix, graph_sites, insert_prefix
+from surgeon.peft import BOOL, INT, REQUIRED, PeftFormat, PeftKey
+from surgeon.spec import MethodSpec
 from surgeon.trace import Region
 
 ROUTES = ("auto", "cache", "graph")
@@ -430,12 +433,78 @@ def choose_route(
     return "cache", {}
 
 
-class PrefixMethod(MethodSpec):
+def _one_submodule(value: Any, config: Mapping[str, Any], where: str) -> None:
+    if value not in (None, 1):
+        raise SpecError(
+            f"{where}: num_transformer_submodules={value!r}: encoder-decoder prompt adapters "
+            f"are not supported yet (only 1)"
+        )
+
+
+SIZE_KEYS = (
+    PeftKey("num_layers", None, None, INT.optional()),
+    PeftKey("token_dim", None, None, INT.optional()),
+    PeftKey("num_attention_heads", None, None, INT.optional()),
+    PeftKey("num_transformer_submodules", None, None, INT.optional(), load=_one_submodule),
+)
+"""The model sizes a PEFT prompt-learning config records; a load checks them against the model
+(the adapter writes them from the model it is on, `CallAdapter.peft_config`)."""
+
+
+class PromptMethod(MethodSpec):
+    """A method acting on the model call whose PEFT file records the model's sizes."""
+
+    acts_on_call = True
+
+    @classmethod
+    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> MethodSpec:
+        spec = super().from_peft_config(config, where)
+        sizes = {k: config.get(k) for k in ("num_layers", "token_dim", "num_attention_heads")}
+        spec._set("_file_sizes", sizes)
+        return spec
+
+
+def _projection(value: Any, config: Mapping[str, Any], where: str) -> int | None:
+    """PEFT's prefix projection width: ``encoder_hidden_size`` (or ``token_dim``) when
+    ``prefix_projection`` is on."""
+    if not config.get("prefix_projection"):
+        return None
+    width = value or config.get("token_dim")
+    if not isinstance(width, int):
+        raise SpecError(f"{where}: prefix_projection is set but encoder_hidden_size is missing")
+    return width
+
+
+PREFIX_FORMAT = PeftFormat(
+    "PREFIX_TUNING",
+    keys=(
+        PeftKey("num_virtual_tokens", "num_virtual_tokens", REQUIRED, INT),
+        PeftKey(
+            "prefix_projection",
+            None,
+            False,
+            BOOL,
+            save=lambda spec, paths: spec.encoder_size() is not None,
+        ),
+        PeftKey(
+            "encoder_hidden_size",
+            "projection_dim",
+            None,
+            INT.optional(),
+            save=lambda spec, paths: (spec.encoder_size() or (None,))[0],
+            load=_projection,
+        ),
+        *SIZE_KEYS,
+    ),
+    constants={"init_weights": None},
+)
+
+
+class PrefixMethod(PromptMethod):
     """What PrefixTuning and PTuningV2 share: a file is PEFT's prefix tuning; subclasses say
     which encoder (if any) produces the prefixes."""
 
-    peft_type = "PREFIX_TUNING"
-    acts_on_call = True
+    peft_format = PREFIX_FORMAT
 
     num_virtual_tokens: int
     route: str
@@ -448,9 +517,6 @@ class PrefixMethod(MethodSpec):
         owner = type(self).__name__
         check_int(owner, "num_virtual_tokens", self.num_virtual_tokens)
         check_choice(owner, "route", self.route, ROUTES)
-
-    def select(self, model: nn.Module) -> list[str]:
-        return []
 
     def create_call_adapter(self, model: nn.Module, graph: Graph, from_file: bool) -> PrefixAdapter:
         owner = type(self).__name__
@@ -482,44 +548,9 @@ class PrefixMethod(MethodSpec):
             **factory,
         )
 
-    def prefix_peft_config(self, hidden: int | None) -> dict[str, Any]:
-        return {
-            "peft_type": "PREFIX_TUNING",
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "prefix_projection": hidden is not None,
-            "encoder_hidden_size": hidden,
-            "init_weights": None,
-            "modules_to_save": None,
-        }
-
-
-PREFIX_PEFT_FIELDS = {
-    "num_virtual_tokens",
-    "prefix_projection",
-    "encoder_hidden_size",
-    "init_weights",
-    "num_layers",
-    "token_dim",
-    "num_attention_heads",
-    "num_transformer_submodules",
-}
-
-
-def file_sizes(config: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The size fields of a PEFT prompt-learning config (checked against the model on load)."""
-    submodules = config.get("num_transformer_submodules")
-    if submodules not in (None, 1):
-        raise SpecError(
-            f"{where}: num_transformer_submodules={submodules!r}: encoder-decoder prompt adapters "
-            f"are not supported yet (only 1)"
-        )
-    return {k: config.get(k) for k in ("num_layers", "token_dim", "num_attention_heads")}
-
 
 def adapter_factory(model: nn.Module) -> dict[str, Any]:
     """Device and dtype for prompt parameters: the model's, float32 for half-precision models."""
-    from passes.lora import adapter_dtype
-
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     if param is None:
         return {}

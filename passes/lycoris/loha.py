@@ -16,22 +16,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.lycoris import (
-    PEFT_FIELDS,
+from surgeon.adapter import EmitContext
+from surgeon.passes.lycoris.common import (
     LycorisLayer,
     LycorisMethod,
     conv_function,
     cp_rebuild,
     kaiming,
+    peft_keys,
 )
-from surgeon.adapter import EmitContext
+from surgeon.peft import PeftFormat
+from surgeon.spec import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class LoHa(LycorisMethod):
     """Low-rank Hadamard product adaptation."""
 
     name = "loha"
-    peft_type = "LOHA"
     inits = ("default", "random")
+    peft_format = PeftFormat("LOHA", peft_keys(inits))
 
     rank: int = 8
     alpha: float = 16
@@ -57,16 +58,30 @@ class LoHa(LycorisMethod):
     def validate(self) -> None:
         self.validate_common()
 
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        return {
+            "default": cls(rank=2, targets=targets),
+            "effective-conv-dropouts": cls(
+                rank=3,
+                alpha=5,
+                effective_conv=True,
+                rank_dropout=0.2,
+                module_dropout=0.1,
+                targets=targets,
+            ),
+            "random-patterns": cls(
+                rank=1,
+                init="random",
+                targets=targets,
+                rank_pattern={targets[0]: 2},
+                alpha_pattern={targets[0]: 3},
+            ),
+        }
+
     def create_layer(self, layer: nn.Module, path: str) -> LoHaLayer:
         rank, scale = self.rank_and_scale(path)
         return LoHaLayer(layer, path, rank, scale, self)
-
-    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        return self.common_peft_config(paths)
-
-    @classmethod
-    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> LoHa:
-        return cls(**cls.common_fields_from_peft(config, PEFT_FIELDS, where))
 
 
 def row_kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -175,6 +190,3 @@ class LoHaLayer(LycorisLayer):
         hidden = ctx.call(conv, x, right, None, base.stride, base.padding, base.dilation)
         ones = (1,) * len(base.kernel_size)
         return ctx.call(conv, hidden, ctx.method("view", left, -1, inner, *ones))
-
-    def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self._factor_names()}

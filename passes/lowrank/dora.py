@@ -19,17 +19,15 @@ as PEFT's ``lora_magnitude_vector`` (shape ``(out,)``, convolutions ``(1, out, 1
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.lora import LoRA, LoRALayer
 from surgeon.adapter import EmitContext
+from surgeon.passes.lowrank.lora import LoRA, LoRALayer
 
 
 @dataclass(frozen=True)
@@ -37,23 +35,13 @@ class DoRA(LoRA):
     """Weight-decomposed low-rank adaptation; the same fields as `LoRA`."""
 
     name = "dora"
-    peft_type = "LORA"
+    peft_format = LoRA.peft_format.but(switches={"use_dora": True, "lora_bias": False})
     adapts_quantized = False
+    combinations = ()
 
     def create_layer(self, layer: nn.Module, path: str) -> DoRALayer:
         rank, scale = self.rank_and_scale(path)
         return DoRALayer(layer, path, rank, scale, self.dropout, self.init)
-
-    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        return {**super().to_peft_config(paths), "use_dora": True}
-
-    @classmethod
-    def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
-        return bool(config.get("use_dora", False))
-
-    @classmethod
-    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> DoRA:
-        return super().from_peft_config({k: v for k, v in config.items() if k != "use_dora"}, where)
 
 
 class WeightNorm(nn.Module):
@@ -106,6 +94,7 @@ class DoRALayer(LoRALayer):
     so the adapted layer starts as the base layer (as PEFT)."""
 
     method = "dora"
+    fuses_as = "dora"
     no_weight_decay = ("magnitude",)
 
     def __init__(
@@ -248,5 +237,6 @@ class DoRALayer(LoRALayer):
         )
         return ctx.call(torch.matmul, hidden, ctx.method("t", b))
 
-    def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().peft_tensors(), "lora_magnitude_vector": self.magnitude}
+    @property
+    def peft_names(self) -> dict[str, str]:
+        return {**super().peft_names, "magnitude": "lora_magnitude_vector"}

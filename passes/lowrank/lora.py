@@ -1,6 +1,8 @@
 """LoRA: ``base(x) + scale * B(A(dropout(x)))`` with ``scale = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
 
-Layers: Linear, Conv1d/2d/3d, Embedding and transformers' GPT-2 ``Conv1D``. Initialisations
+Layers: Linear, Conv1d/2d/3d, Embedding and transformers' GPT-2 ``Conv1D``, and linear layers
+stored in 4 bits (`QLoRALayer`, what QLoRA builds). PEFT keys: ``lora_A.weight``,
+``lora_B.weight`` (embeddings: ``lora_embedding_A``, ``lora_embedding_B``). Initialisations
 follow PEFT: ``default`` (A kaiming-uniform, B zero; for embeddings A zero, B normal),
 ``gaussian`` (A normal with std 1/r), ``pissa`` (principal singular vectors, base weight
 replaced by the residual) and ``olora`` (QR of the base weight, residual likewise).
@@ -19,53 +21,71 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
-from surgeon.errors import SpecError
-from surgeon.layers import gpt2_conv1d_type
-from surgeon.quant import is_quantized
-from surgeon.spec import (
-    MethodSpec,
+from surgeon.checks import (
     check_bool,
     check_choice,
     check_int,
-    check_layers,
-    check_number,
     check_pattern_map,
-    check_targets,
+    check_positive,
+    check_probability,
 )
-from surgeon.targets import pattern_value, peft_selection
+from surgeon.errors import SpecError
+from surgeon.layers import adapter_dtype, layer_kind, restore_storage, snapshot_storage
+from surgeon.passes.lowrank.lora_combine import COMBINATIONS, combine_lora
+from surgeon.peft import (
+    BOOL,
+    BOOL_OR_STRING,
+    INT,
+    MAPPING,
+    NUMBER,
+    STRING,
+    PeftFormat,
+    PeftKey,
+    choices,
+    selection_keys,
+)
+from surgeon.quant import (
+    NF4,
+    dequantize_4bit,
+    dequantize_absmax,
+    dequantize_linear,
+    is_quantized,
+    linear_4bit,
+    quantize_linear,
+)
+from surgeon.spec import Combination, MethodSpec
+from surgeon.targets import pattern_value
 
 INITS = ("default", "gaussian", "pissa", "olora")
-# fan_in_fan_out is implied by the layer type (PEFT corrects it the same way).
-PEFT_FIELDS = {
-    "r",
-    "lora_alpha",
-    "target_modules",
-    "exclude_modules",
-    "lora_dropout",
-    "bias",
-    "use_rslora",
-    "init_lora_weights",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "fan_in_fan_out",
-}
 BIAS_MODES = ("none", "all", "lora_only")
 
-
-def layer_kind(layer: nn.Module) -> str | None:
-    """How LoRA attaches to ``layer``: linear, conv1d_gpt2, conv, embedding, or None."""
-    conv1d = gpt2_conv1d_type()
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    if conv1d is not None and isinstance(layer, conv1d):
-        return "conv1d_gpt2"
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    if isinstance(layer, nn.Embedding):
-        return "embedding"
-    return None
+PEFT_FORMAT = PeftFormat(
+    "LORA",
+    keys=(
+        PeftKey("r", "rank", 8, INT),
+        PeftKey("lora_alpha", "alpha", 8, NUMBER),
+        *selection_keys(),
+        PeftKey("lora_dropout", "dropout", 0.0, NUMBER),
+        PeftKey("bias", "bias", "none", STRING),
+        PeftKey("use_rslora", "rslora", False, BOOL),
+        PeftKey(
+            "init_lora_weights",
+            "init",
+            True,
+            BOOL_OR_STRING,
+            save=lambda spec, paths: True if spec.init == "default" else spec.init,
+            # the weights come from the file; only residual inits change the base
+            load=choices(
+                {True: "default", False: "default", **{i: i for i in INITS[1:]}},
+                "init_lora_weights",
+            ),
+        ),
+        PeftKey("rank_pattern", "rank_pattern", {}, MAPPING.optional()),
+        PeftKey("alpha_pattern", "alpha_pattern", {}, MAPPING.optional()),
+    ),
+    switches={"use_dora": False, "lora_bias": False},
+    constants={"fan_in_fan_out": False},  # implied by the layer type (PEFT corrects it alike)
+)
 
 
 @dataclass(frozen=True)
@@ -73,9 +93,10 @@ class LoRA(MethodSpec):
     """Low-rank adaptation (Hu et al., 2021)."""
 
     name = "lora"
-    peft_type = "LORA"
+    peft_format = PEFT_FORMAT
     pattern_fields = ("rank_pattern", "alpha_pattern")
-    adapts_quantized = True  # on 4-bit layers it is QLoRA's layer (passes/qlora.py)
+    adapts_quantized = True  # on 4-bit layers it builds `QLoRALayer`
+    combinations = COMBINATIONS
 
     rank: int = 8
     alpha: float = 16
@@ -92,23 +113,30 @@ class LoRA(MethodSpec):
     def validate(self) -> None:
         owner = type(self).__name__
         check_int(owner, "rank", self.rank)
-        check_number(owner, "alpha", self.alpha, 0)
-        self._set("targets", check_targets(owner, "targets", self.targets))
-        check_number(owner, "dropout", self.dropout, 0, 1, low_inclusive=True)
+        check_positive(owner, "alpha", self.alpha)
+        check_probability(owner, "dropout", self.dropout)
         check_choice(owner, "bias", self.bias, BIAS_MODES)
         check_bool(owner, "rslora", self.rslora)
         check_choice(owner, "init", self.init, INITS)
-        self._set("layers", check_layers(owner, "layers", self.layers))
-        self._set("exclude", check_targets(owner, "exclude", self.exclude, allow_empty=True))
         self._set(
             "rank_pattern", check_pattern_map(owner, "rank_pattern", self.rank_pattern, check_int)
         )
         self._set(
             "alpha_pattern",
-            check_pattern_map(
-                owner, "alpha_pattern", self.alpha_pattern, lambda o, f, v: check_number(o, f, v, 0)
-            ),
+            check_pattern_map(owner, "alpha_pattern", self.alpha_pattern, check_positive),
         )
+
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        return {
+            "default": cls(rank=4, targets=targets),
+            "rslora-dropout-gaussian": cls(
+                rank=2, alpha=3, rslora=True, dropout=0.1, init="gaussian", targets=targets
+            ),
+            "patterns": cls(
+                rank=3, targets=targets, rank_pattern={targets[0]: 5}, alpha_pattern={targets[0]: 2}
+            ),
+        }
 
     def supports(self, layer: nn.Module) -> bool:
         return layer_kind(layer) is not None
@@ -125,8 +153,6 @@ class LoRA(MethodSpec):
     def create_layer(self, layer: nn.Module, path: str) -> LoRALayer:
         rank, scale = self.rank_and_scale(path)
         if is_quantized(layer):
-            from passes.qlora import QLoRALayer
-
             return QLoRALayer(layer, path, rank, scale, self.dropout, self.init, layer.quant)
         return LoRALayer(layer, path, rank, scale, self.dropout, self.init)
 
@@ -141,71 +167,22 @@ class LoRA(MethodSpec):
             ]
         return []
 
-    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        targets, exclude, layers = peft_selection(self, paths)
-        return {
-            "peft_type": "LORA",
-            "r": self.rank,
-            "lora_alpha": self.alpha,
-            "target_modules": targets,
-            "exclude_modules": exclude,
-            "lora_dropout": self.dropout,
-            "bias": self.bias,
-            "use_rslora": self.rslora,
-            "init_lora_weights": True if self.init == "default" else self.init,
-            "layers_to_transform": layers,
-            "layers_pattern": None,
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern),
-            "fan_in_fan_out": False,
-            "use_dora": False,
-            "lora_bias": False,
-            "modules_to_save": None,
-        }
-
-    @classmethod
-    def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
-        return not config.get("use_dora", False)
-
-    @classmethod
-    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> LoRA:
-        from surgeon.io import check_peft_fields, peft_targets
-
-        check_peft_fields(config, PEFT_FIELDS, where)
-        init = config.get("init_lora_weights", True)
-        if isinstance(init, bool):
-            init = "default"  # the weights come from the file; only residual inits change the base
-        if init not in INITS:
-            raise SpecError(
-                f"{where}: init_lora_weights={init!r} is not supported (supported: true, "
-                f"false, {', '.join(repr(i) for i in INITS[1:])})"
-            )
-        targets = peft_targets(config, where)
-        exclude = config.get("exclude_modules") or ()
-        return cls(
-            rank=config.get("r", 8),
-            alpha=config.get("lora_alpha", 8),
-            targets=targets,
-            dropout=config.get("lora_dropout", 0.0),
-            bias=config.get("bias", "none"),
-            rslora=bool(config.get("use_rslora", False)),
-            init=init,
-            layers=config.get("layers_to_transform"),
-            exclude=exclude if isinstance(exclude, str) else tuple(exclude),
-            rank_pattern=config.get("rank_pattern") or {},
-            alpha_pattern=config.get("alpha_pattern") or {},
-        )
+    def combine(
+        self, model: nn.Module, sources: Sequence[Combination], how: str, options: Any
+    ) -> tuple[LoRA, dict[str, torch.Tensor]]:
+        return combine_lora(self, model, sources, how, options)
 
 
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Half-precision bases get float32 adapters, as PEFT does by default (autocast_adapter_dtype)."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+PEFT_EMBEDDING_NAMES = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
 
 
 class LoRALayer(AdapterLayer):
     """``lora_A`` (r x in) and ``lora_B`` (out x r) for one layer; convolutions keep kernel dims."""
 
     method = "lora"
+    fuses_as = "lora"
+    loraplus_b = ("lora_B",)
 
     def __init__(
         self,
@@ -337,7 +314,102 @@ class LoRALayer(AdapterLayer):
             delta = self._out_in(b @ a)
         return delta * self.scale
 
-    def peft_tensors(self) -> dict[str, torch.Tensor]:
-        if self.kind == "embedding":
-            return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+    @property
+    def peft_names(self) -> dict[str, str]:
+        return PEFT_EMBEDDING_NAMES if self.kind == "embedding" else PEFT_NAMES
+
+    def loraplus_group(self, name: str, param: nn.Parameter) -> str:
+        """LoRA+ trains the factors of embedding adapters at their own rate."""
+        if self.kind == "embedding" and name in PEFT_EMBEDDING_NAMES:
+            return "embedding"
+        return super().loraplus_group(name, param)
+
+
+class QLoRALayer(LoRALayer):
+    """LoRA's ``lora_A``, ``lora_B`` in the compute dtype, on a base stored in 4 bits (QLoRA).
+
+    The graph spells the base out (dequantize into the compute dtype, matmul); merging
+    dequantizes it and folds LoRA in, in float32, leaving a plain layer in the dtype the weight
+    had before quantization; unmerge restores the exact 4-bit storage."""
+
+    method = "qlora"
+    fuses_as = "qlora"
+
+    def __init__(
+        self,
+        base: nn.Module,
+        path: str,
+        rank: int,
+        scale: float,
+        dropout: float,
+        init: str,
+        quant: NF4,
+    ) -> None:
+        if init in ("pissa", "olora") and is_quantized(base):
+            raise SpecError(
+                f"init={init!r} on {path}: the layer is already stored in 4 bits; residual inits "
+                f"need its full-precision weight (QLoRA on a full-precision model quantizes the residual)"
+            )
+        super().__init__(base, path, rank, scale, dropout, init, dtype=quant.dtype)
+        self.kind = "linear"  # 4-bit storage is [out, in], GPT-2's Conv1D included
+        self._stored: tuple[tuple, NF4] | None = None  # the 4-bit storage while merged
+
+    def emit_base(self, ctx: EmitContext, x: fx.Node) -> fx.Node | None:
+        base = self.base
+        if not is_quantized(base):
+            return None
+        q = base.quant
+        # read through the layer, so the graph always sees its current tensors
+        layer = ctx.attr("base_layer", base)
+        absmax = ctx.call(getattr, layer, "absmax")
+        if q.double_quant:
+            nested = ctx.call(getattr, layer, "nested_absmax")
+            absmax = ctx.call(
+                dequantize_absmax, absmax, nested, ctx.call(getattr, layer, "absmax_offset")
+            )
+        weight = ctx.call(
+            dequantize_4bit,
+            ctx.call(getattr, layer, "weight"),
+            absmax,
+            (base.out_features, base.in_features),
+            q.block_size,
+            q.quant_type,
+            q.dtype,
+        )
+        bias = ctx.call(getattr, layer, "bias") if base.bias is not None else None
+        return ctx.call(linear_4bit, x, weight, bias)
+
+    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
+        a = ctx.attr("lora_A", self.lora_A)
+        b = ctx.attr("lora_B", self.lora_B)
+        h = ctx.method("to", x, self.lora_A.dtype)
+        if self.dropout is not None:
+            h = ctx.module("dropout", self.dropout, h)
+        h = ctx.call(F.linear, h, a)
+        delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b)
+        return ctx.call(torch.add, base_out, ctx.method("type_as", delta, base_out))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        base = self.base
+        if not is_quantized(base):  # another adapter's merge dequantized it already
+            super().merge()
+            return
+        self._stored = (snapshot_storage(base), base.quant)
+        dtype = base.weight_dtype
+        dequantize_linear(base, torch.float32)
+        merged = base.weight + self.delta_weight().float()
+        base.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._stored is None:
+            super().unmerge()
+            return
+        restore_storage(self.base, self._stored[0])
+        self._stored = None
+
+    def unload(self, requantize: bool = False) -> None:
+        if self._stored is not None and requantize:
+            quantize_linear(self.base, self._stored[1])
+        self._stored = None

@@ -1,5 +1,5 @@
 """What LoHa and LoKr share (PEFT groups them as LyCORIS methods): spec fields, PEFT config
-fields, rank and module dropout, and the emit scaffolding around each method's delta.
+keys, rank and module dropout, and the emit scaffolding around each method's delta.
 
 Both are additive: merge, unmerge and lowering use `AdapterLayer.delta_weight`. Layers:
 Linear, Conv1d and Conv2d, as in PEFT.
@@ -8,7 +8,6 @@ Linear, Conv1d and Conv2d, as in PEFT.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -16,39 +15,55 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.lora import adapter_dtype
 from surgeon.adapter import AdapterLayer, EmitContext
-from surgeon.errors import SpecError
-from surgeon.spec import (
-    MethodSpec,
+from surgeon.checks import (
     check_bool,
     check_choice,
     check_int,
-    check_layers,
-    check_number,
     check_pattern_map,
-    check_targets,
+    check_positive,
+    check_probability,
 )
-from surgeon.targets import pattern_value, peft_selection
+from surgeon.errors import SpecError
+from surgeon.layers import adapter_dtype
+from surgeon.peft import (
+    BOOL,
+    BOOL_OR_STRING,
+    INT,
+    MAPPING,
+    NUMBER,
+    PeftKey,
+    choices,
+    selection_keys,
+)
+from surgeon.spec import MethodSpec
+from surgeon.targets import pattern_value
 
-# adapter_config.json fields both methods read.
-PEFT_FIELDS = {
-    "r",
-    "alpha",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "rank_dropout",
-    "module_dropout",
-    "use_effective_conv2d",
-    "init_weights",
-}
-
-# surgeon's init -> PEFT's init_weights
 PEFT_INITS: dict[str, bool | str] = {"default": True, "random": False, "lycoris": "lycoris"}
+"""surgeon's init -> PEFT's init_weights."""
+
+
+def peft_keys(inits: tuple[str, ...]) -> tuple[PeftKey, ...]:
+    """The adapter_config.json keys LoHa and LoKr share (``inits``: the method's ``init``s)."""
+    return (
+        PeftKey("r", "rank", 8, INT),
+        PeftKey("alpha", "alpha", 8, NUMBER),
+        *selection_keys(),
+        PeftKey("rank_pattern", "rank_pattern", {}, MAPPING.optional()),
+        PeftKey("alpha_pattern", "alpha_pattern", {}, MAPPING.optional()),
+        PeftKey("rank_dropout", "rank_dropout", 0.0, NUMBER),
+        PeftKey("module_dropout", "module_dropout", 0.0, NUMBER),
+        PeftKey("use_effective_conv2d", "effective_conv", False, BOOL),
+        PeftKey(
+            "init_weights",
+            "init",
+            True,
+            BOOL_OR_STRING,
+            save=lambda spec, paths: PEFT_INITS[spec.init],
+            # the weights come from the file; a different init would only stop hot swaps
+            load=choices({PEFT_INITS[i]: "default" for i in inits}, "init_weights"),
+        ),
+    )
 
 
 class LycorisMethod(MethodSpec):
@@ -61,24 +76,23 @@ class LycorisMethod(MethodSpec):
     def validate_common(self) -> None:
         owner = type(self).__name__
         check_int(owner, "rank", self.rank)
-        check_number(owner, "alpha", self.alpha, 0)
-        self._set("targets", check_targets(owner, "targets", self.targets))
-        self._set("layers", check_layers(owner, "layers", self.layers))
-        self._set("exclude", check_targets(owner, "exclude", self.exclude, allow_empty=True))
+        check_positive(owner, "alpha", self.alpha)
         self._set(
             "rank_pattern", check_pattern_map(owner, "rank_pattern", self.rank_pattern, check_int)
         )
         self._set(
             "alpha_pattern",
-            check_pattern_map(
-                owner, "alpha_pattern", self.alpha_pattern, lambda o, f, v: check_number(o, f, v, 0)
-            ),
+            check_pattern_map(owner, "alpha_pattern", self.alpha_pattern, check_positive),
         )
         # PEFT keeps the adapter with probability 1 - p: p = 1 would never train it
-        check_number(owner, "rank_dropout", self.rank_dropout, 0, 1, low_inclusive=True)
-        check_number(owner, "module_dropout", self.module_dropout, 0, 1, low_inclusive=True)
+        check_probability(owner, "rank_dropout", self.rank_dropout)
+        check_probability(owner, "module_dropout", self.module_dropout)
         check_bool(owner, "effective_conv", self.effective_conv)
         check_choice(owner, "init", self.init, self.inits)
+
+    @property
+    def starts_as_base(self) -> bool:
+        return self.init != "random"
 
     def supports(self, layer: nn.Module) -> bool:
         return isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
@@ -86,57 +100,6 @@ class LycorisMethod(MethodSpec):
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         rank = pattern_value(self.rank_pattern, path, self.rank)
         return rank, pattern_value(self.alpha_pattern, path, self.alpha) / rank
-
-    def common_peft_config(self, paths: Sequence[str]) -> dict[str, Any]:
-        targets, exclude, layers = peft_selection(self, paths)
-        return {
-            "peft_type": self.peft_type,
-            "r": self.rank,
-            "alpha": self.alpha,
-            "target_modules": targets,
-            "exclude_modules": exclude,
-            "layers_to_transform": layers,
-            "layers_pattern": None,
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern),
-            "rank_dropout": self.rank_dropout,
-            "module_dropout": self.module_dropout,
-            "use_effective_conv2d": self.effective_conv,
-            "init_weights": PEFT_INITS[self.init],
-            "modules_to_save": None,
-        }
-
-    @classmethod
-    def common_fields_from_peft(
-        cls, config: Mapping[str, Any], handled: set[str], where: str
-    ) -> dict[str, Any]:
-        """The shared constructor arguments, after refusing what would load as something else."""
-        from surgeon.io import check_peft_fields, peft_targets
-
-        check_peft_fields(config, handled, where)
-        targets = peft_targets(config, where)
-        value = config.get("init_weights", True)
-        known = [PEFT_INITS[i] for i in cls.inits]
-        if value not in known:
-            raise SpecError(
-                f"{where}: init_weights={value!r} is not supported "
-                f"(supported: {', '.join(map(repr, known))})"
-            )
-        exclude = config.get("exclude_modules") or ()
-        return {
-            "rank": config.get("r", 8),
-            "alpha": config.get("alpha", 8),
-            "targets": targets,
-            "layers": config.get("layers_to_transform"),
-            "exclude": exclude if isinstance(exclude, str) else tuple(exclude),
-            "rank_pattern": config.get("rank_pattern") or {},
-            "alpha_pattern": config.get("alpha_pattern") or {},
-            "rank_dropout": config.get("rank_dropout", 0.0),
-            "module_dropout": config.get("module_dropout", 0.0),
-            "effective_conv": bool(config.get("use_effective_conv2d", False)),
-            # the weights come from the file; a different init would only stop hot swaps
-            "init": "default",
-        }
 
 
 # -- layers -------------------------------------------------------------------------------------

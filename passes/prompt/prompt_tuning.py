@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,46 +23,61 @@ from typing import Any
 import torch
 from torch import nn
 
-from passes.prompt_common import (
+from surgeon.adapter import CallAdapter, ModelCall
+from surgeon.checks import check_int, check_positive
+from surgeon.errors import SpecError
+from surgeon.graph import Graph
+from surgeon.passes.prompt.common import (
     IGNORE_INDEX,
+    SIZE_KEYS,
+    PromptMethod,
     accepts,
     adapter_factory,
     batch_and_length,
     check_file_sizes,
     extend_mask,
-    file_sizes,
     peft_sizes,
     prepend,
     prepend_positions,
     shift_positions,
     task_type,
 )
-from surgeon.adapter import CallAdapter, ModelCall
-from surgeon.errors import SpecError
-from surgeon.graph import Graph
-from surgeon.spec import MethodSpec, check_int, check_number
+from surgeon.peft import INT, REQUIRED, STRING, PeftFormat, PeftKey, one_of
+from surgeon.spec import MethodSpec
 
-PEFT_FIELDS = {
-    "num_virtual_tokens",
-    "token_dim",
-    "num_transformer_submodules",
-    "num_attention_heads",
-    "num_layers",
-    "prompt_tuning_init",
-    "prompt_tuning_init_text",
-    "tokenizer_name_or_path",
-    "tokenizer_kwargs",
-}
 PEFT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
 
+def _if_text(value: Any, config: Mapping[str, Any], where: str) -> Any:
+    """The file holds the trained embeddings; a TEXT init is kept as a record."""
+    return value if config.get("prompt_tuning_init") == "TEXT" else None
+
+
+PEFT_FORMAT = PeftFormat(
+    "PROMPT_TUNING",
+    keys=(
+        PeftKey("num_virtual_tokens", "num_virtual_tokens", REQUIRED, INT),
+        PeftKey(
+            "prompt_tuning_init",
+            None,
+            "RANDOM",
+            one_of(*PEFT_INITS),
+            save=lambda spec, paths: "RANDOM" if spec.init_text is None else "TEXT",
+        ),
+        PeftKey("prompt_tuning_init_text", "init_text", None, STRING.optional(), load=_if_text),
+        PeftKey("tokenizer_name_or_path", "tokenizer_path", None, STRING.optional(), load=_if_text),
+        *SIZE_KEYS,
+    ),
+    constants={"tokenizer_kwargs": None},
+)
+
+
 @dataclass(frozen=True)
-class PromptTuning(MethodSpec):
+class PromptTuning(PromptMethod):
     """Learned virtual-token embeddings prepended to the input embeddings."""
 
     name = "prompt_tuning"
-    peft_type = "PROMPT_TUNING"
-    acts_on_call = True
+    peft_format = PEFT_FORMAT
 
     num_virtual_tokens: int = 10
     init_range: float = 0.5
@@ -72,7 +87,7 @@ class PromptTuning(MethodSpec):
     def validate(self) -> None:
         owner = type(self).__name__
         check_int(owner, "num_virtual_tokens", self.num_virtual_tokens)
-        check_number(owner, "init_range", self.init_range, 0)
+        check_positive(owner, "init_range", self.init_range)
         if self.init_text is not None and (
             not isinstance(self.init_text, str) or not self.init_text
         ):
@@ -95,8 +110,12 @@ class PromptTuning(MethodSpec):
                 f"init_text and tokenizer_path (a local tokenizer folder)"
             )
 
-    def select(self, model: nn.Module) -> list[str]:
-        return []
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        return {
+            "default": cls(num_virtual_tokens=3),
+            "wide-init": cls(num_virtual_tokens=2, init_range=2.0),
+        }
 
     def create_call_adapter(self, model: nn.Module, graph: Graph, from_file: bool) -> PromptAdapter:
         owner = type(self).__name__
@@ -153,38 +172,6 @@ class PromptTuning(MethodSpec):
             )
         n = self.num_virtual_tokens
         return (ids * math.ceil(n / len(ids)))[:n]
-
-    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        return {
-            "peft_type": "PROMPT_TUNING",
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "prompt_tuning_init": "RANDOM" if self.init_text is None else "TEXT",
-            "prompt_tuning_init_text": self.init_text,
-            "tokenizer_name_or_path": self.tokenizer_path,
-            "tokenizer_kwargs": None,
-            "modules_to_save": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> PromptTuning:
-        from surgeon.io import check_peft_fields
-
-        check_peft_fields(config, PEFT_FIELDS, where)
-        sizes = file_sizes(config, where)
-        init = config.get("prompt_tuning_init", "RANDOM")
-        if init not in PEFT_INITS:
-            raise SpecError(
-                f"{where}: prompt_tuning_init={init!r} is not supported "
-                f"(supported: {', '.join(PEFT_INITS)})"
-            )
-        text = init == "TEXT"  # the file holds the trained embeddings; the init is kept as a record
-        spec = cls(
-            num_virtual_tokens=config.get("num_virtual_tokens"),
-            init_text=config.get("prompt_tuning_init_text") if text else None,
-            tokenizer_path=config.get("tokenizer_name_or_path") if text else None,
-        )
-        spec._set("_file_sizes", {"token_dim": sizes["token_dim"]})
-        return spec
 
 
 def _input_embeddings(model: nn.Module, owner: str) -> nn.Embedding:

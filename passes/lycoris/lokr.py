@@ -24,18 +24,29 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.lycoris import (
-    PEFT_FIELDS,
+from surgeon.adapter import EmitContext
+from surgeon.checks import check_bool
+from surgeon.errors import SpecError
+from surgeon.passes.lycoris.common import (
     LycorisLayer,
     LycorisMethod,
     cp_rebuild,
     kaiming,
+    peft_keys,
 )
-from surgeon.adapter import EmitContext
-from surgeon.errors import SpecError
-from surgeon.spec import check_bool
+from surgeon.peft import BOOL, INT, PeftFormat, PeftKey
+from surgeon.spec import MethodSpec
 
-LOKR_PEFT_FIELDS = PEFT_FIELDS | {"decompose_both", "decompose_factor", "rank_dropout_scale"}
+INITS = ("default", "random", "lycoris")
+PEFT_FORMAT = PeftFormat(
+    "LOKR",
+    (
+        *peft_keys(INITS),
+        PeftKey("decompose_both", "decompose_both", False, BOOL),
+        PeftKey("decompose_factor", "factor", -1, INT),
+        PeftKey("rank_dropout_scale", "rank_dropout_scale", False, BOOL),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,8 @@ class LoKr(LycorisMethod):
     """Low-rank Kronecker product adaptation."""
 
     name = "lokr"
-    peft_type = "LOKR"
-    inits = ("default", "random", "lycoris")
+    peft_format = PEFT_FORMAT
+    inits = INITS
 
     rank: int = 8
     alpha: float = 16
@@ -77,26 +88,33 @@ class LoKr(LycorisMethod):
         check_bool(owner, "decompose_both", self.decompose_both)
         check_bool(owner, "rank_dropout_scale", self.rank_dropout_scale)
 
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        return {
+            "default": cls(rank=2, targets=targets),
+            "factor-both-dropouts": cls(
+                rank=1,
+                alpha=3,
+                factor=2,
+                decompose_both=True,
+                rank_dropout=0.2,
+                rank_dropout_scale=True,
+                module_dropout=0.1,
+                targets=targets,
+            ),
+            "effective-conv-lycoris": cls(
+                rank=1,
+                effective_conv=True,
+                init="lycoris",
+                targets=targets,
+                rank_pattern={targets[0]: 2},
+                alpha_pattern={targets[0]: 3},
+            ),
+        }
+
     def create_layer(self, layer: nn.Module, path: str) -> LoKrLayer:
         rank, scale = self.rank_and_scale(path)
         return LoKrLayer(layer, path, rank, scale, self)
-
-    def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
-        return {
-            **self.common_peft_config(paths),
-            "decompose_both": self.decompose_both,
-            "decompose_factor": self.factor,
-            "rank_dropout_scale": self.rank_dropout_scale,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: Mapping[str, Any], where: str) -> LoKr:
-        return cls(
-            **cls.common_fields_from_peft(config, LOKR_PEFT_FIELDS, where),
-            factor=config.get("decompose_factor", -1),
-            decompose_both=config.get("decompose_both", False),
-            rank_dropout_scale=config.get("rank_dropout_scale", False),
-        )
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -222,9 +240,6 @@ class LoKrLayer(LycorisLayer):
         for name in zero.get(init, ()):
             if hasattr(self, name):
                 nn.init.zeros_(getattr(self, name))
-
-    def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.named_parameters())
 
     # W1 and W2 as (function, factor names): built once from tensors (delta_weight), once as nodes
     def _w1_recipe(self) -> tuple[Callable[..., Any] | None, tuple[str, ...]]:
