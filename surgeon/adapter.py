@@ -84,7 +84,8 @@ class AdapterLayer(nn.Module):
 
     @property
     def transforms_input(self) -> bool:
-        """Whether `emit_input` changes this layer's input (mixed batches cannot do that yet)."""
+        """Whether `emit_input` changes this layer's input (a mixed batch then transforms each
+        adapter's rows of it before the layer runs)."""
         return False
 
     def __init__(self, base: nn.Module) -> None:

@@ -165,6 +165,8 @@ class PeftKey:
     save: Saver | None = None
     load: Loader | None = None
     why_required: str = "surgeon needs it written out"
+    lossy: bool = False
+    """Reading keeps less than writing wrote: an init whose result the file's weights replace."""
 
     def write(self, spec: Any, paths: Sequence[str]) -> Any:
         if self.save is not None:

@@ -196,24 +196,32 @@ def _emit_mixed(
     adapters: Sequence[tuple[str, AdapterLayer]],
     region: Region,
 ) -> None:
-    """Per adapter: gather its rows of the batch, run it there, scatter the result back."""
+    """Per adapter: gather its rows of the batch, run it there, scatter the result back. An
+    adapter that transforms the layer's input does so on its rows before the layer runs."""
     x = _layer_input(node)
+    transformed = x
+    with graph.inserting_before(node):
+        for name, adapter in adapters:
+            if not adapter.transforms_input:
+                continue
+            ctx = _context(graph, root, region, node, name, adapter)
+            rows = ctx.call(batch_rows, name, x)
+            part = adapter.emit_input(ctx, ctx.call(torch.index_select, transformed, 0, rows))
+            transformed = ctx.call(torch.index_copy, transformed, 0, rows, part)
+    if transformed is not x:
+        _set_layer_input(node, transformed)
     inserted: set[fx.Node] = set()
     out = node
     with graph.inserting_before(node.next):
         for name, adapter in adapters:
-            if adapter.transforms_input:
-                raise SpecError(
-                    f"adapter {name!r} ({adapter.method}) transforms its layer's input; "
-                    f"mixed batches do not support that yet"
-                )
             ctx = _context(graph, root, region, node, name, adapter)
             rows = ctx.call(batch_rows, name, x)
-            part = adapter.emit(
-                ctx,
-                ctx.call(torch.index_select, x, 0, rows),
-                ctx.call(torch.index_select, node, 0, rows),
-            )
+            base_rows = ctx.call(torch.index_select, node, 0, rows)
+            part = adapter.emit(ctx, ctx.call(torch.index_select, x, 0, rows), base_rows)
+            if part is base_rows:  # it only transforms the input: nothing to scatter back
+                for unused in reversed(ctx.inserted):
+                    graph.erase_node(unused)
+                continue
             out = ctx.call(torch.index_copy, out, 0, rows, part)
             inserted.update(ctx.inserted)
     node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)

@@ -133,6 +133,12 @@ class MethodSpec(metaclass=ValidatingMeta):
         return not self.acts_on_call
 
     @property
+    def file_holds_trained_form(self) -> bool:
+        """Whether a saved file holds the parameters training moves (a prefix encoder's file
+        holds only the prefixes it produces)."""
+        return True
+
+    @property
     def rewrites_base(self) -> bool:
         """Whether creating this adapter rewrites base weights in place (residual inits)."""
         return False

@@ -38,6 +38,18 @@ class CNN(nn.Module):
         return self.fc(h.mean(-1))
 
 
+class EmbeddingNet(nn.Module):
+    """Token embeddings (with a padding index) pooled into a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.proj = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.tanh(self.emb(x))).mean(1)
+
+
 class FunctionalDropoutMLP(nn.Module):
     """Bakes the training flag into an FX graph: must not be accepted as one region."""
 
@@ -300,6 +312,12 @@ ZOO = {
 }
 
 
+EMBEDDING = ZooEntry(
+    "embedding", EmbeddingNet, lambda: {"x": torch.randint(0, 20, (3, 5))}, ("emb", "proj")
+)
+"""An embedding model for the conformance suite; kept out of ZOO so zoo-wide tests do not grow."""
+
+
 def tiny_family(name: str) -> nn.Module:
     """A tiny model of another transformers family (the zoo's Llama, GPT-2 and BERT aside), by
     its name in `FAMILIES`; seeded by the caller."""
@@ -374,6 +392,45 @@ def logits(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     return out.logits if hasattr(out, "logits") else out[0]
+
+
+def plain_output(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What ``layer`` computes (with ``weight`` instead of its own, if given), written out from
+    its parameters: formulas use this rather than calling a layer surgeon may have rewritten."""
+    weight = layer.weight if weight is None else weight
+    bias = getattr(layer, "bias", None)
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(layer, nn.Embedding):
+        return F.embedding(x, weight, layer.padding_idx)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+        return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return x @ weight + bias  # GPT-2's Conv1D: weight (in, out)
+
+
+def prefix_cache(model: nn.Module, adapter: Any, batch: int) -> dict[str, Any]:
+    """Keyword arguments that hand a prefix adapter's keys and values to ``model`` as its
+    key/value cache, read from the adapter's PEFT tensor (``(tokens, layers * 2 * heads *
+    head_dim)``, PEFT's layout), with the attention mask over prefix and tokens."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    flat = adapter.peft_tensors_to_save()["prompt_embeddings"]
+    shape = adapter.shape
+    n = flat.shape[0]
+    per_layer = flat.view(n, shape.num_layers * 2, shape.heads, shape.head_dim).permute(1, 2, 0, 3)
+    cache = DynamicCache(config=model.config)
+    for layer in range(shape.num_layers):
+        key, value = (
+            t.unsqueeze(0).expand(batch, -1, -1, -1) for t in per_layer[2 * layer : 2 * layer + 2]
+        )
+        cache.update(key, value, layer)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def randomize(cm: Any, seed: int = 2, scale: float = 0.1) -> None:

@@ -79,6 +79,7 @@ PEFT_FORMAT = PeftFormat(
                 {True: "default", False: "default", **{i: i for i in INITS[1:]}},
                 "init_lora_weights",
             ),
+            lossy=True,
         ),
         PeftKey("rank_pattern", "rank_pattern", {}, MAPPING.optional()),
         PeftKey("alpha_pattern", "alpha_pattern", {}, MAPPING.optional()),

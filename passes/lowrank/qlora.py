@@ -59,9 +59,10 @@ class QLoRA(LoRA):
 
     @classmethod
     def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        exact = NF4(compute_dtype="float32")  # oracles in float32 compare exactly
         return {
-            "default": cls(rank=4, targets=targets, quantize=ONLY_TARGETS),
-            "fp4-float32": cls(
+            "default": cls(rank=4, targets=targets, quant=exact, quantize=ONLY_TARGETS),
+            "fp4-all-linear": cls(
                 rank=2,
                 dropout=0.1,
                 targets=targets,

@@ -62,6 +62,7 @@ def peft_keys(inits: tuple[str, ...]) -> tuple[PeftKey, ...]:
             save=lambda spec, paths: PEFT_INITS[spec.init],
             # the weights come from the file; a different init would only stop hot swaps
             load=choices({PEFT_INITS[i]: "default" for i in inits}, "init_weights"),
+            lossy=True,
         ),
     )
 

@@ -513,6 +513,10 @@ class PrefixMethod(PromptMethod):
         """(hidden size, number of Linear layers) of the prefix encoder, or None for plain prefixes."""
         raise NotImplementedError
 
+    @property
+    def file_holds_trained_form(self) -> bool:
+        return self.encoder_size() is None
+
     def check_common_fields(self) -> None:
         owner = type(self).__name__
         check_int(owner, "num_virtual_tokens", self.num_virtual_tokens)

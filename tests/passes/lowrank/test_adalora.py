@@ -12,11 +12,23 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, logits, randomize
+from zoo import ZOO, One, logits, plain_output, randomize
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
 from surgeon.passes.lowrank.adalora import AdaLoRA, allocate
+
+
+def formula(spec, adapter, base, x):
+    """AdaLoRA (Zhang et al., 2023): ``W x + b + P diag(Λ) Q x · alpha / (initial rank +
+    1e-5)``; on a Conv2d ``P diag(Λ) Q`` is the kernel, flattened over its input dims."""
+    p, e, q = adapter.lora_B, adapter.lora_E.view(-1), adapter.lora_A
+    delta = p @ torch.diag(e) @ q * (spec.alpha / (spec.initial_rank + 1e-5))
+    if isinstance(base, nn.Conv2d):
+        return plain_output(base, x, base.weight + delta.view(base.weight.shape))
+    weight = base.weight + (delta if isinstance(base, nn.Linear) else delta.t())
+    return plain_output(base, x, weight)
+
 
 peft = pytest.importorskip("peft")
 

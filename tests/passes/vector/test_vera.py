@@ -11,11 +11,24 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from zoo import ZOO, One, logits, randomize
+from zoo import ZOO, One, logits, plain_output, randomize
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
 from surgeon.passes.vector.vera import VeRA
+
+
+def formula(spec, adapter, base, x):
+    """VeRA (Kopiczko et al., 2024): ``W x + b + λ_b ⊙ (B (λ_d ⊙ (A x)))`` with A, B frozen random
+    projections sliced to the layer's sizes."""
+    fan_in, fan_out = (
+        (base.in_features, base.out_features) if isinstance(base, nn.Linear) else base.weight.shape
+    )
+    a = adapter.projections.vera_A[:, :fan_in]
+    b = adapter.projections.vera_B[:fan_out]
+    low = ((x @ a.t()) * adapter.vera_lambda_d) @ b.t() * adapter.vera_lambda_b
+    return plain_output(base, x) + low
+
 
 peft = pytest.importorskip("peft")
 

@@ -4,19 +4,35 @@ gradients, half precision), merge/unmerge, the eval-mode norm cache, spec checks
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, logits, randomize
+from zoo import ZOO, One, logits, plain_output, randomize
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME, method_from_peft_config
 from surgeon.passes.lowrank.dora import DoRA, DoRALayer
 from surgeon.passes.lowrank.lora import LoRA
 from surgeon.spec import METHODS, MethodSpec
+
+
+def formula(spec, adapter, base, x):
+    """DoRA (Liu et al., 2024): the layer with its weight replaced by ``m ⊙ V / ‖V‖``,
+    ``V = W + (alpha / r) B A`` and the norm per output feature (over everything else); GPT-2's
+    Conv1D and embeddings hold their output features last."""
+    a, b, m = adapter.lora_A, adapter.lora_B, adapter.magnitude.flatten()
+    r = a.shape[0]
+    scale = spec.alpha_pattern.get("layer", spec.alpha) / (math.sqrt(r) if spec.rslora else r)
+    transposed = not isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    rows = base.weight.t() if transposed else base.weight
+    v = rows + scale * torch.einsum("or,r...->o...", b.flatten(1), a)
+    adapted = v * (m / v.flatten(1).norm(dim=1)).view(-1, *(1,) * (v.dim() - 1))
+    return plain_output(base, x, adapted.t() if transposed else adapted)
+
 
 peft = pytest.importorskip("peft")
 

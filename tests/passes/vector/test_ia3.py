@@ -11,11 +11,23 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, logits
+from zoo import ZOO, One, logits, plain_output
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
 from surgeon.passes.vector.ia3 import IA3
+
+
+def formula(spec, adapter, base, x):
+    """(IA)³ (Liu et al., 2022): ``l ⊙ (W x + b)``, or ``W (l ⊙ x) + b`` for feed-forward
+    layers; on a convolution ``l`` runs along the channels."""
+    v = adapter.ia3_l.flatten()
+    if isinstance(base, (nn.Conv2d, nn.Conv3d)):
+        v = v.view(1, -1, *(1,) * (x.dim() - 2))
+    if "layer" in spec.feedforward:
+        return plain_output(base, v * x)
+    return v * plain_output(base, x)
+
 
 peft = pytest.importorskip("peft")
 

@@ -14,6 +14,17 @@ from zoo import padded_ids as _inputs
 
 import surgeon
 
+
+def formula(spec, adapter, model, inputs):
+    """Prompt tuning (Lester et al., 2021): the model on ``[P; embed(ids)]``, P the learned
+    virtual-token embeddings, every position attended."""
+    ids = inputs["input_ids"]
+    embedded = model.get_input_embeddings()(ids)
+    prompts = adapter.embeddings.unsqueeze(0).expand(ids.shape[0], -1, -1)
+    mask = torch.ones(ids.shape[0], prompts.shape[1] + ids.shape[1], dtype=torch.long)
+    return model(inputs_embeds=torch.cat([prompts, embedded], 1), attention_mask=mask)
+
+
 peft = pytest.importorskip("peft")
 
 N = 4  # virtual tokens

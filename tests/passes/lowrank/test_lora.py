@@ -8,9 +8,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, logits, randomize
+from zoo import ZOO, One, logits, plain_output, randomize
 
 import surgeon
+
+
+def formula(spec, adapter, base, x):
+    """LoRA (Hu et al., 2021): ``W x + b + (alpha / r) · B A x`` (rsLoRA: ``alpha / sqrt(r)``);
+    on a convolution A convolves like the base and B mixes channels (1x1); on an embedding A is
+    looked up."""
+    a, b = adapter.lora_A, adapter.lora_B
+    r = a.shape[0]
+    alpha = spec.alpha_pattern.get("layer", spec.alpha)
+    scale = alpha / (math.sqrt(r) if spec.rslora else r)
+    if isinstance(base, nn.Embedding):
+        low = F.embedding(x, a.t()) @ b.t()
+    elif isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]
+        low = conv(conv(x, a, None, base.stride, base.padding), b)
+    else:
+        low = x @ a.t() @ b.t()
+    return plain_output(base, x) + scale * low
 
 
 def _conv1d_gpt2():

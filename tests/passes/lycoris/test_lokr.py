@@ -9,10 +9,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, logits, randomize
+from zoo import ZOO, One, logits, plain_output, randomize
 
 import surgeon
 from surgeon.passes.lycoris.lokr import LoKr, factorization
+
+
+def formula(spec, adapter, base, x):
+    """LoKr: ``W + kron(W1, W2) · alpha / r``: ``ΔW[(i, k), (j, n), ...] = W1[i, j] W2[k, n, ...]``."""
+    w1, w2 = _w1(adapter), _w2(adapter, base)
+    (big_l, big_m), (big_k, big_n, *kernel) = w1.shape, w2.shape
+    ones = (1,) * len(kernel)
+    blocks = w1.view(big_l, 1, big_m, 1, *ones) * w2.view(1, big_k, 1, big_n, *kernel)
+    if isinstance(base, nn.Conv1d) and hasattr(adapter, "lokr_w2"):
+        # PEFT's definition, which its files mean: torch.kron reads W1 as (1, L, M) here (see
+        # test_conv1d_with_a_full_w2_follows_peft_s_torch_kron)
+        blocks = torch.kron(w1, w2)
+    scale = spec.alpha_pattern.get("layer", spec.alpha) / spec.rank_pattern.get("layer", spec.rank)
+    return plain_output(base, x, base.weight + (blocks * scale).reshape(base.weight.shape))
+
+
+def peft_cannot(spec, model_name):
+    """PEFT's LoKr crashes on a Conv1d with effective_conv (a view of its CP kernel); there the
+    formula is the oracle."""
+    if spec.effective_conv and model_name == "cnn":
+        return "PEFT's LoKr cannot run effective_conv on a Conv1d"
+    return None
 
 
 def _w1(adapter) -> torch.Tensor:

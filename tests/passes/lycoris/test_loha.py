@@ -9,10 +9,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, logits, randomize
+from zoo import ZOO, One, logits, plain_output, randomize
 
 import surgeon
 from surgeon.passes.lycoris.loha import LoHa
+
+
+def formula(spec, adapter, base, x):
+    """LoHa (FedPara): ``W + (W1a W1b ⊙ W2a W2b) · alpha / r``, each side a CP-factored kernel
+    with ``effective_conv``."""
+    if adapter.cp:
+        w1 = _rebuild(adapter.hada_t1, adapter.hada_w1_a, adapter.hada_w1_b)
+        w2 = _rebuild(adapter.hada_t2, adapter.hada_w2_a, adapter.hada_w2_b)
+    else:
+        w1 = adapter.hada_w1_a @ adapter.hada_w1_b
+        w2 = adapter.hada_w2_a @ adapter.hada_w2_b
+    scale = spec.alpha_pattern.get("layer", spec.alpha) / adapter.hada_w1_b.shape[0]
+    return plain_output(base, x, base.weight + (w1 * w2 * scale).reshape(base.weight.shape))
 
 
 def _rebuild(core, out_factor, in_factor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import weakref
 
 import pytest
@@ -15,6 +16,40 @@ from zoo import ZOO, One, logits, randomize, tiny_llama
 
 import surgeon
 from surgeon import quant
+
+
+def formula(spec, adapter, base, x):
+    """QLoRA (Dettmers et al., 2023): the 4-bit weight dequantized into the compute dtype, the
+    layer and LoRA computed in that dtype, each brought back to the input's dtype and added."""
+    dtype = spec.quant.dtype
+    a, b = adapter.lora_A, adapter.lora_B
+    r = a.shape[0]
+    scale = spec.alpha_pattern.get("layer", spec.alpha) / (math.sqrt(r) if spec.rslora else r)
+    h = x.to(dtype)
+    bias = base.bias.to(dtype) if base.bias is not None else None
+    layer = F.linear(h, base.dequantize(dtype), bias)
+    low = scale * (h @ a.t().to(dtype) @ b.t().to(dtype))
+    return layer.to(x.dtype) + low.to(x.dtype)
+
+
+def peft_base(model, compiled):
+    """PEFT's side of a parity check: LoRA on the same model holding our 4-bit weights
+    dequantized (PEFT with bitsandbytes is compared below)."""
+    with torch.no_grad():
+        for path, layer in compiled.model.named_modules():
+            if quant.is_quantized(layer):
+                target = model.get_submodule(path)
+                weight = layer.dequantize(torch.float32)
+                target.weight.copy_(weight if isinstance(target, nn.Linear) else weight.t())
+    return model
+
+
+def our_base(model, spec):
+    """A model stored in 4 bits as ``spec`` stores it: a PEFT LoRA file loads onto it as QLoRA."""
+    for path in spec.quantized_paths(model, spec.select(model)):
+        quant.quantize_linear(model.get_submodule(path), spec.quant)
+    return model
+
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -12,6 +12,7 @@ from zoo import (
     decode_without_cache,
     generate,
     logits,
+    prefix_cache,
     randomize,
     tiny_traced_decoder,
 )
@@ -21,6 +22,14 @@ from zoo import (
 
 import surgeon
 from surgeon.passes.prompt.graph import attend_with_prefix
+
+
+def formula(spec, adapter, model, inputs):
+    """Prefix tuning (Li & Liang, 2021): every layer's attention also attends to learned keys and
+    values before the real tokens: the model run with them as its key/value cache (as PEFT)."""
+    ids = inputs["input_ids"]
+    return model(**prefix_cache(model, adapter, ids.shape[0]), input_ids=ids)
+
 
 peft = pytest.importorskip("peft")
 

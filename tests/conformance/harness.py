@@ -1,0 +1,364 @@
+"""What the conformance suite runs every registered method on: the models, the targets a method
+takes on each, the cases (method x example x model), each method's card (the oracles its own test
+file holds), and the PEFT side of the parity checks.
+
+A method's card is its test file, ``tests/passes/<family>/test_<name>.py``, which must define
+
+* ``formula(spec, adapter, base, x)``: the output of layer ``base`` adapted by ``adapter`` (for a
+  method acting on the model call: of model ``base`` on keyword inputs ``x``), written from the
+  paper's equation with plain torch, independent of the graph code;
+
+and may define
+
+* ``peft_base(model, compiled)``: the model PEFT's side of a parity check runs on, given a fresh
+  copy of the model and our compiled one (QLoRA: the dequantized 4-bit weights), and
+  ``our_base(model, spec)``: what to do to a fresh model before ours loads a PEFT file into it
+  (QLoRA: store it in 4 bits).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+from zoo import EMBEDDING, ZOO, One, ZooEntry, logits
+
+import surgeon
+from surgeon.spec import METHODS, MethodSpec
+
+TESTS = Path(__file__).resolve().parent.parent
+MODELS: dict[str, ZooEntry] = {
+    **{name: ZOO[name] for name in ("mlp", "cnn", "llama")},
+    # GPT-2's token embedding is tied to its output head (merging refuses it): the embedding
+    # model covers embeddings
+    "gpt2": dataclasses.replace(ZOO["gpt2"], targets=("c_attn", "c_fc")),
+    "embedding": EMBEDDING,
+}
+"""The models every method runs on, with the layers it may target in each: a small MLP, a conv
+net, an embedding model, a tiny Llama and a tiny GPT-2 (whose attention and MLP are
+``Conv1D``)."""
+CALL_MODELS = ("llama", "gpt2")
+"""Where methods acting on the model call run (they need a transformers model)."""
+
+
+def family(cls: type[MethodSpec]) -> str:
+    return cls.__module__.split(".")[-2]
+
+
+@cache
+def card(cls: type[MethodSpec]) -> ModuleType:
+    """The method's test file, imported on its own (its tests are collected by pytest apart)."""
+    path = TESTS / "passes" / family(cls) / f"test_{cls.name}.py"
+    if not path.exists():
+        raise AssertionError(
+            f"{cls.__name__} has no test file {path.relative_to(TESTS.parent)}: write its "
+            f"formula(spec, adapter, base, x) there"
+        )
+    spec = importlib.util.spec_from_file_location(f"card_{cls.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _instance(cls: type[MethodSpec]) -> MethodSpec:
+    return next(iter(cls.examples(("layer",)).values()))
+
+
+@cache
+def _modules(model_name: str) -> dict[str, list[nn.Module]]:
+    """The zoo model's candidate target names and the modules each selects."""
+    model = MODELS[model_name].model()
+    found = {}
+    for name in MODELS[model_name].targets:
+        found[name] = [m for p, m in model.named_modules() if p == name or p.endswith("." + name)]
+    return found
+
+
+def targets(cls: type[MethodSpec], model_name: str) -> tuple[str, ...]:
+    """The zoo model's target names whose every module the method can adapt (none for a method
+    acting on the model call)."""
+    if cls.acts_on_call:
+        return ()
+    spec = _instance(cls)
+    return tuple(
+        name
+        for name, modules in _modules(model_name).items()
+        if modules and all(spec.supports(m) for m in modules)
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    """One method example on one model."""
+
+    cls: type[MethodSpec]
+    example: str
+    model: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.cls.name}-{self.example}-{self.model}"
+
+    @property
+    def entry(self) -> ZooEntry:
+        return MODELS[self.model]
+
+    def spec(self, seed_targets: tuple[str, ...] | None = None) -> MethodSpec:
+        return self.cls.examples(seed_targets or targets(self.cls, self.model))[self.example]
+
+    def compile(self, dtype: torch.dtype = torch.float32, seed: int = 2, **options: Any):
+        """The model with this example compiled in and its adapter moved off its initial values."""
+        cm = surgeon.compile(self.entry.model().to(dtype), self.spec(), **options)
+        perturb(cm, seed)
+        return cm
+
+    def inputs(self, seed: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        return {
+            k: v.to(dtype) if v.is_floating_point() else v
+            for k, v in self.entry.example(seed).items()
+        }
+
+
+def _gpt2_conv1d() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(6, 5)
+
+
+LAYERS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
+    "linear": (lambda: nn.Linear(5, 6), lambda: torch.randn(3, 5)),
+    "conv1d_gpt2": (_gpt2_conv1d, lambda: torch.randn(2, 3, 5)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 9)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 7, 7)),
+    "conv2d_1x1": (lambda: nn.Conv2d(6, 4, 1), lambda: torch.randn(2, 6, 5, 5)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2), lambda: torch.randn(1, 2, 4, 4, 4)),
+    "embedding": (
+        lambda: nn.Embedding(11, 6, padding_idx=0),
+        lambda: torch.randint(0, 11, (2, 4)),
+    ),
+}
+"""Single layers of every kind a method may adapt, with an input for each."""
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One method example on one kind of layer (wrapped so its path is ``layer``)."""
+
+    cls: type[MethodSpec]
+    example: str
+    kind: str
+
+    def spec(self) -> MethodSpec:
+        return self.cls.examples(("layer",))[self.example]
+
+    def build(self) -> tuple[nn.Module, torch.Tensor]:
+        make_layer, make_input = LAYERS[self.kind]
+        torch.manual_seed(0)
+        layer = make_layer()
+        if getattr(layer, "bias", None) is not None:
+            with torch.no_grad():
+                layer.bias.normal_()  # GPT-2's Conv1D starts with a zero bias
+        return One(layer), make_input()
+
+
+def layer_cases() -> list:
+    import pytest
+
+    out = []
+    for cls in sorted(METHODS.values(), key=lambda c: c.name):
+        if cls.acts_on_call:
+            continue
+        for example, spec in cls.examples(("layer",)).items():
+            for kind, (make_layer, _) in LAYERS.items():
+                if spec.supports(make_layer()):
+                    case = LayerCase(cls, example, kind)
+                    out.append(pytest.param(case, id=f"{cls.name}-{example}-{kind}"))
+    return out
+
+
+def _models_of(cls: type[MethodSpec]) -> list[str]:
+    if cls.acts_on_call:
+        return list(CALL_MODELS)
+    return [name for name in MODELS if targets(cls, name)]
+
+
+def cases(select: Callable[[Case], bool] = lambda case: True, first_model: bool = False) -> list:
+    """pytest params of every registered method's examples on the models it applies to
+    (``first_model``: on the first such model only)."""
+    out = []
+    for cls in sorted(METHODS.values(), key=lambda c: c.name):
+        models = _models_of(cls)
+        for example in cls.examples(("layer",)):
+            for model in models[:1] if first_model else models:
+                case = Case(cls, example, model)
+                if select(case):
+                    out.append(_param(case))
+    return out
+
+
+def methods(select: Callable[[Case], bool] = lambda case: True) -> list:
+    """pytest params of every registered method's first example on its first model."""
+    return cases(lambda case: select(case) and case.example == first_example(case.cls), True)
+
+
+def first_example(cls: type[MethodSpec]) -> str:
+    return next(iter(cls.examples(("layer",))))
+
+
+def _param(case: Case) -> Any:
+    import pytest
+
+    return pytest.param(case, id=case.id)
+
+
+def is_layer_method(case: Case) -> bool:
+    return not case.cls.acts_on_call
+
+
+def has_peft(case: Case) -> bool:
+    return case.cls.peft_type is not None and saves_in_peft_format(case)
+
+
+def peft_cases(
+    select: Callable[[Case], bool] = lambda case: True, first_model: bool = False
+) -> list:
+    """`cases` PEFT has, where PEFT cannot run an example (its own bug, named by the card's
+    ``peft_cannot(spec, model_name)``), a strict xfail: the day PEFT runs it, the test says so."""
+    import pytest
+
+    out = []
+    for param in cases(lambda case: has_peft(case) and select(case), first_model):
+        (case,) = param.values
+        hook = getattr(card(case.cls), "peft_cannot", None)
+        reason = hook(case.spec(), case.model) if hook is not None else None
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        out.append(pytest.param(case, id=param.id, marks=marks))
+    return out
+
+
+def saves_in_peft_format(case: Case) -> bool:
+    try:
+        case.spec().to_peft_config(())
+    except surgeon.SpecError:
+        return False
+    return True
+
+
+# -- adapters away from their initial values ------------------------------------------------
+
+
+def perturb(model: nn.Module, seed: int = 2, scale: float = 0.2) -> None:
+    """Add seeded noise to every trainable parameter of an adapter (surgeon's store, or PEFT's
+    adapter parameters): a fresh adapter often computes nothing (B = 0) and would hide bugs.
+    Adding (not replacing) keeps values that must stay near one (IA³'s scales, DoRA's magnitude)
+    there."""
+    generator = torch.Generator().manual_seed(seed)
+    params = (
+        model.store.parameters()
+        if isinstance(model, surgeon.CompiledModel)
+        else (p for p in model.parameters() if p.requires_grad)
+    )
+    with torch.no_grad():
+        for p in params:
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32) * scale
+            p.add_(noise.to(p.dtype))
+
+
+def output(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    return logits(model(**inputs))
+
+
+def train_step(model: Any, inputs: dict[str, Any]) -> None:
+    """One forward and backward with a loss every output position counts in."""
+    model.train()
+    output(model, inputs).float().pow(2).mean().backward()
+
+
+def without_dropout(model: nn.Module) -> None:
+    """The base model's own dropout off: gradients of two implementations must see the same
+    inputs (the method's dropouts are its examples' business)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+# -- PEFT -------------------------------------------------------------------------------------------
+
+
+def peft_model(case: Case, spec: MethodSpec, paths: list[str], base: nn.Module) -> Any:
+    """PEFT's own model for ``spec``, built from the config ours writes (so PEFT decides what
+    the config means), its adapter perturbed like ours."""
+    import peft
+
+    config = spec.to_peft_config(paths)
+    config.pop("modules_to_save", None)
+    if case.cls.acts_on_call:
+        config["task_type"] = "CAUSAL_LM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(base, peft.get_peft_config(config))
+    perturb(pm, seed=5)
+    return pm.eval()
+
+
+def peft_load(path: Path, base: nn.Module, **kwargs: Any) -> Any:
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(base, path, **kwargs).eval()
+
+
+def peft_base(
+    case: Case, compiled: surgeon.CompiledModel | None = None, spec: MethodSpec | None = None
+) -> nn.Module:
+    """The model PEFT's side runs on: the card's ``peft_base`` of a fresh copy and our compiled
+    model (``compiled``, or ``spec`` compiled here), else the fresh copy."""
+    fresh = case.entry.model()
+    hook = getattr(card(case.cls), "peft_base", None)
+    if hook is None:
+        return fresh
+    return hook(fresh, compiled or surgeon.compile(our_base(case, spec), spec))
+
+
+def our_base(case: Case, spec: MethodSpec) -> nn.Module:
+    """A fresh model prepared for loading a PEFT file (the card's ``our_base``)."""
+    model = case.entry.model()
+    hook = getattr(card(case.cls), "our_base", None)
+    return hook(model, spec) if hook is not None else model
+
+
+def paired_parameters(
+    ours: nn.Module, theirs: nn.Module
+) -> list[tuple[str, nn.Parameter, str, nn.Parameter]]:
+    """Our trainable parameters, each with PEFT's that holds the same values (same weights on
+    both sides, perturbed at random: equal values are the same tensor, maybe in another shape,
+    as IA³'s vectors)."""
+    mine = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    pool = [(n, p) for n, p in theirs.named_parameters() if p.requires_grad]
+    pairs = []
+    for name, param in mine:
+        flat = param.detach().flatten()
+        match = [
+            (n, p)
+            for n, p in pool
+            if p.numel() == param.numel() and torch.equal(p.detach().flatten(), flat)
+        ]
+        assert len(match) == 1, f"{name}: {len(match)} PEFT parameters hold its values"
+        pairs.append((name, param, *match[0]))
+    assert len(pairs) == len(pool), "PEFT trains parameters ours does not have"
+    return pairs
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
