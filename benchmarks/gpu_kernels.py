@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/gpu_kernels.py                  # full run (under 8 minutes on one H200)
     python benchmarks/gpu_kernels.py --quick          # one shape, two token counts
-    python benchmarks/gpu_kernels.py --markdown benchmarks/RESULTS.md --json out.json
+    python benchmarks/gpu_kernels.py --markdown out/gpu_section.md --json out.json
 
 Needs a CUDA GPU and Triton; bitsandbytes is optional (without it the NF4 rows time surgeon
 alone, on random 4-bit codes).

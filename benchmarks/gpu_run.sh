@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a machine lent for minutes: the CUDA tests (`-m gpu`),
 # then benchmarks/gpu_kernels.py. Results land in $OUT (default ./out): machine.txt, tests.log,
-# bench.log, RESULTS.md, gpu_kernels.json; copy RESULTS.md over benchmarks/RESULTS.md.
+# bench.log, gpu_section.md, gpu_kernels.json, and RESULTS.md: benchmarks/RESULTS.md with its GPU
+# section (between its gpu:begin/gpu:end markers) replaced; copy it over benchmarks/RESULTS.md.
 #
 # Uses the machine's python3 (or $PYTHON) with its torch and triton. Wheels in .whl/ (bitsandbytes, for the
 # NF4 comparison) are installed first, without network:
@@ -31,8 +32,20 @@ timeout "${TEST_LIMIT:-180}" "$py" -m pytest -m gpu -q -p no:cacheprovider -rs t
 tests=$?
 
 timeout "${BENCH_LIMIT:-390}" "$py" benchmarks/gpu_kernels.py --budget "${BENCH_BUDGET:-300}" \
-    --markdown "$out/RESULTS.md" --json "$out/gpu_kernels.json" 2>&1 | tee "$out/bench.log"
+    --markdown "$out/gpu_section.md" --json "$out/gpu_kernels.json" 2>&1 | tee "$out/bench.log"
 bench=$?
+
+"$py" - "$out/gpu_section.md" benchmarks/RESULTS.md "$out/RESULTS.md" <<'SPLICE'
+import re, sys
+from pathlib import Path
+
+section, page, target = map(Path, sys.argv[1:])
+if section.exists():
+    text = page.read_text()
+    begin, end = "<!-- gpu:begin -->", "<!-- gpu:end -->"
+    new = f"{begin}\n{section.read_text().rstrip()}\n{end}"
+    Path(target).write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: new, text, flags=re.S))
+SPLICE
 
 echo "tests exit $tests, benchmark exit $bench"
 exit $((tests != 0 || bench != 0))
