@@ -208,6 +208,33 @@ def test_failed_compile_leaves_the_model_unchanged():
     torch.testing.assert_close(logits(model(**entry.example())), before)
 
 
+def test_a_failed_compile_leaves_no_hook_of_an_earlier_prompt_adapter():
+    entry = ZOO["llama"]
+    model = entry.model()
+    spec = surgeon.Spec(
+        {"prompt": surgeon.PromptTuning(num_virtual_tokens=2), "bad": surgeon.LoRA(targets=("no",))}
+    )
+    with pytest.raises(surgeon.SpecError, match="'no' matches no module"):
+        surgeon.compile(model, spec)
+    assert not model._forward_pre_hooks
+
+
+def test_compile_selects_and_snapshots_each_adapter_once(monkeypatch):
+    """Residual inits clone the targeted weights to undo a failed compile: once per adapter."""
+    calls = {"select": 0, "snapshot_base": 0}
+    for name in calls:
+        original = getattr(surgeon.LoRA, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(surgeon.LoRA, name, counted)
+    spec = {"a": surgeon.LoRA(targets=("q_proj",), init="pissa"), "b": surgeon.LoRA()}
+    surgeon.compile(ZOO["llama"].model(), surgeon.Spec(spec))
+    assert calls == {"select": 2, "snapshot_base": 2}
+
+
 def test_spec_dict_compiles_like_objects():
     entry = ZOO["mlp"]
     a = surgeon.compile(entry.model(), {"method": "lora", "rank": 3, "targets": ["head"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +323,20 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
 def test_missing_directory_is_a_clear_io_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         surgeon.load(ZOO["mlp"].model(), tmp_path / "nope")
+
+
+# -- files saved before ------------------------------------------------------------------------
+
+SAVED_BEFORE = Path(__file__).parent / "data" / "adapters_v0.1"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SAVED_BEFORE.iterdir()))
+def test_files_saved_by_surgeon_0_1_load_with_the_outputs_they_had(name):
+    """Adapters saved before the method kit (commit f6c61e5), with the outputs the saving model
+    gave: their configs and keys still mean the same."""
+    folder = SAVED_BEFORE / name
+    saved = load_file(folder / "expected.safetensors")
+    expected = saved.pop("expected")
+    cm = surgeon.load(ZOO[(folder / "model.txt").read_text().strip()].model(), folder).eval()
+    out = cm(**saved)
+    torch.testing.assert_close(getattr(out, "logits", out), expected, rtol=1e-5, atol=1e-6)
