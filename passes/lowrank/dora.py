@@ -224,18 +224,7 @@ class DoRALayer(LoRALayer):
         return ctx.call(F.linear, ctx.call(F.linear, h, a), b, bias)
 
     def _emit_embedding(self, ctx: EmitContext, x: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
-        emb = self.base
-        hidden = ctx.call(
-            F.embedding,
-            x,
-            ctx.method("t", a),
-            emb.padding_idx,
-            emb.max_norm,
-            emb.norm_type,
-            emb.scale_grad_by_freq,
-            emb.sparse,
-        )
-        return ctx.call(torch.matmul, hidden, ctx.method("t", b))
+        return ctx.call(torch.matmul, self.emit_lookup(ctx, x, a), ctx.method("t", b))
 
     @property
     def peft_names(self) -> dict[str, str]:

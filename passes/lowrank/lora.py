@@ -272,17 +272,7 @@ class LoRALayer(AdapterLayer):
         cast = self.lora_A.dtype != self.base.weight.dtype
         # the scale multiplies the rank-r intermediate: r/out of the work of scaling the output
         if self.kind == "embedding":
-            emb = self.base
-            hidden = ctx.call(
-                F.embedding,
-                x,
-                ctx.method("t", a),
-                emb.padding_idx,
-                emb.max_norm,
-                emb.norm_type,
-                emb.scale_grad_by_freq,
-                emb.sparse,
-            )
+            hidden = self.emit_lookup(ctx, x, a)
             delta = ctx.call(
                 torch.matmul, ctx.call(torch.mul, hidden, self.scale), ctx.method("t", b)
             )
@@ -299,6 +289,21 @@ class LoRALayer(AdapterLayer):
                 delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b)
         out = ctx.call(torch.add, base_out, delta)
         return ctx.method("to", out, self.base.weight.dtype) if cast else out
+
+    def emit_lookup(self, ctx: EmitContext, ids: fx.Node, a: fx.Node) -> fx.Node:
+        """``A`` (r x num_embeddings) looked up for token ``ids`` with the base embedding's
+        options: an embedding's LoRA runs its A as a table."""
+        emb = self.base
+        return ctx.call(
+            F.embedding,
+            ids,
+            ctx.method("t", a),
+            emb.padding_idx,
+            emb.max_norm,
+            emb.norm_type,
+            emb.scale_grad_by_freq,
+            emb.sparse,
+        )
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.lora_A, self.lora_B
