@@ -1,5 +1,5 @@
 """The README stays true: its methods table is the registry, it stays short, and it names every
-example script."""
+example script and every module of the library."""
 
 from __future__ import annotations
 
@@ -65,3 +65,11 @@ def test_readme_names_every_example_script():
     scripts = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
     assert scripts
     assert [s for s in scripts if s not in text] == []
+
+
+def test_layout_names_every_module():
+    text = README.read_text(encoding="utf-8")
+    layout = re.search(r"## Layout\n(.*?)\n## ", text, re.S)
+    assert layout, "README.md has no Layout section"
+    modules = [p.stem for p in (ROOT / "surgeon").glob("*.py") if p.stem != "__init__"]
+    assert [m for m in sorted(modules) if not re.search(rf"\b{m}\b", layout.group(1))] == []
