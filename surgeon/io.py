@@ -42,8 +42,13 @@ def method_from_peft_config(config: Any, where: str) -> MethodSpec:
             f"{where}: peft_type={peft_type!r} is not supported (supported: {', '.join(known)})"
         )
     claiming = [c for c in candidates if c.accepts_peft_config(config)]
+    # none claims it: the nearest method names the switch it cannot honour
     loading = [c for c in candidates if c.peft_format.claims_files]
-    cls = claiming[0] if claiming else loading[0]
+    cls = (
+        claiming[0]
+        if claiming
+        else min(loading, key=lambda c: len(c.peft_format.mismatched_switches(config)))
+    )
     config = dict(config)
     modules_to_save = config.pop("modules_to_save", None) or ()
     try:

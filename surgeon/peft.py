@@ -290,23 +290,27 @@ class PeftFormat:
             config[key.key] = key.write(spec, paths)
         return config
 
+    def mismatched_switches(self, config: Mapping[str, Any]) -> list[str]:
+        """The switches ``config`` sets otherwise than this method does."""
+        return [
+            key
+            for key, value in self.switches.items()
+            if not _switch_matches(config.get(key, SWITCH_DEFAULTS.get(key)), value)
+        ]
+
     def claims(self, config: Mapping[str, Any]) -> bool:
         """Whether ``config`` (of this PEFT type) is this method: every switch as it sets it."""
-        return self.claims_files and all(
-            _switch_matches(config.get(k, SWITCH_DEFAULTS.get(k)), v)
-            for k, v in self.switches.items()
-        )
+        return self.claims_files and not self.mismatched_switches(config)
 
     def read(self, config: Mapping[str, Any], where: str, owner: str) -> dict[str, Any]:
         """The spec fields ``config`` holds; `SpecError` naming the key for anything this
         method cannot honour or that has the wrong type."""
-        for key, value in self.switches.items():
+        for key in self.mismatched_switches(config):
             found = config.get(key, SWITCH_DEFAULTS.get(key))
-            if not _switch_matches(found, value):
-                raise SpecError(
-                    f"{where}: {key}={found!r} selects a variant surgeon's {owner} does not "
-                    f"support (it needs {value!r}); loading it anyway would give different outputs"
-                )
+            raise SpecError(
+                f"{where}: {key}={found!r} selects a variant surgeon's {owner} does not support "
+                f"(it needs {self.switches[key]!r}); loading it anyway would give different outputs"
+            )
         declared = self.key_names() | set(self.switches) | set(self.constants) | self.ignored
         check_other_keys(config, declared, where)
         fields = {}
