@@ -1,6 +1,9 @@
-"""AdaLoRA against its SVD formula and PEFT: init, forward, files both ways (with rank patterns),
-rank allocation step by step beside PEFT's RankAllocator, the orthogonality regulariser, half
-precision, meta device, golden rewritten graphs, spec validation."""
+"""AdaLoRA's card (its SVD formula) and what is AdaLoRA's own: a dilated convolution and
+merge_and_unload, the scale under rank patterns, the init (as PEFT's), dropout, files (the three
+factors, rank patterns both ways, PEFT config variants), rank allocation step by step beside PEFT's
+RankAllocator, the orthogonality regulariser, spec validation, golden rewritten graphs. The
+conformance suite (tests/conformance) runs the formula, merging, files, PEFT parity, gradients,
+devices and dtypes on every example."""
 
 from __future__ import annotations
 
@@ -32,12 +35,7 @@ def formula(spec, adapter, base, x):
 
 peft = pytest.importorskip("peft")
 
-TARGETS = {
-    "llama": ("q_proj", "v_proj", "down_proj"),
-    "bert": ("query", "value", "output.dense"),
-    "gpt2": ("c_attn", "c_fc"),
-    "cnn": ("conv1", "conv2", "fc"),
-}
+TARGETS = ("q_proj", "v_proj", "down_proj")  # on the tiny Llama
 FACTORS = ("lora_A", "lora_E", "lora_B")
 
 
@@ -109,6 +107,7 @@ def _expected(layer: nn.Module, adapter, x: torch.Tensor, alpha: float, rank: in
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_output_is_the_svd_formula_and_merge_matches(kind):
+    """With a dilated conv2d (the conformance suite's layers have none) and merge_and_unload."""
     build, make_x = LAYERS[kind]
     torch.manual_seed(0)
     model = One(build())
@@ -149,11 +148,11 @@ def test_default_init_is_peft_init_and_leaves_outputs_unchanged(dtype):
     """Λ zero, P and Q normal(0, 0.02) in float32 (rounded through a half-precision base), with
     the same draws from the global generator as PEFT: one seed, one adapter."""
     entry = ZOO["llama"]
-    config = _peft_config(TARGETS["llama"], init_r=6)
+    config = _peft_config(TARGETS, init_r=6)
     torch.manual_seed(3)
     pm = _peft_model(entry.model().to(dtype), config)
     torch.manual_seed(3)
-    cm = surgeon.compile(entry.model().to(dtype), _spec(initial_rank=6, targets=TARGETS["llama"]))
+    cm = surgeon.compile(entry.model().to(dtype), _spec(initial_rank=6, targets=TARGETS))
     for path, layer in cm.store.items("default"):
         assert layer.lora_A.dtype == torch.float32
         for factor in FACTORS:
@@ -177,72 +176,18 @@ def test_dropout_is_live_in_train_mode_and_off_in_eval():
     assert not torch.allclose(cm(x), cm(x))
 
 
-def test_backward_reaches_the_three_factors_only():
-    cm = surgeon.compile(ZOO["llama"].model(), _spec())
-    randomize(cm)
-    cm.train()
-    logits(cm(**ZOO["llama"].example())).pow(2).mean().backward()
-    grads = {n.rsplit(".", 1)[-1] for n, p in cm.named_parameters() if p.grad is not None}
-    assert grads == set(FACTORS)
-    assert cm.num_trainable() == 2 * ((4 * 32 + 4 + 32 * 4) + (4 * 32 + 4 + 16 * 4))
+# -- files and PEFT configs ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_matches_peft(dtype, tmp_path):
-    """Float32 factors over a half base, as PEFT. Λ and the scale multiply the rank-r
-    intermediate here and the output in PEFT, so float32 rounding differs in the last bit and
-    could move a half-precision result by one unit in the last place (at most ~0.4 here)."""
+def test_files_hold_the_three_factors_and_peft_reads_total_steps(tmp_path):
     entry = ZOO["llama"]
-    cm = surgeon.compile(entry.model().to(dtype), _spec(targets=TARGETS["llama"]))
-    randomize(cm, scale=0.3)
-    cm.save_adapters(tmp_path)
-    pm = _peft_load(entry.model().to(dtype), tmp_path)
-    x = entry.example()
-    ours, theirs = logits(cm(**x)), logits(pm(**x))
-    assert ours.dtype == dtype
-    assert not torch.allclose(ours, logits(entry.model().to(dtype)(**x)), atol=0.05)
-    one_ulp = {torch.bfloat16: 2**-9, torch.float16: 2**-12}[dtype]
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=one_ulp)
-
-
-# -- PEFT parity ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("model_name", sorted(TARGETS))
-def test_saved_by_surgeon_loads_in_peft_with_same_outputs(model_name, tmp_path):
-    entry = ZOO[model_name]
-    cm = surgeon.compile(entry.model(), _spec(targets=TARGETS[model_name], total_steps=100))
-    randomize(cm, scale=0.5)
-    x = entry.example()
-    expected = logits(cm(**x))
-    assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-3)
+    cm = surgeon.compile(entry.model(), _spec(targets=TARGETS, total_steps=100))
     cm.save_adapters(tmp_path)
     assert set(load_file(tmp_path / WEIGHTS_NAME)) == {
         f"base_model.model.{p}.{f}" for p in cm.store.paths["default"] for f in FACTORS
     }
     loaded = _peft_load(entry.model(), tmp_path)
     assert loaded.peft_config["default"].total_step == 100
-    torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("model_name", sorted(TARGETS))
-def test_saved_by_peft_loads_in_surgeon_with_same_outputs(model_name, tmp_path):
-    entry = ZOO[model_name]
-    pm = _peft_model(entry.model(), _peft_config(TARGETS[model_name], init_r=5, lora_alpha=12))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.5)
-    pm.eval()
-    x = entry.example()
-    expected = logits(pm(**x))
-    pm.save_pretrained(tmp_path)
-    cm = surgeon.load(entry.model(), tmp_path)
-    spec = cm.spec("default")
-    assert (spec.initial_rank, spec.target_rank, spec.alpha, spec.total_steps) == (5, 2, 12, 10)
-    assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-3)
-    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-6)
 
 
 def _peft_masked(entry, flags):
@@ -577,27 +522,7 @@ def test_spec_round_trips_through_a_dict():
     assert surgeon.MethodSpec.from_dict(spec.to_dict()) == spec
 
 
-# -- devices, graphs -----------------------------------------------------------------------------
-
-
-def test_compiles_on_the_meta_device():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        vocab_size=1000,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    cm = surgeon.compile(model, AdaLoRA())
-    (_, adapter), *_ = cm.store.items("default")
-    assert adapter.lora_A.is_meta and adapter.lora_A.shape == (12, 512)
-    assert cm.num_trainable() == 4 * 2 * (12 * 512 + 12 + 512 * 12)
-    out = cm(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
-    assert out.logits.shape == (1, 3, 1000) and out.logits.is_meta
+# -- golden graphs -------------------------------------------------------------------------------
 
 
 GOLDEN_MLP = """\
@@ -673,11 +598,3 @@ def test_golden_graph_of_a_bfloat16_leaf():
         ZOO["llama"].model().to(torch.bfloat16), _spec(initial_rank=2, target_rank=1, alpha=4)
     )
     assert _code(cm, "model.layers.0.self_attn.v_proj") == GOLDEN_LEAF_BF16
-
-
-def test_exported_onnx_matches_the_unmerged_model(tmp_path):
-    pytest.importorskip("onnxruntime")
-    cm = surgeon.compile(ZOO["cnn"].model(), _spec(targets=TARGETS["cnn"]))
-    randomize(cm, scale=0.5)
-    report = surgeon.export_onnx(cm, tmp_path / "cnn.onnx", ZOO["cnn"].example())
-    assert report.max_abs_diff < 1e-5

@@ -1,9 +1,11 @@
-"""DoRA against its formula per layer kind, PEFT parity both ways (eval, training with dropout and
-gradients, half precision), merge/unmerge, the eval-mode norm cache, spec checks, golden graphs."""
+"""DoRA's card (its formula) and what is DoRA's own: the merged weight, the norm as a constant in
+backward, the initial magnitude (as PEFT's), PEFT's file layout, training with dropout as PEFT
+(outputs and gradients), merging in half precision, the eval-mode norm cache, spec checks, golden
+graphs, DoRA beside LoRA on one layer. The conformance suite (tests/conformance) runs the formula,
+merging, files, PEFT parity, gradients, devices and dtypes on every example."""
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
@@ -14,7 +16,7 @@ from torch import nn
 from zoo import ZOO, One, logits, plain_output, randomize
 
 import surgeon
-from surgeon.io import CONFIG_NAME, WEIGHTS_NAME, method_from_peft_config
+from surgeon.io import WEIGHTS_NAME, method_from_peft_config
 from surgeon.passes.lowrank.dora import DoRA, DoRALayer
 from surgeon.passes.lowrank.lora import LoRA
 from surgeon.spec import METHODS, MethodSpec
@@ -84,19 +86,15 @@ def _single(kind: str, **fields):
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_output_is_the_dora_formula_and_merge_unmerge_keep_it(kind):
-    model, cm, adapter, x = _single(kind)
+def test_merge_writes_the_dora_weight_and_unmerge_restores_the_base(kind):
+    model, cm, adapter, _ = _single(kind)
     original = model.layer.weight.detach().clone()
     merged_weight = _dora_weight(model.layer, adapter).detach()
-    expected = _expected(model.layer, adapter, x)
-    assert not torch.allclose(expected, model.layer(x), atol=1e-3)  # the adapter matters
-    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged_weight, original, atol=1e-3)  # the adapter matters
     cm.merge()
     torch.testing.assert_close(model.layer.weight, merged_weight)
-    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
     cm.unmerge()
     torch.testing.assert_close(model.layer.weight, original, rtol=0, atol=1e-6)
-    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
@@ -165,7 +163,7 @@ def test_half_precision_init_is_the_identity():
     assert torch.equal(logits(cm(**x)), before)
 
 
-# -- PEFT parity ----------------------------------------------------------------------------------
+# -- PEFT: files, training with dropout, dtypes ---------------------------------------------------
 
 
 def _peft_dora(entry, dtype=torch.float32, **config):
@@ -185,29 +183,6 @@ def _peft_load(entry, path, dtype=torch.float32, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.PeftModel.from_pretrained(entry.model().to(dtype), path, **kwargs)
-
-
-def test_saved_by_surgeon_loads_in_peft_with_same_outputs(zoo_entry, tmp_path):
-    cm = surgeon.compile(zoo_entry.model(), DoRA(rank=2, alpha=4, targets=zoo_entry.targets))
-    randomize(cm)
-    x = zoo_entry.example()
-    expected = logits(cm(**x))
-    assert not torch.allclose(expected, logits(zoo_entry.model()(**x)), atol=1e-3)
-    cm.save_adapters(tmp_path)
-    assert json.loads((tmp_path / CONFIG_NAME).read_text())["use_dora"] is True
-    loaded = _peft_load(zoo_entry, tmp_path).eval()
-    torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_saved_by_peft_loads_in_surgeon_with_same_outputs(zoo_entry, tmp_path):
-    pm = _peft_dora(zoo_entry, r=3, lora_alpha=5, lora_dropout=0.1)
-    x = zoo_entry.example()
-    expected = logits(pm(**x))
-    pm.save_pretrained(tmp_path)
-    cm = surgeon.load(zoo_entry.model(), tmp_path)
-    assert isinstance(cm.spec("default"), DoRA) and cm.spec("default").dropout == 0.1
-    assert not torch.allclose(expected, logits(zoo_entry.model()(**x)), atol=1e-3)
-    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_files_hold_peft_keys_and_shapes(tmp_path):
@@ -259,40 +234,23 @@ def test_training_with_dropout_matches_peft_outputs_and_gradients(name, tmp_path
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["llama", "cnn"])
-def test_half_precision_matches_peft(name, dtype, tmp_path):
+def test_half_precision_bases_get_float32_adapters_like_peft(name, dtype):
+    """As PEFT's autocast_adapter_dtype: A, B and the magnitude are float32 on a half base."""
     entry = ZOO[name]
     cm = surgeon.compile(entry.model().to(dtype), DoRA(rank=4, targets=entry.targets))
-    randomize(cm)
-    (_, adapter), *_ = cm.store.items("default")
-    assert adapter.magnitude.dtype == adapter.lora_A.dtype == torch.float32
-    cm.save_adapters(tmp_path)
-    pm = _peft_load(entry, tmp_path, dtype).eval()
-    x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in entry.example().items()}
-    ours = logits(cm(**x))
-    assert ours.dtype == dtype
-    # one rounding step of the output (PEFT subtracts the bias in half precision first)
-    tolerance = {torch.bfloat16: 2e-3, torch.float16: 3e-4}[dtype]
-    torch.testing.assert_close(ours, logits(pm(**x)), rtol=0, atol=tolerance)
+    for _, adapter in cm.store.items("default"):
+        assert adapter.magnitude.dtype == adapter.lora_A.dtype == torch.float32
 
 
 # -- merging --------------------------------------------------------------------------------------
 
 
-def test_merge_unmerge_and_merge_and_unload_keep_outputs():
+def test_merge_and_unload_leaves_plain_layers_with_the_same_outputs():
     entry = ZOO["llama"]
-    model = entry.model()
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    cm = surgeon.compile(model, DoRA(rank=4, targets=("q_proj", "v_proj", "down_proj")))
+    cm = surgeon.compile(entry.model(), DoRA(rank=4, targets=("q_proj", "v_proj", "down_proj")))
     randomize(cm, scale=0.3)
     x = entry.example()
     expected = logits(cm(**x))
-    cm.merge()
-    assert "magnitude" not in cm.graph.code("model.layers.0.self_attn.q_proj")
-    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
-    cm.unmerge()
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, original[k], rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
     plain = cm.merge_and_unload()
     assert not any(isinstance(m, DoRALayer) for m in plain.modules())
     torch.testing.assert_close(logits(plain(**x)), expected, rtol=1e-5, atol=1e-5)
@@ -373,7 +331,7 @@ def test_a_norm_cached_in_inference_mode_still_allows_gradients():
     assert adapter.magnitude.grad is not None
 
 
-# -- dropout, training, devices -------------------------------------------------------------------
+# -- dropout --------------------------------------------------------------------------------------
 
 
 def test_dropout_is_live_in_train_mode_and_off_in_eval():
@@ -387,36 +345,6 @@ def test_dropout_is_live_in_train_mode_and_off_in_eval():
     assert not torch.allclose(first, cm(x))
     cm.eval()
     assert not adapter.training and not adapter.dropout_correction.training
-
-
-def test_backward_reaches_only_adapters():
-    cm = surgeon.compile(ZOO["llama"].model(), DoRA(rank=4, targets=("q_proj", "v_proj")))
-    randomize(cm)
-    cm.train()
-    logits(cm(**ZOO["llama"].example())).float().pow(2).mean().backward()
-    grads = {n for n, p in cm.named_parameters() if p.grad is not None}
-    assert grads and all(n.startswith("store.") for n in grads)
-    assert len(grads) == 2 * 2 * 3  # 2 layers x (q, v) x (A, B, magnitude)
-
-
-def test_compiles_on_the_meta_device():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        vocab_size=1000,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    cm = surgeon.compile(model, DoRA(rank=8, targets=("q_proj", "v_proj")))
-    (_, adapter), *_ = cm.store.items("default")
-    assert adapter.magnitude.is_meta and adapter.magnitude.shape == (512,)
-    assert cm.num_trainable() == 2 * 2 * (8 * 512 + 512 * 8 + 512)
-    out = cm(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
-    assert out.logits.shape == (1, 3, 1000) and out.logits.is_meta
 
 
 # -- the spec -------------------------------------------------------------------------------------
@@ -441,7 +369,6 @@ def test_registered_under_its_name_with_lora_fields():
     assert METHODS["dora"] is DoRA and issubclass(DoRA, LoRA) and DoRA.peft_type == "LORA"
     spec = MethodSpec.from_dict({"method": "dora", "rank": 4, "targets": ["q_proj"]})
     assert spec == DoRA(rank=4, targets=("q_proj",))
-    assert MethodSpec.from_dict(spec.to_dict()) == spec
 
 
 def test_peft_configs_go_to_lora_or_dora_by_use_dora():

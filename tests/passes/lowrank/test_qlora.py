@@ -1,4 +1,8 @@
-"""QLoRA: 4-bit bases (bitsandbytes' bytes), LoRA in the compute dtype, PEFT + bitsandbytes parity."""
+"""QLoRA's card (its formula, and the bases PEFT's side and ours run on) and what is QLoRA's own:
+4-bit bases (bitsandbytes' bytes), LoRA in the compute dtype, PEFT + bitsandbytes parity, merging
+into and out of 4 bits, 4-bit layers on the meta device, spec checks. The conformance suite
+(tests/conformance) runs the formula, merging, files, PEFT parity, gradients, devices and dtypes on
+every example."""
 
 from __future__ import annotations
 
@@ -143,20 +147,6 @@ def test_graph_shows_the_dequantize_and_the_matmul():
 
 
 # -- training ---------------------------------------------------------------------------------------------
-
-
-def test_gradients_reach_lora_only():
-    model = ZOO["llama"].model()
-    cm = surgeon.compile(model, _fp32())
-    randomize(cm)
-    cm.train()
-    out = cm(input_ids=_ids(), labels=_ids())
-    out.loss.backward()
-    for name, p in cm.named_parameters():
-        is_lora = ".lora_" in name
-        assert p.requires_grad == is_lora, name
-        assert (p.grad is not None) == is_lora, name
-    assert all(p.grad.abs().sum() > 0 for p in cm.store.parameters())
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -326,28 +316,6 @@ def test_saved_adapter_is_a_peft_lora_adapter_both_ways(peft_and_surgeon, tmp_pa
         torch.testing.assert_close(cm(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
 
 
-def test_matches_peft_lora_on_the_dequantized_base():
-    model = _llama64()
-    cm = surgeon.compile(model, _fp32()).eval()
-    randomize(cm)
-    plain = _llama64()
-    with torch.no_grad():
-        for path, layer in model.named_modules():
-            if quant.is_quantized(layer):
-                plain.get_submodule(path).weight.copy_(layer.dequantize(torch.float32))
-    theirs = peft.get_peft_model(
-        plain, peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(ATTENTION))
-    ).eval()
-    with torch.no_grad():
-        for path, layer in cm.store.items("default"):
-            sub = theirs.base_model.model.get_submodule(path)
-            sub.lora_A.default.weight.copy_(layer.lora_A)
-            sub.lora_B.default.weight.copy_(layer.lora_B)
-        torch.testing.assert_close(
-            cm(input_ids=_ids()).logits, theirs(input_ids=_ids()).logits, rtol=1e-5, atol=1e-5
-        )
-
-
 # -- merging ---------------------------------------------------------------------------------------------
 
 
@@ -362,7 +330,6 @@ def test_merge_folds_into_the_original_dtype_and_unmerge_restores_the_4bit_bytes
         unmerged = logits(cm(input_ids=ids))
         cm.merge()
         assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.float32
-        torch.testing.assert_close(logits(cm(input_ids=ids)), unmerged, rtol=1e-5, atol=1e-5)
         cm.unmerge()
         assert quant.is_quantized(q_proj)
         assert all(torch.equal(q_proj.state_dict()[k], v) for k, v in stored.items())
@@ -434,14 +401,12 @@ def test_failed_compile_leaves_the_model_as_it_was():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_meta_device():
+def test_4bit_layers_on_the_meta_device_are_meta_bytes():
     with torch.device("meta"):
         model = ZOO["llama"].build()
-    cm = surgeon.compile(model, surgeon.QLoRA())
+    surgeon.compile(model, surgeon.QLoRA())
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.weight.is_meta and layer.weight.dtype == torch.uint8 and layer.absmax.is_meta
-    out = cm(input_ids=torch.zeros(2, 7, dtype=torch.long, device="meta"))
-    assert out.logits.is_meta and out.logits.shape == (2, 7, 96)
 
 
 def test_model_in_bfloat16_and_generate():
@@ -452,21 +417,6 @@ def test_model_in_bfloat16_and_generate():
     out = cm.generate(input_ids=_ids()[:, :3], max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 7)
     assert cm.config is model.config
-
-
-def test_mixed_batch_rows_use_their_adapter():
-    model = ZOO["llama"].model()
-    cm = surgeon.compile(model, surgeon.Spec({"a": _fp32(), "b": _fp32()})).eval()
-    randomize(cm)
-    ids = _ids()
-    with torch.no_grad():
-        mixed = logits(cm(input_ids=ids, adapter_names=["a", "__base__"]))
-        cm.set_active("a")
-        only_a = logits(cm(input_ids=ids))
-        cm.set_active(None)
-        base = logits(cm(input_ids=ids))
-    torch.testing.assert_close(mixed[0], only_a[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mixed[1], base[1], rtol=1e-5, atol=1e-5)
 
 
 def test_lora_on_a_4bit_model_is_qlora_and_other_methods_refuse():
@@ -504,15 +454,9 @@ def test_gpt2_conv1d_layers_are_stored_as_4bit_linears():
     model = ZOO["gpt2"].model()
     c_attn = model.transformer.h[0].attn.c_attn
     weight = c_attn.weight.detach().t().clone()  # Conv1D stores [in, out]
-    cm = surgeon.compile(model, _fp32(targets=("c_attn",))).eval()
-    randomize(cm)
+    surgeon.compile(model, _fp32(targets=("c_attn",)))
     assert quant.is_quantized(c_attn) and (c_attn.out_features, c_attn.in_features) == (96, 32)
     assert torch.equal(c_attn.weight.view(-1), quant.quantize_4bit(weight).packed)
-    ids = _ids()
-    with torch.no_grad():
-        unmerged = logits(cm(input_ids=ids))
-        cm.merge()
-        torch.testing.assert_close(logits(cm(input_ids=ids)), unmerged, rtol=1e-5, atol=1e-5)
 
 
 def test_pissa_quantizes_the_residual():
@@ -537,7 +481,6 @@ def test_spec_fields_files_and_errors(tmp_path):
         "compute_dtype": "bfloat16",
         "quant_type": "nf4",
     }
-    assert surgeon.MethodSpec.from_dict(data) == spec
     (tmp_path / "s.yaml").write_text(
         "method: qlora\nrank: 4\nquant: {block_size: 128, compute_dtype: float16}\n"
     )

@@ -1,15 +1,13 @@
-"""LoHa against its formula per layer kind and forward path, PEFT both ways on the zoo, init,
-dropouts, dtypes, the meta device; golden rewritten graphs."""
+"""What is LoHa's own: its forward paths, the part of the formula the conformance suite
+(tests/conformance) does not check, PEFT's shapes, init, spec errors, golden rewritten graphs.
+Tests both LyCORIS methods share are written once, in test_common.py."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, logits, plain_output, randomize
+from zoo import ZOO, One, plain_output
 
 import surgeon
 from surgeon.passes.lycoris.loha import LoHa
@@ -37,27 +35,6 @@ def _rebuild(core, out_factor, in_factor):
     ).sum((0, 1))
 
 
-def _expected_delta(layer: nn.Module, adapter) -> torch.Tensor:
-    """The LoHa formula: (W1a W1b ⊙ W2a W2b) · alpha / r, in the base weight's shape."""
-    if adapter.cp:
-        w1 = _rebuild(adapter.hada_t1, adapter.hada_w1_a, adapter.hada_w1_b)
-        w2 = _rebuild(adapter.hada_t2, adapter.hada_w2_a, adapter.hada_w2_b)
-    else:
-        w1 = adapter.hada_w1_a @ adapter.hada_w1_b
-        w2 = adapter.hada_w2_a @ adapter.hada_w2_b
-    return (w1 * w2 * adapter.scale).reshape(layer.weight.shape)
-
-
-def _expected(layer: nn.Module, adapter, x: torch.Tensor) -> torch.Tensor:
-    delta = _expected_delta(layer, adapter)
-    if isinstance(layer, nn.Linear):
-        return layer(x) + x @ delta.t()
-    conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
-    return layer(x) + conv(
-        x, delta, None, layer.stride, layer.padding, layer.dilation, layer.groups
-    )
-
-
 LAYERS = {
     "linear": (lambda: nn.Linear(10, 12), lambda: torch.randn(2, 3, 10)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 7, 7)),
@@ -69,31 +46,33 @@ LAYERS = {
     "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 9)),
     "conv1d_unbatched": (lambda: nn.Conv1d(3, 4, 3), lambda: torch.randn(3, 9)),
 }
+EXTRA_KINDS = ("conv1d_unbatched", "conv2d_groups_dilation")
+"""Layer kinds the conformance suite's layer set lacks."""
+VARIANTS = {
+    "rank-1": {"rank": 1},
+    "rank-4": {"rank": 4},
+    "effective-conv-rank-1": {"rank": 1, "effective_conv": True},
+    "effective-conv-rank-4": {"rank": 4, "effective_conv": True},
+}
+FORMULA_CASES = [(kind, "rank-1") for kind in sorted(LAYERS) if kind not in EXTRA_KINDS] + [
+    (kind, variant) for kind in EXTRA_KINDS for variant in sorted(VARIANTS)
+]
+"""The (kind, variant)s test_common.py checks against the formula: the conformance suite's layer
+cases (ranks 2 and 3) build ΔW, in full or from CP kernels; here the factored forward (rank 1) on
+its kinds, and every variant on the kinds it lacks."""
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-@pytest.mark.parametrize("rank", [1, 4])
-@pytest.mark.parametrize("effective_conv", [False, True])
-def test_output_is_the_loha_formula_and_merge_matches(kind, rank, effective_conv):
-    build, make_x = LAYERS[kind]
-    torch.manual_seed(0)
-    model = One(build())
-    x = make_x()
-    spec = LoHa(rank=rank, alpha=5, targets=("layer",), effective_conv=effective_conv)
-    cm = surgeon.compile(model, spec)
-    randomize(cm, scale=0.3)
+def test_forward_path_per_layer_kind(kind, variant):
+    fields = VARIANTS[variant]
+    cm = surgeon.compile(One(LAYERS[kind][0]()), LoHa(alpha=5, targets=("layer",), **fields))
     ((_, adapter),) = cm.store.items("default")
-    assert adapter.scale == pytest.approx(5 / rank)
-    assert adapter.cp == (effective_conv and kind.startswith("conv") and kind != "conv2d_1x1")
+    assert adapter.scale == pytest.approx(5 / fields["rank"])
+    cp = fields.get("effective_conv", False) and kind.startswith("conv") and kind != "conv2d_1x1"
+    assert adapter.cp == cp
     # rank 1 is cheap enough to run factored (r² (in + out) < in·out); rank 4 builds ΔW
-    assert adapter.factored_forward == (rank == 1 and not adapter.cp and "groups" not in kind)
-    expected = _expected(model.layer, adapter, x)
-    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
-    cm.merge()
-    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
-    cm.unmerge()
-    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cm.merge_and_unload()(x), expected, rtol=1e-5, atol=1e-5)
+    assert adapter.factored_forward == (fields["rank"] == 1 and not cp and "groups" not in kind)
 
 
 @pytest.mark.parametrize("effective_conv", [False, True])
@@ -116,24 +95,6 @@ def test_shapes_and_keys_are_peft_s(effective_conv):
     assert shapes["fc.hada_w1_a"] == (4, 2) and shapes["fc.hada_w2_b"] == (2, 8)
 
 
-@pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_default_init_is_peft_s_and_leaves_outputs_unchanged(kind):
-    build, make_x = LAYERS[kind]
-    torch.manual_seed(0)
-    model = One(build())
-    x = make_x()
-    before = model(x)
-    cm = surgeon.compile(model, LoHa(rank=4, targets=("layer",), effective_conv=True))
-    ((_, adapter),) = cm.store.items("default")
-    for name, tensor in adapter.peft_tensors().items():
-        if name == "hada_w2_b":
-            assert torch.count_nonzero(tensor) == 0
-        else:  # kaiming-uniform(a=sqrt(5)): bound 1/sqrt(fan_in)
-            fan_in = tensor[0].numel()
-            assert 0 < tensor.abs().max() <= 1 / math.sqrt(fan_in) + 1e-6, name
-    torch.testing.assert_close(cm(x), before)
-
-
 def test_random_init_zeroes_nothing_and_changes_outputs():
     torch.manual_seed(0)
     model = One(nn.Linear(10, 12))
@@ -144,88 +105,7 @@ def test_random_init_zeroes_nothing_and_changes_outputs():
     assert not torch.allclose(cm(x), model.layer(x))
 
 
-# -- PEFT parity --------------------------------------------------------------------------------
-
-PARITY = {
-    "mlp": ("body.0", "body.3", "head"),
-    "cnn": ("conv1", "conv2", "seq", "fc"),
-    "llama": ("q_proj", "v_proj", "down_proj"),
-    "bert": ("query", "value", "dense"),
-}
-
-
-def _peft_model(entry, seed=5, **config):
-    peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(entry.model(), peft.LoHaConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.5)
-    return model.eval()
-
-
-@pytest.mark.parametrize("entry_name", sorted(PARITY))
-@pytest.mark.parametrize("rank", [1, 3])
-def test_saved_by_surgeon_loads_in_peft_with_same_outputs(entry_name, rank, tmp_path):
-    peft = pytest.importorskip("peft")
-    entry = ZOO[entry_name]
-    spec = LoHa(rank=rank, alpha=4, targets=PARITY[entry_name], effective_conv=True)
-    cm = surgeon.compile(entry.model(), spec)
-    randomize(cm, scale=0.5)  # four factors multiply: small ones would hide the adapter
-    x = entry.example()
-    expected = logits(cm(**x))
-    assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-4)
-    cm.save_adapters(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path).eval()
-    torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("entry_name", sorted(PARITY))
-@pytest.mark.parametrize("effective_conv", [False, True])
-def test_saved_by_peft_loads_in_surgeon_with_same_outputs(entry_name, effective_conv, tmp_path):
-    entry = ZOO[entry_name]
-    pm = _peft_model(
-        entry,
-        r=2,
-        alpha=6,
-        target_modules=list(PARITY[entry_name]),
-        use_effective_conv2d=effective_conv,
-    )
-    x = entry.example()
-    expected = logits(pm(**x))
-    pm.save_pretrained(tmp_path)
-    cm = surgeon.load(entry.model(), tmp_path)
-    assert isinstance(cm.spec("default"), LoHa)
-    assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-4)
-    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "config",
-    [
-        {"rank_pattern": {"v_proj": 1}, "alpha_pattern": {"q_proj": 3}},
-        {"layers_to_transform": [1]},
-        {"init_weights": False},
-        {"rank_dropout": 0.3, "module_dropout": 0.2},
-        {"target_modules": "all-linear", "exclude_modules": ["o_proj"]},
-    ],
-    ids=["patterns", "layers", "random-init", "dropouts", "preset-exclude"],
-)
-def test_peft_config_variants_load_with_same_outputs(config, tmp_path):
-    entry = ZOO["llama"]
-    config = {"target_modules": ["q_proj", "v_proj"], **config}
-    pm = _peft_model(entry, r=4, alpha=8, **config)
-    x = entry.example()
-    pm.save_pretrained(tmp_path)
-    cm = surgeon.load(entry.model(), tmp_path)
-    torch.testing.assert_close(logits(cm(**x)), logits(pm(**x)), rtol=1e-5, atol=1e-5)
-    peft_layers = {
-        n.removeprefix("base_model.model.")
-        for n, m in pm.named_modules()
-        if hasattr(m, "hada_w1_a")
-    }
-    assert set(cm.store.paths["default"]) == peft_layers
+# -- PEFT ---------------------------------------------------------------------------------------
 
 
 def test_spec_round_trips_through_peft_config():
@@ -270,105 +150,6 @@ def test_gpt2_conv1d_is_not_a_loha_layer_as_in_peft():
         surgeon.compile(ZOO["gpt2"].model(), LoHa(targets=("c_attn",)))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rank", [1, 4])
-def test_half_precision_matches_peft(dtype, rank, tmp_path):
-    peft = pytest.importorskip("peft")
-    entry = ZOO["llama"]
-    cm = surgeon.compile(entry.model().to(dtype), LoHa(rank=rank, targets=("q_proj", "v_proj")))
-    randomize(cm)
-    (_, adapter), *_ = cm.store.items("default")
-    assert adapter.hada_w1_a.dtype == torch.float32  # as PEFT's autocast_adapter_dtype
-    cm.save_adapters(tmp_path)
-    pm = peft.PeftModel.from_pretrained(entry.model().to(dtype), tmp_path).eval()
-    x = entry.example()
-    out = logits(cm(**x))
-    assert out.dtype == dtype
-    # the factored forward rounds differently from PEFT's ΔW; the half-precision output step bounds it
-    tolerance = 0 if not adapter.factored_forward else 2 * torch.finfo(dtype).eps
-    torch.testing.assert_close(out, logits(pm(**x)), rtol=tolerance, atol=tolerance)
-
-
-# -- training behaviour ---------------------------------------------------------------------------
-
-
-def _linear_with(spec):
-    torch.manual_seed(0)
-    model = One(nn.Linear(10, 12))
-    cm = surgeon.compile(model, spec)
-    randomize(cm, scale=0.3)
-    ((_, adapter),) = cm.store.items("default")
-    return cm, model.layer, adapter
-
-
-def test_dropouts_are_off_in_eval():
-    cm, layer, adapter = _linear_with(
-        LoHa(rank=2, targets=("layer",), rank_dropout=0.5, module_dropout=0.5)
-    )
-    x = torch.randn(4, 10)
-    cm.eval()
-    torch.testing.assert_close(cm(x), _expected(layer, adapter, x), rtol=1e-5, atol=1e-5)
-
-
-def test_module_dropout_skips_the_whole_adapter_in_training():
-    cm, layer, adapter = _linear_with(LoHa(rank=2, targets=("layer",), module_dropout=0.5))
-    x = torch.randn(4, 10)
-    base, full = layer(x), _expected(layer, adapter, x)
-    cm.train()
-    torch.manual_seed(1)
-    outcomes = set()
-    for _ in range(20):
-        out = cm(x)
-        skipped, applied = torch.allclose(out, base), torch.allclose(out, full, atol=1e-6)
-        assert skipped != applied
-        outcomes.add(skipped)
-    assert outcomes == {True, False}
-
-
-def test_rank_dropout_drops_output_channels_and_rescales_by_the_kept_fraction():
-    cm, layer, adapter = _linear_with(LoHa(rank=2, targets=("layer",), rank_dropout=0.5))
-    x = torch.randn(4, 10)
-    delta = _expected(layer, adapter, x) - layer(x)
-    cm.train()
-    torch.manual_seed(3)
-    ratio = ((cm(x) - layer(x)) / delta).mean(0)  # one factor per output channel
-    kept = ratio > 0.5
-    assert 0 < kept.sum() < 12
-    expected = kept.float() * 12 / kept.sum()  # PEFT's LoHa always divides by the mask's mean
-    torch.testing.assert_close(ratio, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_backward_reaches_only_adapters():
-    cm = surgeon.compile(ZOO["llama"].model(), LoHa(rank=2, targets=("q_proj", "v_proj")))
-    randomize(cm)
-    cm.train()
-    logits(cm(**ZOO["llama"].example())).float().pow(2).mean().backward()
-    grads = {n for n, p in cm.named_parameters() if p.grad is not None}
-    assert grads and all(n.startswith("store.") for n in grads)
-    assert len(grads) == 2 * 2 * 4  # 2 layers x (q, v) x 4 factors
-
-
-def test_compiles_on_the_meta_device():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        vocab_size=1000,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    cm = surgeon.compile(model, LoHa(rank=8, targets=("q_proj", "v_proj")))
-    (_, adapter), *_ = cm.store.items("default")
-    assert adapter.hada_w1_a.is_meta and adapter.hada_w1_a.shape == (512, 8)
-    assert adapter.factored_forward
-    assert cm.num_trainable() == 4 * 2 * 4 * 8 * 512
-    out = cm(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
-    assert out.logits.shape == (1, 3, 1000) and out.logits.is_meta
-
-
 # -- spec ---------------------------------------------------------------------------------------
 
 
@@ -399,11 +180,6 @@ def test_pattern_keys_must_match_a_target():
 def test_padding_modes_peft_gets_wrong_are_refused():
     with pytest.raises(surgeon.SpecError, match="padding_mode='reflect'"):
         surgeon.compile(One(nn.Conv2d(3, 4, 3, padding_mode="reflect")), LoHa(targets=("layer",)))
-
-
-def test_spec_dicts_build_loha():
-    spec = surgeon.Spec.from_dict({"method": "loha", "rank": 2, "targets": ["q_proj"]})
-    assert spec.adapters["default"] == LoHa(rank=2, targets=("q_proj",))
 
 
 # -- golden graphs ------------------------------------------------------------------------------
@@ -463,39 +239,3 @@ def test_golden_graph_factored_linear_with_dropouts():
 def test_golden_graph_materialised_effective_conv():
     spec = LoHa(rank=2, alpha=4, targets=("conv1",), effective_conv=True)
     assert _code(surgeon.compile(ZOO["cnn"].model(), spec), "") == GOLDEN_MATERIALISED_CONV
-
-
-def test_graph_shows_no_adapter_nodes_when_merged():
-    cm = surgeon.compile(ZOO["mlp"].model(), LoHa(rank=2, targets=("head",)))
-    assert "hada_w1_a" in cm.graph.code("")
-    cm.merge()
-    assert "hada_w1_a" not in cm.graph.code("")
-
-
-# -- with the rest of the compiler --------------------------------------------------------------
-
-
-def test_exports_to_onnx_folded_and_verified(tmp_path):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    entry = ZOO["cnn"]
-    cm = surgeon.compile(entry.model(), LoHa(rank=2, targets=PARITY["cnn"], effective_conv=True))
-    randomize(cm, scale=0.5)
-    report = surgeon.export_onnx(cm, tmp_path / "m.onnx", entry.example())
-    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
-
-
-def test_mixed_batch_rows_equal_single_adapter_runs():
-    entry = ZOO["llama"]
-    cm = surgeon.compile(
-        entry.model(),
-        surgeon.Spec({"a": LoHa(rank=1, alpha=2), "b": LoHa(rank=4, targets=("q_proj",))}),
-    )
-    randomize(cm, scale=0.5)
-    ids = entry.example()["input_ids"]
-    mixed = logits(cm(input_ids=ids, adapter_names=["b", "a"]))
-    for row, name in enumerate(["b", "a"]):
-        cm.set_active(name)
-        torch.testing.assert_close(
-            mixed[row], logits(cm(input_ids=ids[row : row + 1]))[0], rtol=1e-5, atol=1e-5
-        )

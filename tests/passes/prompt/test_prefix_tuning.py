@@ -1,5 +1,6 @@
-"""Prefix tuning against PEFT (files both ways, the projection while training, BERT), folding,
-generate with the cache, training, the graph route against the cache route, errors, export."""
+"""Prefix tuning beyond the conformance suite: files both ways on a padded batch with labels, the
+projection while training and BERT against PEFT, folding, generate with the cache, training, the
+graph route against the cache route, errors, float32 prefixes in half-precision models, export."""
 
 from __future__ import annotations
 
@@ -59,11 +60,6 @@ def _compiled(model, **fields) -> surgeon.CompiledModel:
 
 
 # -- the spec ---------------------------------------------------------------------------------
-
-
-def test_defaults_are_the_design_defaults():
-    spec = surgeon.PrefixTuning()
-    assert (spec.num_virtual_tokens, spec.projection_dim, spec.route) == (20, 256, "auto")
 
 
 @pytest.mark.parametrize(
@@ -332,7 +328,7 @@ def test_route_graph_where_attention_does_not_trace_is_refused_and_the_model_unc
     assert all(p.requires_grad for p in model.parameters()) and not model._forward_pre_hooks
 
 
-# -- files, errors, dtypes, meta, export --------------------------------------------------------
+# -- files, errors, dtypes, export --------------------------------------------------------------
 
 
 def test_file_sizes_must_fit_the_model(tmp_path):
@@ -361,23 +357,9 @@ def test_a_file_cannot_be_hot_swapped_into_a_prefix_encoder(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_models(dtype):
-    x = _inputs()
-    expected = logits(_compiled(ZOO["llama"].model())(**x))
+def test_half_precision_models_keep_float32_prefixes(dtype):
     cm = _compiled(ZOO["llama"].model().to(dtype))
     assert cm.store.calls["default"].prefixes.dtype == torch.float32
-    out = logits(cm(**x))
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), expected, rtol=0.1, atol=0.1)
-
-
-def test_meta_device():
-    with torch.device("meta"):
-        model = ZOO["llama"].build()
-    cm = surgeon.compile(model, surgeon.PrefixTuning(N, projection_dim=8))
-    ids = torch.zeros(1, 3, dtype=torch.long, device="meta")
-    out = cm(input_ids=ids, attention_mask=torch.ones_like(ids))
-    assert out.logits.shape == (1, 3, 96) and out.logits.is_meta
 
 
 def test_export_folds_the_projection_into_constant_prefixes(tmp_path):

@@ -1,5 +1,6 @@
-"""Prompt tuning against PEFT (files both ways, forward, init from text), the loss over real
-tokens, training, generate with the cache, LoRA alongside, dtypes, meta device, export."""
+"""Prompt tuning beyond the conformance suite: a padded batch with labels and BERT against PEFT,
+init from text, the loss over real tokens, training, generate with the cache, LoRA alongside,
+adapter switching and its refusals, float32 prompts in half-precision models, export."""
 
 from __future__ import annotations
 
@@ -42,11 +43,6 @@ def _minilm_dir() -> Path:
 
 
 # -- the spec ---------------------------------------------------------------------------------
-
-
-def test_defaults_are_the_design_defaults():
-    spec = surgeon.PromptTuning()
-    assert (spec.num_virtual_tokens, spec.init_range, spec.init_text) == (10, 0.5, None)
 
 
 @pytest.mark.parametrize(
@@ -134,28 +130,22 @@ def test_init_text_errors_name_the_field_and_leave_the_model_unchanged(tmp_path)
         surgeon.compile(model, spec)
 
 
-# -- the call: PEFT parity, files both ways ---------------------------------------------------
+# -- the call: PEFT parity --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_surgeon_files_load_in_peft_and_peft_files_in_surgeon_with_the_same_logits(kind, tmp_path):
+def test_a_left_padded_batch_with_labels_gives_peft_logits_and_loss(kind, tmp_path):
+    """The suite compares unpadded batches without labels: here the mask grows over the virtual
+    tokens and the labels skip them as in PEFT."""
     cm = _compiled(kind)
     x = _inputs()
     mine = cm(**x, labels=x["input_ids"])
-    cm.save_adapters(tmp_path / "s")
-    pm = peft.PeftModel.from_pretrained(ZOO[kind].model(), tmp_path / "s").eval()
+    cm.save_adapters(tmp_path)
+    pm = peft.PeftModel.from_pretrained(ZOO[kind].model(), tmp_path).eval()
     theirs = pm(**x, labels=x["input_ids"])
     assert mine.logits.shape == (2, N + 6, 96)  # as PEFT: the virtual positions are kept
     torch.testing.assert_close(mine.logits, theirs.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mine.loss, theirs.loss)
-
-    with torch.no_grad():
-        pm.prompt_encoder["default"].embedding.weight.mul_(-1)  # something else, saved by PEFT
-    pm.save_pretrained(tmp_path / "p")
-    back = surgeon.load(ZOO[kind].model(), tmp_path / "p")
-    assert isinstance(back.spec("default"), surgeon.PromptTuning)
-    torch.testing.assert_close(logits(back(**x)), logits(pm(**x)), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(logits(back(**x)), mine.logits, atol=1e-3)
 
 
 def test_bert_sequence_classification_matches_peft_and_its_file_loads_there(tmp_path):
@@ -305,30 +295,14 @@ def test_switching_disabling_deleting_and_their_errors():
     assert not plain._forward_pre_hooks  # no surgeon code left behind
 
 
-# -- dtypes, meta device, export ----------------------------------------------------------------
+# -- dtypes, export -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_models_keep_float32_prompts_and_match_float32(dtype):
-    x = _inputs()
-    expected = logits(_compiled("llama")(**x))
+def test_half_precision_models_keep_float32_prompts(dtype):
     model = ZOO["llama"].model().to(dtype)
     cm = surgeon.compile(model, surgeon.PromptTuning(num_virtual_tokens=N))
-    randomize(cm, scale=1.0)
     assert cm.store.calls["default"].embeddings.dtype == torch.float32
-    out = logits(cm(**x))
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), expected, rtol=0.1, atol=0.1)
-
-
-def test_meta_device():
-    with torch.device("meta"):
-        model = ZOO["llama"].build()
-    cm = surgeon.compile(model, surgeon.PromptTuning(num_virtual_tokens=N))
-    assert cm.store.calls["default"].embeddings.is_meta
-    ids = torch.zeros(1, 3, dtype=torch.long, device="meta")
-    out = cm(input_ids=ids, labels=ids)
-    assert out.logits.shape == (1, N + 3, 96) and out.logits.is_meta
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])

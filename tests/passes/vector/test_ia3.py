@@ -1,5 +1,7 @@
-"""IA³ against its formula per layer kind (output and feed-forward input scaling), merge by
-folding, PEFT parity both ways, half precision, meta device, golden rewritten graphs."""
+"""IA³ beyond the conformance suite: its formula and merge by folding per layer kind (grouped
+convolutions and bias folding included), PEFT's vector shapes, feed-forward matching as PEFT's,
+PEFT parity for configurations the examples lack, exact half-precision parity, selectors, errors,
+golden rewritten graphs."""
 
 from __future__ import annotations
 
@@ -168,10 +170,11 @@ SELECTIONS = {
     "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
     "bert": (("key", "value", "output.dense"), ("output.dense",)),
     "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
-    "mlp": (("body.0", "head"), ("head",)),
     "cnn": (("conv1", "conv2", "fc"), ("conv2",)),
 }
-PARITY = [(m, ff) for m in sorted(SELECTIONS) for ff in (True, False)]
+# what the conformance suite's examples do not cover: BERT (not among its models), a feed-forward
+# convolution, a dotted feed-forward suffix (mlp.c_proj, not attn.c_proj)
+PARITY = [("bert", True), ("bert", False), ("cnn", True), ("gpt2", True)]
 
 
 def _selection(model_name: str, feedforward: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -352,32 +355,7 @@ def test_layers_peft_cannot_adapt_are_refused(layer, name):
         surgeon.compile(One(layer), IA3(targets=("layer",), feedforward=()))
 
 
-def test_spec_round_trips_through_a_dict():
-    spec = IA3(targets=("k_proj", "down_proj"), feedforward=("down_proj",), layers=(0,))
-    assert surgeon.MethodSpec.from_dict(spec.to_dict()) == spec
-
-
-# -- devices, graphs -----------------------------------------------------------------------------
-
-
-def test_compiles_on_the_meta_device():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        vocab_size=1000,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    cm = surgeon.compile(model, IA3())
-    (_, adapter), *_ = cm.store.items("default")
-    assert adapter.ia3_l.is_meta
-    assert cm.num_trainable() == 4 * (512 + 512 + 1024)
-    out = cm(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
-    assert out.logits.shape == (1, 3, 1000) and out.logits.is_meta
+# -- graphs --------------------------------------------------------------------------------------
 
 
 GOLDEN_MLP = """\
@@ -437,15 +415,3 @@ def test_feedforward_matching_is_peft_rule(feedforward, path):
     config = peft.IA3Config(target_modules=".*", feedforward_modules=feedforward)
     expected = bool(peft.tuners.ia3.IA3Model._check_target_module_feedforward(config, path))
     assert matches_feedforward(path, feedforward) is expected
-
-
-def test_exported_onnx_matches_the_unmerged_model(tmp_path):
-    pytest.importorskip("onnxruntime")
-    cm = surgeon.compile(
-        ZOO["cnn"].model(), IA3(targets=("conv1", "conv2", "fc"), feedforward=("conv2",))
-    )
-    _perturb(cm)
-    weights = [p.detach().clone() for p in cm.model.parameters()]
-    report = surgeon.export_onnx(cm, tmp_path / "cnn.onnx", ZOO["cnn"].example())
-    assert report.max_abs_diff < 1e-5
-    assert all(torch.equal(a, b) for a, b in zip(weights, cm.model.parameters()))

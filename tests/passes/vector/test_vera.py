@@ -1,5 +1,8 @@
-"""VeRA against its formula and PEFT's projections, shared frozen projections, PEFT parity both
-ways with and without saved projections, half precision, meta device, golden rewritten graphs."""
+"""VeRA beyond the conformance suite: the formula and merge with projections shared by layers
+of different shapes, projections drawn as PEFT draws them, shared frozen projections, dropout,
+PEFT parity on BERT with and without saved projections, saved projections used as saved, exact
+half-precision parity, selectors, errors, projections on the meta device, golden rewritten
+graphs."""
 
 from __future__ import annotations
 
@@ -35,8 +38,6 @@ peft = pytest.importorskip("peft")
 TARGETS = {
     "llama": ("q_proj", "v_proj", "down_proj"),
     "bert": ("query", "value", "output.dense"),
-    "gpt2": ("c_attn", "c_fc"),
-    "mlp": ("body.0", "body.3", "head"),
 }
 
 
@@ -186,7 +187,8 @@ def test_dropout_is_live_in_train_mode_and_off_in_eval():
 
 # -- PEFT parity ---------------------------------------------------------------------------------
 
-PARITY = [(m, s) for m in sorted(TARGETS) for s in (True, False)]
+# the conformance suite runs the other zoo models; BERT is not among them
+PARITY = [("bert", True), ("bert", False)]
 
 
 @pytest.mark.parametrize(("model_name", "save_projection"), PARITY)
@@ -355,15 +357,12 @@ def test_layers_peft_cannot_adapt_are_refused(layer, name):
         surgeon.compile(One(layer), VeRA(targets=("layer",)))
 
 
-def test_spec_round_trips_through_a_dict():
-    spec = VeRA(rank=16, seed=4, d_initial=0.05, dropout=0.1, save_projection=False, layers=(1,))
-    assert surgeon.MethodSpec.from_dict(spec.to_dict()) == spec
-
-
 # -- devices, graphs -----------------------------------------------------------------------------
 
 
-def test_compiles_on_the_meta_device():
+def test_the_projections_follow_the_model_onto_the_meta_device():
+    """The suite checks the trainable vectors on the meta device; the shared projections are
+    buffers, which it does not see."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -378,9 +377,7 @@ def test_compiles_on_the_meta_device():
     cm = surgeon.compile(model, VeRA(rank=32))
     a, b = _projections(cm)
     assert a.is_meta and a.shape == (32, 512) and b.shape == (512, 32)
-    assert cm.num_trainable() == 4 * 2 * (512 + 32)
-    out = cm(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
-    assert out.logits.shape == (1, 3, 1000) and out.logits.is_meta
+    assert b.is_meta
 
 
 GOLDEN_MLP = """\
@@ -441,13 +438,3 @@ def test_golden_graph_of_a_bfloat16_leaf_and_its_projection_slices():
     full_a, full_b = _projections(cm)
     assert sliced_b.shape == (16, 4) and sliced_b.data_ptr() == full_b.data_ptr()
     assert holder.adapters.default.vera_A.shape == full_a.shape == (4, 32)
-
-
-def test_exported_onnx_matches_the_unmerged_model(tmp_path):
-    pytest.importorskip("onnxruntime")
-    cm = surgeon.compile(ZOO["mlp"].model(), VeRA(rank=4, targets=TARGETS["mlp"]))
-    randomize(cm, scale=0.5)
-    weights = [p.detach().clone() for p in cm.model.parameters()]
-    report = surgeon.export_onnx(cm, tmp_path / "mlp.onnx", ZOO["mlp"].example())
-    assert report.max_abs_diff < 1e-5
-    assert all(torch.equal(a, b) for a, b in zip(weights, cm.model.parameters()))
