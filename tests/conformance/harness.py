@@ -192,12 +192,16 @@ def _models_of(cls: type[MethodSpec]) -> list[str]:
     return [name for name in MODELS if targets(cls, name)]
 
 
-def cases(select: Callable[[Case], bool] = lambda case: True, first_model: bool = False) -> list:
+def cases(
+    select: Callable[[Case], bool] = lambda case: True,
+    first_model: bool = False,
+    prefer: str | None = None,
+) -> list:
     """pytest params of every registered method's examples on the models it applies to
-    (``first_model``: on the first such model only)."""
+    (``first_model``: on the first such model only, ``prefer`` first where it applies)."""
     out = []
     for cls in sorted(METHODS.values(), key=lambda c: c.name):
-        models = _models_of(cls)
+        models = sorted(_models_of(cls), key=lambda name: name != prefer)
         for example in cls.examples(("layer",)):
             for model in models[:1] if first_model else models:
                 case = Case(cls, example, model)
@@ -206,9 +210,14 @@ def cases(select: Callable[[Case], bool] = lambda case: True, first_model: bool 
     return out
 
 
-def methods(select: Callable[[Case], bool] = lambda case: True) -> list:
-    """pytest params of every registered method's first example on its first model."""
-    return cases(lambda case: select(case) and case.example == first_example(case.cls), True)
+def methods(select: Callable[[Case], bool] = lambda case: True, prefer: str | None = None) -> list:
+    """pytest params of every registered method's first example on its first model (``prefer``
+    where it applies)."""
+
+    def first(case: Case) -> bool:
+        return select(case) and case.example == first_example(case.cls)
+
+    return cases(first, first_model=True, prefer=prefer)
 
 
 def first_example(cls: type[MethodSpec]) -> str:
@@ -339,24 +348,25 @@ def our_base(case: Case, spec: MethodSpec) -> nn.Module:
 
 
 def paired_parameters(
-    ours: nn.Module, theirs: nn.Module
+    ours: nn.Module, theirs: nn.Module, trained: bool = True
 ) -> list[tuple[str, nn.Parameter, str, nn.Parameter]]:
-    """Our trainable parameters, each with PEFT's that holds the same values (same weights on
+    """Our (trainable) parameters, each with PEFT's that holds the same values (same weights on
     both sides, perturbed at random: equal values are the same tensor, maybe in another shape,
-    as IA³'s vectors)."""
-    mine = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
-    pool = [(n, p) for n, p in theirs.named_parameters() if p.requires_grad]
+    as IA³'s vectors, or dtype). ``trained``: PEFT's trainable parameters are exactly those."""
+    mine = [(n, p) for n, p in ours.named_parameters() if p.requires_grad or not trained]
+    pool = [(n, p) for n, p in theirs.named_parameters() if p.requires_grad or not trained]
     pairs = []
     for name, param in mine:
-        flat = param.detach().flatten()
+        flat = param.detach().flatten().float()
         match = [
             (n, p)
             for n, p in pool
-            if p.numel() == param.numel() and torch.equal(p.detach().flatten(), flat)
+            if p.numel() == param.numel() and torch.equal(p.detach().flatten().float(), flat)
         ]
         assert len(match) == 1, f"{name}: {len(match)} PEFT parameters hold its values"
         pairs.append((name, param, *match[0]))
-    assert len(pairs) == len(pool), "PEFT trains parameters ours does not have"
+    if trained:
+        assert len(pairs) == len(pool), "PEFT trains parameters ours does not have"
     return pairs
 
 
