@@ -433,6 +433,43 @@ def prefix_cache(model: nn.Module, adapter: Any, batch: int) -> dict[str, Any]:
     return {name: cache}
 
 
+def prefix_formula(spec: Any, adapter: Any, model: nn.Module, inputs: dict[str, Any]) -> Any:
+    """Prefix tuning's formula (Li & Liang, 2021), P-tuning v2's too: every layer's attention
+    also attends to learned keys and values before the real tokens, i.e. the model run with them
+    as its key/value cache (as PEFT does)."""
+    ids = inputs["input_ids"]
+    return model(**prefix_cache(model, adapter, ids.shape[0]), input_ids=ids)
+
+
+def load_with_changed_config(model: nn.Module, folder: Any, change: dict[str, Any]) -> Any:
+    """Load the adapter saved in ``folder`` after changing fields of its adapter_config.json."""
+    import json
+
+    import surgeon
+
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    return surgeon.load(model, folder)
+
+
+def train_a_few_steps(cm: Any, inputs: dict[str, Any], lr: float, steps: int = 4) -> list[float]:
+    """Adam on the compiled model's trainable parameters, the model's own loss (labels: the
+    input ids); returns the losses, after checking that no base parameter moved."""
+    base = {n: p.detach().clone() for n, p in cm.model.named_parameters()}
+    optimizer = torch.optim.Adam([p for p in cm.parameters() if p.requires_grad], lr=lr)
+    cm.train()
+    losses = []
+    for _ in range(steps):
+        loss = cm(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    for n, p in cm.model.named_parameters():
+        assert torch.equal(p, base[n]), n
+    return losses
+
+
 def randomize(cm: Any, seed: int = 2, scale: float = 0.1) -> None:
     """Give every adapter parameter random values, so adapters change outputs (B starts at zero)."""
     generator = torch.Generator().manual_seed(seed)

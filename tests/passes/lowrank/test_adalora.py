@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, logits, plain_output, randomize
+from zoo import ZOO, One, load_with_changed_config, logits, plain_output, randomize
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -290,11 +290,8 @@ def test_a_spec_without_total_steps_saves_a_config_peft_accepts(tmp_path):
 def test_peft_configs_surgeon_cannot_honour_are_refused(change, match, tmp_path):
     entry = ZOO["llama"]
     surgeon.compile(entry.model(), _spec(total_steps=10)).save_adapters(tmp_path)
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    config.update(change)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(surgeon.SpecError, match=match):
-        surgeon.load(entry.model(), tmp_path)
+        load_with_changed_config(entry.model(), tmp_path, change)
 
 
 def test_fields_peft_ignores_for_adalora_are_accepted(tmp_path):

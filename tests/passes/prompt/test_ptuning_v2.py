@@ -12,7 +12,7 @@ from zoo import (
     decode_without_cache,
     generate,
     logits,
-    prefix_cache,
+    prefix_formula,
     randomize,
     tiny_traced_decoder,
 )
@@ -22,13 +22,7 @@ from zoo import (
 
 import surgeon
 
-
-def formula(spec, adapter, model, inputs):
-    """P-tuning v2 (Liu et al., 2022): prefix tuning's formula, the prefixes from the MLP
-    encoder; every layer's attention also attends to learned keys and
-    values before the real tokens: the model run with them as its key/value cache (as PEFT)."""
-    ids = inputs["input_ids"]
-    return model(**prefix_cache(model, adapter, ids.shape[0]), input_ids=ids)
+formula = prefix_formula  # the prefixes (folded from the encoder) as the key/value cache
 
 
 peft = pytest.importorskip("peft")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, logits, plain_output
+from zoo import ZOO, One, load_with_changed_config, logits, plain_output
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -311,13 +311,9 @@ def test_saved_tensors_have_peft_keys_and_shapes(tmp_path):
 )
 def test_peft_configs_surgeon_cannot_honour_are_refused(change, match, tmp_path):
     entry = ZOO["llama"]
-    cm = surgeon.compile(entry.model(), IA3())
-    cm.save_adapters(tmp_path)
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    config.update(change)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    surgeon.compile(entry.model(), IA3()).save_adapters(tmp_path)
     with pytest.raises(surgeon.SpecError, match=match):
-        surgeon.load(entry.model(), tmp_path)
+        load_with_changed_config(entry.model(), tmp_path, change)
 
 
 # -- spec validation -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from zoo import ZOO, One, logits, plain_output, randomize
+from zoo import ZOO, One, load_with_changed_config, logits, plain_output, randomize
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -320,11 +320,8 @@ def test_layers_and_exclusions_are_saved_so_peft_adapts_the_same_modules(selecti
 def test_peft_configs_surgeon_cannot_honour_are_refused(change, match, tmp_path):
     entry = ZOO["llama"]
     surgeon.compile(entry.model(), VeRA(rank=4)).save_adapters(tmp_path)
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    config.update(change)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(surgeon.SpecError, match=match):
-        surgeon.load(entry.model(), tmp_path)
+        load_with_changed_config(entry.model(), tmp_path, change)
 
 
 # -- spec validation -----------------------------------------------------------------------------
