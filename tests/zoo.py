@@ -62,6 +62,16 @@ class FunctionalDropoutMLP(nn.Module):
         return self.fc2(F.dropout(self.fc1(x), p=0.5, training=self.training))
 
 
+def gpt2_conv1d(fan_in: int = 5, fan_out: int = 6) -> nn.Module:
+    """transformers' GPT-2 ``Conv1D`` (a Linear storing its weight in x out), with a random bias
+    (its own init is zero, which would hide how a method treats the bias)."""
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(fan_out, fan_in)
+    nn.init.normal_(layer.bias)
+    return layer
+
+
 class One(nn.Module):
     """Wraps one layer so it can be targeted by name."""
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from zoo import EMBEDDING, ZOO, One, ZooEntry, logits
+from zoo import EMBEDDING, ZOO, One, ZooEntry, gpt2_conv1d, logits
 
 import surgeon
 from surgeon.spec import METHODS, MethodSpec
@@ -129,15 +129,9 @@ class Case:
         }
 
 
-def _gpt2_conv1d() -> nn.Module:
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D(6, 5)
-
-
 LAYERS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
     "linear": (lambda: nn.Linear(5, 6), lambda: torch.randn(3, 5)),
-    "conv1d_gpt2": (_gpt2_conv1d, lambda: torch.randn(2, 3, 5)),
+    "conv1d_gpt2": (gpt2_conv1d, lambda: torch.randn(2, 3, 5)),
     "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 9)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 7, 7)),
     "conv2d_1x1": (lambda: nn.Conv2d(6, 4, 1), lambda: torch.randn(2, 6, 5, 5)),

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, load_with_changed_config, logits, plain_output, randomize
+from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -71,17 +71,9 @@ def _copy_to_peft(cm, pm):
                 getattr(_peft_layer(pm, path), factor)["default"].copy_(getattr(layer, factor))
 
 
-def _conv1d_gpt2():
-    from transformers.pytorch_utils import Conv1D
-
-    layer = Conv1D(6, 5)
-    nn.init.normal_(layer.bias)
-    return layer
-
-
 LAYERS = {
     "linear": (lambda: nn.Linear(5, 6), lambda: torch.randn(3, 5)),
-    "conv1d_gpt2": (_conv1d_gpt2, lambda: torch.randn(2, 3, 5)),
+    "conv1d_gpt2": (gpt2_conv1d, lambda: torch.randn(2, 3, 5)),
     "conv2d": (
         lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=2),
         lambda: torch.randn(2, 3, 9, 9),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, logits, plain_output, randomize
+from zoo import ZOO, One, gpt2_conv1d, logits, plain_output, randomize
 
 import surgeon
 from surgeon.io import WEIGHTS_NAME, method_from_peft_config
@@ -39,17 +39,9 @@ def formula(spec, adapter, base, x):
 peft = pytest.importorskip("peft")
 
 
-def _conv1d_gpt2():
-    from transformers.pytorch_utils import Conv1D
-
-    layer = Conv1D(6, 5)
-    nn.init.normal_(layer.bias)
-    return layer
-
-
 LAYERS = {
     "linear": (lambda: nn.Linear(5, 6), lambda: torch.randn(3, 5)),
-    "conv1d_gpt2": (_conv1d_gpt2, lambda: torch.randn(2, 3, 5)),
+    "conv1d_gpt2": (gpt2_conv1d, lambda: torch.randn(2, 3, 5)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 7, 7)),
     "conv2d_1x1": (lambda: nn.Conv2d(3, 4, 1), lambda: torch.randn(2, 3, 5, 5)),
     "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 9)),

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, plain_output, randomize
+from zoo import ZOO, One, gpt2_conv1d, plain_output, randomize
 
 import surgeon
 
@@ -34,15 +34,9 @@ def formula(spec, adapter, base, x):
     return plain_output(base, x) + scale * low
 
 
-def _conv1d_gpt2():
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D(6, 5)
-
-
 LAYERS = {
     "linear": (lambda: nn.Linear(5, 6), lambda: torch.randn(3, 5)),
-    "conv1d_gpt2": (_conv1d_gpt2, lambda: torch.randn(2, 3, 5)),
+    "conv1d_gpt2": (gpt2_conv1d, lambda: torch.randn(2, 3, 5)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 7, 7)),
     "conv2d_1x1": (lambda: nn.Conv2d(3, 4, 1), lambda: torch.randn(2, 3, 5, 5)),
     "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 9)),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, load_with_changed_config, logits, plain_output
+from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -34,15 +34,9 @@ def formula(spec, adapter, base, x):
 peft = pytest.importorskip("peft")
 
 
-def _conv1d_gpt2():
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D(6, 5)
-
-
 LAYERS = {
     "linear": (lambda: nn.Linear(5, 6), lambda: torch.randn(3, 5)),
-    "conv1d_gpt2": (_conv1d_gpt2, lambda: torch.randn(2, 3, 5)),
+    "conv1d_gpt2": (gpt2_conv1d, lambda: torch.randn(2, 3, 5)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 7, 7)),
     "conv2d_groups": (lambda: nn.Conv2d(4, 6, 3, groups=2), lambda: torch.randn(2, 4, 5, 5)),
     "conv3d": (lambda: nn.Conv3d(2, 3, 2), lambda: torch.randn(1, 2, 4, 4, 4)),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from zoo import ZOO, One, load_with_changed_config, logits, plain_output, randomize
+from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -68,20 +68,12 @@ def _projections(cm):
 # -- the formula ---------------------------------------------------------------------------------
 
 
-def _gpt2_conv1d(fan_in: int, fan_out: int) -> nn.Module:
-    from transformers.pytorch_utils import Conv1D
-
-    layer = Conv1D(fan_out, fan_in)
-    nn.init.normal_(layer.bias)
-    return layer
-
-
 class Two(nn.Module):
     """Two layers of different shapes: the projections are sized for the larger of each dim."""
 
     def __init__(self, conv1d: bool) -> None:
         super().__init__()
-        make = _gpt2_conv1d if conv1d else nn.Linear
+        make = gpt2_conv1d if conv1d else nn.Linear
         self.a = make(5, 7)
         self.b = make(7, 3)
 
