@@ -192,15 +192,24 @@ def cases(
     prefer: str | None = None,
 ) -> list:
     """pytest params of every registered method's examples on the models it applies to
-    (``first_model``: on the first such model only, ``prefer`` first where it applies)."""
+    (``first_model``: on the first such model only, ``prefer`` first where it applies).
+
+    The default lane runs every example on the method's first model and its first example on
+    every model; the other pairs are marked slow (``-m slow``), so the lane grows by a few
+    seconds per method, not by examples x models."""
+    import pytest
+
     out = []
     for cls in sorted(METHODS.values(), key=lambda c: c.name):
         models = sorted(_models_of(cls), key=lambda name: name != prefer)
+        first = first_example(cls)
         for example in cls.examples(("layer",)):
             for model in models[:1] if first_model else models:
                 case = Case(cls, example, model)
                 if select(case):
-                    out.append(_param(case))
+                    slow = example != first and model != models[0]
+                    marks = [pytest.mark.slow] if slow else []
+                    out.append(pytest.param(case, id=case.id, marks=marks))
     return out
 
 
@@ -216,12 +225,6 @@ def methods(select: Callable[[Case], bool] = lambda case: True, prefer: str | No
 
 def first_example(cls: type[MethodSpec]) -> str:
     return next(iter(cls.examples(("layer",))))
-
-
-def _param(case: Case) -> Any:
-    import pytest
-
-    return pytest.param(case, id=case.id)
 
 
 def is_layer_method(case: Case) -> bool:
@@ -245,7 +248,7 @@ def peft_cases(
         hook = getattr(card(case.cls), "peft_cannot", None)
         reason = hook(case.spec(), case.model) if hook is not None else None
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        out.append(pytest.param(case, id=param.id, marks=marks))
+        out.append(pytest.param(case, id=param.id, marks=[*param.marks, *marks]))
     return out
 
 
