@@ -18,7 +18,6 @@ and may define
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import warnings
@@ -365,7 +364,3 @@ def paired_parameters(
     if trained:
         assert len(pairs) == len(pool), "PEFT trains parameters ours does not have"
     return pairs
-
-
-def clone(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
