@@ -154,7 +154,12 @@ class AdapterLayer(nn.Module):
     def loraplus_group(self, name: str, param: nn.Parameter) -> str:
         """LoRA+'s learning-rate group of parameter ``name``, by PEFT's rule: ``"B"`` (raised)
         for the B factors and for vectors, ``"A"`` (the base rate) for the rest."""
-        return "B" if name in self.loraplus_b or param.ndim == 1 else "A"
+        return "B" if name in self.loraplus_b else loraplus_group_by_shape(param)
+
+
+def loraplus_group_by_shape(param: nn.Parameter) -> str:
+    """PEFT's LoRA+ rule for a parameter no name singles out: vectors at the raised rate."""
+    return "B" if param.ndim == 1 else "A"
 
 
 @torch.no_grad()

@@ -42,8 +42,13 @@ class ValidatingMeta(type):
         return super().__call__(*args, **kwargs)
 
 
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_int(owner: str, field: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise SpecError(f"{owner}.{field}={value!r}: expected an integer >= {minimum}")
     return value
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from surgeon.checks import is_int
 from surgeon.errors import SpecError, did_you_mean
 from surgeon.peft import PREFIX
 from surgeon.spec import METHODS, Combination, MethodSpec
@@ -29,22 +30,18 @@ SIGN_METHODS = ("total", "frequency")
 SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
 
 
-def is_number(value: Any) -> bool:
+def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "density": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "density": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "majority_sign_method": (lambda v: v in SIGN_METHODS, f"one of {SIGN_METHODS}"),
-    "svd_rank": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "svd_clamp": (lambda v: is_number(v) and 0 < v <= 1, "a quantile in (0, 1]"),
+    "svd_rank": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "svd_clamp": (lambda v: _is_number(v) and 0 < v <= 1, "a quantile in (0, 1]"),
     "svd_full_matrices": (lambda v: isinstance(v, bool), "true or false"),
     "svd_driver": (lambda v: v in SVD_DRIVERS, f"one of {SVD_DRIVERS} (CUDA only)"),
-    "seed": (_is_int, "an integer"),
+    "seed": (is_int, "an integer"),
 }
 
 
@@ -167,7 +164,7 @@ def _check_weights(cm: CompiledModel, weights: Mapping[str, float]) -> None:
                 f"{', '.join(cm.spec(name).modules_to_save)} (modules_to_save); copies have no "
                 f"weights to combine"
             )
-        if not is_number(weight):
+        if not _is_number(weight):
             raise SpecError(
                 f"merge_adapters: weights[{name!r}]={weight!r}: expected a finite number"
             )

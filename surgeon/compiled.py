@@ -536,7 +536,7 @@ class CompiledModel(nn.Module):
         for n in chosen:
             items, call = dict(self.store.items(n)), self.store.call(n)
             config = adapter_config(self.model, self.spec(n), items, call)
-            prepared.append((n, config, self.adapter_state_dict(n)))
+            prepared.append((n, config, adapter_tensors(self.model, self.spec(n), items, call)))
         for n, config, tensors in prepared:
             write_adapter(Path(path) if n == "default" else Path(path) / n, config, tensors)
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from surgeon.checks import is_int
 from surgeon.errors import SpecError
 from surgeon.targets import LAYER_CONTAINERS, peft_selection
 
@@ -99,10 +100,6 @@ class JsonType:
         return JsonType(f"{self.description}, or null", lambda v: v is None or self.test(v))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -117,14 +114,14 @@ def _is_names(value: Any) -> bool:
 
 
 ANY = JsonType("any value", lambda v: True)
-INT = JsonType("an integer", _is_int)
+INT = JsonType("an integer", is_int)
 NUMBER = JsonType("a number", _is_number)
 BOOL = JsonType("true or false", lambda v: isinstance(v, bool))
 STRING = JsonType("a string", lambda v: isinstance(v, str))
 NAMES = JsonType("a module name, a list of module names or a regex", _is_names)
 INDICES = JsonType(
     "a layer index or a list of layer indices",
-    lambda v: _is_int(v) or (_is_list(v) and all(_is_int(i) for i in v)),
+    lambda v: is_int(v) or (_is_list(v) and all(is_int(i) for i in v)),
 )
 MAPPING = JsonType("a mapping", lambda v: isinstance(v, Mapping))
 BOOL_OR_STRING = JsonType("true, false or a string", lambda v: isinstance(v, (bool, str)))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from surgeon import checkpoint, distributed
+from surgeon.adapter import loraplus_group_by_shape
 from surgeon.best import Snapshot, best_evaluation, evaluations_without_improvement
 from surgeon.checkpoint import Progress
 from surgeon.checks import ValidatingMeta, check_bool, check_choice, check_int, check_number
@@ -790,7 +791,7 @@ def _loraplus_kinds(cm: Any, trained: Mapping[str, nn.Parameter]) -> dict[str, s
         for pname, param in layer.named_parameters(recurse=False)
     }
     return {
-        name: groups.get(id(param), "B" if param.ndim == 1 else "A")
+        name: groups.get(id(param)) or loraplus_group_by_shape(param)
         for name, param in trained.items()
     }
 
