@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -82,6 +82,12 @@ class AdapterLayer(nn.Module):
     """The fusion rule (``passes/fuse.py``) that matches the subgraph `emit` builds: the shape of
     the computation, not the method's name (LoRA on a 4-bit base fuses as ``qlora``)."""
 
+    input_order_as_merged: ClassVar[bool] = False
+    """Whether several adapters of this method stacked on one layer transform its input in
+    reverse stacking order, the last one's factor first (``W·T_a·T_b``: PEFT's BOFT and HRA,
+    whose factors do not commute), rather than in stacking order (PEFT's OFT). Merging folds
+    them to match either way (`fold_order`)."""
+
     @property
     def transforms_input(self) -> bool:
         """Whether `emit_input` changes this layer's input (a mixed batch then transforms each
@@ -110,8 +116,8 @@ class AdapterLayer(nn.Module):
         """Optionally transform the base layer's input (IA³ on feed-forward layers scales it).
 
         Return the node the base layer should read instead of ``x``, or None to leave it. Several
-        adapters on one layer transform it in turn (each gets the previous one's result); their
-        `emit` still sees the original ``x``.
+        adapters on one layer transform it in turn (each gets the previous one's result, in the
+        order `input_order_as_merged` decides); their `emit` still sees the original ``x``.
         """
         return None
 
@@ -162,13 +168,102 @@ def loraplus_group_by_shape(param: nn.Parameter) -> str:
     return "B" if param.ndim == 1 else "A"
 
 
+class Cached(nn.Module):
+    """A value an adapter derives from some of its tensors (DoRA's weight norm, OFT's rotation
+    blocks), called from the graph as a module.
+
+    While training, and while autograd needs the value (gradients on and a source requiring
+    them, unless the value is ``detached`` anyway), it is computed on every call. Otherwise it is
+    kept until a source changes: the sources' version counters, storage, dtype and device key it
+    (other sources, such as a scale, by value; writes through ``.data`` bypass version
+    counters). A value kept under inference mode is computed again outside it, where it could
+    not enter autograd.
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[], Any],
+        sources: Callable[[], Sequence[Any]],
+        detached: bool = False,
+    ) -> None:
+        super().__init__()
+        # bound methods of the adapter: a deep copy rebinds them to the copied adapter
+        self.compute = compute
+        self.sources = sources
+        self.detached = detached
+        self._kept: tuple[tuple, Any] | None = None
+
+    def forward(self) -> Any:
+        if self.training or (not self.detached and self._needs_grad()):
+            self._kept = None
+            return self.compute()
+        kept = self._kept
+        if kept is None or kept[0] != self._key() or _unusable_outside_inference(kept[1]):
+            with torch.no_grad():
+                value = self.compute()
+            self._kept = kept = (self._key(), value)  # computing may write a source (a clamp)
+        return kept[1]
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in self.sources()
+        )
+
+    def _key(self) -> tuple:
+        return tuple(
+            (t._version, t.data_ptr(), t.dtype, t.device) if isinstance(t, torch.Tensor) else t
+            for t in self.sources()
+        )
+
+
+def _unusable_outside_inference(value: Any) -> bool:
+    if torch.is_inference_mode_enabled():
+        return False
+    values = value if isinstance(value, tuple) else (value,)
+    return any(isinstance(v, torch.Tensor) and v.is_inference() for v in values)
+
+
 @torch.no_grad()
-def merge_layers(layers: Sequence[AdapterLayer]) -> None:
-    """Merge ``layers`` in order, as the unmerged graph applies them (see `prepare_merge`)."""
-    for layer in layers:
+def merge_layers(layers: Sequence[AdapterLayer]) -> list[AdapterLayer]:
+    """Merge ``layers`` (in stacking order: adapter after adapter) so that the merged weights
+    compute what the unmerged graph does; return them in the order they folded in, which
+    `unmerge_layers` reverses."""
+    order = fold_order(layers)
+    for layer in order:
         layer.prepare_merge()
-    for layer in layers:
+    for layer in order:
         layer.merge()
+    return order
+
+
+@torch.no_grad()
+def unmerge_layers(folded: Sequence[AdapterLayer]) -> None:
+    """Undo `merge_layers`, given the order it returned."""
+    for layer in reversed(folded):
+        layer.unmerge()
+
+
+def fold_order(layers: Sequence[AdapterLayer]) -> list[AdapterLayer]:
+    """The order ``layers`` merge in: per base layer, the adapters that transform its input
+    first, the one nearest the weight (the last applied) first, as products ``W·M`` nest; then
+    the others in stacking order (an additive term sees the layer's original input)."""
+    by_base: dict[int, list[AdapterLayer]] = {}
+    for layer in layers:
+        by_base.setdefault(id(layer.base), []).append(layer)
+    order = []
+    for stacked in by_base.values():
+        inputs = [layer for layer in stacked if layer.transforms_input]
+        order += reversed(input_application_order(inputs))
+        order += [layer for layer in stacked if not layer.transforms_input]
+    return order
+
+
+def input_application_order(stacked: Sequence[AdapterLayer]) -> list[AdapterLayer]:
+    """The order in which a layer's input transforms run, given in stacking order: that order,
+    or its reverse where an adapter follows PEFT's `input_order_as_merged` convention."""
+    if any(layer.input_order_as_merged for layer in stacked):
+        return list(reversed(stacked))
+    return list(stacked)
 
 
 # -- methods that act on the model call rather than on a layer --------------------------------

@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.adapter import AdapterLayer, CallAdapter, merge_layers, transform_call
+from surgeon.adapter import (
+    AdapterLayer,
+    CallAdapter,
+    merge_layers,
+    transform_call,
+    unmerge_layers,
+)
 from surgeon.combine import combine_adapters
 from surgeon.copies import LayerCopy, copy_paths, present_names
 from surgeon.errors import SpecError, did_you_mean
@@ -86,6 +92,7 @@ class CompiledModel(nn.Module):
         self.graph = graph
         self._active: tuple[str, ...] = ()
         self._merged: list[str] = []
+        self._folded: list[list[AdapterLayer]] = []  # each merge's layers, in their fold order
         self._disabled = False
         self._frozen = False
         self._fused = False
@@ -305,16 +312,16 @@ class CompiledModel(nn.Module):
     def merge(self, names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights; `unmerge` reverses it."""
         chosen = self._merge_candidates(names)
-        merge_layers([layer for name in chosen for _, layer in self.store.items(name)])
+        layers = [layer for name in chosen for _, layer in self.store.items(name)]
+        self._folded.append(merge_layers(layers))
         self._merged.extend(chosen)
         self._recompile()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        for name in reversed(self._merged):
-            for _, layer in reversed(self.store.items(name)):
-                layer.unmerge()
-        self._merged = []
+        for folded in reversed(self._folded):
+            unmerge_layers(folded)
+        self._merged, self._folded = [], []
         self._recompile()
 
     def _merge_candidates(self, names: Sequence[str] | None) -> list[str]:
@@ -373,7 +380,7 @@ class CompiledModel(nn.Module):
         for name in list(self.store.specs):
             self.store.remove(name)
         self._remove_call_hook()
-        self._active, self._merged = (), []
+        self._active, self._merged, self._folded = (), [], []
         self._forget_plans()
         return self.model
 

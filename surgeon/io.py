@@ -208,7 +208,8 @@ def adapter_config(
             "task_type": config.get("task_type"),
             "inference_mode": True,
             "revision": None,
-            "peft_version": f"surgeon-peft {surgeon_version}",
+            # a method whose PEFT config parses peft_version (OFT's) writes its own
+            "peft_version": config.get("peft_version") or f"surgeon-peft {surgeon_version}",
         }
     )
     return dict(sorted(config.items()))

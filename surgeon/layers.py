@@ -4,6 +4,7 @@ the dtype adapters take on it, and how to put back a layer whose storage changed
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -80,3 +81,77 @@ def restore_storage(module: nn.Module, snapshot: tuple) -> None:
 def _is_plain(key: str) -> bool:
     # "forward" may be a rewritten forward that surgeon installs and removes on its own
     return not key.startswith("_") and key not in ("training", "forward")
+
+
+class DropoutCorrection(nn.Module):
+    """For methods that rescale the adapted weight by ``f = m / ‖W + ΔW‖`` (DoRA, DVoRA) and
+    apply their dropout to the update's input: while training, adds ``(f - 1) ⊙ W·(drop(x) - x)``,
+    which turns that output into PEFT's DoRA training one (the dropped input feeds W too). In
+    eval dropout is the identity and it adds nothing."""
+
+    def __init__(self, base_without_bias: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.base_without_bias = base_without_bias  # the adapter's method (rebound by deepcopy)
+
+    def forward(
+        self, out: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor, factor: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.training:
+            return out
+        return torch.addcmul(out, factor - 1, self.base_without_bias(dropped - x))
+
+
+class WeightDecomposed:
+    """Merge and unmerge for adapter layers whose adapted weight is ``m ⊙ V / ‖V‖`` per output
+    feature, ``V = W + ΔW`` (DoRA over LoRA's update, DVoRA over VeRA's). A mixin before the
+    layer's adapter class; the layer holds ``magnitude`` and gives
+    ``_rows(weight)`` (its weight with output features first, and back) and ``_update_rows()``
+    (``ΔW`` so laid out, in the adapter's dtype)."""
+
+    _merged_norm: torch.Tensor | None = None
+    _pending_norm: torch.Tensor | None = None
+
+    def _adapted_rows(self) -> torch.Tensor:
+        """``V = W + ΔW`` with output features first, in the adapter's dtype."""
+        update = self._update_rows()
+        return self._rows(self.base.weight.to(update.dtype)) + update
+
+    @staticmethod
+    def _row_norm(rows: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(rows.flatten(1), dim=1)
+
+    def _fold(self, rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``rows`` scaled per output feature, back in the base weight's layout and dtype."""
+        scaled = rows * factor.view(-1, *(1,) * (rows.dim() - 1))
+        return self._rows(scaled).to(self.base.weight.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """What merging adds: ``m ⊙ V / ‖V‖ - W`` (not a sum of its own: these layers merge and
+        unmerge themselves)."""
+        rows = self._adapted_rows()
+        return self._fold(rows, self.magnitude.flatten() / self._row_norm(rows)) - self.base.weight
+
+    @torch.no_grad()
+    def prepare_merge(self) -> None:
+        # The graph divides by the norm of the *base* weight plus this adapter; adapters merged
+        # before this one in the same merge change the weight, not that norm. unmerge needs it
+        # too: the merged weight no longer shows it.
+        self._pending_norm = self._row_norm(self._adapted_rows())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        rows = self._adapted_rows()
+        norm = self._pending_norm if self._pending_norm is not None else self._row_norm(rows)
+        self._pending_norm, self._merged_norm = None, norm
+        self.base.weight.copy_(self._fold(rows, self.magnitude.flatten() / norm))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._merged_norm is None:
+            raise RuntimeError(f"{type(self).__name__} unmerge() without a merge() before it")
+        weight = self.base.weight
+        factor = self.magnitude.flatten() / self._merged_norm.to(weight.device)
+        rows = self._rows(weight.to(self.magnitude.dtype))
+        rows = rows / factor.view(-1, *(1,) * (rows.dim() - 1))
+        weight.copy_(self._rows(rows - self._update_rows()).to(weight.dtype))
+        self._merged_norm = None

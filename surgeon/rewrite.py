@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from surgeon.adapter import AdapterLayer, CallAdapter, EmitContext
+from surgeon.adapter import AdapterLayer, CallAdapter, EmitContext, input_application_order
 from surgeon.errors import SpecError
 from surgeon.specialise import Dispatcher
 from surgeon.trace import Region, adaptable_types, leaf_graph
@@ -133,7 +133,9 @@ def _emit_adapters(
 ) -> None:
     x = layer_input = _layer_input(node)
     inserted: set[fx.Node] = set()
-    for name, adapter in adapters:
+    names = {id(adapter): name for name, adapter in adapters}
+    for adapter in input_application_order([adapter for _, adapter in adapters]):
+        name = names[id(adapter)]
         with graph.inserting_before(node):
             transformed = adapter.emit_input(_context(graph, root, region, node, name, adapter), x)
         x = transformed if transformed is not None else x  # the next adapter transforms this one

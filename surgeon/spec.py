@@ -175,7 +175,18 @@ class MethodSpec(metaclass=ValidatingMeta):
         return None
 
     def trainable_base_parameters(self, model: nn.Module, paths: Sequence[str]) -> list[str]:
-        """Names of base-model parameters this method trains too (e.g. LoRA's ``bias="all"``)."""
+        """Names of base-model parameters this method trains too. By default PEFT's ``bias``
+        switch, for methods with that field: ``"all"`` trains every bias of the model,
+        ``"<method>_only"`` (``lora_only``, ``oft_only``, ...) the biases of the adapted layers."""
+        bias = getattr(self, "bias", "none")
+        if bias == "all":
+            return [n for n, _ in model.named_parameters() if n.endswith("bias")]
+        if isinstance(bias, str) and bias.endswith("_only"):
+            return [
+                f"{p}.bias"
+                for p in paths
+                if getattr(model.get_submodule(p), "bias", None) is not None
+            ]
         return []
 
     # -- PEFT's format (surgeon.peft) -------------------------------------------------------------

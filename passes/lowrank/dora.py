@@ -26,7 +26,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.adapter import EmitContext
+from surgeon.adapter import Cached, EmitContext
+from surgeon.layers import DropoutCorrection, WeightDecomposed
 from surgeon.passes.lowrank.lora import LoRA, LoRALayer
 
 
@@ -44,52 +45,7 @@ class DoRA(LoRA):
         return DoRALayer(layer, path, rank, scale, self.dropout, self.init)
 
 
-class WeightNorm(nn.Module):
-    """``‖W + scale·B·A‖`` per output feature, detached. Recomputed on every training forward;
-    in eval mode cached until the weight, A, B or the scale change (their version counters,
-    storage and dtype key the cache; writes through ``.data`` bypass version counters)."""
-
-    def __init__(self, layer: DoRALayer) -> None:
-        super().__init__()
-        # a back-reference, outside the module tree
-        object.__setattr__(self, "_layer", layer)
-        self._cached: tuple[tuple, torch.Tensor] | None = None
-
-    def forward(self) -> torch.Tensor:
-        if self.training:
-            self._cached = None
-            return self._layer.weight_norm_now()
-        key = self._key()
-        cached = self._cached
-        stale = cached is None or cached[0] != key
-        # inference-mode tensors cannot enter autograd later (the magnitude still gets gradients)
-        if stale or (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
-            self._cached = cached = (key, self._layer.weight_norm_now())
-        return cached[1]
-
-    def _key(self) -> tuple:
-        layer = self._layer
-        tensors = (layer.base.weight, layer.lora_A, layer.lora_B)
-        return (layer.scale, *((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
-
-
-class DropoutCorrection(nn.Module):
-    """While training with dropout, adds ``(f - 1) ⊙ W·(drop(x) - x)``, turning the eval-mode
-    formula into PEFT's training one; in eval mode dropout is the identity and it adds nothing."""
-
-    def __init__(self, layer: DoRALayer) -> None:
-        super().__init__()
-        object.__setattr__(self, "_layer", layer)
-
-    def forward(
-        self, out: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor, factor: torch.Tensor
-    ) -> torch.Tensor:
-        if not self.training:
-            return out
-        return torch.addcmul(out, factor - 1, self._layer.base_without_bias(dropped - x))
-
-
-class DoRALayer(LoRALayer):
+class DoRALayer(WeightDecomposed, LoRALayer):
     """LoRA's ``lora_A``, ``lora_B`` plus the magnitude ``m``, initialised to ``‖W + scale·B·A‖``
     so the adapted layer starts as the base layer (as PEFT)."""
 
@@ -101,12 +57,14 @@ class DoRALayer(LoRALayer):
         self, base: nn.Module, path: str, rank: int, scale: float, dropout: float, init: str
     ) -> None:
         super().__init__(base, path, rank, scale, dropout, init)
-        self.weight_norm = WeightNorm(self)
+        # ‖W + scale·B·A‖, detached: computed each training call, kept in eval until W, A, B or
+        # the scale change
+        self.weight_norm = Cached(self.weight_norm_now, self._norm_sources, detached=True)
         self.magnitude = nn.Parameter(self.weight_norm_now())
         uses_dropout = self.dropout is not None and self.kind != "embedding"
-        self.dropout_correction = DropoutCorrection(self) if uses_dropout else None
-        self._merged_norm: torch.Tensor | None = None
-        self._pending_norm: torch.Tensor | None = None
+        self.dropout_correction = (
+            DropoutCorrection(self.base_without_bias) if uses_dropout else None
+        )
 
     # -- weight math, shared by forward, merge and unmerge ---------------------------------------
 
@@ -121,14 +79,12 @@ class DoRALayer(LoRALayer):
             return (1, rows.shape[0], *(1,) * (rows.dim() - 2))
         return (rows.shape[0],)
 
-    def _adapted_rows(self) -> torch.Tensor:
-        """``W + scale·B·A`` with output features first, in the adapter's dtype."""
-        weight = self.base.weight.to(self.lora_A.dtype)
-        return self._rows(weight) + self._rows(LoRALayer.delta_weight(self))
+    def _update_rows(self) -> torch.Tensor:
+        """``scale·B·A`` with output features first."""
+        return self._rows(LoRALayer.delta_weight(self))
 
-    @staticmethod
-    def _row_norm(rows: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(rows.flatten(1), dim=1)
+    def _norm_sources(self) -> tuple:
+        return (self.scale, self.base.weight, self.lora_A, self.lora_B)
 
     @torch.no_grad()
     def weight_norm_now(self) -> torch.Tensor:
@@ -142,43 +98,6 @@ class DoRALayer(LoRALayer):
             conv = getattr(F, f"conv{len(self.base.kernel_size)}d")
             return conv(x, weight, None, self.base.stride, self.base.padding)
         return F.linear(x, self._rows(weight))
-
-    def _fold(self, rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """Per-output-feature scaling of ``rows``, back in the base weight's layout and dtype."""
-        scaled = rows * factor.view(-1, *(1,) * (rows.dim() - 1))
-        return self._rows(scaled).to(self.base.weight.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """What merging adds: ``f ⊙ (W + scale·B·A) - W`` (not a sum of its own, so DoRA merges
-        and unmerges itself)."""
-        rows = self._adapted_rows()
-        factor = self.magnitude.flatten() / self._row_norm(rows)
-        return self._fold(rows, factor) - self.base.weight
-
-    @torch.no_grad()
-    def prepare_merge(self) -> None:
-        # The graph divides by the norm of the *base* weight plus this adapter; adapters merged
-        # before this one in the same merge change the weight, not that norm. unmerge needs it
-        # too: the merged weight no longer shows it.
-        self._pending_norm = self._row_norm(self._adapted_rows())
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        rows = self._adapted_rows()
-        norm = self._pending_norm if self._pending_norm is not None else self._row_norm(rows)
-        self._pending_norm, self._merged_norm = None, norm
-        self.base.weight.copy_(self._fold(rows, self.magnitude.flatten() / norm))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._merged_norm is None:
-            raise RuntimeError("DoRA unmerge() without a merge() before it")
-        weight = self.base.weight
-        factor = self.magnitude.flatten() / self._merged_norm.to(weight.device)
-        rows = self._rows(weight.to(self.lora_A.dtype))
-        rows = rows / factor.view(-1, *(1,) * (rows.dim() - 1))
-        weight.copy_(self._rows(rows - self._rows(LoRALayer.delta_weight(self))).to(weight.dtype))
-        self._merged_norm = None
 
     # -- the graph ---------------------------------------------------------------------------
 

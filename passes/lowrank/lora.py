@@ -157,17 +157,6 @@ class LoRA(MethodSpec):
             return QLoRALayer(layer, path, rank, scale, self.dropout, self.init, layer.quant)
         return LoRALayer(layer, path, rank, scale, self.dropout, self.init)
 
-    def trainable_base_parameters(self, model: nn.Module, paths: Sequence[str]) -> list[str]:
-        if self.bias == "all":
-            return [n for n, _ in model.named_parameters() if n.endswith("bias")]
-        if self.bias == "lora_only":
-            return [
-                f"{p}.bias"
-                for p in paths
-                if getattr(model.get_submodule(p), "bias", None) is not None
-            ]
-        return []
-
     def combine(
         self, model: nn.Module, sources: Sequence[Combination], how: str, options: Any
     ) -> tuple[LoRA, dict[str, torch.Tensor]]:

@@ -83,14 +83,7 @@ class VeRA(MethodSpec):
 
     def create_layers(self, model: nn.Module, paths: Sequence[str]) -> dict[str, VeRALayer]:
         bases = {p: model.get_submodule(p) for p in paths}
-        sizes = [in_out_features(b) for b in bases.values()]
-        projections = Projections(
-            self.rank,
-            max(i for i, _ in sizes),
-            max(o for _, o in sizes),
-            self.seed,
-            next(iter(bases.values())).weight,
-        )
+        projections = shared_projections(self, bases)
         return {
             p: VeRALayer(b, projections, self.dropout, self.d_initial) for p, b in bases.items()
         }
@@ -100,6 +93,19 @@ class VeRA(MethodSpec):
             return {}
         projections = next(iter(layers.values())).projections
         return dict(zip(PROJECTION_KEYS, (projections.vera_A, projections.vera_B)))
+
+
+def shared_projections(spec: VeRA, bases: Mapping[str, nn.Module]) -> Projections:
+    """The projections of one adapter over ``bases``: sized for the largest input and output,
+    drawn from the spec's seed."""
+    sizes = [in_out_features(b) for b in bases.values()]
+    return Projections(
+        spec.rank,
+        max(i for i, _ in sizes),
+        max(o for _, o in sizes),
+        spec.seed,
+        next(iter(bases.values())).weight,
+    )
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
