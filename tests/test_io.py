@@ -267,7 +267,7 @@ def test_malformed_config_is_refused(tmp_path):
         ("lora_bias", True, "lora_bias=True selects a variant"),
         ("modules_to_save", ["head"], "is also a target of the method"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq' is not supported"),
-        ("peft_type", "BOFT", "peft_type='BOFT' is not supported"),
+        ("peft_type", "NO_SUCH_METHOD", "peft_type='NO_SUCH_METHOD' is not supported"),
         ("use_fancy_thing", True, "looks like a variant switch"),
     ],
 )

@@ -13,7 +13,9 @@ and may define
 * ``peft_base(model, compiled)``: the model PEFT's side of a parity check runs on, given a fresh
   copy of the model and our compiled one (QLoRA: the dequantized 4-bit weights), and
   ``our_base(model, spec)``: what to do to a fresh model before ours loads a PEFT file into it
-  (QLoRA: store it in 4 bits).
+  (QLoRA: store it in 4 bits), and ``PEFT_FORWARD_RUNS_FIRST_ACTIVE_ONLY = True`` where PEFT's
+  unmerged forward applies only the first of several active adapters (its own bug; its merge
+  folds in all of them, so the check of several adapters compares with PEFT merged).
 """
 
 from __future__ import annotations
@@ -231,7 +233,16 @@ def is_layer_method(case: Case) -> bool:
 
 
 def has_peft(case: Case) -> bool:
-    return case.cls.peft_type is not None and saves_in_peft_format(case)
+    """Whether PEFT has the method: a method PEFT lacks (a paper's variant) still writes PEFT's
+    layout, under a type of this project's own that PEFT does not know."""
+    return case.cls.peft_type in peft_types() and saves_in_peft_format(case)
+
+
+@cache
+def peft_types() -> frozenset[str]:
+    from peft import PeftType
+
+    return frozenset(t.value for t in PeftType)
 
 
 def peft_cases(
