@@ -1,5 +1,5 @@
-"""The README stays true: its methods table is the registry, it stays short, and it names every
-example script and every module of the library."""
+"""The README stays true: its methods table is the registry, its prose stays short (the table
+grows with the registry), and it names every example script and every module of the library."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from surgeon.spec import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-MAX_LINES = 360
+MAX_PROSE_LINES = 350
 
 
 def _table_rows() -> list[tuple[str, str, str, str]]:
@@ -57,7 +57,10 @@ def test_methods_table_is_sorted_by_family_then_name():
 
 def test_readme_is_short():
     lines = README.read_text(encoding="utf-8").splitlines()
-    assert len(lines) <= MAX_LINES, f"README.md has {len(lines)} lines (at most {MAX_LINES})"
+    prose = len(lines) - len(_table_rows())
+    assert prose <= MAX_PROSE_LINES, (
+        f"README.md has {prose} lines besides the methods table (at most {MAX_PROSE_LINES})"
+    )
 
 
 def test_readme_names_every_example_script():

@@ -1,2 +1,2 @@
-"""Methods that train vectors only: IA³ (scales of activations) and VeRA (scales around frozen
-random projections)."""
+"""Methods that train vectors only: IA³ (scales of activations), VeRA (scales around frozen
+random projections) and DVoRA (VeRA's update under DoRA's magnitude and direction)."""
