@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,7 +11,28 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from zoo import ZOO
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist each worker takes its share of the cores (tiny models gain nothing from
+    several threads, and several workers' threads would fight over the same cores)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores_between_workers()
+
+
 @pytest.fixture(params=sorted(ZOO), ids=sorted(ZOO))
 def zoo_entry(request):
     """Every zoo model, one at a time."""
     return ZOO[request.param]
+
+
+LONG_FIRST = ("test_examples.py", "test_distributed.py")
+"""Files of long tests that run other processes (the examples, torchrun)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long tests first: pytest-xdist hands tests out in order, and a long one handed out last
+    keeps one worker busy after the others have run out of work."""
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)

@@ -58,8 +58,30 @@ def one_process() -> tuple[dict[str, torch.Tensor], surgeon.TrainResult]:
     return adapter(cm), result
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_two_processes_train_as_one_with_the_same_global_batch(kind, two_processes, one_process):
+KINDS = ("ddp", "fsdp")
+
+
+def test_one_torchrun_launch(two_processes, one_process, one_process_best, subtests):
+    """Every check of the launch, each a subtest, in one test: pytest-xdist would otherwise
+    launch torchrun again in each worker that runs one of them (a module fixture is per worker)."""
+    checks = {
+        "two processes train as one with the same global batch": lambda kind: (
+            check_two_processes_train_as_one(kind, two_processes, one_process)
+        ),
+        "checkpoints of two processes resume exactly": lambda kind: (
+            check_checkpoints_resume_exactly(kind, two_processes)
+        ),
+        "load_best_at_end under two processes": lambda kind: check_load_best_at_end(
+            kind, two_processes, one_process_best
+        ),
+    }
+    for what, check in checks.items():
+        for kind in KINDS:
+            with subtests.test(what, kind=kind):
+                check(kind)
+
+
+def check_two_processes_train_as_one(kind, two_processes, one_process):
     expected, result = one_process
     theirs = load_file(str(two_processes / f"{kind}.safetensors"))
     assert theirs.keys() == expected.keys()
@@ -79,8 +101,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(kind, two_process
     )
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_checkpoints_of_two_processes_resume_exactly(kind, two_processes):
+def check_checkpoints_resume_exactly(kind, two_processes):
     whole = load_file(str(two_processes / f"{kind}.safetensors"))
     resumed = load_file(str(two_processes / f"{kind}-resumed.safetensors"))
     for name, value in whole.items():
@@ -104,8 +125,7 @@ def one_process_best() -> tuple[dict[str, torch.Tensor], surgeon.TrainResult]:
     return adapter(cm), result
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_load_best_at_end_under_two_processes(kind, two_processes, one_process_best):
+def check_load_best_at_end(kind, two_processes, one_process_best):
     expected, result = one_process_best
     assert result.best_step == 1 < result.steps  # the eval loss rose after the first step
     report = json.loads((two_processes / f"{kind}.json").read_text())
