@@ -24,6 +24,14 @@ Method
     plain train step are timed: no rank allocation (``update_and_allocate``) runs on either
     side, and PEFT's orthogonal regulariser is not added (the loss is computed outside the
     model, from the logits).
+  - OFT: ``OFTConfig(oft_block_size=32)`` (PEFT's defaults: the Cayley-Neumann series, 5
+    terms): 3,968 parameters per layer, next to LoRA r=8's 4,096;
+  - BOFT: ``BOFTConfig(boft_block_size=8)`` (one butterfly factor: PEFT builds more only with
+    its CUDA extension);
+  - HRA: ``HRAConfig(r=8)``; RoAd: ``RoadConfig(variant="road_1")``;
+  - PSOFT: ``PsoftConfig(r=32)``; OSF: ``OSFConfig()`` (PEFT's default effective rank). The
+    regularisers and OSF's gradient projection are not part of the loss or step here (the loss
+    is computed outside the model on both sides).
 * Same weights on both sides: PEFT builds its model (``get_peft_model``), every trainable
   parameter gets seeded Gaussian noise (std 0.02) added so the adapters are not the identity,
   the adapter is written with ``save_pretrained`` and surgeon reads it back with
@@ -38,9 +46,9 @@ Method
   - forward: ``model(**inputs)`` in eval mode under ``torch.no_grad()``, adapters unmerged.
   - train step: train mode, forward, cross-entropy on random labels (logits in float32),
     backward, ``torch.optim.AdamW`` step over the trainable parameters, ``zero_grad``.
-* DoRA vs LoRA: a last interleaved rotation times the unmerged forward of surgeon's LoRA and
-  DoRA models and PEFT's LoRA and DoRA models (the same four as above); it reports DoRA / LoRA
-  within each library (goal: surgeon's at most 1.3).
+* Against LoRA: a last interleaved rotation times the unmerged forward of each library's LoRA,
+  DoRA and OFT models (the six above); it reports DoRA / LoRA and OFT / LoRA within each library
+  (goals: surgeon's at most 1.3 for both; OFT at LoRA's parameter count, see above).
 """
 
 from __future__ import annotations
@@ -102,6 +110,12 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
     "IA3": lambda: peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=["down_proj"]),
     "VeRA": lambda: peft.VeraConfig(r=64, target_modules=QV),
     "AdaLoRA": lambda: peft.AdaLoraConfig(init_r=12, target_r=8, total_step=100, target_modules=QV),
+    "OFT": lambda: peft.OFTConfig(oft_block_size=32, target_modules=QV),
+    "BOFT": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=QV),
+    "HRA": lambda: peft.HRAConfig(r=8, target_modules=QV),
+    "RoAd": lambda: peft.RoadConfig(variant="road_1", target_modules=QV),
+    "PSOFT": lambda: peft.PsoftConfig(r=32, target_modules=QV),
+    "OSF": lambda: peft.OSFConfig(target_modules=QV),
 }
 """Method -> PEFT config; surgeon's side is whatever ``surgeon.load`` reads from its save."""
 
@@ -150,18 +164,23 @@ def lm_loss(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> t
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-def dora_vs_lora(
+AGAINST_LORA = ("DoRA", "OFT")
+"""Methods whose unmerged forward is also timed against the same library's LoRA."""
+
+
+def against_lora(
     models: dict[str, nn.Module], inputs: dict[str, Any], reps: Reps
 ) -> dict[str, float]:
-    """DoRA / LoRA unmerged forward within each library, all four in one rotation."""
+    """``AGAINST_LORA`` / LoRA unmerged forward within each library, all in one rotation."""
     samples = interleaved(
         {k: forward_timer(m, inputs) for k, m in models.items()}, reps.forward, reps.warmup
     )
-    return {
-        "surgeon": paired_ratio(samples["surgeon DoRA"], samples["surgeon LoRA"]),
-        "peft": paired_ratio(samples["peft DoRA"], samples["peft LoRA"]),
-        **{f"{k} ms": median_ms(v) for k, v in samples.items()},
+    ratios = {
+        f"{lib} {name}": paired_ratio(samples[f"{lib} {name}"], samples[f"{lib} LoRA"])
+        for name in AGAINST_LORA
+        for lib in ("surgeon", "peft")
     }
+    return {**ratios, **{f"{k} ms": median_ms(v) for k, v in samples.items()}}
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -186,25 +205,26 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             progress(f"[{name}]", method_row, name, ours, theirs, inputs, labels, reps, lm_loss)
         )
-        if name in ("LoRA", "DoRA"):
+        if name in ("LoRA", *AGAINST_LORA):
             kept[f"surgeon {name}"], kept[f"peft {name}"] = ours, theirs
-    dora = progress("[DoRA vs LoRA]", dora_vs_lora, kept, inputs, reps)
+    versus = progress("[against LoRA]", against_lora, kept, inputs, reps)
     elapsed = time.perf_counter() - start
 
     print()
     print(f"surgeon vs PEFT, batch {BATCH}, seq {SEQ}, ratio = median paired surgeon / PEFT")
     print(rows_table(rows))
-    print(
-        f"DoRA / LoRA unmerged forward: surgeon {dora['surgeon']:.2f} (goal <= 1.3), "
-        f"PEFT {dora['peft']:.2f}"
-    )
+    for name in AGAINST_LORA:
+        print(
+            f"{name} / LoRA unmerged forward: surgeon {versus[f'surgeon {name}']:.2f} "
+            f"(goal <= 1.3), PEFT {versus[f'peft {name}']:.2f}"
+        )
     print("AdaLoRA: forward and plain train step only; no rank allocation on either side.")
     print(f"reps: {asdict(reps)}; total {elapsed:.1f} s")
     if args.json:
         payload = {
             "machine": machine(peft=peft.__version__, batch=BATCH, seq=SEQ, **asdict(reps)),
             "rows": [asdict(r) for r in rows],
-            "dora_vs_lora": dora,
+            "against_lora": versus,
             "seconds": elapsed,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
