@@ -102,6 +102,12 @@ def select_targets(
             f"which {owner} cannot adapt; target the layers inside instead"
         )
     selected = [p for p in matched if p not in set(unsupported)]
+    if not selected:  # a preset whose every layer the method cannot adapt
+        kinds = ", ".join(sorted({type(modules[p]).__name__ for p in unsupported}))
+        raise SpecError(
+            f"{owner}.targets={_show(targets)} selects only layers {owner} cannot adapt "
+            f"({kinds}); name the layers to adapt instead"
+        )
     if layers is not None:
         selected = [p for p in selected if layer_index(p) in set(layers)]
         if not selected:

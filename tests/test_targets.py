@@ -162,6 +162,16 @@ def test_preset_that_finds_nothing_is_an_error(entry, preset):
     assert f"LoRA.targets={preset!r} matches no module" in _error(entry, targets=preset)
 
 
+def test_preset_whose_every_layer_the_method_cannot_adapt_is_an_error():
+    """GPT-2's linear layers are Conv1D, which OSF (nn.Linear only, as PEFT) cannot adapt:
+    all-linear must not compile to a model with no adapter."""
+    model = ZOO["gpt2"].model()
+    with pytest.raises(surgeon.SpecError) as err:
+        surgeon.compile(model, surgeon.OSF(targets="all-linear"))
+    assert "OSF.targets='all-linear' selects only layers OSF cannot adapt (Conv1D" in str(err.value)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 # -- layers ----------------------------------------------------------------------------------------
 
 
