@@ -12,11 +12,14 @@ from zoo import ZOO
 
 
 def _share_the_cores_between_workers() -> None:
-    """Under pytest-xdist each worker takes its share of the cores (tiny models gain nothing from
-    several threads, and several workers' threads would fight over the same cores)."""
+    """Under pytest-xdist each worker takes its share of the cores, and so do the processes it
+    starts (examples, torchrun): tiny models gain nothing from several threads, and threads
+    that outnumber the cores spin on them."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 _share_the_cores_between_workers()

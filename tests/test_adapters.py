@@ -4,32 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import ZOO, logits
+from zoo import ZOO, add_noise, logits, peft_model
 
 import surgeon
 
 peft = pytest.importorskip("peft")
 
 
-def _perturb(model, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-
-
 @pytest.fixture
 def pair(tmp_path):
     """PEFT and surgeon with the same two adapters ("a" on q,v rank 2; "b" on q,o rank 3)."""
     entry = ZOO["llama"]
-    pm = peft.get_peft_model(
+    pm = peft_model(
         entry.model(),
         peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        seed=None,
         adapter_name="a",
     )
     pm.add_adapter("b", peft.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "o_proj"]))
-    _perturb(pm, 0)
+    # both adapters' factors (PEFT trains only the active adapter's)
+    add_noise((p for n, p in pm.named_parameters() if "lora_" in n), seed=0, scale=0.1)
     pm.eval()
     pm.save_pretrained(
         tmp_path
@@ -134,11 +128,12 @@ def test_switching_reuses_rewrites_and_parameters(pair):
 def test_hotswap_replaces_weights_in_place(pair, tmp_path):
     entry, _pm, cm = pair
     x = entry.example()
-    other = peft.get_peft_model(
-        entry.model(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    other = peft_model(
+        entry.model(),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        seed=7,
+        scale=0.1,
     )
-    _perturb(other, 7)
-    other.eval()
     other.save_pretrained(tmp_path / "new")
     cm.set_active("a")
     params = {id(p) for p in cm.store.parameters()}
@@ -151,11 +146,12 @@ def test_hotswap_replaces_weights_in_place(pair, tmp_path):
 
 def test_hotswap_with_another_alpha_recompiles(pair, tmp_path):
     entry, _pm, cm = pair
-    other = peft.get_peft_model(
-        entry.model(), peft.LoraConfig(r=2, lora_alpha=9, target_modules=["q_proj", "v_proj"])
+    other = peft_model(
+        entry.model(),
+        peft.LoraConfig(r=2, lora_alpha=9, target_modules=["q_proj", "v_proj"]),
+        seed=8,
+        scale=0.1,
     )
-    _perturb(other, 8)
-    other.eval()
     other.save_pretrained(tmp_path / "new")
     cm.set_active("a")
     cm.hotswap_adapter(tmp_path / "new", "a")
@@ -166,8 +162,8 @@ def test_hotswap_with_another_alpha_recompiles(pair, tmp_path):
 
 def test_hotswap_refuses_a_different_shape_and_keeps_the_adapter(pair, tmp_path):
     entry, _pm, cm = pair
-    other = peft.get_peft_model(
-        entry.model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    other = peft_model(
+        entry.model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=None
     )
     other.save_pretrained(tmp_path / "new")
     cm.set_active("a")

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, logits, randomize
+from zoo import ZOO, add_noise, logits, peft_loaded, peft_model, randomize
 
 import surgeon
 from surgeon.combine import Options, drop_at_random, mask_drawer, merge_tensors
@@ -39,7 +39,7 @@ OTHERS = {
 
 
 def _saved_by_peft(directory, other: dict, dtype=torch.float32):
-    model = peft.get_peft_model(ENTRY.model().to(dtype), peft.LoraConfig(**DEFAULT))
+    model = peft_model(ENTRY.model().to(dtype), peft.LoraConfig(**DEFAULT), seed=None)
     model.add_adapter("other", peft.LoraConfig(**other))
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -50,7 +50,7 @@ def _saved_by_peft(directory, other: dict, dtype=torch.float32):
 
 
 def _both(directory, dtype=torch.float32):
-    pm = peft.PeftModel.from_pretrained(ENTRY.model().to(dtype), directory).eval()
+    pm = peft_loaded(ENTRY.model().to(dtype), directory)
     pm.load_adapter(directory / "other", "other")
     cm = surgeon.load(ENTRY.model().to(dtype), directory)
     cm.load_adapters(directory / "other", "other")
@@ -310,7 +310,7 @@ def test_a_combined_adapter_saves_and_reloads_in_surgeon_and_peft(pairs, how, tm
         cm.delete_adapter("saved")
     reloaded = surgeon.load(ENTRY.model(), tmp_path / "saved")
     torch.testing.assert_close(logits(reloaded(**x)), expected, rtol=1e-5, atol=1e-5)
-    in_peft = peft.PeftModel.from_pretrained(ENTRY.model(), tmp_path / "saved").eval()
+    in_peft = peft_loaded(ENTRY.model(), tmp_path / "saved")
     torch.testing.assert_close(logits(in_peft(**x)), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -413,20 +413,18 @@ def test_lora_and_ia3_adapters_do_not_combine_with_each_other():
 
 def test_ia3_adapters_combine_linearly_like_peft(tmp_path):
     entry = ZOO["llama"]
-    pm = peft.get_peft_model(
+    pm = peft_model(
         entry.model(),
         peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        seed=None,
         adapter_name="a",
     )
     pm.add_adapter(
         "b",
         peft.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     )
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "ia3_l" in n:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    # both adapters (PEFT trains only the active one)
+    add_noise((p for n, p in pm.named_parameters() if "ia3_l" in n), seed=3, scale=0.2)
     pm.save_pretrained(tmp_path)
     cm = surgeon.load(entry.model(), tmp_path / "a", name="a")
     cm.load_adapters(tmp_path / "b", name="b")

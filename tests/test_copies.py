@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from zoo import tiny_bert, tiny_llama
+from zoo import peft_loaded, peft_model, tiny_bert, tiny_llama
 
 import surgeon
 
@@ -78,7 +78,7 @@ def test_peft_sequence_classification_files_load_both_ways(tmp_path, method):
             feedforward_modules=["output.dense"],
         )
     )  # fmt: skip
-    pm = peft.get_peft_model(model, config).eval()
+    pm = peft_model(model, config, seed=None)
     with torch.no_grad():
         for p in pm.parameters():
             if p.requires_grad:
@@ -94,7 +94,7 @@ def test_peft_sequence_classification_files_load_both_ways(tmp_path, method):
     assert cm.spec("default").modules_to_save == ("classifier",)
 
     cm.save_adapters(tmp_path / "ours")
-    back = peft.PeftModel.from_pretrained(fresh(), tmp_path / "ours").eval()
+    back = peft_loaded(fresh(), tmp_path / "ours")
     torch.testing.assert_close(logits(back), want, atol=1e-6, rtol=1e-5)
 
 

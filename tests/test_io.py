@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from zoo import FAMILIES, ZOO, logits, padded_ids, randomize, tiny_family
+from zoo import FAMILIES, ZOO, logits, padded_ids, peft_loaded, peft_model, randomize, tiny_family
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -22,18 +22,6 @@ def _bump_trainable_base(cm) -> None:
         for p in cm.model.parameters():
             if p.requires_grad:
                 p.add_(0.25)
-
-
-def _peft_model(entry, **config):
-    model = peft.get_peft_model(
-        entry.model(), peft.LoraConfig(target_modules=list(entry.targets), **config)
-    )
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-    return model.eval()
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
@@ -49,13 +37,14 @@ def test_saved_by_surgeon_loads_in_peft_with_same_outputs(zoo_entry, bias, tmp_p
         expected, logits(zoo_entry.model()(**x)), atol=1e-3
     )  # adapters matter
     cm.save_adapters(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(zoo_entry.model(), tmp_path).eval()
+    loaded = peft_loaded(zoo_entry.model(), tmp_path)
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
 def test_saved_by_peft_loads_in_surgeon_with_same_outputs(zoo_entry, bias, tmp_path):
-    pm = _peft_model(zoo_entry, r=3, lora_alpha=5, bias=bias)
+    config = peft.LoraConfig(target_modules=list(zoo_entry.targets), r=3, lora_alpha=5, bias=bias)
+    pm = peft_model(zoo_entry.model(), config, scale=0.1)
     x = zoo_entry.example()
     expected = logits(pm(**x))
     pm.save_pretrained(tmp_path)
@@ -73,7 +62,7 @@ def _family(name: str):
 def test_all_linear_peft_files_of_other_families_load_with_same_outputs(name, tmp_path):
     """PEFT's ``all-linear`` picks the same layers as ours on each family (its output head
     left out), and its file gives the same outputs once loaded."""
-    pm = peft.get_peft_model(_family(name), peft.LoraConfig(r=4, target_modules="all-linear"))
+    pm = peft_model(_family(name), peft.LoraConfig(r=4, target_modules="all-linear"), seed=None)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
@@ -84,7 +73,7 @@ def test_all_linear_peft_files_of_other_families_load_with_same_outputs(name, tm
     if name in ("t5", "bart"):
         inputs["decoder_input_ids"] = inputs["input_ids"][:, :4].contiguous()
     with torch.no_grad():
-        expected = logits(pm.eval()(**inputs))
+        expected = logits(pm(**inputs))
         torch.testing.assert_close(logits(cm(**inputs)), expected, rtol=0, atol=1e-6)
     theirs = {n for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert {p for p, _ in cm.store.items("default")} == {
@@ -104,7 +93,8 @@ def test_all_linear_peft_files_of_other_families_load_with_same_outputs(name, tm
 )
 def test_peft_config_variants_load_with_same_outputs(config, tmp_path):
     entry = ZOO["llama"]
-    pm = _peft_model(entry, r=4, lora_alpha=8, **config)
+    lora = peft.LoraConfig(target_modules=list(entry.targets), r=4, lora_alpha=8, **config)
+    pm = peft_model(entry.model(), lora, scale=0.1)
     x = entry.example()
     pm.save_pretrained(tmp_path)
     cm = surgeon.load(entry.model(), tmp_path)
@@ -114,17 +104,14 @@ def test_peft_config_variants_load_with_same_outputs(config, tmp_path):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_residual_inits_round_trip_with_peft(init, tmp_path):
     entry = ZOO["llama"]
-    model = peft.get_peft_model(
-        entry.model(),
-        peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init
-        ),
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init
     )
+    pm = peft_model(entry.model(), config, seed=None)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in pm.parameters():
             if p.requires_grad:
                 p.mul_(1.1)
-    pm = model.eval()
     x = entry.example()
     pm.save_pretrained(tmp_path)
     cm = surgeon.load(entry.model(), tmp_path)
@@ -146,7 +133,7 @@ def test_selectors_peft_lacks_are_saved_as_the_chosen_paths(selection, tmp_path)
     cm = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, **selection))
     randomize(cm)
     cm.save_adapters(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path).eval()
+    loaded = peft_loaded(entry.model(), tmp_path)
     adapted = sorted(
         n.removeprefix("base_model.model.")
         for n, m in loaded.named_modules()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, logits
+from zoo import ZOO, logits, peft_model
 
 import surgeon
 from surgeon.targets import layer_index
@@ -580,9 +579,7 @@ PEFT_CASES = [
 
 
 def _peft_paths(model: nn.Module, **config) -> tuple[list[str], dict[str, tuple[int, float]]]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(**config))
+    pm = peft_model(model, peft.LoraConfig(**config), seed=None)
     prefix = "base_model.model."
     paths, ranks = [], {}
     for name, module in pm.named_modules():

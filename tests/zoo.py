@@ -5,7 +5,8 @@ Every builder is seeded and returns a fresh model in eval mode, so tests may mut
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -488,6 +489,44 @@ def randomize(cm: Any, seed: int = 2, scale: float = 0.1) -> None:
             p.copy_(
                 torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * scale
             )
+
+
+def add_noise(params: Iterable[torch.Tensor], seed: int = 2, scale: float = 0.2) -> None:
+    """Add seeded Gaussian noise to ``params``, drawn in float32 in the order given and cast to
+    each one's dtype: a fresh adapter often computes nothing (B = 0) and would hide bugs, and
+    adding (not replacing) keeps values that must stay near one (IA³'s scales, DoRA's
+    magnitude) there. The defaults are the conformance suite's."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32) * scale
+            p.add_(noise.to(p.dtype))
+
+
+def peft_model(
+    model: nn.Module, config: Any, seed: int | None = 5, scale: float = 0.3, **kwargs: Any
+) -> Any:
+    """PEFT's model of ``model`` for the PEFT ``config`` (``kwargs`` go to ``get_peft_model``),
+    in eval mode, its trainable parameters moved off their init by `add_noise` (none with
+    ``seed`` None): the other side of a parity check."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notices about the config it was given
+        pm = peft.get_peft_model(model, config, **kwargs)
+    if seed is not None:
+        add_noise((p for p in pm.parameters() if p.requires_grad), seed, scale)
+    return pm.eval()
+
+
+def peft_loaded(model: nn.Module, path: Any, **kwargs: Any) -> Any:
+    """The adapter saved in ``path`` loaded by PEFT onto ``model`` (``kwargs`` go to
+    ``PeftModel.from_pretrained``), in eval mode, PEFT's notices silenced."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(model, path, **kwargs).eval()
 
 
 TEMPERATURE = (

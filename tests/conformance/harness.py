@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -32,7 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from zoo import EMBEDDING, ZOO, One, ZooEntry, gpt2_conv1d, logits
+from zoo import EMBEDDING, ZOO, One, ZooEntry, add_noise, gpt2_conv1d, logits, peft_loaded
+from zoo import peft_model as zoo_peft_model
 
 import surgeon
 from surgeon.spec import METHODS, MethodSpec
@@ -274,20 +274,14 @@ def saves_in_peft_format(case: Case) -> bool:
 
 
 def perturb(model: nn.Module, seed: int = 2, scale: float = 0.2) -> None:
-    """Add seeded noise to every trainable parameter of an adapter (surgeon's store, or PEFT's
-    adapter parameters): a fresh adapter often computes nothing (B = 0) and would hide bugs.
-    Adding (not replacing) keeps values that must stay near one (IA³'s scales, DoRA's magnitude)
-    there."""
-    generator = torch.Generator().manual_seed(seed)
+    """`add_noise` on every trainable parameter of an adapter: surgeon's store, or PEFT's
+    adapter parameters."""
     params = (
         model.store.parameters()
         if isinstance(model, surgeon.CompiledModel)
         else (p for p in model.parameters() if p.requires_grad)
     )
-    with torch.no_grad():
-        for p in params:
-            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32) * scale
-            p.add_(noise.to(p.dtype))
+    add_noise(params, seed, scale)
 
 
 def output(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
@@ -320,19 +314,11 @@ def peft_model(case: Case, spec: MethodSpec, paths: list[str], base: nn.Module) 
     config.pop("modules_to_save", None)
     if case.cls.acts_on_call:
         config["task_type"] = "CAUSAL_LM"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(base, peft.get_peft_config(config))
-    perturb(pm, seed=5)
-    return pm.eval()
+    return zoo_peft_model(base, peft.get_peft_config(config), seed=5, scale=0.2)
 
 
 def peft_load(path: Path, base: nn.Module, **kwargs: Any) -> Any:
-    import peft
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(base, path, **kwargs).eval()
+    return peft_loaded(base, path, **kwargs)
 
 
 def peft_base(

@@ -15,7 +15,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+    randomize,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -46,18 +56,6 @@ def _spec(**fields) -> AdaLoRA:
 def _peft_config(targets, **fields):
     fields = {"init_r": 4, "target_r": 2, "lora_alpha": 16, "total_step": 10, **fields}
     return peft.AdaLoraConfig(target_modules=list(targets), **fields)
-
-
-def _peft_model(model, config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(model, config)
-
-
-def _peft_load(model, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(model, path).eval()
 
 
 def _peft_layer(pm, path):
@@ -142,7 +140,7 @@ def test_default_init_is_peft_init_and_leaves_outputs_unchanged(dtype):
     entry = ZOO["llama"]
     config = _peft_config(TARGETS, init_r=6)
     torch.manual_seed(3)
-    pm = _peft_model(entry.model().to(dtype), config)
+    pm = peft_model(entry.model().to(dtype), config, seed=None)
     torch.manual_seed(3)
     cm = surgeon.compile(entry.model().to(dtype), _spec(initial_rank=6, targets=TARGETS))
     for path, layer in cm.store.items("default"):
@@ -178,13 +176,13 @@ def test_files_hold_the_three_factors_and_peft_reads_total_steps(tmp_path):
     assert set(load_file(tmp_path / WEIGHTS_NAME)) == {
         f"base_model.model.{p}.{f}" for p in cm.store.paths["default"] for f in FACTORS
     }
-    loaded = _peft_load(entry.model(), tmp_path)
+    loaded = peft_loaded(entry.model(), tmp_path)
     assert loaded.peft_config["default"].total_step == 100
 
 
 def _peft_masked(entry, flags):
     """A PEFT model with random factors and some triplets pruned by its own RankAllocator."""
-    pm = _peft_model(entry.model(), _peft_config(("q_proj", "v_proj")))
+    pm = peft_model(entry.model(), _peft_config(("q_proj", "v_proj")), seed=None)
     generator = torch.Generator().manual_seed(6)
     with torch.no_grad():
         for p in pm.parameters():
@@ -220,7 +218,7 @@ def test_peft_rank_patterns_load_as_smaller_layers_and_save_back(tmp_path):
     cm.save_adapters(tmp_path / "surgeon")
     config = json.loads((tmp_path / "surgeon" / CONFIG_NAME).read_text())
     assert config["rank_pattern"] == {f"{p}.lora_E": f for p, f in PATTERN.items()}
-    loaded = _peft_load(entry.model(), tmp_path / "surgeon")
+    loaded = peft_loaded(entry.model(), tmp_path / "surgeon")
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-6)
     again = surgeon.load(entry.model(), tmp_path / "surgeon")
     assert torch.equal(logits(again(**x)), logits(cm(**x)))
@@ -248,7 +246,7 @@ def test_allocated_masks_save_as_the_final_rank_pattern(tmp_path):
     saved = load_file(tmp_path / WEIGHTS_NAME)
     for path, flags in PATTERN.items():
         assert saved[f"base_model.model.{path}.lora_E"].shape == (sum(flags), 1)
-    loaded = _peft_load(entry.model(), tmp_path)
+    loaded = peft_loaded(entry.model(), tmp_path)
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-6)
     back = surgeon.load(entry.model(), tmp_path)
     assert [layer.rank for _, layer in back.store.items("default")] == [2, 0, 4, 1]
@@ -263,7 +261,7 @@ def test_a_spec_without_total_steps_saves_a_config_peft_accepts(tmp_path):
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["total_step"] == 6 and config["rank_pattern"] is None
     x = entry.example()
-    loaded = _peft_load(entry.model(), tmp_path)
+    loaded = peft_loaded(entry.model(), tmp_path)
     torch.testing.assert_close(logits(loaded(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-6)
 
 
@@ -295,7 +293,7 @@ def test_fields_peft_ignores_for_adalora_are_accepted(tmp_path):
     config.update({"r": 64, "use_rslora": True, "alpha_pattern": {"q_proj": 3}})
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     x = entry.example()
-    expected = logits(_peft_load(entry.model(), tmp_path)(**x))
+    expected = logits(peft_loaded(entry.model(), tmp_path)(**x))
     torch.testing.assert_close(logits(surgeon.load(entry.model(), tmp_path)(**x)), expected)
     torch.testing.assert_close(expected, logits(cm(**x)), rtol=1e-5, atol=1e-6)
 
@@ -316,7 +314,7 @@ def test_budget_schedule_is_peft_budget_schedule(tinit, tfinal, delta_t, total):
         deltaT=delta_t,
         total_step=total,
     )
-    allocator = _peft_model(ZOO["llama"].model(), config).base_model.rankallocator
+    allocator = peft_model(ZOO["llama"].model(), config, seed=None).base_model.rankallocator
     spec = _spec(initial_rank=6, tinit=tinit, tfinal=tfinal, delta_t=delta_t, total_steps=total)
     assert (allocator.init_bgt, allocator.target_bgt) == (24, 8)
     ours = [spec.budget_schedule(step, 24, 8) for step in range(total + 3)]
@@ -381,7 +379,7 @@ def _train_side_by_side(steps: int, **schedule):
         total_step=schedule["total_steps"],
         task_type="CAUSAL_LM",  # PEFT adds its orthogonality term to the loss only with a task
     )
-    pm = _peft_model(entry.model(), config)
+    pm = peft_model(entry.model(), config, seed=None)
     randomize(cm, scale=0.3)  # Λ non-zero: every factor has gradients from the first step
     _copy_to_peft(cm, pm)
     cm.train(), pm.train()

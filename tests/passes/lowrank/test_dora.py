@@ -7,13 +7,12 @@ merging, files, PEFT parity, gradients, devices and dtypes on every example."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, logits, plain_output, randomize
+from zoo import ZOO, One, gpt2_conv1d, logits, peft_loaded, peft_model, plain_output, randomize
 
 import surgeon
 from surgeon.io import WEIGHTS_NAME, method_from_peft_config
@@ -134,9 +133,8 @@ def test_init_is_the_weight_norm_and_leaves_outputs_unchanged(kind):
 def test_init_matches_peft():
     entry = ZOO["llama"]
     cm = surgeon.compile(entry.model(), DoRA(rank=4, targets=entry.targets))
-    pm = peft.get_peft_model(
-        entry.model(), peft.LoraConfig(r=4, target_modules=list(entry.targets), use_dora=True)
-    )
+    config = peft.LoraConfig(r=4, target_modules=list(entry.targets), use_dora=True)
+    pm = peft_model(entry.model(), config, seed=None)
     for path, layer in cm.store.items("default"):
         theirs = pm.get_submodule(f"base_model.model.{path}").lora_magnitude_vector["default"]
         torch.testing.assert_close(layer.magnitude, theirs.weight)
@@ -158,30 +156,12 @@ def test_half_precision_init_is_the_identity():
 # -- PEFT: files, training with dropout, dtypes ---------------------------------------------------
 
 
-def _peft_dora(entry, dtype=torch.float32, **config):
-    model = peft.get_peft_model(
-        entry.model().to(dtype),
-        peft.LoraConfig(target_modules=list(entry.targets), use_dora=True, **config),
-    )
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * 0.1)
-    return model.eval()
-
-
-def _peft_load(entry, path, dtype=torch.float32, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(entry.model().to(dtype), path, **kwargs)
-
-
 def test_files_hold_peft_keys_and_shapes(tmp_path):
     entry = ZOO["cnn"]
     cm = surgeon.compile(entry.model(), DoRA(rank=2, targets=entry.targets))
     cm.save_adapters(tmp_path)
-    _peft_dora(entry, r=2).save_pretrained(tmp_path / "peft")
+    config = peft.LoraConfig(target_modules=list(entry.targets), use_dora=True, r=2)
+    peft_model(entry.model(), config, scale=0.1).save_pretrained(tmp_path / "peft")
     ours = load_file(tmp_path / WEIGHTS_NAME)
     theirs = load_file(tmp_path / "peft" / WEIGHTS_NAME)
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
@@ -198,7 +178,7 @@ def test_training_with_dropout_matches_peft_outputs_and_gradients(name, tmp_path
     cm = surgeon.compile(entry.model(), DoRA(rank=2, alpha=4, targets=targets, dropout=0.3))
     randomize(cm)
     cm.save_adapters(tmp_path)
-    pm = _peft_load(entry, tmp_path, is_trainable=True)
+    pm = peft_loaded(entry.model(), tmp_path, is_trainable=True)
     cm.train()
     pm.train()
     x = entry.example()

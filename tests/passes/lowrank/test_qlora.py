@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, logits, randomize, tiny_llama
+from zoo import ZOO, One, logits, peft_loaded, peft_model, randomize, tiny_llama
 
 import surgeon
 from surgeon import quant
@@ -217,7 +217,7 @@ def peft_and_surgeon():
     def build(compute_dtype=torch.float32, rank=8):
         state = copy.deepcopy(_llama64().state_dict())
         config = peft.LoraConfig(r=rank, lora_alpha=16, target_modules=list(ATTENTION))
-        theirs = peft.get_peft_model(_bnb_model(state, compute_dtype), config).eval()
+        theirs = peft_model(_bnb_model(state, compute_dtype), config, seed=None)
         assert isinstance(
             theirs.base_model.model.model.layers[0].self_attn.q_proj,
             peft.tuners.lora.bnb.Linear4bit,
@@ -301,9 +301,7 @@ def test_saved_adapter_is_a_peft_lora_adapter_both_ways(peft_and_surgeon, tmp_pa
     assert sorted(mine["target_modules"]) == sorted(peft_config["target_modules"])
     # PEFT loads ours onto its bitsandbytes model
     state = copy.deepcopy(_llama64().state_dict())
-    loaded = peft.PeftModel.from_pretrained(
-        _bnb_model(state, torch.float32), tmp_path / "ours"
-    ).eval()
+    loaded = peft_loaded(_bnb_model(state, torch.float32), tmp_path / "ours")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
     # surgeon loads PEFT's onto a 4-bit model: LoRA there runs QLoRA's layer

@@ -12,7 +12,8 @@ import test_loha
 import test_lokr
 import torch
 from torch import nn
-from zoo import ZOO, One, logits, randomize
+from zoo import ZOO, One, logits, peft_loaded, randomize
+from zoo import peft_model as zoo_peft_model
 
 import surgeon
 from surgeon.passes.lycoris.loha import LoHa
@@ -28,15 +29,8 @@ hide the adapter)."""
 def peft_model(cls, entry, seed=5, **config):
     """PEFT's model of ``cls`` built from ``config``, its adapters moved off their init."""
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(
-        entry.model(), peft.get_peft_config({"peft_type": cls.peft_type, **config})
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * PEFT_NOISE[cls])
-    return model.eval()
+    config = peft.get_peft_config({"peft_type": cls.peft_type, **config})
+    return zoo_peft_model(entry.model(), config, seed=seed, scale=PEFT_NOISE[cls])
 
 
 def _layer(cls, kind):
@@ -179,7 +173,7 @@ def test_rank_dropout_drops_output_channels_rescaled_as_peft_does(spec, rescaled
 def test_half_precision_keeps_float32_adapters_and_matches_peft(spec, dtype, tmp_path):
     """Beyond the conformance suite (within 2 eps of the largest output, whatever the forward):
     the adapters stay float32, and a forward that builds ΔW as PEFT does matches PEFT exactly."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     entry = ZOO["llama"]
     cm = surgeon.compile(entry.model().to(dtype), spec)
     randomize(cm, scale=0.3)
@@ -187,7 +181,7 @@ def test_half_precision_keeps_float32_adapters_and_matches_peft(spec, dtype, tmp
     assert all(p.dtype == torch.float32 for p in cm.store.parameters())
     (_, adapter), *_ = cm.store.items("default")
     cm.save_adapters(tmp_path)
-    pm = peft.PeftModel.from_pretrained(entry.model().to(dtype), tmp_path).eval()
+    pm = peft_loaded(entry.model().to(dtype), tmp_path)
     x = entry.example()
     out = logits(cm(**x))
     assert out.dtype == dtype

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, One, logits, plain_output, randomize
+from zoo import ZOO, One, logits, peft_loaded, plain_output, randomize
 
 import surgeon
 from surgeon.passes.lycoris.lokr import LoKr, factorization
@@ -202,7 +202,7 @@ def test_keys_and_shapes_are_peft_s(entry_name, config, tmp_path):
 @pytest.mark.parametrize("entry_name", sorted(PARITY))
 def test_decompose_both_with_factor_4_matches_peft_both_ways(entry_name, tmp_path):
     """Factor 4 makes W1 big enough to split (the suite's examples, factor 2, keep it whole)."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     entry = ZOO[entry_name]
     x = entry.example()
     base = logits(entry.model()(**x))
@@ -213,7 +213,7 @@ def test_decompose_both_with_factor_4_matches_peft_both_ways(entry_name, tmp_pat
     expected = logits(cm(**x))
     assert not torch.allclose(expected, base, atol=1e-4)
     cm.save_adapters(tmp_path / "s")
-    loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path / "s").eval()
+    loaded = peft_loaded(entry.model(), tmp_path / "s")
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-5)
     pm = _peft_model(
         entry,
@@ -232,7 +232,7 @@ def test_decompose_both_with_factor_4_matches_peft_both_ways(entry_name, tmp_pat
 
 
 def test_effective_conv_on_conv2d_matches_peft_both_ways(tmp_path):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     entry = ZOO["cnn"]
     spec = LoKr(rank=1, alpha=3, targets=("conv1", "conv2", "fc"), effective_conv=True)
     cm = surgeon.compile(entry.model(), spec)
@@ -241,7 +241,7 @@ def test_effective_conv_on_conv2d_matches_peft_both_ways(tmp_path):
     assert conv1.cp
     x = entry.example()
     cm.save_adapters(tmp_path / "s")
-    loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path / "s").eval()
+    loaded = peft_loaded(entry.model(), tmp_path / "s")
     torch.testing.assert_close(logits(loaded(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-5)
     pm = _peft_model(entry, r=1, target_modules=["conv1", "conv2", "fc"], use_effective_conv2d=True)
     pm.save_pretrained(tmp_path / "p")

@@ -7,13 +7,20 @@ SpecErrors naming fields and the PEFT keys refused."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits
+from zoo import (
+    ZOO,
+    One,
+    add_noise,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    peft_loaded,
+    peft_model,
+)
 
 import surgeon
 import surgeon.passes.orthogonal.boft as boft
@@ -94,36 +101,9 @@ def with_extension(monkeypatch):
     monkeypatch.setattr(boft_peft, "get_fbd_cuda", lambda: BlockDiagExtension)
 
 
-def _perturb(model, seed: int = 2, scale: float = 0.2) -> None:
-    params = (
-        model.store.parameters()
-        if isinstance(model, surgeon.CompiledModel)
-        else (p for p in model.parameters() if p.requires_grad)
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_((torch.randn(p.shape, generator=generator) * scale).to(p.dtype))
-
-
-def _peft_model(model: nn.Module, perturb: bool = True, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.BOFTConfig(**config))
-    if perturb:
-        _perturb(pm, seed=5)
-    return pm.eval()
-
-
-def _peft_load(model: nn.Module, path, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(model, path, **kwargs).eval()
-
-
 def _compiled(model: nn.Module, spec: BOFT) -> surgeon.CompiledModel:
     cm = surgeon.compile(model, spec)
-    _perturb(cm)
+    add_noise(cm.store.parameters())
     return cm.eval()
 
 
@@ -177,7 +157,7 @@ def test_several_butterfly_factors_are_the_formula_and_merge_to_it(kind, factors
 
 
 def _peft_shape(layer: nn.Module, **config) -> tuple[int, ...]:
-    pm = _peft_model(One(layer), perturb=False, target_modules=["layer"], **config)
+    pm = peft_model(One(layer), peft.BOFTConfig(target_modules=["layer"], **config), seed=None)
     return tuple(pm.base_model.model.layer.boft_R["default"].shape)
 
 
@@ -304,10 +284,11 @@ def test_our_files_load_in_peft_and_theirs_in_ours_with_the_same_outputs(
     expected = logits(cm(**x))
     assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-4)
     cm.save_adapters(tmp_path / "ours")
-    pm = _peft_load(entry.model(), tmp_path / "ours")
+    pm = peft_loaded(entry.model(), tmp_path / "ours")
     torch.testing.assert_close(logits(pm(**x)), expected, rtol=1e-5, atol=1e-5)
 
-    pm = _peft_model(entry.model(), **spec.to_peft_config(cm.store.paths["default"]))
+    config = peft.BOFTConfig(**spec.to_peft_config(cm.store.paths["default"]))
+    pm = peft_model(entry.model(), config, scale=0.2)
     pm.save_pretrained(tmp_path / "theirs")
     loaded = surgeon.load(entry.model(), tmp_path / "theirs").eval()
     assert loaded.spec("default") == spec.replace(targets=loaded.spec("default").targets)
@@ -324,7 +305,8 @@ def test_our_files_load_in_peft_and_theirs_in_ours_with_the_same_outputs(
 def test_a_train_step_with_three_factors_gives_peft_gradients(with_extension, tmp_path):
     entry = ZOO["mlp"]
     spec = BOFT(targets=("body.3", "head"), block_size=2, butterfly_factors=3, bias="boft_only")
-    pm = _peft_model(entry.model(), **spec.to_peft_config(["body.3", "head"]))
+    config = peft.BOFTConfig(**spec.to_peft_config(["body.3", "head"]))
+    pm = peft_model(entry.model(), config, scale=0.2)
     pm.save_pretrained(tmp_path)
     cm = surgeon.load(entry.model(), tmp_path)
     x = entry.example()
@@ -356,7 +338,7 @@ def test_two_adapters_on_a_conv2d_stack_as_peft_and_merge_in_order(tmp_path):
     entry = ZOO["cnn"]
     spec = BOFT(targets=("conv1", "conv2"), block_size=0, blocks=1)
     cm = surgeon.compile(entry.model(), surgeon.Spec({"a": spec, "b": spec}))
-    _perturb(cm, seed=3)
+    add_noise(cm.store.parameters(), seed=3)
     cm.eval()
     x = entry.example()
     cm.set_active(["a"])
@@ -365,7 +347,7 @@ def test_two_adapters_on_a_conv2d_stack_as_peft_and_merge_in_order(tmp_path):
     both = logits(cm(**x))
     assert not torch.allclose(both, only_a, atol=1e-4)
     cm.save_adapters(tmp_path)
-    pm = _peft_load(entry.model(), tmp_path / "a", adapter_name="a")
+    pm = peft_loaded(entry.model(), tmp_path / "a", adapter_name="a")
     pm.load_adapter(tmp_path / "b", adapter_name="b")
     pm.base_model.set_adapter(["a", "b"])
     torch.testing.assert_close(both, logits(pm(**x)), rtol=1e-5, atol=1e-5)
@@ -399,7 +381,7 @@ def test_half_precision_conv2d_runs_as_peft(dtype, tmp_path):
     out = cm(**x)
     assert out.dtype == dtype
     cm.save_adapters(tmp_path)
-    pm = _peft_load(entry.model().to(dtype), tmp_path)
+    pm = peft_loaded(entry.model().to(dtype), tmp_path)
     torch.testing.assert_close(out, pm(**x), rtol=0, atol=2 * torch.finfo(dtype).eps)
 
 
@@ -414,7 +396,8 @@ def _two_layers() -> nn.Module:
 @pytest.mark.parametrize("factors", [1, 3])
 def test_dropout_draws_as_peft_in_training_and_is_off_in_eval(factors, with_extension, tmp_path):
     spec = BOFT(targets=("0", "2"), block_size=2, butterfly_factors=factors, dropout=0.5)
-    pm = _peft_model(_two_layers(), **spec.to_peft_config(["0", "2"]))
+    config = peft.BOFTConfig(**spec.to_peft_config(["0", "2"]))
+    pm = peft_model(_two_layers(), config, scale=0.2)
     pm.save_pretrained(tmp_path)
     cm = surgeon.load(_two_layers(), tmp_path)
     x = torch.randn(3, 16)
@@ -485,9 +468,8 @@ def test_random_init_draws_as_peft(build, dtype):
     cm = surgeon.compile(ours, BOFT(targets=("layer",), block_size=2, init="random"))
     ((_, adapter),) = cm.store.items("default")
     torch.manual_seed(7)
-    pm = _peft_model(
-        theirs, perturb=False, target_modules=["layer"], boft_block_size=2, init_weights=False
-    )
+    config = peft.BOFTConfig(target_modules=["layer"], boft_block_size=2, init_weights=False)
+    pm = peft_model(theirs, config, seed=None)
     peft_layer = pm.base_model.model.layer
     for name in ("boft_R", "boft_s"):
         assert torch.equal(getattr(adapter, name), getattr(peft_layer, name)["default"]), name
@@ -610,10 +592,11 @@ def test_trained_biases_travel_in_the_file_both_ways(tmp_path):
     with torch.no_grad():
         cm.model.head.bias.add_(1.0)  # as training would move it
     cm.save_adapters(tmp_path / "ours")
-    pm = _peft_load(entry.model(), tmp_path / "ours")
+    pm = peft_loaded(entry.model(), tmp_path / "ours")
     torch.testing.assert_close(logits(pm(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-5)
 
-    pm = _peft_model(entry.model(), **spec.to_peft_config(["body.3", "head"]))
+    config = peft.BOFTConfig(**spec.to_peft_config(["body.3", "head"]))
+    pm = peft_model(entry.model(), config, scale=0.2)
     with torch.no_grad():
         pm.base_model.model.body[3].base_layer.bias.sub_(1.0)
     pm.save_pretrained(tmp_path / "theirs")
@@ -625,7 +608,7 @@ def test_a_mixed_batch_on_conv2d_layers_gives_each_row_its_adapter():
     entry = ZOO["cnn"]
     spec = BOFT(targets=("conv1", "conv2"), block_size=0, blocks=1)
     cm = surgeon.compile(entry.model(), surgeon.Spec({"a": spec, "b": spec}))
-    _perturb(cm, seed=3)
+    add_noise(cm.store.parameters(), seed=3)
     cm.eval()
     x = entry.example()
     names = ["b", "__base__"]

@@ -9,14 +9,23 @@ keys refused, golden rewritten graphs."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+    randomize,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -61,26 +70,6 @@ def formula(spec, adapter, base, x):
 
 
 peft = pytest.importorskip("peft")
-
-
-def _peft_model(model: nn.Module, **config) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(model, peft.HRAConfig(**config))
-
-
-def _peft_load(model: nn.Module, path, **kwargs) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(model, path, **kwargs).eval()
-
-
-def _perturb_peft(pm: nn.Module, seed: int = 5, scale: float = 0.3) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * scale)
 
 
 def _layer(cm, name: str = "default") -> HRALayer:
@@ -165,7 +154,8 @@ def test_init_draws_as_peft_does(build, init):
     ours = surgeon.compile(One(layer), HRA(rank=4, init=init, targets=("layer",)))
     torch.manual_seed(7)
     symmetric = init == "symmetric"
-    theirs = _peft_model(One(twin), r=4, target_modules=["layer"], init_weights=symmetric)
+    config = peft.HRAConfig(r=4, target_modules=["layer"], init_weights=symmetric)
+    theirs = peft_model(One(twin), config, seed=None)
     u = _layer(ours).hra_u
     assert torch.equal(u, theirs.base_model.model.layer.hra_u["default"])
     rows = 6 if isinstance(layer, nn.Linear) else 3 * 3 * 3
@@ -229,13 +219,13 @@ def test_a_strided_conv_matches_peft_both_ways(gram_schmidt, tmp_path):
     randomize(cm, scale=0.5)
     expected = cm(CONV_INPUT)
     cm.save_adapters(tmp_path / "ours")
-    loaded = _peft_load(_strided_conv(), tmp_path / "ours")
+    loaded = peft_loaded(_strided_conv(), tmp_path / "ours")
     torch.testing.assert_close(loaded(CONV_INPUT), expected, rtol=1e-5, atol=1e-5)
 
-    pm = _peft_model(
-        _strided_conv(), r=5, apply_GS=gram_schmidt, init_weights=False, target_modules=["layer"]
+    config = peft.HRAConfig(
+        r=5, apply_GS=gram_schmidt, init_weights=False, target_modules=["layer"]
     )
-    _perturb_peft(pm)
+    pm = peft_model(_strided_conv(), config)
     pm.save_pretrained(tmp_path / "peft")
     back = surgeon.load(_strided_conv(), tmp_path / "peft").eval()
     assert back.spec("default") == spec
@@ -243,10 +233,8 @@ def test_a_strided_conv_matches_peft_both_ways(gram_schmidt, tmp_path):
 
 
 def test_a_gram_schmidt_train_step_gives_peft_gradients_on_a_conv(tmp_path):
-    pm = _peft_model(
-        _strided_conv(), r=3, apply_GS=True, init_weights=False, target_modules=["layer"]
-    )
-    _perturb_peft(pm)
+    config = peft.HRAConfig(r=3, apply_GS=True, init_weights=False, target_modules=["layer"])
+    pm = peft_model(_strided_conv(), config)
     pm.save_pretrained(tmp_path)
     cm = surgeon.load(_strided_conv(), tmp_path)
     for model in (cm, pm):
@@ -262,7 +250,7 @@ def test_a_half_precision_conv_matches_peft_exactly_merged_too(dtype, tmp_path):
     cm = surgeon.compile(_strided_conv().to(dtype), HRA(rank=4, targets=("layer",))).eval()
     randomize(cm, scale=0.5)
     cm.save_adapters(tmp_path)
-    pm = _peft_load(_strided_conv().to(dtype), tmp_path)
+    pm = peft_loaded(_strided_conv().to(dtype), tmp_path)
     x = CONV_INPUT.to(dtype)
     out = cm(x)
     assert out.dtype == dtype
@@ -294,7 +282,7 @@ def test_two_adapters_on_a_conv_compose_as_peft_and_merge(tmp_path):
     expected = plain_output(base, CONV_INPUT, _rotated(base.weight.detach().double(), h).float())
     torch.testing.assert_close(both, expected, rtol=1e-5, atol=1e-5)
     cm.save_adapters(tmp_path)
-    pm = _peft_load(_strided_conv(), tmp_path / "a", adapter_name="a")
+    pm = peft_loaded(_strided_conv(), tmp_path / "a", adapter_name="a")
     pm.load_adapter(tmp_path / "b", adapter_name="b")
     pm.base_model.set_adapter(["a", "b"])
     torch.testing.assert_close(pm(CONV_INPUT), both, rtol=1e-5, atol=1e-5)
@@ -329,7 +317,7 @@ def test_trained_biases_are_saved_and_load_in_peft(bias, tmp_path):
     saved = load_file(tmp_path / WEIGHTS_NAME)
     assert "base_model.model.head.base_layer.bias" in saved
     assert ("base_model.model.body.0.bias" in saved) is (bias == "all")
-    torch.testing.assert_close(_peft_load(entry.model(), tmp_path)(**x), expected)
+    torch.testing.assert_close(peft_loaded(entry.model(), tmp_path)(**x), expected)
     torch.testing.assert_close(surgeon.load(entry.model(), tmp_path).eval()(**x), expected)
 
 

@@ -14,7 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, load_with_changed_config, logits, plain_output
+from zoo import (
+    ZOO,
+    One,
+    add_noise,
+    load_with_changed_config,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -100,13 +109,6 @@ def _ids() -> torch.Tensor:
 TARGETS = ("emb", "lin", "conv")
 
 
-def _perturb(parameters, seed: int = 2, scale: float = 0.2) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in parameters:
-            p.add_(torch.randn(p.shape, generator=generator) * scale)
-
-
 def _adapters(cm) -> dict[str, nn.Module]:
     return dict(cm.store.items("default"))
 
@@ -129,7 +131,7 @@ def test_output_is_the_formula_and_merge_folds_it(options):
     weights = {n: p.detach().clone() for n, p in net.state_dict().items()}
     spec = OFT(**{"block_size": 4, "targets": TARGETS, **options})
     cm = surgeon.compile(net, spec).eval()
-    _perturb(cm.store.parameters())
+    add_noise(cm.store.parameters())
     layers = _adapters(cm)
     x = _ids()
     with torch.no_grad(), cm.disabled():
@@ -164,7 +166,7 @@ def test_unmerge_inverts_a_series_rotation_that_is_not_orthogonal():
     weight = model.layer.weight.detach().clone()
     cm = surgeon.compile(model, OFT(block_size=4, neumann_terms=2, targets=("layer",)))
     (adapter,) = _adapters(cm).values()
-    _perturb([adapter.oft_R], scale=0.5)
+    add_noise([adapter.oft_R], scale=0.5)
     r = rotation(OFT(neumann_terms=2), adapter)
     assert (r @ r.t() - torch.eye(8)).abs().max() > 0.1  # R^T would not undo it
     cm.merge()
@@ -181,7 +183,7 @@ def test_stacked_rotations_merge_in_the_graph_order_together_or_one_at_a_time():
     weight = model.layer.weight.detach().clone()
     spec = OFT(block_size=4, targets=("layer",))
     cm = surgeon.compile(model, surgeon.Spec({"a": spec, "b": spec})).eval()
-    _perturb(cm.store.parameters())
+    add_noise(cm.store.parameters())
     cm.set_active(["a", "b"])
     x = torch.randn(5, 8)
     both = cm(x)
@@ -297,7 +299,7 @@ def _peft_config(change: dict) -> dict:
 
 def _with_biases(model: nn.Module, change: dict) -> None:
     if change.get("bias") == "oft_only":
-        _perturb([model.get_submodule(t).bias for t in ("lin", "conv")], seed=7)
+        add_noise([model.get_submodule(t).bias for t in ("lin", "conv")], seed=7)
 
 
 @pytest.mark.parametrize("change", PARITY.values(), ids=PARITY.keys())
@@ -306,28 +308,23 @@ def test_saved_by_surgeon_loads_in_peft_with_same_outputs(change, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cm = surgeon.compile(_net(), spec).eval()
-    _perturb(cm.store.parameters())
+    add_noise(cm.store.parameters())
     _with_biases(cm.model, change)
     x = _ids()
     expected = cm(x)
     assert not torch.allclose(expected, _net()(x), atol=1e-4)
     cm.save_adapters(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(_net(), tmp_path).eval()
+    pm = peft_loaded(_net(), tmp_path)
     torch.testing.assert_close(pm(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("change", PARITY.values(), ids=PARITY.keys())
 def test_saved_by_peft_loads_in_surgeon_with_same_outputs(change, tmp_path):
     config = _peft_config(change)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(_net(), peft.get_peft_config(config))
-    _perturb(p for p in pm.parameters() if p.requires_grad)
+    pm = peft_model(_net(), peft.get_peft_config(config), seed=2, scale=0.2)
     pm.save_pretrained(tmp_path)
     x = _ids()
-    expected = pm.eval()(x)
+    expected = pm(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cm = surgeon.load(_net(), tmp_path).eval()
@@ -351,7 +348,7 @@ def test_module_dropout_replaces_whole_blocks_in_training_only():
     spec = OFT(block_size=4, module_dropout=0.5, targets=("layer",))
     cm = surgeon.compile(model, spec)
     (adapter,) = _adapters(cm).values()
-    _perturb([adapter.oft_R])
+    add_noise([adapter.oft_R])
     x = torch.eye(16)  # the output's rows are the effective weight's columns: W R^T
     cm.eval()
     torch.testing.assert_close(cm(x), formula(spec, adapter, model.layer, x))
@@ -385,7 +382,7 @@ def test_module_dropout_leaves_a_shared_block_and_embeddings_alone(layer, x, sha
     spec = OFT(block_size=4, block_share=share, module_dropout=0.9, targets=("layer",))
     cm = surgeon.compile(model, spec)
     (adapter,) = _adapters(cm).values()
-    _perturb([adapter.oft_R])
+    add_noise([adapter.oft_R])
     cm.train()
     torch.testing.assert_close(cm(x), formula(spec, adapter, model.layer, x))
 
@@ -431,7 +428,7 @@ def test_eval_caches_the_rotation_until_the_parameter_changes(monkeypatch):
 def test_a_coft_adapter_runs_under_inference_mode():
     spec = OFT(block_size=4, coft=True, coft_eps=0.1, targets=("layer",))
     cm = surgeon.compile(One(nn.Linear(8, 2)), spec).eval()
-    _perturb(cm.store.parameters())
+    add_noise(cm.store.parameters())
     x = torch.randn(3, 8)
     with torch.inference_mode():
         inside = cm(x)
@@ -518,9 +515,7 @@ def test_peft_own_unmerged_conv_output_disagrees_with_its_merge():
     x = torch.randn(1, 2, 5, 5)
     expected = model(x)
     config = peft.OFTConfig(target_modules=["layer"], oft_block_size=6, r=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, config).eval()
+    pm = peft_model(model, config, seed=None)
     assert not torch.allclose(pm(x), expected, atol=1e-3)
 
 
@@ -542,7 +537,7 @@ def test_golden_graph_rotates_the_input_with_one_block_matmul():
 def test_llama_merge_and_unload_gives_the_same_outputs_without_surgeon():
     entry = ZOO["llama"]
     cm = surgeon.compile(entry.model(), OFT(block_size=8, targets=("q_proj", "embed_tokens")))
-    _perturb(cm.store.parameters())
+    add_noise(cm.store.parameters())
     x = entry.example()
     expected = logits(cm(**x))
     plain = cm.merge_and_unload()

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+    randomize,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME
@@ -66,24 +75,10 @@ def _shapes(dtype=torch.float32) -> nn.Module:
     return Shapes().to(dtype)
 
 
-def _peft(model, perturb: bool = True, adapter_name: str = "default", **config):
+def _peft(model, seed: int | None = 5, **config):
+    """PEFT's OSF on the three layers, ``config`` over rank 2."""
     config = {"target_modules": list(NAMES), "effective_rank": 2, **config}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.OSFConfig(**config), adapter_name=adapter_name)
-    if perturb:
-        generator = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for p in pm.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * 0.3)
-    return pm.eval()
-
-
-def _peft_load(model, path, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(model, path, **kwargs).eval()
+    return peft_model(model, peft.OSFConfig(**config), seed=seed)
 
 
 def _theirs(pm, path, adapter="default"):
@@ -114,7 +109,7 @@ def _high_bases(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def test_the_init_is_peft_svd_split_with_the_same_numbers(dtype):
     """Same factors, same signs, same order; in half precision rounded through the base dtype
     and kept in float32; U_high stored only for the tall layer, V_high only for the wide one."""
-    pm = _peft(_shapes(dtype), perturb=False, effective_rank=3)
+    pm = _peft(_shapes(dtype), seed=None, effective_rank=3)
     cm = surgeon.compile(_shapes(dtype), OSF(effective_rank=3, targets=NAMES))
     for path, layer in cm.store.items("default"):
         theirs = _theirs(pm, path)
@@ -339,7 +334,7 @@ def test_peft_files_with_other_options_load_with_peft_outputs(config, tmp_path):
     assert written["rank_pattern"] == config.get("rank_pattern", {})
     assert "target_svd_config" not in written and written["init_weights"] is True
     assert spec == OSF.from_peft_config(written, "here")
-    torch.testing.assert_close(_peft_load(_shapes(), back)(x), pm(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(peft_loaded(_shapes(), back)(x), pm(x), rtol=1e-5, atol=1e-5)
 
 
 def test_pattern_resolution_is_peft_order_and_search():
@@ -367,7 +362,7 @@ def test_the_default_targets_are_peft_all_linear_on_llama(tmp_path):
     assert len(paths) == 2 * 7 and not any("lm_head" in p for p in paths)
     cm.save_adapters(tmp_path)
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["target_modules"] == "all-linear"
-    pm = _peft_load(entry.model(), tmp_path)
+    pm = peft_loaded(entry.model(), tmp_path)
     x = entry.example()
     torch.testing.assert_close(logits(pm(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-5)
 
@@ -382,7 +377,7 @@ def test_layers_and_exclusions_are_written_as_the_chosen_paths(tmp_path):
     assert config["target_modules"] == ["model.layers.1.self_attn.q_proj"]
     assert "exclude_modules" not in config and "layers_to_transform" not in config
     x = entry.example()
-    pm = _peft_load(entry.model(), tmp_path)
+    pm = peft_loaded(entry.model(), tmp_path)
     torch.testing.assert_close(logits(pm(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-5)
 
 
@@ -410,7 +405,7 @@ def test_two_active_adapters_add_up_as_peft_merges_them(tmp_path):
     x = torch.randn(5, 6)
     both = cm(x)
     cm.save_adapters(tmp_path)
-    pm = _peft_load(_shapes(), tmp_path / "a", adapter_name="a")
+    pm = peft_loaded(_shapes(), tmp_path / "a", adapter_name="a")
     pm.load_adapter(tmp_path / "b", adapter_name="b")
     pm.base_model.set_adapter(["a", "b"])
     assert not torch.allclose(pm(x), both, atol=1e-4)  # PEFT's forward: "a" alone

@@ -7,12 +7,21 @@ spec errors, the meta device."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+    randomize,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME
@@ -92,25 +101,6 @@ def _layers(cm, name="default"):
     return dict(cm.store.items(name))
 
 
-def _peft_model(entry, dtype=torch.float32, perturb=True, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(entry.model().to(dtype), peft.PsoftConfig(**config))
-    if perturb:
-        generator = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model.eval()
-
-
-def _peft_load(entry, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(entry.model(), path).eval()
-
-
 # -- the factors -------------------------------------------------------------------------------
 
 
@@ -129,7 +119,7 @@ def test_factors_are_peft_factors_bit_for_bit(options, dtype):
     """A and B are never saved: a file only means the same if they are recomputed exactly."""
     entry = ZOO["mlp"]
     spec = PSOFT(rank=4, targets=TARGETS, **options)
-    pm = _peft_model(entry, dtype, perturb=False, **_peft_config(spec, TARGETS))
+    pm = peft_model(entry.model().to(dtype), _peft_config(spec, TARGETS), seed=None)
     cm = surgeon.compile(entry.model().to(dtype), spec)
     for path, layer in _layers(cm).items():
         theirs = pm.base_model.model.get_submodule(path)
@@ -138,11 +128,11 @@ def test_factors_are_peft_factors_bit_for_bit(options, dtype):
         assert torch.equal(layer.B, theirs._psoft_B_cache["default"]), path
 
 
-def _peft_config(spec: PSOFT, targets: tuple[str, ...]) -> dict:
-    """PsoftConfig's fields for ``spec`` (as surgeon writes them) on the module names ``targets``."""
+def _peft_config(spec: PSOFT, targets: tuple[str, ...]) -> peft.PsoftConfig:
+    """PEFT's config for ``spec`` (as surgeon writes it) on the module names ``targets``."""
     config = spec.to_peft_config(())
     config.pop("peft_type")
-    return {**config, "target_modules": list(targets)}
+    return peft.PsoftConfig(**{**config, "target_modules": list(targets)})
 
 
 def test_factors_span_the_principal_subspace():
@@ -290,7 +280,7 @@ PARITY = {
 def test_peft_file_loads_with_peft_outputs_and_ours_loads_in_peft(options, tmp_path):
     entry = ZOO["mlp"]
     spec = PSOFT(rank=5, targets=TARGETS, **options)
-    pm = _peft_model(entry, **_peft_config(spec, TARGETS))
+    pm = peft_model(entry.model(), _peft_config(spec, TARGETS))
     x = entry.example()
     expected = logits(pm(**x))
     assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-4)
@@ -300,14 +290,15 @@ def test_peft_file_loads_with_peft_outputs_and_ours_loads_in_peft(options, tmp_p
     assert set(loaded.targets) == set(TARGETS) and loaded.replace(targets=TARGETS) == spec
     torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
     cm.save_adapters(tmp_path / "ours")
-    again = _peft_load(entry, tmp_path / "ours")
+    again = peft_loaded(entry.model(), tmp_path / "ours")
     torch.testing.assert_close(logits(again(**x)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_peft_random_init_of_r_loads_from_the_file(tmp_path):
     """init_weights=False only decides R's first values, which the file holds."""
     entry = ZOO["mlp"]
-    pm = _peft_model(entry, perturb=False, r=3, target_modules=["body.3"], init_weights=False)
+    config = peft.PsoftConfig(r=3, target_modules=["body.3"], init_weights=False)
+    pm = peft_model(entry.model(), config, seed=None)
     pm.save_pretrained(tmp_path)
     x = entry.example()
     cm = surgeon.load(entry.model(), tmp_path)
@@ -326,16 +317,14 @@ def test_peft_random_init_of_r_loads_from_the_file(tmp_path):
 )
 def test_keys_peft_ignores_load_with_peft_outputs(changes, tmp_path):
     entry = ZOO["mlp"]
-    pm = _peft_model(entry, r=3, target_modules=["body.0", "head"])
+    pm = peft_model(entry.model(), peft.PsoftConfig(r=3, target_modules=["body.0", "head"]))
     pm.save_pretrained(tmp_path)
     x = entry.example()
     expected = logits(pm(**x))
     cm = load_with_changed_config(entry.model(), tmp_path, changes)
     assert cm.spec("default").neumann_terms is None
     torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(entry.model(), tmp_path).eval()
+    theirs = peft_loaded(entry.model(), tmp_path)
     torch.testing.assert_close(logits(theirs(**x)), expected, rtol=1e-5, atol=1e-5)
 
 

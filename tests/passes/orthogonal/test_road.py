@@ -13,7 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output
+from zoo import (
+    ZOO,
+    One,
+    add_noise,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -63,32 +73,8 @@ def _pair_indices(variant: str, start: int, k: int, g: int) -> tuple[int, int, i
 peft = pytest.importorskip("peft")
 
 VARIANTS = ("road_1", "road_2", "road_4")
-
-
-def _perturb(cm, seed: int = 2) -> None:
-    """Angles start at zero and scales at one: move both (scales around one)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in cm.store.parameters():
-            p.add_((torch.randn(p.shape, generator=generator) * 0.4).to(p.dtype))
-
-
-def _peft_model(entry, dtype=torch.float32, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(entry.model().to(dtype), peft.RoadConfig(**config))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_((torch.randn(p.shape, generator=generator) * 0.4).to(p.dtype))
-    return model.eval()
-
-
-def _peft_load(entry, path, dtype=torch.float32):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(entry.model().to(dtype), path).eval()
+NOISE = 0.4
+"""Angles start at zero and scales at one: noise this large moves both (scales around one)."""
 
 
 # -- the formula, merge and unmerge -------------------------------------------------------------
@@ -103,7 +89,7 @@ def test_output_is_the_formula_and_merge_folds_weight_and_bias(variant, group_si
     weight, bias = model.layer.weight.detach().clone(), model.layer.bias.detach().clone()
     spec = RoAd(targets=("layer",), variant=variant, group_size=group_size)
     cm = surgeon.compile(model, spec)
-    _perturb(cm)
+    add_noise(cm.store.parameters(), scale=NOISE)
     ((_, adapter),) = cm.store.items("default")
     with torch.no_grad():
         expected = formula(spec, adapter, model.layer, x)
@@ -142,11 +128,8 @@ def test_fresh_parameters_have_peft_shapes_and_values(variant):
     entry = ZOO["llama"]
     targets = ["q_proj", "v_proj"]  # 32 and 16 outputs
     cm = surgeon.compile(entry.model(), RoAd(targets=tuple(targets), variant=variant, group_size=8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(
-            entry.model(), peft.RoadConfig(target_modules=targets, variant=variant, group_size=8)
-        )
+    config = peft.RoadConfig(target_modules=targets, variant=variant, group_size=8)
+    pm = peft_model(entry.model(), config, seed=None)
     per_output = {"road_1": 0.5, "road_2": 1, "road_4": 2}[variant]
     for path, layer in cm.store.items("default"):
         theirs = pm.base_model.model.get_submodule(path)
@@ -160,7 +143,7 @@ def test_unmerge_after_a_singular_pair_keeps_the_weights_finite():
     torch.manual_seed(0)
     model = One(nn.Linear(3, 4))
     cm = surgeon.compile(model, RoAd(targets=("layer",), group_size=4))
-    _perturb(cm)
+    add_noise(cm.store.parameters(), scale=NOISE)
     ((_, adapter),) = cm.store.items("default")
     with torch.no_grad():
         adapter.road_alpha[0] = 0  # pair (0, 2) collapses to zero
@@ -219,7 +202,7 @@ def test_saved_by_surgeon_loads_in_peft_with_same_outputs(
     entry = ZOO[model_name]
     spec = RoAd(targets=targets, variant=variant, group_size=group_size)
     cm = surgeon.compile(entry.model(), spec)
-    _perturb(cm)
+    add_noise(cm.store.parameters(), scale=NOISE)
     x = entry.example()
     expected = logits(cm(**x))
     assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-5)
@@ -227,7 +210,7 @@ def test_saved_by_surgeon_loads_in_peft_with_same_outputs(
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["peft_type"] == "ROAD"
     assert (config["variant"], config["group_size"]) == (variant, group_size)
-    loaded = _peft_load(entry, tmp_path)
+    loaded = peft_loaded(entry.model(), tmp_path)
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -236,7 +219,8 @@ def test_saved_by_peft_loads_in_surgeon_with_same_outputs(
     model_name, variant, group_size, targets, tmp_path
 ):
     entry = ZOO[model_name]
-    pm = _peft_model(entry, target_modules=list(targets), variant=variant, group_size=group_size)
+    config = peft.RoadConfig(target_modules=list(targets), variant=variant, group_size=group_size)
+    pm = peft_model(entry.model(), config, scale=NOISE)
     x = entry.example()
     expected = logits(pm(**x))
     assert not torch.allclose(expected, logits(entry.model()(**x)), atol=1e-5)
@@ -257,7 +241,8 @@ def test_saved_by_peft_loads_in_surgeon_with_same_outputs(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_peft_exactly(dtype, tmp_path):
     entry = ZOO["bert"]
-    pm = _peft_model(entry, dtype, target_modules=["dense"], variant="road_4", group_size=16)
+    config = peft.RoadConfig(target_modules=["dense"], variant="road_4", group_size=16)
+    pm = peft_model(entry.model().to(dtype), config, scale=NOISE)
     pm.save_pretrained(tmp_path)
     cm = surgeon.load(entry.model().to(dtype), tmp_path)
     (_, adapter), *_ = cm.store.items("default")
@@ -278,9 +263,9 @@ def test_a_mixed_batch_matches_peft_adapter_names(tmp_path):
     entry = ZOO["llama"]
     spec = RoAd(targets=("q_proj", "v_proj", "down_proj"), variant="road_2", group_size=8)
     cm = surgeon.compile(entry.model(), surgeon.Spec({"a": spec, "b": spec}))
-    _perturb(cm)
+    add_noise(cm.store.parameters(), scale=NOISE)
     cm.eval().save_adapters(tmp_path)
-    pm = _peft_load(entry, tmp_path / "a")
+    pm = peft_loaded(entry.model(), tmp_path / "a")
     pm.load_adapter(tmp_path / "b", adapter_name="b")
     x = {"input_ids": torch.randint(3, 96, (3, 5), generator=torch.Generator().manual_seed(1))}
     names = ["b", "__base__", "a"]
@@ -291,12 +276,8 @@ def test_a_mixed_batch_matches_peft_adapter_names(tmp_path):
 def test_peft_file_with_random_init_loads_its_weights(tmp_path):
     """``init_weights=false`` only changes the starting values; the file's weights rule."""
     entry = ZOO["llama"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(
-            entry.model(),
-            peft.RoadConfig(target_modules=["q_proj"], group_size=8, init_weights=False),
-        ).eval()
+    config = peft.RoadConfig(target_modules=["q_proj"], group_size=8, init_weights=False)
+    pm = peft_model(entry.model(), config, seed=None)
     pm.save_pretrained(tmp_path)
     x = entry.example()
     cm = surgeon.load(entry.model(), tmp_path)
@@ -308,7 +289,7 @@ def test_layers_and_exclusions_are_saved_as_the_chosen_paths(tmp_path):
     entry = ZOO["llama"]
     spec = RoAd(targets=("q_proj", "v_proj"), group_size=8, layers=1, exclude=("v_proj",))
     cm = surgeon.compile(entry.model(), spec)
-    _perturb(cm)
+    add_noise(cm.store.parameters(), scale=NOISE)
     cm.save_adapters(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["target_modules"] == ["model.layers.1.self_attn.q_proj"]
@@ -317,7 +298,7 @@ def test_layers_and_exclusions_are_saved_as_the_chosen_paths(tmp_path):
     assert set(saved) == {
         f"base_model.model.model.layers.1.self_attn.q_proj.road_{n}" for n in ("theta", "alpha")
     }
-    loaded = _peft_load(entry, tmp_path)
+    loaded = peft_loaded(entry.model(), tmp_path)
     x = entry.example()
     torch.testing.assert_close(logits(loaded(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-5)
 

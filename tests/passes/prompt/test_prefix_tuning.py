@@ -13,6 +13,8 @@ from zoo import (
     decode_without_cache,
     generate,
     logits,
+    peft_loaded,
+    peft_model,
     prefix_formula,
     randomize,
     tiny_traced_decoder,
@@ -40,12 +42,7 @@ def _peft_model(kind: str, projection: bool, task: str = "CAUSAL_LM"):
         prefix_projection=projection,
         encoder_hidden_size=7 if projection else None,
     )
-    pm = peft.get_peft_model(ZOO[kind].model(), config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pm.prompt_encoder.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.3)
-    return pm.eval()
+    return peft_model(ZOO[kind].model(), config, seed=0)  # PEFT trains its prompt encoder only
 
 
 def _compiled(model, **fields) -> surgeon.CompiledModel:
@@ -107,7 +104,7 @@ def test_peft_files_load_in_surgeon_and_surgeon_files_in_peft(kind, projection, 
     torch.testing.assert_close(mine.loss, theirs.loss)
 
     cm.save_adapters(tmp_path / "s")
-    back = peft.PeftModel.from_pretrained(ZOO[kind].model(), tmp_path / "s").eval()
+    back = peft_loaded(ZOO[kind].model(), tmp_path / "s")
     assert back.peft_config["default"].prefix_projection == projection
     torch.testing.assert_close(back(**x).logits, mine.logits, rtol=1e-5, atol=1e-5)
 

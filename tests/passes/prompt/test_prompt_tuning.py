@@ -16,6 +16,8 @@ from zoo import (
     decode_without_cache,
     generate,
     logits,
+    peft_loaded,
+    peft_model,
     randomize,
     train_a_few_steps,
 )
@@ -149,7 +151,7 @@ def test_a_left_padded_batch_with_labels_gives_peft_logits_and_loss(kind, tmp_pa
     x = _inputs()
     mine = cm(**x, labels=x["input_ids"])
     cm.save_adapters(tmp_path)
-    pm = peft.PeftModel.from_pretrained(ZOO[kind].model(), tmp_path).eval()
+    pm = peft_loaded(ZOO[kind].model(), tmp_path)
     theirs = pm(**x, labels=x["input_ids"])
     assert mine.logits.shape == (2, N + 6, 96)  # as PEFT: the virtual positions are kept
     torch.testing.assert_close(mine.logits, theirs.logits, rtol=1e-5, atol=1e-5)
@@ -162,9 +164,8 @@ def test_bert_sequence_classification_matches_peft_and_its_file_loads_there(tmp_
     x["token_type_ids"] = torch.zeros_like(x["input_ids"])
     labels = torch.tensor([0, 2])
     mine = cm(**x, labels=labels)
-    pm = peft.get_peft_model(
-        ZOO["bert"].model(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)
-    ).eval()
+    config = peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)
+    pm = peft_model(ZOO["bert"].model(), config, seed=None)
     with torch.no_grad():
         pm.prompt_encoder["default"].embedding.weight.copy_(cm.store.calls["default"].embeddings)
     theirs = pm(**x, labels=labels)
@@ -172,7 +173,7 @@ def test_bert_sequence_classification_matches_peft_and_its_file_loads_there(tmp_
     torch.testing.assert_close(mine.loss, theirs.loss)
     # saved as FEATURE_EXTRACTION: PEFT's SEQ_CLS would want the head in the file too
     cm.save_adapters(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(ZOO["bert"].model(), tmp_path).eval()
+    loaded = peft_loaded(ZOO["bert"].model(), tmp_path)
     assert loaded.peft_config["default"].task_type == "FEATURE_EXTRACTION"
     torch.testing.assert_close(loaded(**x).logits, mine.logits, rtol=1e-5, atol=1e-5)
 

@@ -12,6 +12,8 @@ from zoo import (
     decode_without_cache,
     generate,
     logits,
+    peft_loaded,
+    peft_model,
     prefix_formula,
     randomize,
     tiny_traced_decoder,
@@ -59,7 +61,7 @@ def test_the_encoder_is_an_mlp_of_the_given_width_and_depth(depth):
 
 
 def test_two_layers_are_peft_prefix_projection_and_save_as_it(tmp_path):
-    pm = peft.get_peft_model(
+    pm = peft_model(
         ZOO["gpt2"].model(),
         peft.PrefixTuningConfig(
             task_type="CAUSAL_LM",
@@ -67,14 +69,15 @@ def test_two_layers_are_peft_prefix_projection_and_save_as_it(tmp_path):
             prefix_projection=True,
             encoder_hidden_size=8,
         ),
-    ).eval()
+        seed=None,
+    )
     cm = surgeon.compile(ZOO["gpt2"].model(), surgeon.PTuningV2(N, 8, 2))
     cm.store.calls["default"].encoder.load_state_dict(pm.prompt_encoder["default"].state_dict())
     x = _inputs()
     mine = logits(cm(**x))
     torch.testing.assert_close(mine, logits(pm(**x)), rtol=1e-5, atol=1e-5)
     cm.save_adapters(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(ZOO["gpt2"].model(), tmp_path).eval()
+    loaded = peft_loaded(ZOO["gpt2"].model(), tmp_path)
     config = loaded.peft_config["default"]
     assert (config.peft_type, config.prefix_projection, config.encoder_hidden_size) == (
         "PREFIX_TUNING",

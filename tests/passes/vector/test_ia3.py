@@ -6,14 +6,23 @@ golden rewritten graphs."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output
+from zoo import (
+    ZOO,
+    One,
+    add_noise,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -45,10 +54,7 @@ LAYERS = {
 
 def _perturb(cm, seed: int = 2, scale: float = 0.3) -> None:
     """IA³ vectors start at one; move them around one (randomize() would put them near zero)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in cm.store.parameters():
-            p.add_((torch.randn(p.shape, generator=generator) * scale).to(p.dtype))
+    add_noise(cm.store.parameters(), seed, scale)
 
 
 def _base(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -176,18 +182,6 @@ def _selection(model_name: str, feedforward: bool) -> tuple[tuple[str, ...], tup
     return targets, ff if feedforward else ()
 
 
-def _peft_model(entry, dtype=torch.float32, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(entry.model().to(dtype), peft.IA3Config(**config))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model.eval()
-
-
 def _inputs(entry, dtype=torch.float32):
     x = entry.example()
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
@@ -205,7 +199,7 @@ def test_saved_by_surgeon_loads_in_peft_with_same_outputs(model_name, feedforwar
     cm.save_adapters(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["peft_type"] == "IA3" and config["feedforward_modules"] == list(ff)
-    loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path).eval()
+    loaded = peft_loaded(entry.model(), tmp_path)
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -213,7 +207,8 @@ def test_saved_by_surgeon_loads_in_peft_with_same_outputs(model_name, feedforwar
 def test_saved_by_peft_loads_in_surgeon_with_same_outputs(model_name, feedforward, tmp_path):
     entry = ZOO[model_name]
     targets, ff = _selection(model_name, feedforward)
-    pm = _peft_model(entry, target_modules=list(targets), feedforward_modules=list(ff))
+    config = peft.IA3Config(target_modules=list(targets), feedforward_modules=list(ff))
+    pm = peft_model(entry.model(), config)
     x = entry.example()
     expected = logits(pm(**x))
     pm.save_pretrained(tmp_path)
@@ -228,7 +223,8 @@ def test_saved_by_peft_loads_in_surgeon_with_same_outputs(model_name, feedforwar
 def test_half_precision_matches_peft_exactly(model_name, dtype, tmp_path):
     entry = ZOO[model_name]
     targets, ff = SELECTIONS[model_name]
-    pm = _peft_model(entry, dtype, target_modules=list(targets), feedforward_modules=list(ff))
+    config = peft.IA3Config(target_modules=list(targets), feedforward_modules=list(ff))
+    pm = peft_model(entry.model().to(dtype), config)
     pm.save_pretrained(tmp_path)
     cm = surgeon.load(entry.model().to(dtype), tmp_path)
     (_, adapter), *_ = cm.store.items("default")
@@ -252,7 +248,7 @@ def test_regex_selectors_round_trip_with_peft(tmp_path):
     cm = surgeon.compile(entry.model(), spec)
     _perturb(cm)
     cm.save_adapters(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path).eval()
+    loaded = peft_loaded(entry.model(), tmp_path)
     x = entry.example()
     torch.testing.assert_close(logits(loaded(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-5)
     assert surgeon.load(entry.model(), tmp_path).spec("default") == spec
@@ -268,9 +264,7 @@ def test_layers_and_exclusions_are_saved_so_peft_adapts_the_same_modules(selecti
     cm = surgeon.compile(entry.model(), IA3(**selection))
     _perturb(cm)
     cm.save_adapters(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = peft.PeftModel.from_pretrained(entry.model(), tmp_path).eval()
+    loaded = peft_loaded(entry.model(), tmp_path)
     adapted = {
         n.removeprefix("base_model.model."): m.is_feedforward
         for n, m in loaded.named_modules()

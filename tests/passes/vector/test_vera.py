@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+    randomize,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -39,25 +48,6 @@ TARGETS = {
     "llama": ("q_proj", "v_proj", "down_proj"),
     "bert": ("query", "value", "output.dense"),
 }
-
-
-def _peft_model(entry, dtype=torch.float32, perturb: bool = True, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(entry.model().to(dtype), peft.VeraConfig(**config))
-    if perturb:
-        generator = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model.eval()
-
-
-def _peft_load(entry, path, dtype=torch.float32):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(entry.model().to(dtype), path).eval()
 
 
 def _projections(cm):
@@ -133,7 +123,8 @@ def test_fresh_adapter_equals_peft_init(dtype):
     """Projections and vectors as PEFT builds them (in half precision PEFT rounds them through
     the base dtype before upcasting to float32: so must surgeon, or unsaved projections differ)."""
     entry = ZOO["llama"]
-    pm = _peft_model(entry, dtype, perturb=False, r=4, target_modules=list(TARGETS["llama"]))
+    config = peft.VeraConfig(r=4, target_modules=list(TARGETS["llama"]))
+    pm = peft_model(entry.model().to(dtype), config, seed=None)
     cm = surgeon.compile(entry.model().to(dtype), VeRA(rank=4, targets=TARGETS["llama"]))
     a, b = _projections(cm)
     assert a.dtype == torch.float32
@@ -195,20 +186,20 @@ def test_saved_by_surgeon_loads_in_peft_with_same_outputs(model_name, save_proje
     cm.save_adapters(tmp_path)
     saved = load_file(tmp_path / WEIGHTS_NAME)
     assert ("base_model.vera_A" in saved) is save_projection
-    loaded = _peft_load(entry, tmp_path)
+    loaded = peft_loaded(entry.model(), tmp_path)
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("model_name", "save_projection"), PARITY)
 def test_saved_by_peft_loads_in_surgeon_with_same_outputs(model_name, save_projection, tmp_path):
     entry = ZOO[model_name]
-    pm = _peft_model(
-        entry,
+    config = peft.VeraConfig(
         r=5,
         target_modules=list(TARGETS[model_name]),
         save_projection=save_projection,
         projection_prng_key=11,
     )
+    pm = peft_model(entry.model(), config)
     x = entry.example()
     expected = logits(pm(**x))
     pm.save_pretrained(tmp_path)
@@ -220,13 +211,13 @@ def test_saved_by_peft_loads_in_surgeon_with_same_outputs(model_name, save_proje
 
 def test_saved_projections_are_used_rather_than_redrawn(tmp_path):
     entry = ZOO["llama"]
-    pm = _peft_model(entry, r=4, target_modules=["q_proj", "v_proj"])
+    pm = peft_model(entry.model(), peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     pm.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / WEIGHTS_NAME)
     tensors["base_model.vera_A"] = tensors["base_model.vera_A"].flip(1)  # not what the seed draws
     save_file(tensors, tmp_path / WEIGHTS_NAME)
     x = entry.example()
-    expected = logits(_peft_load(entry, tmp_path)(**x))
+    expected = logits(peft_loaded(entry.model(), tmp_path)(**x))
     cm = surgeon.load(entry.model(), tmp_path)
     assert torch.equal(_projections(cm)[0], tensors["base_model.vera_A"])
     torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-6)
@@ -261,9 +252,10 @@ def test_bad_saved_projections_are_refused_and_leave_the_model(edit, match, tmp_
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_half_precision_matches_peft_exactly(dtype, save_projection, tmp_path):
     entry = ZOO["llama"]
-    pm = _peft_model(
-        entry, dtype, r=4, target_modules=list(TARGETS["llama"]), save_projection=save_projection
+    config = peft.VeraConfig(
+        r=4, target_modules=list(TARGETS["llama"]), save_projection=save_projection
     )
+    pm = peft_model(entry.model().to(dtype), config)
     pm.save_pretrained(tmp_path)
     cm = surgeon.load(entry.model().to(dtype), tmp_path)
     x = entry.example()
@@ -288,7 +280,7 @@ def test_layers_and_exclusions_are_saved_so_peft_adapts_the_same_modules(selecti
     cm.save_adapters(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert "exclude_modules" not in config  # PEFT's VeraConfig has no such field
-    loaded = _peft_load(entry, tmp_path)
+    loaded = peft_loaded(entry.model(), tmp_path)
     adapted = sorted(
         n.removeprefix("base_model.model.")
         for n, m in loaded.named_modules()
