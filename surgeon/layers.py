@@ -36,6 +36,19 @@ def layer_kind(layer: nn.Module) -> str | None:
     return None
 
 
+def is_norm(layer: nn.Module) -> bool:
+    """A layer or RMS norm with a learned scale: torch's LayerNorm and RMSNorm, or a model's own
+    class named so (LlamaRMSNorm, T5LayerNorm) holding only its ``weight`` and ``bias``. LN tuning
+    adapts these, so tracing keeps them as calls instead of inlining their arithmetic."""
+    if isinstance(layer, (nn.LayerNorm, nn.RMSNorm)):
+        return isinstance(getattr(layer, "weight", None), nn.Parameter)
+    name = type(layer).__name__
+    if not name.endswith(("LayerNorm", "RMSNorm")) or next(layer.children(), None) is not None:
+        return False
+    own = dict(layer.named_parameters(recurse=False))
+    return "weight" in own and set(own) <= {"weight", "bias"} and not dict(layer.named_buffers())
+
+
 def in_out_features(layer: nn.Module) -> tuple[int, int]:
     """Input and output features (channels) of a Linear, a convolution or GPT-2's Conv1D."""
     if isinstance(layer, nn.Linear):

@@ -100,6 +100,11 @@ class MethodSpec(metaclass=ValidatingMeta):
     acts_on_call: ClassVar[bool] = False
     """Whether the method acts on the model call (`create_call_adapter`) instead of on layers."""
 
+    stacks: ClassVar[bool] = True
+    """Whether several adapters of this method can run one layer together; where not (LN
+    tuning: a norm runs with one adapter's parameters), running so is a `SpecError` (each may
+    still serve its own rows of a mixed batch)."""
+
     pattern_fields: ClassVar[tuple[str, ...]] = ()
     """Fields mapping PEFT-style module patterns to per-layer values (LoRA's rank_pattern):
     every key must match a targeted layer."""

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from surgeon.layers import gpt2_conv1d_type
+from surgeon.layers import gpt2_conv1d_type, is_norm
 
 _PRIMITIVES = (int, float, bool, str, type(None))
 PYTHON_VALUES = (bool, int, float, str, torch.dtype, torch.device)
@@ -78,14 +78,17 @@ class Unsound(Exception):
 
 
 class RegionTracer(fx.Tracer):
-    """An FX tracer that keeps adaptable layers as opaque ``call_module`` leaves."""
+    """An FX tracer that keeps adaptable layers (and norms, which LN tuning adapts) as opaque
+    ``call_module`` leaves."""
 
     def __init__(self, leaf_types: tuple[type, ...]) -> None:
         super().__init__()
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, self.leaf_types) or is_norm(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def adaptable_types() -> tuple[type, ...]:

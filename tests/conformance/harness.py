@@ -39,15 +39,18 @@ from surgeon.spec import METHODS, MethodSpec
 
 TESTS = Path(__file__).resolve().parent.parent
 MODELS: dict[str, ZooEntry] = {
-    **{name: ZOO[name] for name in ("mlp", "cnn", "llama")},
+    **{name: ZOO[name] for name in ("mlp", "cnn")},
+    "llama": dataclasses.replace(
+        ZOO["llama"], targets=(*ZOO["llama"].targets, "input_layernorm", "post_attention_layernorm")
+    ),
     # GPT-2's token embedding is tied to its output head (merging refuses it): the embedding
     # model covers embeddings
-    "gpt2": dataclasses.replace(ZOO["gpt2"], targets=("c_attn", "c_fc")),
+    "gpt2": dataclasses.replace(ZOO["gpt2"], targets=("c_attn", "c_fc", "ln_1", "ln_2")),
     "embedding": EMBEDDING,
 }
 """The models every method runs on, with the layers it may target in each: a small MLP, a conv
-net, an embedding model, a tiny Llama and a tiny GPT-2 (whose attention and MLP are
-``Conv1D``)."""
+net, an embedding model, a tiny Llama (RMSNorm) and a tiny GPT-2 (whose attention and MLP are
+``Conv1D``; LayerNorm). A method takes the names whose every layer it supports."""
 CALL_MODELS = ("llama", "gpt2")
 """Where methods acting on the model call run (they need a transformers model)."""
 

@@ -341,6 +341,10 @@ def test_several_adapters_active_on_one_layer(case: Case, tmp_path):
     cm.set_active(["a"])
     only_a = output(cm, x)
     cm.set_active(["a", "b"])
+    if not case.cls.stacks:
+        with pytest.raises(surgeon.SpecError, match=r"'a'.*'b'"):  # naming both
+            output(cm, x)
+        return
     both = output(cm, x)
     _assert_changed(both, only_a)
     if has_peft(case):
