@@ -1,2 +1,3 @@
 """Methods that train vectors only: IA³ (scales of activations), VeRA (scales around frozen
-random projections) and DVoRA (VeRA's update under DoRA's magnitude and direction)."""
+random projections), DVoRA (VeRA's update under DoRA's magnitude and direction), BEFT and BitFit
+(biases), LN tuning (the norms' weights and biases)."""
