@@ -31,7 +31,8 @@ Method
   - HRA: ``HRAConfig(r=8)``; RoAd: ``RoadConfig(variant="road_1")``;
   - PSOFT: ``PsoftConfig(r=32)``; OSF: ``OSFConfig()`` (PEFT's default effective rank). The
     regularisers and OSF's gradient projection are not part of the loss or step here (the loss
-    is computed outside the model on both sides).
+    is computed outside the model on both sides);
+  - BEFT: ``BeftConfig`` on q,v; LN tuning: ``LNTuningConfig`` on every RMSNorm.
 * Same weights on both sides: PEFT builds its model (``get_peft_model``), every trainable
   parameter gets seeded Gaussian noise (std 0.02) added so the adapters are not the identity,
   the adapter is written with ``save_pretrained`` and surgeon reads it back with
@@ -97,6 +98,7 @@ ATOL = 1e-4
 NOISE = 0.02
 QV = ["q_proj", "v_proj"]
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
+NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]
 
 
 FULL = Reps(warmup=5, forward=150, train=50)
@@ -116,6 +118,8 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
     "RoAd": lambda: peft.RoadConfig(variant="road_1", target_modules=QV),
     "PSOFT": lambda: peft.PsoftConfig(r=32, target_modules=QV),
     "OSF": lambda: peft.OSFConfig(target_modules=QV),
+    "BEFT": lambda: peft.BeftConfig(target_modules=QV),
+    "LN tuning": lambda: peft.LNTuningConfig(target_modules=NORMS),
 }
 """Method -> PEFT config; surgeon's side is whatever ``surgeon.load`` reads from its save."""
 
