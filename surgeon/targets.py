@@ -98,14 +98,14 @@ def select_targets(
     if unsupported and (not isinstance(targets, str) or targets not in PRESETS):
         shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in unsupported[:3])
         raise SpecError(
-            f"{owner}.targets={_show(targets)} matches {shown}{' ...' if len(unsupported) > 3 else ''}, "
+            f"{owner}.targets={show_selector(targets)} matches {shown}{' ...' if len(unsupported) > 3 else ''}, "
             f"which {owner} cannot adapt; target the layers inside instead"
         )
     selected = [p for p in matched if p not in set(unsupported)]
     if not selected:  # a preset whose every layer the method cannot adapt
         kinds = ", ".join(sorted({type(modules[p]).__name__ for p in unsupported}))
         raise SpecError(
-            f"{owner}.targets={_show(targets)} selects only layers {owner} cannot adapt "
+            f"{owner}.targets={show_selector(targets)} selects only layers {owner} cannot adapt "
             f"({kinds}); name the layers to adapt instead"
         )
     if layers is not None:
@@ -125,10 +125,12 @@ def select_targets(
         ]
         if len(kept) == len(selected):
             raise SpecError(
-                f"{owner}.exclude={_show(exclude)} matches none of the targeted modules"
+                f"{owner}.exclude={show_selector(exclude)} matches none of the targeted modules"
             )
         if not kept:
-            raise SpecError(f"{owner}.exclude={_show(exclude)} excludes every targeted module")
+            raise SpecError(
+                f"{owner}.exclude={show_selector(exclude)} excludes every targeted module"
+            )
         selected = kept
     return selected
 
@@ -163,7 +165,8 @@ def _hint(word: str, paths: Sequence[str]) -> str:
     return f"; module names include: {', '.join(sample)}"
 
 
-def _show(selector: str | Sequence[str]) -> str:
+def show_selector(selector: str | Sequence[str]) -> str:
+    """A target selector as error messages show it (a name or pattern, or a list of them)."""
     return repr(selector) if isinstance(selector, str) else repr(list(selector))
 
 

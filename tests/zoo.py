@@ -491,6 +491,12 @@ def randomize(cm: Any, seed: int = 2, scale: float = 0.1) -> None:
             )
 
 
+def graph_code(cm: Any, path: str = "") -> str:
+    """The code of the graph of region ``path`` (the whole model: ``""``) without its header
+    line, for comparing with a golden graph."""
+    return cm.graph.code(path).split("\n", 1)[1].strip()
+
+
 def add_noise(params: Iterable[torch.Tensor], seed: int = 2, scale: float = 0.2) -> None:
     """Add seeded Gaussian noise to ``params``, drawn in float32 in the order given and cast to
     each one's dtype: a fresh adapter often computes nothing (B = 0) and would hide bugs, and

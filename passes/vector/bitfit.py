@@ -35,7 +35,7 @@ from surgeon.errors import SpecError
 from surgeon.layers import adapter_dtype, layer_kind
 from surgeon.peft import PeftFormat, selection_keys
 from surgeon.spec import MethodSpec
-from surgeon.targets import PRESETS, select_targets
+from surgeon.targets import PRESETS, select_targets, show_selector
 
 ALL_BIASES = "all-biases"
 """BitFit's own preset: every layer of the model with a bias that BitFit adapts."""
@@ -99,7 +99,7 @@ class BitFit(MethodSpec):
             if unbiased:
                 shown = ", ".join(unbiased[:3]) + (" ..." if len(unbiased) > 3 else "")
                 raise SpecError(
-                    f"{owner}.targets={_show(self.targets)} matches layers without a bias "
+                    f"{owner}.targets={show_selector(self.targets)} matches layers without a bias "
                     f"({shown}): BitFit trains bias terms only; target layers with a bias or "
                     f"exclude these"
                 )
@@ -118,10 +118,6 @@ class BitFit(MethodSpec):
 
     def create_layer(self, layer: nn.Module, path: str) -> BitFitLayer:
         return BitFitLayer(layer)
-
-
-def _show(selector: str | tuple[str, ...]) -> str:
-    return repr(selector) if isinstance(selector, str) else repr(list(selector))
 
 
 class BitFitLayer(AdapterLayer):

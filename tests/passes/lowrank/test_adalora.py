@@ -19,6 +19,7 @@ from zoo import (
     ZOO,
     One,
     gpt2_conv1d,
+    graph_code,
     load_with_changed_config,
     logits,
     peft_loaded,
@@ -564,24 +565,20 @@ def forward(self, input):
     return to_1"""
 
 
-def _code(cm, path):
-    return cm.graph.code(path).split("\n", 1)[1].strip()
-
-
 def test_golden_graph_of_a_whole_model_region_with_dropout():
     """Λ times the scale is one r-vector multiplying the rank-r intermediate (8 / (4 + 1e-5))."""
     spec = _spec(alpha=8, targets=("head",), dropout=0.1)
-    assert _code(surgeon.compile(ZOO["mlp"].model(), spec), "") == GOLDEN_MLP
+    assert graph_code(surgeon.compile(ZOO["mlp"].model(), spec), "") == GOLDEN_MLP
 
 
 def test_golden_graph_of_a_conv2d_as_two_convolutions():
     """Q as an r-channel kernel with the layer's stride and padding, then P as a 1x1 kernel."""
     spec = _spec(initial_rank=3, alpha=6, targets=("conv1",))
-    assert GOLDEN_CNN_CONV1 in _code(surgeon.compile(ZOO["cnn"].model(), spec), "")
+    assert GOLDEN_CNN_CONV1 in graph_code(surgeon.compile(ZOO["cnn"].model(), spec), "")
 
 
 def test_golden_graph_of_a_bfloat16_leaf():
     cm = surgeon.compile(
         ZOO["llama"].model().to(torch.bfloat16), _spec(initial_rank=2, target_rank=1, alpha=4)
     )
-    assert _code(cm, "model.layers.0.self_attn.v_proj") == GOLDEN_LEAF_BF16
+    assert graph_code(cm, "model.layers.0.self_attn.v_proj") == GOLDEN_LEAF_BF16

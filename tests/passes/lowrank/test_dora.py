@@ -12,7 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, logits, peft_loaded, peft_model, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    gpt2_conv1d,
+    graph_code,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+    randomize,
+)
 
 import surgeon
 from surgeon.io import WEIGHTS_NAME, method_from_peft_config
@@ -417,25 +427,21 @@ def forward(self, input):
     return to"""
 
 
-def _code(cm, path):
-    return cm.graph.code(path).split("\n", 1)[1].strip()
-
-
 def test_golden_graph_of_a_linear_with_bias_and_dropout():
     cm = surgeon.compile(ZOO["mlp"].model(), DoRA(rank=4, alpha=8, targets=("head",), dropout=0.1))
-    assert _code(cm, "") == GOLDEN_MLP
+    assert graph_code(cm, "") == GOLDEN_MLP
 
 
 def test_golden_graph_of_a_convolution():
     cm = surgeon.compile(ZOO["cnn"].model(), DoRA(rank=2, alpha=8, targets=("conv1",)))
-    assert GOLDEN_CONV in _code(cm, "")
+    assert GOLDEN_CONV in graph_code(cm, "")
 
 
 def test_golden_graph_of_a_half_precision_embedding():
     cm = surgeon.compile(
         ZOO["llama"].model().to(torch.bfloat16), DoRA(rank=2, alpha=8, targets=("embed_tokens",))
     )
-    assert _code(cm, "model.embed_tokens") == GOLDEN_EMBEDDING_BF16
+    assert graph_code(cm, "model.embed_tokens") == GOLDEN_EMBEDDING_BF16
 
 
 @pytest.mark.parametrize("order", [("dora", "lora"), ("lora", "dora")])

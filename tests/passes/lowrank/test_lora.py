@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, plain_output, randomize
+from zoo import ZOO, One, gpt2_conv1d, graph_code, plain_output, randomize
 
 import surgeon
 
@@ -177,22 +177,18 @@ def forward(self, input):
     return add"""
 
 
-def _code(cm, path):
-    return cm.graph.code(path).split("\n", 1)[1].strip()
-
-
 def test_golden_graph_of_a_whole_model_region_with_dropout():
     cm = surgeon.compile(
         ZOO["mlp"].model(), surgeon.LoRA(rank=4, alpha=8, targets=("head",), dropout=0.1)
     )
-    assert _code(cm, "") == GOLDEN_MLP
+    assert graph_code(cm, "") == GOLDEN_MLP
 
 
 def test_golden_graph_of_a_leaf_region():
     cm = surgeon.compile(
         ZOO["llama"].model(), surgeon.LoRA(rank=2, alpha=8, targets=("embed_tokens",))
     )
-    assert _code(cm, "model.embed_tokens") == GOLDEN_LEAF
+    assert graph_code(cm, "model.embed_tokens") == GOLDEN_LEAF
 
 
 def test_graph_shows_no_adapter_nodes_when_merged_or_disabled():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, One, plain_output
+from zoo import ZOO, One, graph_code, plain_output
 
 import surgeon
 from surgeon.passes.lycoris.loha import LoHa
@@ -227,15 +227,11 @@ def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
     return fc"""
 
 
-def _code(cm, path):
-    return cm.graph.code(path).split("\n", 1)[1].strip()
-
-
 def test_golden_graph_factored_linear_with_dropouts():
     spec = LoHa(rank=2, alpha=4, targets=("body.3",), rank_dropout=0.1, module_dropout=0.2)
-    assert _code(surgeon.compile(ZOO["mlp"].model(), spec), "") == GOLDEN_FACTORED
+    assert graph_code(surgeon.compile(ZOO["mlp"].model(), spec), "") == GOLDEN_FACTORED
 
 
 def test_golden_graph_materialised_effective_conv():
     spec = LoHa(rank=2, alpha=4, targets=("conv1",), effective_conv=True)
-    assert _code(surgeon.compile(ZOO["cnn"].model(), spec), "") == GOLDEN_MATERIALISED_CONV
+    assert graph_code(surgeon.compile(ZOO["cnn"].model(), spec), "") == GOLDEN_MATERIALISED_CONV

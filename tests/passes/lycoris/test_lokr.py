@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, One, logits, peft_loaded, plain_output, randomize
+from zoo import ZOO, One, graph_code, logits, peft_loaded, plain_output, randomize
 
 import surgeon
 from surgeon.passes.lycoris.lokr import LoKr, factorization
@@ -377,18 +377,14 @@ def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
     return fc"""
 
 
-def _code(cm, path):
-    return cm.graph.code(path).split("\n", 1)[1].strip()
-
-
 def test_golden_graph_kronecker_linear():
     spec = LoKr(rank=1, alpha=2, factor=4, targets=("head", "body.3"), decompose_both=True)
-    assert _code(surgeon.compile(ZOO["mlp"].model(), spec), "") == GOLDEN_LINEAR
+    assert graph_code(surgeon.compile(ZOO["mlp"].model(), spec), "") == GOLDEN_LINEAR
 
 
 def test_golden_graph_kronecker_conv_and_materialised_conv1d():
     spec = LoKr(rank=8, alpha=4, targets=("conv1", "seq"))
-    assert _code(surgeon.compile(ZOO["cnn"].model(), spec), "") == GOLDEN_CONV
+    assert graph_code(surgeon.compile(ZOO["cnn"].model(), spec), "") == GOLDEN_CONV
 
 
 # -- with the rest of the compiler --------------------------------------------------------------

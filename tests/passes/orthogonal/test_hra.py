@@ -19,6 +19,7 @@ from zoo import (
     ZOO,
     One,
     gpt2_conv1d,
+    graph_code,
     load_with_changed_config,
     logits,
     peft_loaded,
@@ -562,7 +563,7 @@ def _graph_of_two(layer: nn.Module) -> str:
     spec = HRA(rank=2, targets=("layer",))
     cm = surgeon.compile(One(layer), surgeon.Spec({"a": spec, "b": spec}))
     cm.set_active(["a", "b"])
-    return cm.graph.code().split("\n", 1)[1].strip()
+    return graph_code(cm)
 
 
 def test_golden_graph_where_the_last_adapter_reflects_the_input_first():

@@ -17,6 +17,7 @@ from zoo import (
     One,
     add_noise,
     gpt2_conv1d,
+    graph_code,
     load_with_changed_config,
     logits,
     peft_loaded,
@@ -369,18 +370,14 @@ def forward(self, x):
     return down_proj"""
 
 
-def _code(cm, path):
-    return cm.graph.code(path).split("\n", 1)[1].strip()
-
-
 def test_golden_graph_scales_one_output_and_one_input():
     cm = surgeon.compile(ZOO["mlp"].model(), IA3(targets=("body.0", "head"), feedforward=("head",)))
-    assert _code(cm, "") == GOLDEN_MLP
+    assert graph_code(cm, "") == GOLDEN_MLP
 
 
 def test_golden_graph_of_a_bfloat16_feed_forward_input():
     cm = surgeon.compile(ZOO["llama"].model().to(torch.bfloat16), IA3())
-    assert _code(cm, "model.layers.0.mlp") == GOLDEN_LLAMA_MLP_BF16
+    assert graph_code(cm, "model.layers.0.mlp") == GOLDEN_LLAMA_MLP_BF16
 
 
 @pytest.mark.parametrize(

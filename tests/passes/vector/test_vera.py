@@ -17,6 +17,7 @@ from zoo import (
     ZOO,
     One,
     gpt2_conv1d,
+    graph_code,
     load_with_changed_config,
     logits,
     peft_loaded,
@@ -399,18 +400,14 @@ def forward(self, input):
     return to_1"""
 
 
-def _code(cm, path):
-    return cm.graph.code(path).split("\n", 1)[1].strip()
-
-
 def test_golden_graph_of_a_whole_model_region_with_dropout():
     cm = surgeon.compile(ZOO["mlp"].model(), VeRA(rank=4, targets=("head",), dropout=0.1))
-    assert _code(cm, "") == GOLDEN_MLP
+    assert graph_code(cm, "") == GOLDEN_MLP
 
 
 def test_golden_graph_of_a_bfloat16_leaf_and_its_projection_slices():
     cm = surgeon.compile(ZOO["llama"].model().to(torch.bfloat16), VeRA(rank=4))
-    assert _code(cm, "model.layers.0.self_attn.v_proj") == GOLDEN_LEAF_BF16
+    assert graph_code(cm, "model.layers.0.self_attn.v_proj") == GOLDEN_LEAF_BF16
     # the graph reads views of the shared projections cut to this layer (16 of 32 outputs)
     holder = cm.graph.regions[
         [r.path for r in cm.graph.regions].index("model.layers.0.self_attn.v_proj")
