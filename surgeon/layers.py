@@ -1,5 +1,7 @@
-"""What methods need to know about the layers they adapt: which kind a layer is, its sizes,
-the dtype adapters take on it, and how to put back a layer whose storage changed."""
+"""What methods need to know about the layers they adapt: which kind a layer is (norms
+included), its sizes, the dtype adapters take on it, how to put back a layer whose storage
+changed, and the weight math of methods that rescale ``W + ΔW`` by a learned magnitude (DoRA,
+DVoRA)."""
 
 from __future__ import annotations
 
