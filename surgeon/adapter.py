@@ -204,6 +204,11 @@ class Cached(nn.Module):
             self._kept = kept = (self._key(), value)  # computing may write a source (a clamp)
         return kept[1]
 
+    def forget(self) -> None:
+        """Drop the kept value (merged, the graph no longer reads it: memory need not keep a
+        full-size matrix)."""
+        self._kept = None
+
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in self.sources()
@@ -233,6 +238,9 @@ def merge_layers(layers: Sequence[AdapterLayer]) -> list[AdapterLayer]:
         layer.prepare_merge()
     for layer in order:
         layer.merge()
+        for module in layer.modules():
+            if isinstance(module, Cached):
+                module.forget()
     return order
 
 

@@ -850,7 +850,8 @@ class Dispatcher(nn.Module):
             if variant is None:
                 seen = self.region.dynamic.get(key)
                 self.region.dynamic[key], dynamic = grown_dynamic(seen, call_tensors(args, kwargs))
-                variant = specialise(self.module, self.leaf_types, args, kwargs, dynamic)
+                with buffers_kept(self.module):
+                    variant = specialise(self.module, self.leaf_types, args, kwargs, dynamic)
                 if not variant.holds(variant.inputs(args, kwargs)):
                     raise Unsound("the guards of the traced graph do not hold for its own call")
                 _share(shared_key, variant)
@@ -882,17 +883,20 @@ class Dispatcher(nn.Module):
 
     def _check(self, variant: Variant, args: tuple, kwargs: dict[str, Any]) -> None:
         """Run a variant and the module's own forward on copies of any objects passed in, from
-        the same random state, and refuse the variant if they disagree (a trace can miss a
-        Python decision, an isinstance on a traced tensor say). Nothing real is touched."""
+        the same random state and buffers, and refuse the variant if they disagree (a trace can
+        miss a Python decision, an isinstance on a traced tensor say). Nothing real is touched."""
         values = variant.inputs(args, kwargs)
         devices = sorted({t.device for v in values for t in input_tensors(v) if t.is_cuda}, key=str)
         start = _rng_state(devices)
         token = _CHECKING.set(True)
         try:
+            holder = self._rewrite(variant).holder
             with torch.no_grad():
-                got = self._run(variant, variant.inputs(*_copy_objects(args, kwargs)))
+                with buffers_kept(self.module, holder):
+                    got = self._run(variant, variant.inputs(*_copy_objects(args, kwargs)))
                 _set_rng_state(devices, start)
-                expected = self._own_forward(*_copy_objects(args, kwargs))
+                with buffers_kept(self.module, holder):
+                    expected = self._own_forward(*_copy_objects(args, kwargs))
         finally:
             _CHECKING.reset(token)
             _set_rng_state(devices, start)
@@ -900,12 +904,36 @@ class Dispatcher(nn.Module):
         if mismatch:
             raise Unsound(f"the traced graph disagrees with the module's own forward: {mismatch}")
 
-    def _run(self, variant: Variant, values: list[Any]) -> Any:
+    def _rewrite(self, variant: Variant) -> Any:
         rewrite = self.rewrites.get(id(variant))
         if rewrite is None:
             rewrite = self.rewrites[id(variant)] = self.build(variant.graph)
             self.region.base, self.region.graph = variant.graph, rewrite.graph
+        return rewrite
+
+    def _run(self, variant: Variant, values: list[Any]) -> Any:
+        rewrite = self._rewrite(variant)
         return rewrite.holder.run(rewrite.holder, *values)
+
+
+@contextlib.contextmanager
+def buffers_kept(*roots: nn.Module) -> Iterator[None]:
+    """Every buffer under ``roots`` as it was on entry, on exit: tracing a call and checking the
+    trace run the forward, which must not count as calls (BatchNorm's running statistics, a
+    layer's own noise generator). A buffer a forward replaces is put back, not only its values."""
+    modules = {id(m): m for root in roots for m in root.modules()}.values()
+    kept = [
+        (m, dict(m._buffers), {n: b.clone() for n, b in m._buffers.items() if b is not None})
+        for m in modules
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers, values in kept:
+                module._buffers.update(buffers)
+                for name, value in values.items():
+                    buffers[name].copy_(value)
 
 
 def _with_signature_of(forward: Callable) -> Callable:

@@ -171,3 +171,23 @@ def test_hotswap_refuses_a_different_shape_and_keeps_the_adapter(pair, tmp_path)
     with pytest.raises(surgeon.SpecError, match=r"differs from adapter 'a' in alpha, rank"):
         cm.hotswap_adapter(tmp_path / "new", "a")
     torch.testing.assert_close(logits(cm(**entry.example())), before)
+
+
+def test_merging_drops_values_kept_for_eval():
+    """A value an adapter keeps between eval calls (DoRA's weight norm here) is not read while
+    merged: merging lets memory go of it, and unmerged calls compute it again."""
+    from surgeon.adapter import Cached
+
+    entry = ZOO["llama"]
+    cm = surgeon.compile(entry.model(), surgeon.DoRA(rank=4, targets=("q_proj", "v_proj"))).eval()
+    add_noise(p for n, p in cm.named_parameters() if p.requires_grad)
+    x = entry.example()
+    with torch.no_grad():
+        before = logits(cm(**x))
+    caches = [m for m in cm.modules() if isinstance(m, Cached)]
+    assert caches and all(c._kept is not None for c in caches)
+    cm.merge()
+    assert all(c._kept is None for c in caches)
+    cm.unmerge()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(cm(**x)), before, rtol=1e-5, atol=1e-5)

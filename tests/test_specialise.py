@@ -246,6 +246,29 @@ def _kwargs_pair(rule: str) -> list:
     return _compiled_both(lambda: KwargsNet(rule), surgeon.LoRA(targets=("fc1", "fc2")))
 
 
+class NormedBlock(nn.Module):
+    """``**kwargs`` (specialised) around a BatchNorm, whose running statistics count calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.norm = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.norm(self.fc(x))
+
+
+def test_tracing_and_checking_a_call_do_not_count_as_calls():
+    """The trace and its check run the forward; buffers it updates are put back, so the first
+    call in training leaves BatchNorm's statistics as plain regions leave them."""
+    cm, plain = _compiled_both(NormedBlock, surgeon.LoRA(targets=("fc",)), train=True)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(cm(x), plain(x), rtol=0, atol=1e-6)
+    assert cm.graph.traced()
+    assert int(cm.model.norm.num_batches_tracked) == int(plain.model.norm.num_batches_tracked) == 1
+    torch.testing.assert_close(cm.model.norm.running_mean, plain.model.norm.running_mean)
+
+
 def test_a_branch_on_sizes_is_guarded():
     cm, plain = _kwargs_pair("shape")
     for length in (3, 7, 2, 9):
