@@ -8,6 +8,7 @@ naming the owner, the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -71,6 +72,24 @@ def check_number(
         lo = f"{'>=' if low_inclusive else '>'} {low}"
         hi = f" and {'<=' if high_inclusive else '<'} {high}" if high is not None else ""
         raise SpecError(f"{owner}.{field}={value!r}: expected a number {lo}{hi}")
+    return value
+
+
+def check_finite(owner: str, field: str, value: Any) -> float:
+    """Any finite number, zero and negative ones included (a scale PEFT takes as it is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{owner}.{field}={value!r}: expected a finite number")
+    return value
+
+
+SEEDS = (-(2**63), 2**64 - 1)
+"""The seeds `torch.Generator.manual_seed` takes."""
+
+
+def check_seed(owner: str, field: str, value: Any) -> int:
+    low, high = SEEDS
+    if not is_int(value) or not low <= value <= high:
+        raise SpecError(f"{owner}.{field}={value!r}: expected an integer from {low} to {high}")
     return value
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from surgeon.compiled import CompiledModel
 
 
@@ -18,6 +21,27 @@ class Row:
     params: int
     region: str
     active: bool
+
+
+def _shared_row(
+    cm: CompiledModel, name: str, layers: list[tuple[str, nn.Module]], holders: Counter
+) -> list[Row]:
+    """One row for the parameters several of an adapter's layers share (VB-LoRA's bank,
+    UniLoRA's θ_d), counted once rather than on every layer."""
+    shared = {id(p): p for _, layer in layers for p in layer.parameters() if holders[id(p)] > 1}
+    if not shared:
+        return []
+    return [
+        Row(
+            target=f"(shared by {max(holders[i] for i in shared)} layers)",
+            method=cm.spec(name).name,
+            adapter=name,
+            rank=None,
+            params=sum(p.numel() for p in shared.values()),
+            region="-",
+            active=name in cm.active,
+        )
+    ]
 
 
 @dataclass
@@ -37,20 +61,24 @@ class Report:
     def of(cls, cm: CompiledModel) -> Report:
         rows = []
         for name in cm.adapters:
-            for path, layer in cm.store.items(name):
+            layers = list(cm.store.items(name))
+            holders = Counter(id(p) for _, layer in layers for p in layer.parameters())
+            for path, layer in layers:
                 method = "copy" if layer.method == "copy" else cm.spec(name).name
                 region = cm.graph.region_of(path)
+                own = (p for p in layer.parameters() if holders[id(p)] == 1)
                 rows.append(
                     Row(
                         target=path,
                         method=method,
                         adapter=name,
                         rank=getattr(layer, "rank", None),
-                        params=sum(p.numel() for p in layer.parameters()),
+                        params=sum(p.numel() for p in own),
                         region=(region.path or "<root>") if region is not None else "-",
                         active=name in cm.active,
                     )
                 )
+            rows += _shared_row(cm, name, layers, holders)
             if (call := cm.store.call(name)) is not None:
                 params = sum(p.numel() for p in call.parameters())
                 rows.append(

@@ -127,7 +127,7 @@ def fill_adapter(
     base_params = dict(model.named_parameters())
     for pname in base_trainable:
         wanted[PREFIX + pname] = base_params[pname]
-    found = {_normalise_key(k): v for k, v in tensors.items()}
+    found = {_normalise_key(k): v for k, v in method.peft_tensors_from_file(tensors).items()}
     missing = sorted(set(wanted) - set(found))
     extra = {k: v for k, v in found.items() if k not in wanted}
     extra_base = {

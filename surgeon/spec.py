@@ -207,6 +207,14 @@ class MethodSpec(metaclass=ValidatingMeta):
         """Adapter-wide tensors (not under one layer's path), by their full PEFT key."""
         return {}
 
+    def peft_tensors_from_file(
+        self, tensors: Mapping[str, torch.Tensor]
+    ) -> Mapping[str, torch.Tensor]:
+        """A file's tensors (by full PEFT key) in the form this method's layers hold: a method
+        whose files may keep a compact form (VB-LoRA's top-k indices and weights) expands it
+        here, before a load matches keys and shapes."""
+        return tensors
+
     def to_peft_config(self, paths: Sequence[str] = ()) -> dict[str, Any]:
         """This spec as PEFT's adapter_config.json fields (``paths``: the layers it adapted)."""
         if self.peft_format is None:

@@ -206,6 +206,17 @@ def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
     return default
 
 
+def pattern_entry(
+    name: str, patterns: Mapping[str, Any], path: str, default: Any
+) -> tuple[str, Any]:
+    """`pattern_value` with the field it came from, for an error to name: ``name`` or
+    ``<name>_pattern[key]``."""
+    for key, value in patterns.items():
+        if matches_pattern_key(key, path):
+            return f"{name}_pattern[{key!r}]", value
+    return name, default
+
+
 def check_pattern_keys(
     owner: str, field: str, patterns: Mapping[str, Any], paths: Sequence[str]
 ) -> None:

@@ -168,6 +168,16 @@ def test_inspect_table_lists_targets():
     assert len(report.rows) == 2 and report.breaks
 
 
+def test_inspect_counts_parameters_layers_share_once():
+    """VB-LoRA's bank serves every layer: it is one row of its own, and the rows add up to the
+    trainable count."""
+    spec = surgeon.VBLoRA(rank=2, num_vectors=4, vector_length=4, targets=("body.0", "body.3"))
+    cm = surgeon.compile(ZOO["mlp"].model(), spec)
+    rows = cm.inspect().rows
+    assert [r.target for r in rows][-1] == "(shared by 2 layers)" and rows[-1].params == 4 * 4
+    assert sum(r.params for r in rows) == cm.num_trainable()
+
+
 def test_graph_views():
     _, cm = _compiled("mlp", targets=("head",))
     g = cm.graph.to_networkx()
