@@ -120,6 +120,19 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
     "OSF": lambda: peft.OSFConfig(target_modules=QV),
     "BEFT": lambda: peft.BeftConfig(target_modules=QV),
     "LN tuning": lambda: peft.LNTuningConfig(target_modules=NORMS),
+    "FourierFT": lambda: peft.FourierFTConfig(n_frequency=1000, scaling=150.0, target_modules=QV),
+    "WaveFT": lambda: peft.WaveFTConfig(n_frequency=2592, target_modules=QV),
+    "C3A": lambda: peft.C3AConfig(block_size=16, target_modules=QV),
+    "MiSS": lambda: peft.MissConfig(r=16, target_modules=QV),
+    "MiSS bat": lambda: peft.MissConfig(r=16, init_weights="bat", target_modules=QV),
+    "HiRA": lambda: peft.HiraConfig(r=8, target_modules=QV),
+    "GLoRA": lambda: peft.GloraConfig(r=8, target_modules=QV),
+    "DEFT": lambda: peft.DeftConfig(r=8, target_modules=QV),
+    "GraLoRA": lambda: peft.GraloraConfig(r=8, alpha=16, gralora_k=2, target_modules=QV),
+    "PVeRA": lambda: peft.PveraConfig(r=64, target_modules=QV),
+    "DeLoRA": lambda: peft.DeloraConfig(r=8, target_modules=QV),
+    "VB-LoRA": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=64, target_modules=QV),
+    "UniLoRA": lambda: peft.UniLoraConfig(r=4, theta_d_length=4096, target_modules=QV),
 }
 """Method -> PEFT config; surgeon's side is whatever ``surgeon.load`` reads from its save."""
 
