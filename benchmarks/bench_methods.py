@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_methods.py            # full run (about 1-2 minutes on 2 CPU cores)
     python benchmarks/bench_methods.py --quick    # smoke run, few repetitions
     python benchmarks/bench_methods.py --json results.json
+    python benchmarks/bench_methods.py --methods FourierFT,C3A   # only these rows
 
 Every ratio is surgeon / PEFT: lower is better, 1.0 is parity.
 
@@ -33,6 +34,12 @@ Method
     regularisers and OSF's gradient projection are not part of the loss or step here (the loss
     is computed outside the model on both sides);
   - BEFT: ``BeftConfig`` on q,v; LN tuning: ``LNTuningConfig`` on every RMSNorm.
+  - FourierFT ``n_frequency=1000, scaling=150``; WaveFT ``n_frequency=2592``; C3A
+    ``block_size=16`` (4,096 parameters per layer, LoRA r=8's); MiSS ``r=16`` (also
+    ``init_weights="bat"``); HiRA ``r=8``; GLoRA ``r=8``; DEFT ``r=8``; GraLoRA ``r=8,
+    alpha=16, gralora_k=2``; PVeRA ``r=64``; DeLoRA ``r=8``; VB-LoRA ``r=4, num_vectors=256,
+    vector_length=64``; UniLoRA ``r=4, theta_d_length=4096``; SHiRA ``r=8``; Super-Tuning
+    ``sparsity=0.99, r=8``.
 * Same weights on both sides: PEFT builds its model (``get_peft_model``), every trainable
   parameter gets seeded Gaussian noise (std 0.02) added so the adapters are not the identity,
   the adapter is written with ``save_pretrained`` and surgeon reads it back with
@@ -133,6 +140,8 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
     "DeLoRA": lambda: peft.DeloraConfig(r=8, target_modules=QV),
     "VB-LoRA": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=64, target_modules=QV),
     "UniLoRA": lambda: peft.UniLoraConfig(r=4, theta_d_length=4096, target_modules=QV),
+    "SHiRA": lambda: peft.ShiraConfig(r=8, target_modules=QV),
+    "Super-Tuning": lambda: peft.SupertuningConfig(sparsity=0.99, r=8, target_modules=QV),
 }
 """Method -> PEFT config; surgeon's side is whatever ``surgeon.load`` reads from its save."""
 
@@ -204,7 +213,19 @@ def against_lora(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return benchmark_parser(__doc__).parse_args(argv)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument(
+        "--methods",
+        type=lambda text: text.split(","),
+        default=list(METHODS),
+        metavar="NAME,...",
+        help="only these rows of METHODS (the comparison against LoRA needs LoRA, DoRA and OFT)",
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,21 +237,22 @@ def main(argv: list[str] | None = None) -> None:
     plain = small_llama(state)
     rows: list[Row] = []
     kept: dict[str, nn.Module] = {}
-    for name, config in METHODS.items():
-        ours, theirs = make_pair(state, config())
+    for name in args.methods:
+        ours, theirs = make_pair(state, METHODS[name]())
         check_equivalent(ours, theirs, plain, inputs, name)
         rows.append(
             progress(f"[{name}]", method_row, name, ours, theirs, inputs, labels, reps, lm_loss)
         )
         if name in ("LoRA", *AGAINST_LORA):
             kept[f"surgeon {name}"], kept[f"peft {name}"] = ours, theirs
-    versus = progress("[against LoRA]", against_lora, kept, inputs, reps)
+    compared = len(kept) == 2 * (1 + len(AGAINST_LORA))
+    versus = progress("[against LoRA]", against_lora, kept, inputs, reps) if compared else {}
     elapsed = time.perf_counter() - start
 
     print()
     print(f"surgeon vs PEFT, batch {BATCH}, seq {SEQ}, ratio = median paired surgeon / PEFT")
     print(rows_table(rows))
-    for name in AGAINST_LORA:
+    for name in AGAINST_LORA if compared else ():
         print(
             f"{name} / LoRA unmerged forward: surgeon {versus[f'surgeon {name}']:.2f} "
             f"(goal <= 1.3), PEFT {versus[f'peft {name}']:.2f}"
