@@ -39,7 +39,8 @@ Method
     ``init_weights="bat"``); HiRA ``r=8``; GLoRA ``r=8``; DEFT ``r=8``; GraLoRA ``r=8,
     alpha=16, gralora_k=2``; PVeRA ``r=64``; DeLoRA ``r=8``; VB-LoRA ``r=4, num_vectors=256,
     vector_length=64``; UniLoRA ``r=4, theta_d_length=4096``; SHiRA ``r=8``; Super-Tuning
-    ``sparsity=0.99, r=8``.
+    ``sparsity=0.99, r=8``; PEANuT ``r=8, depth=1``; RandLoRA ``r=32``; TinyLoRA ``r=2,
+    u=64``; FRoD with PEFT's defaults.
 * Same weights on both sides: PEFT builds its model (``get_peft_model``), every trainable
   parameter gets seeded Gaussian noise (std 0.02) added so the adapters are not the identity,
   the adapter is written with ``save_pretrained`` and surgeon reads it back with
@@ -142,6 +143,10 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
     "UniLoRA": lambda: peft.UniLoraConfig(r=4, theta_d_length=4096, target_modules=QV),
     "SHiRA": lambda: peft.ShiraConfig(r=8, target_modules=QV),
     "Super-Tuning": lambda: peft.SupertuningConfig(sparsity=0.99, r=8, target_modules=QV),
+    "PEANuT": lambda: peft.PeanutConfig(r=8, depth=1, target_modules=QV),
+    "RandLoRA": lambda: peft.RandLoraConfig(r=32, target_modules=QV),
+    "TinyLoRA": lambda: peft.TinyLoraConfig(r=2, u=64, target_modules=QV),
+    "FRoD": lambda: peft.FrodConfig(progressbar=False, target_modules=QV),
 }
 """Method -> PEFT config; surgeon's side is whatever ``surgeon.load`` reads from its save."""
 

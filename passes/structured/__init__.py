@@ -1,4 +1,5 @@
 """Methods whose weight update has a fixed structure other than a plain low-rank product: MiSS
 (one shared shard repeated over the weight), HiRA (the base weight times a low-rank product,
 element-wise), GLoRA (a generalised prompt, scale and shift of weight and bias), DEFT (a
-projection away from the base weight plus an injection) and GraLoRA (a grid of small LoRAs)."""
+projection away from the base weight plus an injection), GraLoRA (a grid of small LoRAs)
+and PEANuT (a small network applied to the base weight)."""
