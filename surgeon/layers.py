@@ -116,6 +116,52 @@ class DropoutCorrection(nn.Module):
         return torch.addcmul(out, factor - 1, self.base_without_bias(dropped - x))
 
 
+class UpdateFromOriginalWeight:
+    """Merge and unmerge for adapter layers whose update is a function of the base weight
+    itself (HiRA's ``W0 ⊙ BA``, PEANuT's network of ``W0``). A mixin before the layer's adapter
+    class; the layer gives ``update_from(w0)``: ``ΔW`` from the weight ``w0``, in the adapter's
+    dtype.
+
+    The update is taken from the weight as the unmerged graph sees it: as it was before any
+    adapter of the same merge folded in (`prepare_merge` keeps a CPU copy). Unmerging puts the
+    weight from before this adapter merged back, bit for bit (dividing the update out would
+    not be exact)."""
+
+    _pending: tuple[torch.Tensor, tuple] | None = None
+    _restore: torch.Tensor | None = None
+
+    @staticmethod
+    def _written(weight: torch.Tensor) -> tuple:
+        """What tells whether a weight was written since (its version counter and storage)."""
+        return weight._version, weight.data_ptr(), weight.device
+
+    @torch.no_grad()
+    def prepare_merge(self) -> None:
+        weight = self.base.weight
+        self._pending = (weight.detach().to("cpu", copy=True), self._written(weight))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        weight = self.base.weight
+        pending, self._pending = self._pending, None
+        unchanged = pending is not None and pending[1] == self._written(weight)
+        # nothing folded in since prepare_merge: the weight is W0 and its copy the one to restore
+        w0 = pending[0].to(weight.device) if pending is not None and not unchanged else weight
+        self._restore = pending[0] if unchanged else weight.detach().to("cpu", copy=True)
+        # in the weight's dtype, as PEFT merges: W + ΔW rounded to it
+        weight.add_(self.update_from(w0).to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._restore is None:
+            raise RuntimeError(f"{type(self).__name__}.unmerge() without a merge() before it")
+        self.base.weight.copy_(self._restore)
+        self._restore = None
+
+    def unload(self, requantize: bool = False) -> None:
+        self._restore = None
+
+
 class WeightDecomposed:
     """Merge and unmerge for adapter layers whose adapted weight is ``m ⊙ V / ‖V‖`` per output
     feature, ``V = W + ΔW`` (DoRA over LoRA's update, DVoRA over VeRA's). A mixin before the

@@ -47,7 +47,12 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, Cached, EmitContext
 from surgeon.checks import check_choice, check_int, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import in_out_features, layer_kind, through_base_dtype
+from surgeon.layers import (
+    UpdateFromOriginalWeight,
+    in_out_features,
+    layer_kind,
+    through_base_dtype,
+)
 from surgeon.peft import BOOL_OR_STRING, INT, MAPPING, NUMBER, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -180,12 +185,7 @@ def _factor_shapes(base: nn.Module, kind: str, rank: int) -> tuple[tuple[int, ..
     return (rank, fan_in), (fan_out, rank)
 
 
-def _state(weight: torch.Tensor) -> tuple:
-    """What tells whether a weight was written since (its version counter and storage)."""
-    return weight._version, weight.data_ptr(), weight.device
-
-
-class HiRALayer(AdapterLayer):
+class HiRALayer(UpdateFromOriginalWeight, AdapterLayer):
     """``hira_A`` and ``hira_B`` of one layer; float32 over a half-precision base (rounded
     through the base dtype first, as PEFT keeps them)."""
 
@@ -204,8 +204,6 @@ class HiRALayer(AdapterLayer):
         # W0 ⊙ B A as the adapted part's matmul or convolution reads it: recomputed on every
         # training call, kept in eval until W0, A or B change
         self.effective_weight = Cached(self.effective_weight_now, self._sources)
-        self._pending: tuple[torch.Tensor, tuple] | None = None  # W0 and its state, for merge
-        self._restore: torch.Tensor | None = None  # the weight before this adapter merged
 
     # -- weight math -----------------------------------------------------------------------------
 
@@ -219,6 +217,10 @@ class HiRALayer(AdapterLayer):
         in the adapter's dtype: merging adds ``W0 ⊙`` this."""
         product = self._product()
         return product.t() if self.kind in ("conv1d_gpt2", "embedding") else product
+
+    def update_from(self, w0: torch.Tensor) -> torch.Tensor:
+        """What merging adds: ``W0 ⊙ B A`` in the weight's dtype, as PEFT merges."""
+        return w0 * self.modulation().to(w0.dtype)
 
     def _sources(self) -> tuple:
         return (self.base.weight, self.hira_A, self.hira_B)
@@ -260,36 +262,6 @@ class HiRALayer(AdapterLayer):
         a_rows = ctx.call(F.embedding, ids, ctx.method("t", ctx.attr("hira_A", self.hira_A)))
         modulation = ctx.call(F.linear, a_rows, ctx.attr("hira_B", self.hira_B))
         return ctx.call(torch.mul, rows, modulation)
-
-    # -- merging ---------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def prepare_merge(self) -> None:
-        # the graph multiplies by the weight as it is now; adapters merged before this one in
-        # the same merge change it
-        weight = self.base.weight
-        self._pending = (weight.detach().to("cpu", copy=True), _state(weight))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        weight = self.base.weight
-        pending, self._pending = self._pending, None
-        unchanged = pending is not None and pending[1] == _state(weight)
-        # nothing folded in since prepare_merge: the weight is W0 and its copy the one to restore
-        w0 = pending[0].to(weight.device) if pending is not None and not unchanged else weight
-        self._restore = pending[0] if unchanged else weight.detach().to("cpu", copy=True)
-        # in the weight's dtype, as PEFT merges: W + W0 ⊙ (B A) rounded to it
-        weight.add_(w0 * self.modulation().to(weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._restore is None:
-            raise RuntimeError("HiRALayer.unmerge() without a merge() before it")
-        self.base.weight.copy_(self._restore)
-        self._restore = None
-
-    def unload(self, requantize: bool = False) -> None:
-        self._restore = None
 
     @property
     def peft_names(self) -> dict[str, str]:

@@ -44,7 +44,12 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, Cached, EmitContext
 from surgeon.checks import check_choice, check_finite, check_int
-from surgeon.layers import in_out_features, layer_kind, through_base_dtype
+from surgeon.layers import (
+    UpdateFromOriginalWeight,
+    in_out_features,
+    layer_kind,
+    through_base_dtype,
+)
 from surgeon.peft import BOOL, INT, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -184,12 +189,7 @@ def peft_draws(out_features: int, rank: int, depth: int, init: str) -> list[torc
     return tensors
 
 
-def _state(weight: torch.Tensor) -> tuple:
-    """What tells whether a weight was written since (its version counter and storage)."""
-    return weight._version, weight.data_ptr(), weight.device
-
-
-class PEANuTLayer(AdapterLayer):
+class PEANuTLayer(UpdateFromOriginalWeight, AdapterLayer):
     """``peanut_A``, the encoders, the decoders and ``peanut_B`` of one Linear; float32 over a
     half-precision base (rounded through the base dtype first, as PEFT keeps them)."""
 
@@ -215,8 +215,6 @@ class PEANuTLayer(AdapterLayer):
         # ΔW as F.linear takes it: recomputed on every training call, kept in eval until W0 or
         # a factor changes
         self.update_weight = Cached(self.update_weight_now, self._sources)
-        self._pending: tuple[torch.Tensor, tuple] | None = None  # W0 and its state, for merge
-        self._restore: torch.Tensor | None = None  # the weight before this adapter merged
 
     # -- weight math -----------------------------------------------------------------------------
 
@@ -259,36 +257,6 @@ class PEANuTLayer(AdapterLayer):
         # PEFT rounds the float32 update to the output's dtype, then adds
         update = ctx.method("to", update, base_dtype) if cast else update
         return ctx.call(torch.add, base_out, update)
-
-    # -- merging ---------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def prepare_merge(self) -> None:
-        # the graph applies the network to the weight as it is now; adapters merged before this
-        # one in the same merge change it
-        weight = self.base.weight
-        self._pending = (weight.detach().to("cpu", copy=True), _state(weight))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        weight = self.base.weight
-        pending, self._pending = self._pending, None
-        unchanged = pending is not None and pending[1] == _state(weight)
-        # nothing folded in since prepare_merge: the weight is W0 and its copy the one to restore
-        w0 = pending[0].to(weight.device) if pending is not None and not unchanged else weight
-        self._restore = pending[0] if unchanged else weight.detach().to("cpu", copy=True)
-        # in the weight's dtype, as PEFT merges: W + ΔW rounded to it
-        weight.add_(self.update_from(w0).to(weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._restore is None:
-            raise RuntimeError("PEANuTLayer.unmerge() without a merge() before it")
-        self.base.weight.copy_(self._restore)
-        self._restore = None
-
-    def unload(self, requantize: bool = False) -> None:
-        self._restore = None
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"peanut_A.weight": self.peanut_A, "peanut_B.weight": self.peanut_B}
