@@ -198,6 +198,7 @@ class CompiledModel(nn.Module):
                 f"adapter {name!r}: expected a method such as surgeon.LoRA(...), got {type(method).__name__}"
             )
         paths = method.select(self.model)
+        _check_weights_have_values(method, self.model, paths)
         copies = copy_paths(self.model, method, paths)
         restore = method.snapshot_base(self.model, paths)
         with _unchanged_on_error(self.model, [restore]):
@@ -601,6 +602,18 @@ class CompiledModel(nn.Module):
         if activate or (activate is None and not self._active):
             self._active = (*self._active, name)
         self._recompile()
+
+
+def _check_weights_have_values(method: MethodSpec, model: nn.Module, paths: Sequence[str]) -> None:
+    if not method.shapes_from_weight_values:
+        return
+    for path in paths:
+        weight = getattr(model.get_submodule(path), "weight", None)
+        if weight is not None and weight.is_meta:
+            raise SpecError(
+                f"{type(method).__name__} on {path}: its shapes come from the weight's values, "
+                f"which the meta device does not hold; compile it on the loaded weights"
+            )
 
 
 @contextlib.contextmanager

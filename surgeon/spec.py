@@ -105,6 +105,11 @@ class MethodSpec(metaclass=ValidatingMeta):
     tuning: a norm runs with one adapter's parameters), running so is a `SpecError` (each may
     still serve its own rows of a mixed batch)."""
 
+    shapes_from_weight_values: ClassVar[bool] = False
+    """Whether the adapter's parameter shapes come from the base weights' values (AdaMSS's
+    clusters of W's singular vectors): such a method cannot be built on the meta device, and
+    trying is a `SpecError` naming the layer."""
+
     pattern_fields: ClassVar[tuple[str, ...]] = ()
     """Fields mapping PEFT-style module patterns to per-layer values (LoRA's rank_pattern):
     every key must match a targeted layer."""
