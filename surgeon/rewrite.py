@@ -148,6 +148,8 @@ def _emit_adapters(
             out = adapter.emit(ctx, layer_input, out)
             inserted.update(ctx.inserted)
     base.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
+    if not base.users:  # an adapter computed the layer's whole output itself (FRoD alone)
+        graph.erase_node(base)
 
 
 def _context(

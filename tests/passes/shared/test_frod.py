@@ -12,6 +12,7 @@ from torch import nn
 from zoo import (
     ZOO,
     One,
+    graph_code,
     load_with_changed_config,
     logits,
     peft_loaded,
@@ -96,6 +97,18 @@ def test_a_fresh_adapter_rebuilds_the_weight():
     for path, layer in _layers(cm).items():
         weight = model.get_submodule(path).weight
         torch.testing.assert_close(layer.adapted_weight(torch.float32), weight)
+
+
+def test_alone_the_rebuilt_weight_replaces_the_base_call_in_the_graph():
+    """One FRoD adapter computes ``W' x + b`` itself: the base layer's own call, whose result
+    nothing reads, is not in the graph (PEFT skips it too); stacked, the base output is used."""
+    entry = ZOO["mlp"]
+    alone = surgeon.compile(entry.model(), FRoD(targets=("head",)))
+    assert "self.head(" not in graph_code(alone)
+    stacked = surgeon.compile(entry.model(), surgeon.LoRA(rank=2, targets=("head",)))
+    stacked.add_adapter("frod", FRoD(targets=("head",)))
+    stacked.set_active(["default", "frod"])
+    assert "self.head(" in graph_code(stacked)
 
 
 # -- files ----------------------------------------------------------------------------------------
