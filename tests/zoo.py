@@ -497,6 +497,20 @@ def graph_code(cm: Any, path: str = "") -> str:
     return cm.graph.code(path).split("\n", 1)[1].strip()
 
 
+def count_calls(monkeypatch: Any, owner: Any, name: str) -> list:
+    """Patch ``owner.name`` (a class's method or an object's callable) to record each call in
+    the returned list and then run as before: how often a cached value is really built."""
+    calls: list = []
+    original = getattr(owner, name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def add_noise(params: Iterable[torch.Tensor], seed: int = 2, scale: float = 0.2) -> None:
     """Add seeded Gaussian noise to ``params``, drawn in float32 in the order given and cast to
     each one's dtype: a fresh adapter often computes nothing (B = 0) and would hide bugs, and

@@ -16,6 +16,7 @@ from zoo import (
     ZOO,
     One,
     add_noise,
+    count_calls,
     gpt2_conv1d,
     graph_code,
     load_with_changed_config,
@@ -180,15 +181,7 @@ def test_half_precision_matches_peft_exactly_both_ways(dtype, tmp_path):
 
 @pytest.fixture
 def counted(monkeypatch):
-    calls = []
-    scaled_a_now = DeLoRALayer.scaled_a_now
-
-    def counting(self):
-        calls.append(self)
-        return scaled_a_now(self)
-
-    monkeypatch.setattr(DeLoRALayer, "scaled_a_now", counting)
-    return calls
+    return count_calls(monkeypatch, DeLoRALayer, "scaled_a_now")
 
 
 def test_inference_scales_a_once_until_a_parameter_changes(counted):

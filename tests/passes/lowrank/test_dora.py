@@ -15,6 +15,7 @@ from torch import nn
 from zoo import (
     ZOO,
     One,
+    count_calls,
     gpt2_conv1d,
     graph_code,
     logits,
@@ -258,15 +259,7 @@ def test_merge_in_half_precision_is_undone_up_to_rounding():
 @pytest.fixture
 def counted(monkeypatch):
     """Counts how often a DoRA norm is computed."""
-    calls = []
-    compute = DoRALayer.weight_norm_now
-
-    def counting(self):
-        calls.append(self)
-        return compute(self)
-
-    monkeypatch.setattr(DoRALayer, "weight_norm_now", counting)
-    return calls
+    return count_calls(monkeypatch, DoRALayer, "weight_norm_now")
 
 
 def test_eval_mode_computes_the_norm_once_until_a_weight_changes(counted):

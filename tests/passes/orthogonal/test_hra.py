@@ -18,6 +18,7 @@ from torch import nn
 from zoo import (
     ZOO,
     One,
+    count_calls,
     gpt2_conv1d,
     graph_code,
     load_with_changed_config,
@@ -401,15 +402,7 @@ def test_surgeon_train_adds_the_regulariser_as_a_hand_written_loop_does():
 
 @pytest.fixture
 def counted(monkeypatch):
-    calls = []
-    factors = HRALayer.factors
-
-    def counting(self):
-        calls.append(self)
-        return factors(self)
-
-    monkeypatch.setattr(HRALayer, "factors", counting)
-    return calls
+    return count_calls(monkeypatch, HRALayer, "factors")
 
 
 def test_inference_builds_the_factors_once_until_hra_u_changes(counted):

@@ -17,6 +17,7 @@ from zoo import (
     ZOO,
     One,
     add_noise,
+    count_calls,
     gpt2_conv1d,
     graph_code,
     load_with_changed_config,
@@ -282,9 +283,7 @@ def test_eval_keeps_the_kernel_spectrum_until_the_kernels_change(monkeypatch):
     torch.manual_seed(0)
     cm = surgeon.compile(One(nn.Linear(8, 12)), C3A(block_size=4, targets=("layer",)))
     ((_, adapter),) = cm.store.items("default")
-    built = []
-    build = adapter.spectrum.compute
-    monkeypatch.setattr(adapter.spectrum, "compute", lambda: built.append(1) or build())
+    built = count_calls(monkeypatch, adapter.spectrum, "compute")
     x = torch.randn(3, 8)
     cm.eval()
     with torch.no_grad():

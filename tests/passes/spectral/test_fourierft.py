@@ -17,6 +17,7 @@ from zoo import (
     ZOO,
     One,
     add_noise,
+    count_calls,
     gpt2_conv1d,
     graph_code,
     load_with_changed_config,
@@ -196,9 +197,7 @@ def test_eval_keeps_the_update_until_the_coefficients_change(monkeypatch):
     torch.manual_seed(0)
     cm = surgeon.compile(One(nn.Linear(8, 6)), FourierFT(n_frequency=12, targets=("layer",)))
     ((_, adapter),) = cm.store.items("default")
-    built = []
-    build = adapter.update.compute
-    monkeypatch.setattr(adapter.update, "compute", lambda: built.append(1) or build())
+    built = count_calls(monkeypatch, adapter.update, "compute")
     x = torch.randn(4, 8)
     cm.eval()
     with torch.no_grad():

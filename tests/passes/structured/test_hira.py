@@ -21,6 +21,7 @@ from zoo import (
     EMBEDDING,
     ZOO,
     One,
+    count_calls,
     gpt2_conv1d,
     graph_code,
     load_with_changed_config,
@@ -224,15 +225,7 @@ def test_peft_init_weights_values_read_as_peft_uses_them(value, init, tmp_path):
 @pytest.fixture
 def counted(monkeypatch):
     """Counts how often an effective weight ``W0 ⊙ B A`` is built."""
-    calls = []
-    build = HiRALayer.effective_weight_now
-
-    def counting(self):
-        calls.append(self)
-        return build(self)
-
-    monkeypatch.setattr(HiRALayer, "effective_weight_now", counting)
-    return calls
+    return count_calls(monkeypatch, HiRALayer, "effective_weight_now")
 
 
 @torch.no_grad()

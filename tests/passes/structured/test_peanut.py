@@ -19,6 +19,7 @@ from torch import nn
 from zoo import (
     ZOO,
     One,
+    count_calls,
     gpt2_conv1d,
     graph_code,
     load_with_changed_config,
@@ -253,15 +254,7 @@ def test_half_precision_outputs_and_merged_weights_are_peft_s_exactly(dtype, tmp
 @pytest.fixture
 def counted(monkeypatch):
     """Counts how often the update ΔW is built from W0."""
-    calls = []
-    build = PEANuTLayer.update_weight_now
-
-    def counting(self):
-        calls.append(self)
-        return build(self)
-
-    monkeypatch.setattr(PEANuTLayer, "update_weight_now", counting)
-    return calls
+    return count_calls(monkeypatch, PEANuTLayer, "update_weight_now")
 
 
 @torch.no_grad()

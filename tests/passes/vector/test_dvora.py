@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    count_calls,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    plain_output,
+    randomize,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -172,15 +181,7 @@ def test_the_norm_gets_no_gradient(make):
 @pytest.fixture
 def counted(monkeypatch):
     """Counts how often a DVoRA norm is computed."""
-    calls = []
-    compute = DVoRALayer.weight_norm_now
-
-    def counting(self):
-        calls.append(self)
-        return compute(self)
-
-    monkeypatch.setattr(DVoRALayer, "weight_norm_now", counting)
-    return calls
+    return count_calls(monkeypatch, DVoRALayer, "weight_norm_now")
 
 
 def test_eval_mode_computes_the_norm_once_until_what_it_depends_on_changes(counted):
