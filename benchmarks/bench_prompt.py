@@ -20,6 +20,9 @@ Method
     (a saved file holds only the folded prefixes). Both run the encoder while training; under
     ``torch.no_grad`` surgeon reuses its folded prefixes, PEFT (not in inference mode) runs the
     encoder on every call.
+  - P-tuning: ``PromptEncoderConfig`` with the MLP encoder and with the LSTM encoder
+    (``encoder_hidden_size=256``, 2 LSTM layers); surgeon compiles ``PTuning`` alike and copies
+    PEFT's encoder weights (the same caveat on folding under ``torch.no_grad``).
 * Same weights on both sides; trainable parameters get seeded Gaussian noise (std 0.3) first.
   Equivalence is checked before any timing (the script aborts otherwise): same logits within
   atol 1e-4, and the adapters move them by more than that.
@@ -80,6 +83,10 @@ def peft_configs() -> dict[str, peft.PeftConfig]:
         "prefix + projection": peft.PrefixTuningConfig(
             **common, prefix_projection=True, encoder_hidden_size=256
         ),
+        "p-tuning mlp": peft.PromptEncoderConfig(**common, encoder_hidden_size=256),
+        "p-tuning lstm": peft.PromptEncoderConfig(
+            **common, encoder_hidden_size=256, encoder_reparameterization_type="LSTM"
+        ),
     }
 
 
@@ -94,11 +101,33 @@ def make_pair(
         ours.store.calls["default"].encoder.load_state_dict(
             theirs.prompt_encoder["default"].state_dict()
         )
+    elif isinstance(config, peft.PromptEncoderConfig):
+        ours = surgeon.compile(small_llama(state), ptuning_spec(config))
+        copy_prompt_encoder(theirs.prompt_encoder["default"], ours.store.calls["default"])
     else:
         with tempfile.TemporaryDirectory() as tmp:
             theirs.save_pretrained(tmp)
             ours = surgeon.load(small_llama(state), tmp)
     return ours.eval(), theirs.eval()
+
+
+def ptuning_spec(config: peft.PromptEncoderConfig) -> surgeon.PTuning:
+    kind = getattr(
+        config.encoder_reparameterization_type, "value", config.encoder_reparameterization_type
+    )
+    kind = str(kind).lower()
+    return surgeon.PTuning(TOKENS, kind, config.encoder_hidden_size, config.encoder_num_layers)
+
+
+def copy_prompt_encoder(theirs: nn.Module, ours: nn.Module) -> None:
+    """PEFT's P-tuning encoder weights into ours: the names match once PEFT's embedding and MLP
+    prefix are mapped (its LSTM variant keeps both heads' names)."""
+    state = theirs.state_dict()
+    lstm = any(k.startswith("lstm_head.") for k in state)
+    mapped = {"embeddings": state.pop("embedding.weight")}
+    for key, value in state.items():
+        mapped["head." + (key if lstm else key.removeprefix("mlp_head."))] = value
+    ours.load_state_dict(mapped)
 
 
 def check_equivalent(ours: nn.Module, theirs: nn.Module, plain: nn.Module, inputs, label) -> None:

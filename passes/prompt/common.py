@@ -142,6 +142,18 @@ def check_file_sizes(
             )
 
 
+def input_embeddings(model: nn.Module, owner: str) -> nn.Embedding:
+    """The model's input embedding table; prompt methods prepend to what it returns."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    if not isinstance(embeddings, nn.Embedding) or not accepts(model, "inputs_embeds"):
+        raise SpecError(
+            f"{owner}: the model needs get_input_embeddings() (an nn.Embedding) and an "
+            f"inputs_embeds argument, as transformers models have; {type(model).__name__} has not"
+        )
+    return embeddings
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     embeddings = getattr(model, "get_input_embeddings", None)
     weight = getattr(embeddings(), "weight", None) if callable(embeddings) else None

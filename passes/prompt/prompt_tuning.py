@@ -31,11 +31,11 @@ from surgeon.passes.prompt.common import (
     IGNORE_INDEX,
     SIZE_KEYS,
     PromptMethod,
-    accepts,
     adapter_factory,
     batch_and_length,
     check_file_sizes,
     extend_mask,
+    input_embeddings,
     peft_sizes,
     prepend,
     prepend_positions,
@@ -119,7 +119,7 @@ class PromptTuning(PromptMethod):
 
     def create_call_adapter(self, model: nn.Module, graph: Graph, from_file: bool) -> PromptAdapter:
         owner = type(self).__name__
-        embeddings = _input_embeddings(model, owner)
+        embeddings = input_embeddings(model, owner)
         sizes = peft_sizes(model, owner, embeddings.embedding_dim)
         check_file_sizes(
             getattr(self, "_file_sizes", None), {"token_dim": sizes["token_dim"]}, owner
@@ -172,17 +172,6 @@ class PromptTuning(PromptMethod):
             )
         n = self.num_virtual_tokens
         return (ids * math.ceil(n / len(ids)))[:n]
-
-
-def _input_embeddings(model: nn.Module, owner: str) -> nn.Embedding:
-    getter = getattr(model, "get_input_embeddings", None)
-    embeddings = getter() if callable(getter) else None
-    if not isinstance(embeddings, nn.Embedding) or not accepts(model, "inputs_embeds"):
-        raise SpecError(
-            f"{owner}: the model needs get_input_embeddings() (an nn.Embedding) and an "
-            f"inputs_embeds argument, as transformers models have; {type(model).__name__} has not"
-        )
-    return embeddings
 
 
 class PromptAdapter(CallAdapter):
