@@ -23,6 +23,8 @@ Method
   - P-tuning: ``PromptEncoderConfig`` with the MLP encoder and with the LSTM encoder
     (``encoder_hidden_size=256``, 2 LSTM layers); surgeon compiles ``PTuning`` alike and copies
     PEFT's encoder weights (the same caveat on folding under ``torch.no_grad``).
+  - multitask prompt tuning: ``MultitaskPromptTuningConfig(num_tasks=4, num_ranks=2)``,
+    ``task_ids`` one per row (0..3); surgeon reads PEFT's save.
 * Same weights on both sides; trainable parameters get seeded Gaussian noise (std 0.3) first.
   Equivalence is checked before any timing (the script aborts otherwise): same logits within
   atol 1e-4, and the adapters move them by more than that.
@@ -87,7 +89,15 @@ def peft_configs() -> dict[str, peft.PeftConfig]:
         "p-tuning lstm": peft.PromptEncoderConfig(
             **common, encoder_hidden_size=256, encoder_reparameterization_type="LSTM"
         ),
+        "multitask prompt": peft.MultitaskPromptTuningConfig(**common, num_tasks=4, num_ranks=2),
     }
+
+
+def call_inputs(config: peft.PeftConfig, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs with the method's own call arguments (multitask prompt tuning's task ids)."""
+    if isinstance(config, peft.MultitaskPromptTuningConfig):
+        return {**inputs, "task_ids": torch.arange(BATCH) % config.num_tasks}
+    return inputs
 
 
 def make_pair(
@@ -130,10 +140,12 @@ def copy_prompt_encoder(theirs: nn.Module, ours: nn.Module) -> None:
     ours.load_state_dict(mapped)
 
 
-def check_equivalent(ours: nn.Module, theirs: nn.Module, plain: nn.Module, inputs, label) -> None:
+def check_equivalent(
+    ours: nn.Module, theirs: nn.Module, plain: nn.Module, inputs, base_inputs, label
+) -> None:
     with torch.no_grad():
         a, b = ours(**inputs).logits, theirs(**inputs).logits
-        base = plain(**inputs).logits
+        base = plain(**base_inputs).logits
     if not torch.allclose(a, b, rtol=0, atol=ATOL):
         print(
             f"ABORT: [{label}] logits differ by {(a - b).abs().max().item():.3g}", file=sys.stderr
@@ -164,9 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, config in peft_configs().items():
         ours, theirs = make_pair(state, config)
-        check_equivalent(ours, theirs, plain, inputs, name)
+        method_inputs = call_inputs(config, inputs)
+        check_equivalent(ours, theirs, plain, method_inputs, inputs, name)
         rows.append(
-            progress(f"[{name}]", method_row, name, ours, theirs, inputs, labels, reps, model_loss)
+            progress(
+                f"[{name}]", method_row, name, ours, theirs, method_inputs, labels, reps, model_loss
+            )
         )
     elapsed = time.perf_counter() - start
 

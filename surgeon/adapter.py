@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -285,6 +285,9 @@ class ModelCall:
     model: nn.Module
     kwargs: dict[str, Any]
     prefill: bool
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    """The compiled model's call arguments for the adapters (their `CallAdapter.call_arguments`),
+    which the model itself never sees."""
 
 
 class CallAdapter(nn.Module):
@@ -298,6 +301,10 @@ class CallAdapter(nn.Module):
     """
 
     method: ClassVar[str]
+    call_arguments: ClassVar[tuple[str, ...]] = ()
+    """Keyword arguments of the compiled model's call (and ``generate``) that are this adapter's,
+    not the model's (multitask prompt tuning's ``task_ids``): kept out of the model's call and
+    handed to `transform` as ``call.extras``."""
     target: str = "model call"
     """What ``inspect()`` shows in its target column."""
     where: str = "-"
@@ -332,11 +339,15 @@ class CallAdapter(nn.Module):
 
 
 def transform_call(
-    model: nn.Module, adapters: Sequence[CallAdapter], args: tuple, kwargs: dict[str, Any]
+    model: nn.Module,
+    adapters: Sequence[CallAdapter],
+    args: tuple,
+    kwargs: dict[str, Any],
+    extras: Mapping[str, Any] | None = None,
 ) -> tuple[tuple, dict[str, Any]]:
     """The arguments of a model call after ``adapters`` rewrote them (a forward pre-hook)."""
     named = _by_name(model, args, kwargs)
-    call = ModelCall(model, named, prefill=cached_length(named) == 0)
+    call = ModelCall(model, named, prefill=cached_length(named) == 0, extras=extras or {})
     for adapter in adapters:
         adapter.transform(call)
     return (), call.kwargs

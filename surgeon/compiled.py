@@ -100,26 +100,41 @@ class CompiledModel(nn.Module):
         self._plans: dict[tuple, list] = {}
         self._calls: list[CallAdapter] = []  # the running call adapters (a forward pre-hook)
         self._call_hook = None
+        self._call_extras: dict[str, Any] = {}
 
     # -- passing through to the model ---------------------------------------------------------
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none)
         runs each row through its own adapter in one call."""
-        if adapter_names is None:
-            return self.model(*args, **kwargs)
-        with self._mixed(adapter_names):
-            return self.model(*args, **kwargs)
+        with self._adapter_arguments(kwargs):
+            if adapter_names is None:
+                return self.model(*args, **kwargs)
+            with self._mixed(adapter_names):
+                return self.model(*args, **kwargs)
 
     def generate(
         self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
     ) -> Any:
         """The model's ``generate``, with ``adapter_names`` as in `forward` (greedy and sampling;
         beam search multiplies rows and is refused with a clear error)."""
-        if adapter_names is None:
-            return self.model.generate(*args, **kwargs)
-        with self._mixed(adapter_names):
-            return self.model.generate(*args, **kwargs)
+        with self._adapter_arguments(kwargs):
+            if adapter_names is None:
+                return self.model.generate(*args, **kwargs)
+            with self._mixed(adapter_names):
+                return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _adapter_arguments(self, kwargs: dict[str, Any]) -> Iterator[None]:
+        """Take the running call adapters' own arguments (`CallAdapter.call_arguments`) out of
+        ``kwargs`` and hand them to every model call of the block (each step of ``generate``)."""
+        names = {name for call in self._calls for name in call.call_arguments}
+        extras = {name: kwargs.pop(name) for name in names if name in kwargs}
+        previous, self._call_extras = self._call_extras, extras
+        try:
+            yield
+        finally:
+            self._call_extras = previous
 
     @contextlib.contextmanager
     def _mixed(self, adapter_names: Sequence[str]) -> Iterator[None]:
@@ -283,7 +298,7 @@ class CompiledModel(nn.Module):
     def _transform_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if not self._calls:
             return None
-        return transform_call(module, self._calls, args, kwargs)
+        return transform_call(module, self._calls, args, kwargs, self._call_extras)
 
     def _require(self, name: str) -> None:
         if name not in self.store.specs:

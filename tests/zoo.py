@@ -555,17 +555,28 @@ TEMPERATURE = (
 
 
 def decode_without_cache(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int, sample: bool
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    steps: int,
+    sample: bool,
+    **call_arguments: Any,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """What `generate` computes, run as full forwards without a key/value cache: the oracle for
     cached generation. Returns the sequences and each step's logits; sampling draws from the
-    global RNG as transformers does."""
+    global RNG as transformers does. ``call_arguments`` go to every call (``task_ids``)."""
     eos = model.config.eos_token_id
     ids, mask, step_logits = input_ids, attention_mask, []
     for _ in range(steps):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # generate's positions for padded rows
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+                **call_arguments,
+            )
         step_logits.append(out.logits[:, -1].float())
         scores = step_logits[-1].clone()
         scores[:, eos] = -float("inf")  # min_new_tokens keeps end-of-sequence out
@@ -579,7 +590,12 @@ def decode_without_cache(
 
 
 def generate(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int, sample: bool
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    steps: int,
+    sample: bool,
+    **call_arguments: Any,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``generate`` (with its key/value cache) set up as `decode_without_cache` mirrors it."""
     with torch.no_grad():
@@ -595,6 +611,7 @@ def generate(
             pad_token_id=0,
             output_logits=True,
             return_dict_in_generate=True,
+            **call_arguments,
         )
     return out.sequences, [step.float() for step in out.logits]
 

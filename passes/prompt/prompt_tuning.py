@@ -88,27 +88,7 @@ class PromptTuning(PromptMethod):
         owner = type(self).__name__
         check_int(owner, "num_virtual_tokens", self.num_virtual_tokens)
         check_positive(owner, "init_range", self.init_range)
-        if self.init_text is not None and (
-            not isinstance(self.init_text, str) or not self.init_text
-        ):
-            raise SpecError(
-                f"{owner}.init_text={self.init_text!r}: expected a non-empty string or None"
-            )
-        if self.tokenizer_path is not None and not isinstance(self.tokenizer_path, str):
-            raise SpecError(
-                f"{owner}.tokenizer_path={self.tokenizer_path!r}: expected the path of a local "
-                f"tokenizer folder"
-            )
-        if (self.init_text is None) != (self.tokenizer_path is None):
-            given, missing = (
-                ("init_text", "tokenizer_path")
-                if self.tokenizer_path is None
-                else ("tokenizer_path", "init_text")
-            )
-            raise SpecError(
-                f"{owner}.{missing}=None: {given} is set, and initialising from text needs both "
-                f"init_text and tokenizer_path (a local tokenizer folder)"
-            )
+        check_text_init(self)
 
     @classmethod
     def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
@@ -138,40 +118,70 @@ class PromptTuning(PromptMethod):
     def _initial(self, embeddings: nn.Embedding, like: torch.Tensor) -> torch.Tensor:
         if self.init_text is None:
             return torch.empty_like(like).uniform_(-self.init_range, self.init_range)
-        ids = self._text_ids(embeddings.num_embeddings)
-        index = torch.tensor(ids, dtype=torch.long, device=embeddings.weight.device)
-        return embeddings.weight[index].detach()
+        return text_embeddings(self, embeddings)
 
-    def _text_ids(self, vocab_size: int) -> list[int]:
-        """The tokenized ``init_text``, repeated or cut to ``num_virtual_tokens`` (PEFT's rule)."""
-        owner = type(self).__name__
-        path = Path(self.tokenizer_path)
-        if not path.is_dir():
-            raise SpecError(
-                f"{owner}.tokenizer_path={self.tokenizer_path!r}: not a folder; pass the local "
-                f"folder of a tokenizer saved with save_pretrained (nothing is downloaded)"
-            )
-        from transformers import AutoTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise SpecError(
-                f"{owner}.tokenizer_path={self.tokenizer_path!r}: no tokenizer could be read from "
-                f"it ({str(err).splitlines()[0]})"
-            ) from None
-        ids = list(tokenizer(self.init_text)["input_ids"])
-        if not ids:
-            raise SpecError(f"{owner}.init_text={self.init_text!r}: tokenizes to no tokens")
-        too_big = [i for i in ids if i >= vocab_size]
-        if too_big:
-            raise SpecError(
-                f"{owner}.tokenizer_path={self.tokenizer_path!r}: its token ids (up to "
-                f"{max(too_big)}) do not fit the model's {vocab_size} embeddings; use the "
-                f"model's own tokenizer"
-            )
-        n = self.num_virtual_tokens
-        return (ids * math.ceil(n / len(ids)))[:n]
+def check_text_init(spec: Any) -> None:
+    """``init_text`` and ``tokenizer_path``: both or neither, a text and a local folder."""
+    owner = type(spec).__name__
+    if spec.init_text is not None and (not isinstance(spec.init_text, str) or not spec.init_text):
+        raise SpecError(
+            f"{owner}.init_text={spec.init_text!r}: expected a non-empty string or None"
+        )
+    if spec.tokenizer_path is not None and not isinstance(spec.tokenizer_path, str):
+        raise SpecError(
+            f"{owner}.tokenizer_path={spec.tokenizer_path!r}: expected the path of a local "
+            f"tokenizer folder"
+        )
+    if (spec.init_text is None) != (spec.tokenizer_path is None):
+        given, missing = (
+            ("init_text", "tokenizer_path")
+            if spec.tokenizer_path is None
+            else ("tokenizer_path", "init_text")
+        )
+        raise SpecError(
+            f"{owner}.{missing}=None: {given} is set, and initialising from text needs both "
+            f"init_text and tokenizer_path (a local tokenizer folder)"
+        )
+
+
+def text_embeddings(spec: Any, embeddings: nn.Embedding) -> torch.Tensor:
+    """The model's embeddings of ``spec.init_text`` tokenized by ``spec.tokenizer_path``,
+    repeated or cut to ``spec.num_virtual_tokens`` (PEFT's ``TEXT`` init)."""
+    ids = _text_ids(spec, embeddings.num_embeddings)
+    index = torch.tensor(ids, dtype=torch.long, device=embeddings.weight.device)
+    return embeddings.weight[index].detach()
+
+
+def _text_ids(spec: Any, vocab_size: int) -> list[int]:
+    owner = type(spec).__name__
+    path = Path(spec.tokenizer_path)
+    if not path.is_dir():
+        raise SpecError(
+            f"{owner}.tokenizer_path={spec.tokenizer_path!r}: not a folder; pass the local "
+            f"folder of a tokenizer saved with save_pretrained (nothing is downloaded)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise SpecError(
+            f"{owner}.tokenizer_path={spec.tokenizer_path!r}: no tokenizer could be read from "
+            f"it ({str(err).splitlines()[0]})"
+        ) from None
+    ids = list(tokenizer(spec.init_text)["input_ids"])
+    if not ids:
+        raise SpecError(f"{owner}.init_text={spec.init_text!r}: tokenizes to no tokens")
+    too_big = [i for i in ids if i >= vocab_size]
+    if too_big:
+        raise SpecError(
+            f"{owner}.tokenizer_path={spec.tokenizer_path!r}: its token ids (up to "
+            f"{max(too_big)}) do not fit the model's {vocab_size} embeddings; use the "
+            f"model's own tokenizer"
+        )
+    n = spec.num_virtual_tokens
+    return (ids * math.ceil(n / len(ids)))[:n]
 
 
 class PromptAdapter(CallAdapter):
@@ -204,12 +214,16 @@ class PromptAdapter(CallAdapter):
             embedded = call.model.get_input_embeddings()(kwargs["input_ids"])
         kwargs["input_ids"] = None
         batch, length = batch_and_length({"inputs_embeds": embedded})
-        prompts = self.prompts().to(embedded.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompts = self.batch_prompts(call, batch).to(embedded.dtype)
         kwargs["inputs_embeds"] = torch.cat([prompts, embedded], dim=1)
         extend_mask(kwargs, self.n)
         prepend_positions(kwargs, self.n)
         prepend(kwargs, "labels", self.n, length, IGNORE_INDEX)
         prepend(kwargs, "token_type_ids", self.n, length, 0)
+
+    def batch_prompts(self, call: ModelCall, batch: int) -> torch.Tensor:
+        """(batch, virtual tokens, hidden): every row's prompts."""
+        return self.prompts().unsqueeze(0).expand(batch, -1, -1)
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.embeddings}

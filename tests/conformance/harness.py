@@ -15,7 +15,9 @@ and may define
   ``our_base(model, spec)``: what to do to a fresh model before ours loads a PEFT file into it
   (QLoRA: store it in 4 bits), and ``PEFT_FORWARD_RUNS_FIRST_ACTIVE_ONLY = True`` where PEFT's
   unmerged forward applies only the first of several active adapters (its own bug; its merge
-  folds in all of them, so the check of several adapters compares with PEFT merged).
+  folds in all of them, so the check of several adapters compares with PEFT merged), and
+  ``call_inputs(spec, inputs)``: arguments the method's calls need besides the model's
+  (multitask prompt tuning's ``task_ids``), added to every model input of the suite.
 """
 
 from __future__ import annotations
@@ -127,10 +129,12 @@ class Case:
         return cm
 
     def inputs(self, seed: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-        return {
+        x = {
             k: v.to(dtype) if v.is_floating_point() else v
             for k, v in self.entry.example(seed).items()
         }
+        extra = getattr(card(self.cls), "call_inputs", None)
+        return {**x, **extra(self.spec(), x)} if extra is not None else x
 
 
 LAYERS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
