@@ -17,6 +17,7 @@ from harness import (
     LayerCase,
     card,
     cases,
+    family,
     first_example,
     has_peft,
     is_layer_method,
@@ -36,6 +37,7 @@ from harness import (
 )
 
 import surgeon
+from surgeon.export import lowered
 from surgeon.io import CONFIG_NAME
 from surgeon.peft import REQUIRED
 from surgeon.spec import METHODS, MethodSpec
@@ -269,8 +271,23 @@ def test_compiles_and_runs_on_the_meta_device(case: Case):
     assert out.is_meta and out.shape == output(real, case.inputs()).shape
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", methods(prefer="llama"))
+HALF = ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
+
+
+def _half_precision_cases() -> list:
+    """Every method in both half dtypes. The default lane runs one dtype per method, the two in
+    turn down the registry (both code paths stay in the lane at half the cost); ``-m slow``
+    runs the other."""
+    out = []
+    for index, param in enumerate(methods(prefer="llama")):
+        for turn, (dtype, name) in enumerate(HALF):
+            other = [pytest.mark.slow] if turn != index % len(HALF) else []
+            marks = [*param.marks, *other]
+            out.append(pytest.param(*param.values, dtype, id=f"{param.id}-{name}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("case, dtype", _half_precision_cases())
 def test_half_precision(case: Case, dtype: torch.dtype, tmp_path):
     """Half-precision models run (forward and backward) in their dtype, close to float32 with
     the same adapter; where PEFT's oracle is the plain model, with PEFT's adapter dtypes (its
@@ -305,15 +322,44 @@ def _exported(case: Case) -> bool:
     return is_layer_method(case)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        p
-        if p.values[0].example == first_example(p.values[0].cls)
-        else pytest.param(*p.values, id=p.id, marks=pytest.mark.slow)
-        for p in cases(_exported, first_model=True)
-    ],
-)
+def _export_cases() -> list:
+    """The default lane exports the first example of the first method of each family (a
+    family's methods share their merge and lowering code); ``-m slow`` exports every example of
+    every method. Every method's lowering is checked in the lane without onnx
+    (`test_lowering_runs_the_base_forward_with_the_adapters_folded_in`)."""
+    exported, families = [], set()
+    for param in cases(_exported, first_model=True):
+        (case,) = param.values
+        first_of_family = (
+            case.example == first_example(case.cls) and family(case.cls) not in families
+        )
+        families.add(family(case.cls))
+        marks = [] if first_of_family else [pytest.mark.slow]
+        exported.append(pytest.param(case, id=param.id, marks=[*param.marks, *marks]))
+    return exported
+
+
+@pytest.mark.parametrize("case", methods(_exported))
+def test_lowering_runs_the_base_forward_with_the_adapters_folded_in(case: Case):
+    """What export sees: the plain model's forward (no adapter node runs) with the merged
+    outputs; after it, the compiled model is as it was."""
+    cm = case.compile().eval()
+    x = case.inputs()
+    expected = output(cm, x)
+    ran = []
+    with lowered(cm) as model:  # merging may run the adapter's own modules: not counted
+        hooks = [m.register_forward_hook(lambda m, *_: ran.append(m)) for m in cm.store.modules()]
+        try:
+            folded = output(model, x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    assert not ran, "an adapter module ran in the lowered model"
+    torch.testing.assert_close(folded, expected, **EXACT)
+    torch.testing.assert_close(output(cm, x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", _export_cases())
 def test_the_merged_model_exports_to_onnx_verified(case: Case, tmp_path):
     cm = case.compile().eval()
     x = case.inputs()
