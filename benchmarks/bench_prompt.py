@@ -24,7 +24,8 @@ Method
     (``encoder_hidden_size=256``, 2 LSTM layers); surgeon compiles ``PTuning`` alike and copies
     PEFT's encoder weights (the same caveat on folding under ``torch.no_grad``).
   - multitask prompt tuning: ``MultitaskPromptTuningConfig(num_tasks=4, num_ranks=2)``,
-    ``task_ids`` one per row (0..3); surgeon reads PEFT's save.
+    ``task_ids`` one per row (0..3); surgeon reads PEFT's save;
+  - cartridge: ``CartridgeConfig`` (one frozen token); surgeon reads PEFT's save.
 * Same weights on both sides; trainable parameters get seeded Gaussian noise (std 0.3) first.
   Equivalence is checked before any timing (the script aborts otherwise): same logits within
   atol 1e-4, and the adapters move them by more than that.
@@ -90,6 +91,7 @@ def peft_configs() -> dict[str, peft.PeftConfig]:
             **common, encoder_hidden_size=256, encoder_reparameterization_type="LSTM"
         ),
         "multitask prompt": peft.MultitaskPromptTuningConfig(**common, num_tasks=4, num_ranks=2),
+        "cartridge": peft.CartridgeConfig(**common),
     }
 
 

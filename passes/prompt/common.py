@@ -552,7 +552,7 @@ class PrefixMethod(PromptMethod):
             hidden, depth = size
             n, width = self.num_virtual_tokens, shape.width
             encoder = PrefixEncoder(n, width, hidden, depth, shape.flat, **factory)
-        return PrefixAdapter(
+        return self.make_adapter(
             self.name,
             model,
             shape,
@@ -563,6 +563,10 @@ class PrefixMethod(PromptMethod):
             {**fields, "task_type": task_type(model)},
             **factory,
         )
+
+    def make_adapter(self, *arguments: Any, **factory: Any) -> PrefixAdapter:
+        """The adapter holding the prefixes (`PrefixAdapter`'s arguments)."""
+        return PrefixAdapter(*arguments, **factory)
 
 
 def adapter_factory(model: nn.Module) -> dict[str, Any]:
