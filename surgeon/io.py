@@ -21,6 +21,7 @@ from surgeon.adapter import AdapterLayer, CallAdapter
 from surgeon.checks import check_names
 from surgeon.copies import LayerCopy
 from surgeon.errors import SpecError
+from surgeon.hub import local_folder
 from surgeon.peft import PREFIX
 from surgeon.spec import METHODS, MethodSpec
 
@@ -66,8 +67,16 @@ def method_from_peft_config(config: Any, where: str) -> MethodSpec:
 # -- reading ----------------------------------------------------------------------------------
 
 
-def read_adapter(path: Path) -> tuple[MethodSpec, dict[str, torch.Tensor]]:
-    """The method and tensors of an adapter directory (surgeon- or PEFT-saved)."""
+def adapter_folder(path: str | Path, revision: str | None = None) -> Path:
+    """The adapter directory ``path`` names: a local one, or Hub repo ``path`` (``"org/name"``)
+    with only its two files downloaded."""
+    return local_folder(path, [CONFIG_NAME], weights=[WEIGHTS_NAME], revision=revision)
+
+
+def read_adapter(path: str | Path) -> tuple[MethodSpec, dict[str, torch.Tensor]]:
+    """The method and tensors of an adapter directory (surgeon- or PEFT-saved, local or on the
+    Hub)."""
+    path = adapter_folder(path)
     if not path.exists():
         raise FileNotFoundError(f"adapter directory {path} does not exist")
     if not path.is_dir():
@@ -236,7 +245,15 @@ def atomic_write(final: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode())  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

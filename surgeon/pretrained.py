@@ -1,4 +1,5 @@
-"""`surgeon.from_pretrained`: a transformers checkpoint from a local folder, straight into 4 bits.
+"""`surgeon.from_pretrained`: a transformers checkpoint (a local folder or a Hugging Face Hub repo
+id) straight into 4 bits.
 
 The model is built from its config with every parameter on the meta device (buffers are real:
 rotary tables and the like are computed by the modules themselves). Then the safetensors files are
@@ -21,6 +22,7 @@ from torch import nn
 
 from surgeon.compiled import CompiledModel, compile
 from surgeon.errors import SpecError
+from surgeon.hub import MODEL_WEIGHTS, local_folder
 from surgeon.quant import NF4, install_state, quantizable_paths, quantize_linear
 from surgeon.spec import MethodSpec, Spec, as_spec
 
@@ -36,8 +38,11 @@ def from_pretrained(
     dtype: torch.dtype | str | None = None,
     model_class: type[nn.Module] | None = None,
     name: str = "default",
+    revision: str | None = None,
 ) -> CompiledModel | nn.Module:
-    """Load the transformers model saved in folder ``path`` (``config.json`` + safetensors).
+    """Load the transformers model saved in folder ``path`` (``config.json`` + safetensors), or
+    in Hub repo ``path`` (``"org/name"``, at ``revision``: a branch, tag or commit; only the config
+    and safetensors are downloaded, into huggingface_hub's cache). An existing folder always wins.
 
     ``spec``: a method or `surgeon.Spec` (QLoRA adapters store their layers in 4 bits while
     loading; the spec is compiled in and a `CompiledModel` comes back), an `NF4` (every linear
@@ -46,7 +51,7 @@ def from_pretrained(
     it); default the compute dtype of the 4-bit storage, else the checkpoint's dtype.
     ``model_class``: default the first of the config's ``architectures``.
     """
-    folder = Path(path)
+    folder = local_folder(path, ["config.json"], weights=MODEL_WEIGHTS, revision=revision)
     config = _read_config(folder)
     files = _weight_files(folder)
     cls = model_class or _model_class(config, folder)

@@ -307,6 +307,15 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     assert after == before  # no temporary file left behind either
 
 
+def test_saved_files_get_the_mode_a_plain_write_gives(tmp_path):
+    """The atomic save stages in a private temporary file: the result must not stay private."""
+    _saved(tmp_path)
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes[CONFIG_NAME] == modes[WEIGHTS_NAME] == modes["plain"]
+
+
 def test_missing_directory_is_a_clear_io_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         surgeon.load(ZOO["mlp"].model(), tmp_path / "nope")
