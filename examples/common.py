@@ -22,8 +22,11 @@ def minilm_dir() -> Path:
 
 def load_minilm_classifier(num_labels: int = 2):
     """all-MiniLM-L6-v2's encoder with a fresh classification head, and its tokenizer."""
+    import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = minilm_dir()
+    # a local load takes milliseconds: its bar would only interrupt the examples' own lines
+    transformers.utils.logging.disable_progress_bar()
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     return model, AutoTokenizer.from_pretrained(path)

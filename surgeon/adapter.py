@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -368,6 +369,33 @@ def cached_length(kwargs: Mapping[str, Any]) -> int:
         if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
             return int(cache[0][0].shape[-2])  # the legacy tuple-of-tuples layout
     return 0
+
+
+def cache_parameter(forward: Callable) -> str | None:
+    """The name under which ``forward`` takes the key/value cache (None: neither name)."""
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def cache_passed_as(name: str, kwargs: dict[str, Any], callee: type) -> dict[str, Any]:
+    """``kwargs`` with a cache passed under the other name moved to ``name``, the one the
+    callee's forward takes: transformers deprecates ``past_key_values`` for ``cache`` and will
+    stop renaming it. A caller's use of the deprecated name is still reported, as transformers
+    reports it (a FutureWarning)."""
+    other = next((k for k in CACHE_ARGUMENTS if k != name and k in kwargs), None)
+    if other is None or name in kwargs:
+        return kwargs
+    if name == CACHE_ARGUMENTS[0]:
+        warnings.warn(
+            f"`{other}` is deprecated for {callee.__name__}.forward, which takes `{name}`: "
+            f"pass `{name}=` (surgeon passed it on as `{name}`)",
+            FutureWarning,
+            stacklevel=4,
+        )
+    return {(name if k == other else k): v for k, v in kwargs.items()}
 
 
 def _by_name(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,8 @@ An object the forward makes and returns (the KV cache a causal LM creates when n
 is rebuilt by the graph, per call, from a template of it holding the values the graph computes.
 
 Tracing runs on fake values and on fake copies of objects passed in, so a refused trace has no
-side effects and the module's own forward can always take over. A new variant's first run is
+side effects and the module's own forward can always take over; what torch logs about it goes
+to surgeon's debug log (`surgeon.logs`), not the user's terminal. A new variant's first run is
 checked against the module's own forward (on copies) before it is used.
 """
 
@@ -48,6 +49,8 @@ from torch.fx.experimental.symbolic_shapes import (
     StatelessSymbolicContext,
 )
 
+from surgeon.adapter import cache_parameter, cache_passed_as
+from surgeon.logs import TRACING, expected_noise
 from surgeon.rebuild import is_object, rebuilding
 from surgeon.trace import MODULE_INTERNALS, PYTHON_VALUES, RegionTracer, Unsound, why
 
@@ -59,6 +62,8 @@ _OWN_CLASS = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, *_CONTA
 _FIXED_TENSOR_ATTRIBUTES = frozenset({"dtype", "device", "ndim", "is_cuda", "layout", "is_sparse"})
 # an instance ``forward`` is surgeon's own (a rewrite or a dispatcher); traces use the class's
 _MODULE_INTERNALS = MODULE_INTERNALS | {"forward"}
+
+log = logging.getLogger(__name__)
 
 
 # -- the kind of a call -----------------------------------------------------------------------
@@ -676,7 +681,7 @@ def specialise(
     structured = logging.getLogger("torch.__trace")  # symbolic shapes' records for TORCH_TRACE
     quiet, structured.disabled = structured.disabled, True
     try:
-        with _module_state_kept(module), _sizes_packed():
+        with expected_noise(TRACING, log), _module_state_kept(module), _sizes_packed():
             graph = tracer.trace(module)
     except Unsound:
         raise
@@ -815,8 +820,11 @@ class Dispatcher(nn.Module):
         self.rewrites: dict[int, Any] = {}
         self._fingerprints: dict[int, tuple | None] = {}  # per state version
         self.run = _with_signature_of(type(module).forward)
+        self.cache_name = cache_parameter(type(module).forward)
 
     def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.cache_name is not None:  # traces, checks and own forwards get the name it takes
+            kwargs = cache_passed_as(self.cache_name, kwargs, type(self.module))
         if _CHECKING.get() or _outside_eager(args, kwargs):
             return self._own_forward(args, kwargs)
         key = call_key(self.region.state, args, kwargs)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,9 @@ import torch.fx as fx
 from torch import nn
 
 from surgeon.layers import gpt2_conv1d_type, is_norm
+from surgeon.logs import TRACING, expected_noise
+
+log = logging.getLogger(__name__)
 
 _PRIMITIVES = (int, float, bool, str, type(None))
 PYTHON_VALUES = (bool, int, float, str, torch.dtype, torch.device)
@@ -254,7 +258,8 @@ def _trace(
     module: nn.Module, leaf_types: tuple[type, ...], concrete: dict | None = None
 ) -> fx.Graph:
     try:
-        return RegionTracer(leaf_types).trace(module, concrete_args=concrete)
+        with expected_noise(TRACING, log):
+            return RegionTracer(leaf_types).trace(module, concrete_args=concrete)
     except Exception as err:
         raise Unsound(why(err)) from None
 
