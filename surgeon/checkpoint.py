@@ -7,8 +7,10 @@ A checkpoint directory holds:
 * ``trainer_state.safetensors``: every trained parameter in full (also base parameters a method
   or the user made trainable), the adapter store's buffers (method state such as AdaLoRA's
   importance averages) and the optimizer's state tensors, by parameter name;
-* ``trainer_state.json``: step, data position, scheduler and optimizer settings, the loss
-  history, and the names, shapes and dtypes it was saved with (checked on resume);
+* ``surgeon_state.json``: step, data position, scheduler and optimizer settings, the loss
+  and log history, and the names, shapes and dtypes it was saved with (checked on resume);
+* ``trainer_state.json``: the history as transformers' ``Trainer`` writes it (see
+  `surgeon.history`), for the tools that read its checkpoints;
 * ``rng_state_<rank>.safetensors`` / ``.json``: each process's random generators (torch, CUDA,
   Python, NumPy).
 
@@ -38,9 +40,10 @@ from torch import nn
 
 from surgeon.distributed import Parallel, full, like
 from surgeon.errors import SpecError
+from surgeon.history import TRAINER_STATE, write_trainer_state
 from surgeon.io import atomic_write, read_safetensors
 
-STATE_JSON = "trainer_state.json"
+STATE_JSON = "surgeon_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 FORMAT = "surgeon-checkpoint"
 VERSION = 1
@@ -60,6 +63,7 @@ class Progress:
     losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    log_history: list[dict[str, float]] = field(default_factory=list)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -74,9 +78,10 @@ def save(
     progress: Progress,
     config: Mapping[str, Any],
     parallel: Parallel,
+    trainer_state: Mapping[str, Any],
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` (every process calls this; rank 0 writes the
-    shared files, each process its random state)."""
+    shared files, ``trainer_state`` among them, each process its random state)."""
     final = output_dir / f"checkpoint-{progress.step}"
     staging = output_dir / f".checkpoint-{progress.step}.tmp"
     params = _optimizer_params(optimizer)
@@ -93,6 +98,7 @@ def save(
     if parallel.main:
         _write_tensors(staging / STATE_TENSORS, tensors)
         _write_json(staging / STATE_JSON, state)
+        write_trainer_state(staging / TRAINER_STATE, trainer_state)
     parallel.barrier()
     if parallel.main:
         _publish(staging, final)
@@ -147,6 +153,7 @@ def _state(
         "losses": progress.losses,
         "learning_rates": progress.learning_rates,
         "eval_losses": [list(pair) for pair in progress.eval_losses],
+        "log_history": progress.log_history,
         "parameters": described,
         "buffers": buffers,
         "empty_buffers": empty,
@@ -271,6 +278,7 @@ class Checkpoint:
             losses=list(s["losses"]),
             learning_rates=list(s["learning_rates"]),
             eval_losses=[(int(a), float(b)) for a, b in s["eval_losses"]],
+            log_history=[dict(e) for e in s["log_history"]],
         )
 
     @torch.no_grad()

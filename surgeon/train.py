@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon import checkpoint, distributed
+from surgeon import checkpoint, distributed, history
 from surgeon.adapter import loraplus_group_by_shape
 from surgeon.best import Snapshot, best_evaluation, evaluations_without_improvement
 from surgeon.checkpoint import Progress
@@ -46,7 +47,7 @@ from surgeon.data import (
     rows,
     to_device,
 )
-from surgeon.distributed import Parallel
+from surgeon.distributed import Parallel, full
 from surgeon.errors import SpecError
 from surgeon.spec import MethodSpec
 
@@ -77,7 +78,10 @@ class TrainingConfig(metaclass=ValidatingMeta):
     ``loraplus_lr_embedding``, grouped as PEFT's ``create_loraplus_optimizer``. ``bf16``:
     autocast to bfloat16 (CPU too). ``distributed``: ``auto`` uses DDP when a process group
     with more than one process exists (or ``torchrun`` started this one), ``fsdp`` shards with
-    FSDP2, ``none`` trains in this process alone.
+    FSDP2, ``none`` trains in this process alone. With ``output_dir``, training also writes its
+    history there (``trainer_state.json`` as transformers' ``Trainer`` does, and loss and
+    learning-rate curves, see `surgeon.history`). ``report_to``: ``"tensorboard"`` (or a list
+    holding it) also logs the history to TensorBoard, under ``output_dir/runs``.
     """
 
     learning_rate: float = 1e-4
@@ -105,6 +109,7 @@ class TrainingConfig(metaclass=ValidatingMeta):
     bf16: bool = False
     distributed: str = "auto"
     progress: bool = True
+    report_to: str | Sequence[str] = "none"
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -137,6 +142,9 @@ class TrainingConfig(metaclass=ValidatingMeta):
         check_number(o, "loraplus_lr_embedding", self.loraplus_lr_embedding, 0)
         check_choice(o, "distributed", self.distributed, distributed.KINDS)
         self._check_output_dir(o)
+        if isinstance(self.report_to, list):  # a frozen config holds no mutable value
+            object.__setattr__(self, "report_to", tuple(self.report_to))
+        history.check_report_to(o, self.report_to, self.output_dir)
         for name, value in self._selecting_by_eval_loss().items():
             if self.eval_steps is None:
                 raise SpecError(
@@ -170,6 +178,10 @@ class TrainingConfig(metaclass=ValidatingMeta):
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def reporters(self) -> tuple[str, ...]:
+        """The integrations ``report_to`` names (``"none"`` names none)."""
+        return history.check_report_to(type(self).__name__, self.report_to, self.output_dir)
+
     def replace(self, **changes: Any) -> TrainingConfig:
         return dataclasses.replace(self, **changes)
 
@@ -181,7 +193,9 @@ class TrainResult:
     pairs; ``checkpoint``: the last checkpoint written, if any. A resumed run's lists start with
     the interrupted run's. ``best_step`` / ``best_eval_loss``: the evaluation with the lowest
     loss (the earliest on ties), None without evaluations; ``stopped_early``: early stopping
-    ended the run before its last step."""
+    ended the run before its last step. ``log_history``: the log entries as transformers'
+    ``TrainerState.log_history`` holds them; ``trainer_state`` and ``plots`` (the SVG curves,
+    then the PNG when matplotlib is installed): the files written to ``output_dir``."""
 
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -191,6 +205,9 @@ class TrainResult:
     best_step: int | None = None
     best_eval_loss: float | None = None
     stopped_early: bool = False
+    log_history: list[dict[str, float]] = field(default_factory=list)
+    trainer_state: Path | None = None
+    plots: list[Path] = field(default_factory=list)
 
 
 def train(
@@ -311,12 +328,16 @@ class _Loop:
         self.hooks = MethodHooks.of(cm)
         self.device = self.params[0].device
         self.pending: list[torch.Tensor] = []  # step losses not read from the device yet
-        self.logged_from = progress.step
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping
+        self.logged_from = last_logged_step(progress.log_history)
         self.checkpoint: Path | None = None
         self.saved_at = self.evaluated_at = -1
         self.no_cache = no_cache_arguments(cm.model)
         self.best: Snapshot | None = None  # the best evaluation's weights (load_best_at_end)
         self.stopped = False  # by early stopping
+        self.to_tensorboard = "tensorboard" in config.reporters()
+        self.tensorboard: history.TensorBoard | None = None  # opened at the first log entry
+        self.started, self.first_step = time.time(), progress.step
 
     def plan(
         self,
@@ -350,11 +371,15 @@ class _Loop:
         finally:
             bar.close()
             self.cm.train(was_training)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         if config.load_best_at_end:
             self._load_best()
         with self.parallel.gathered(self.cm, keep=True):  # FSDP: leave the adapters whole
             pass
         best_step, best_loss = best_evaluation(p.eval_losses) or (None, None)
+        out = Path(config.output_dir) if config.output_dir is not None else None
+        written = [] if out is None else [out / history.CURVES_SVG, out / history.CURVES_PNG]
         return TrainResult(
             steps=p.step,
             losses=list(p.losses),
@@ -364,6 +389,9 @@ class _Loop:
             best_step=best_step,
             best_eval_loss=best_loss,
             stopped_early=self.stopped,
+            log_history=[dict(e) for e in p.log_history],
+            trainer_state=_existing(out / history.TRAINER_STATE) if out else None,
+            plots=[path for path in written if path.exists()],
         )
 
     def _steps(self) -> Iterator[tuple[list[Batch], int, int]]:
@@ -407,13 +435,19 @@ class _Loop:
         self.progress.learning_rates.append(
             self.config.learning_rate * self.factor(self.progress.step)
         )
-        if self.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         if self.hooks.after_backward:
             self.cm.update_ranks(self.progress.step)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip to ``max_grad_norm`` when it is set; the total norm before clipping (which
+        transformers logs), left on the device until a log entry reads it."""
+        if self.config.max_grad_norm:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm).detach()
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
 
     def _total(self, counts: list[torch.Tensor]) -> int | torch.Tensor:
         """The step's items over all micro-batches and processes (a Python number when it is
@@ -458,6 +492,11 @@ class _Loop:
             self._evaluate()
         if self.config.output_dir is not None and self.saved_at != p.step:
             self._save()
+        self._record(self._summary())
+        if self.config.output_dir is not None and self.parallel.main:
+            out = Path(self.config.output_dir)
+            history.write_trainer_state(out / history.TRAINER_STATE, self._trainer_state())
+            history.write_curves(out, p.log_history)
 
     def _read_losses(self) -> None:
         """Turn the pending step losses into numbers: one synchronisation for all of them."""
@@ -475,9 +514,65 @@ class _Loop:
             return
         loss, lr = sum(recent) / len(recent), p.learning_rates[-1]
         self.logged_from = p.step
+        norm = None if self.grad_norm is None else full(self.grad_norm).item()
+        self._record(history.train_entry(loss, norm, lr, self._epoch(), p.step))
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if self.parallel.main:
             logger.info("step %d/%d: loss %.4f, learning rate %.3e", p.step, self.total, loss, lr)
+
+    def _record(self, entry: dict[str, float]) -> None:
+        """Append to the log history (every process keeps it: checkpoints carry it), and send it
+        to TensorBoard from the main process."""
+        self.progress.log_history.append(entry)
+        if not self.parallel.main or not self.to_tensorboard:
+            return
+        if self.tensorboard is None:
+            self.tensorboard = history.TensorBoard(self.config.output_dir, self.config.to_dict())
+        self.tensorboard.add(entry)
+
+    def _epoch(self) -> float:
+        """Epochs done, with the fraction of the current one (as transformers logs it)."""
+        p, per_epoch = self.progress, self.source.batches_per_epoch()
+        return p.epoch + p.batch_in_epoch / per_epoch if per_epoch else float(p.epoch)
+
+    def _summary(self) -> dict[str, float]:
+        p, config = self.progress, self.config
+        steps = p.step - self.first_step
+        samples = steps * config.batch_size * config.gradient_accumulation_steps
+        runtime = time.time() - self.started
+        return history.summary_entry(
+            runtime, samples * self.parallel.world, steps, p.losses, self._epoch(), p.step
+        )
+
+    def _trainer_state(self, saving: bool = False) -> dict[str, Any]:
+        """transformers' ``TrainerState`` of the run now; ``saving``: for the checkpoint of
+        this step, being written."""
+        p, config = self.progress, self.config
+        best = best_evaluation(p.eval_losses)
+        best_checkpoint = None
+        if best is not None and config.output_dir is not None:
+            path = Path(config.output_dir) / f"checkpoint-{best[0]}"
+            if path.is_dir() or (saving and best[0] == p.step):
+                best_checkpoint = str(path)
+        return history.trainer_state(
+            self._run_shape(), p.log_history, p.step, self._epoch(), best, best_checkpoint
+        )
+
+    def _run_shape(self) -> history.RunShape:
+        config, per_epoch = self.config, self.source.batches_per_epoch()
+        if per_epoch:
+            steps_per_epoch = math.ceil(per_epoch / config.gradient_accumulation_steps)
+            epochs = math.ceil(self.total / steps_per_epoch)
+        else:
+            epochs = sys.maxsize  # transformers' value when the data has no length
+        return history.RunShape(
+            max_steps=self.total,
+            num_train_epochs=epochs,
+            train_batch_size=config.batch_size,
+            logging_steps=config.logging_steps,
+            eval_steps=config.eval_steps,
+            save_steps=config.save_steps,
+        )
 
     @torch.no_grad()
     def _evaluate(self) -> None:
@@ -496,6 +591,7 @@ class _Loop:
         loss = (total[0] / total[1].clamp(min=1)).item()
         self.progress.eval_losses.append((self.progress.step, loss))
         self.evaluated_at = self.progress.step
+        self._record(history.eval_entry(loss, self._epoch(), self.progress.step))
         if self.parallel.main:
             logger.info("step %d/%d: eval loss %.4f", self.progress.step, self.total, loss)
         self._remember_if_best()
@@ -511,8 +607,11 @@ class _Loop:
             self.progress,
             self.config.to_dict(),
             self.parallel,
+            self._trainer_state(saving=True),
         )
         self.saved_at = self.progress.step
+        if self.parallel.main:  # the curves so far, to look at while training goes on
+            history.write_curves(Path(self.config.output_dir), self.progress.log_history)
         if self.config.save_total_limit is not None and self.parallel.main:
             checkpoint.rotate(
                 Path(self.config.output_dir),
@@ -592,6 +691,16 @@ class _Loop:
             self.parallel,
         )
         saved.restore_model(self.cm, params)
+
+
+def last_logged_step(log_history: Sequence[Mapping[str, float]]) -> int:
+    """The step of the last training log entry: a resumed run's next entry averages the losses
+    since then, as the uninterrupted run's does."""
+    return max((int(e["step"]) for e in log_history if "loss" in e), default=0)
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.exists() else None
 
 
 def _group_names(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> list[list[str]]:

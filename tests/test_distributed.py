@@ -108,7 +108,8 @@ def check_checkpoints_resume_exactly(kind, two_processes):
         assert torch.equal(resumed[name], value), name
     report = json.loads((two_processes / f"{kind}.json").read_text())
     assert report["resumed_losses"] == report["losses"]
-    checkpoints = sorted(p.name for p in (two_processes / f"{kind}-run").iterdir())
+    run = two_processes / f"{kind}-run"
+    checkpoints = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints == ["checkpoint-2", "checkpoint-3"]
     ckpt = two_processes / f"{kind}-run" / "checkpoint-3"
     assert (ckpt / "rng_state_0.safetensors").exists() and (ckpt / "rng_state_1.json").exists()

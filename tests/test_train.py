@@ -480,11 +480,7 @@ def test_resuming_from_a_mid_run_checkpoint_keeps_the_schedule(tmp_path):
     cfg = config(lr_scheduler="cosine", warmup_steps=2, max_steps=6, output_dir=str(tmp_path))
     whole = compiled()
     expected = surgeon.train(whole, data, cfg.replace(save_steps=2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint-2",
-        "checkpoint-4",
-        "checkpoint-6",
-    ]
+    assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     fresh = compiled(adapter_seed=5)
     result = surgeon.train(fresh, data, cfg, resume_from=tmp_path / "checkpoint-4")
     assert_same(adapter_state(fresh), adapter_state(whole), exact=True)
@@ -501,11 +497,12 @@ def test_checkpoint_holds_a_peft_adapter_and_no_pickle(tmp_path):
         "adapter_model.safetensors",
         "rng_state_0.json",
         "rng_state_0.safetensors",
+        "surgeon_state.json",
         "trainer_state.json",
         "trainer_state.safetensors",
     ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = json.loads((ckpt / "surgeon_state.json").read_text())
     assert state["step"] == 3 and len(state["losses"]) == 3
     loaded = surgeon.load(ZOO["llama"].model(), ckpt)
     for (path, a), (_, b) in zip(loaded.store.items("default"), cm.store.items("default")):
@@ -534,11 +531,11 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_and_resumes_from_it(
     with pytest.raises(KeyboardInterrupt):
         surgeon.train(compiled(), data, cfg)
     monkeypatch.undo()
-    assert sorted(p.name for p in run.iterdir()) == [".checkpoint-2.tmp", "checkpoint-1"]
+    assert checkpoints(run) == [".checkpoint-2.tmp", "checkpoint-1"]
     fresh = compiled(adapter_seed=4)
     surgeon.train(fresh, data, cfg, resume_from=run)  # the latest complete checkpoint
     assert_same(adapter_state(fresh), adapter_state(whole), exact=True)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert checkpoints(run) == ["checkpoint-1", "checkpoint-2"]
 
 
 def _corrupt(kind, ckpt):
@@ -546,7 +543,7 @@ def _corrupt(kind, ckpt):
         path = ckpt / "trainer_state.safetensors"
         path.write_bytes(path.read_bytes()[:100])
     elif kind == "malformed json":
-        (ckpt / "trainer_state.json").write_text("{not json")
+        (ckpt / "surgeon_state.json").write_text("{not json")
     elif kind == "missing tensors":
         (ckpt / "trainer_state.safetensors").unlink()
 
@@ -847,7 +844,10 @@ def saved_tensors(ckpt, kind: str = "param") -> dict[str, torch.Tensor]:
 
 
 def checkpoints(directory) -> list[str]:
-    return sorted((p.name for p in directory.iterdir()), key=lambda n: (n[0] != ".", n))
+    """The directories in ``directory``, hidden ones (being written or deleted) first; not the
+    history files training writes beside the checkpoints."""
+    names = [p.name for p in directory.iterdir() if p.is_dir()]
+    return sorted(names, key=lambda n: (n[0] != ".", n))
 
 
 def first_patience_stop(eval_losses, patience: int, threshold: float = 0.0) -> int | None:
@@ -1017,7 +1017,7 @@ def test_load_best_at_end_restores_adalora_rank_state(tmp_path):
     best, last = tmp_path / "checkpoint-2", tmp_path / "checkpoint-6"
     assert_same(adapter_state(cm), saved_tensors(best), exact=True)
     buffers = store_buffers(cm)
-    saved = json.loads((best / "trainer_state.json").read_text())
+    saved = json.loads((best / "surgeon_state.json").read_text())
     assert {n for n, b in buffers.items() if b is None} == set(saved["empty_buffers"])
     assert_same(
         {n: b for n, b in buffers.items() if b is not None},
