@@ -14,6 +14,7 @@ from surgeon.memory import MemoryReport, estimate_memory
 from surgeon.pretrained import from_pretrained
 from surgeon.quant import FP4, NF4
 from surgeon.spec import METHODS, MethodSpec, Spec, load_spec
+from surgeon.textdata import sft_samples
 from surgeon.train import TrainingConfig, TrainResult, train
 
 globals().update({cls.__name__: cls for cls in METHODS.values()})
@@ -36,6 +37,7 @@ __all__ = [
     "from_pretrained",
     "load",
     "load_spec",
+    "sft_samples",
     "train",
     *sorted(cls.__name__ for cls in METHODS.values()),
 ]

@@ -1,7 +1,9 @@
 """The ``surgeon`` command: compile, inspect, train, merge, export and estimate memory from a shell.
 
 Models are local transformers folders (``config.json`` + weights, as ``save_pretrained`` writes
-them); nothing is downloaded. Every error is one line on stderr and a non-zero exit code
+them) or Hugging Face Hub repo ids (``org/name``, at ``--revision``), fetched into huggingface_hub's
+cache (config, safetensors and tokenizer files only; ``HF_HUB_OFFLINE=1`` uses the cache alone);
+adapters likewise. Every error is one line on stderr and a non-zero exit code
 (``SURGEON_DEBUG=1`` shows the traceback instead).
 """
 
@@ -16,7 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 _TOKENIZER_FILES = (
@@ -27,7 +28,10 @@ _TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",  # transformers 5 keeps the chat template apart
 )
+_HUB_TOKENIZER_FILES = (*_TOKENIZER_FILES, "generation_config.json")
 
 
 class CommandError(Exception):
@@ -78,9 +82,8 @@ def _configure_compile(p: argparse.ArgumentParser) -> None:
 def _run_compile(args: argparse.Namespace) -> None:
     import surgeon
 
-    cm = surgeon.compile(
-        load_model(args.model, args.task, args.num_labels), surgeon.load_spec(args.spec)
-    )
+    model = load_model(args.model, args.task, args.num_labels, args.revision)
+    cm = surgeon.compile(model, surgeon.load_spec(args.spec))
     print(cm.inspect())
     if args.out is not None:
         cm.save_adapters(args.out)
@@ -153,8 +156,9 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "data",
         type=Path,
-        help="training data: .jsonl (one object per line: 'text' + 'label', or token fields), "
-        ".csv/.tsv with 'text' and 'label' columns",
+        help="training data, .jsonl (one object per line) or .csv/.tsv (a header row): 'text' + "
+        "'label' (classification), 'text' (causal LM), 'prompt' + 'completion' (loss on the "
+        "completion), 'messages' (chat template; loss on assistant turns) or token fields",
     )
     p.add_argument(
         "--out", type=Path, required=True, help="output directory (adapter, checkpoints)"
@@ -169,6 +173,12 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
     p.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack causal-LM samples into rows of up to --max-length tokens (no attention "
+        "across samples)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="resume from the latest checkpoint in --out"
     )
 
@@ -177,15 +187,18 @@ def _run_train(args: argparse.Namespace) -> None:
     import surgeon
     from surgeon.textdata import read_text_dataset
 
-    model_dir = _model_dir(args.model)
+    model_dir = _model_dir(args.model, args.revision)
     model = load_model(model_dir, args.task, args.num_labels)
 
     def tokenizer() -> Any:
         return load_tokenizer(model_dir)
 
-    train_data = read_text_dataset(args.data, tokenizer, args.max_length)
+    _positive("--max-length", args.max_length)
+    train_data = read_text_dataset(args.data, tokenizer, args.max_length, args.packing)
     eval_data = (
-        read_text_dataset(args.eval_data, tokenizer, args.max_length) if args.eval_data else None
+        read_text_dataset(args.eval_data, tokenizer, args.max_length, args.packing)
+        if args.eval_data
+        else None
     )
     overrides = {
         field: getattr(args, field)
@@ -209,6 +222,10 @@ def _run_train(args: argparse.Namespace) -> None:
     _copy_tokenizer(model_dir, args.out)
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     print(f"trained {result.steps} steps, final loss {last}; adapter saved to {args.out}")
+    for plot in result.plots:
+        print(f"loss and learning-rate curves: {plot}")
+    if result.trainer_state is not None:
+        print(f"training history (transformers' trainer_state.json): {result.trainer_state}")
 
 
 # -- merge ------------------------------------------------------------------------------------
@@ -221,7 +238,7 @@ def _configure_merge(p: argparse.ArgumentParser) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> None:
-    model_dir = _model_dir(args.model)
+    model_dir = _model_dir(args.model, args.revision)
     cm = _compiled(args, None, args.adapter)
     merged = cm.merge_and_unload()
     if args.out.exists() and any(args.out.iterdir()):
@@ -312,8 +329,12 @@ _COMMANDS: list[tuple[str, str, Callable, Callable]] = [
 
 def _model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "model", type=Path, help="local transformers model folder (config.json + weights)"
+        "model",
+        type=Path,
+        help="transformers model folder (config.json + weights) or Hugging Face Hub repo id "
+        "(org/name; only config, safetensors and tokenizer files are downloaded)",
     )
+    p.add_argument("--revision", help="Hub branch, tag or commit of MODEL (default: main)")
     p.add_argument(
         "--task",
         choices=list(TASKS),
@@ -332,7 +353,20 @@ TASKS = {
 }
 
 
-def _model_dir(path: Path) -> Path:
+def _model_dir(
+    path: Path, revision: str | None = None, *, weights: bool = True, tokenizer: bool = True
+) -> Path:
+    """The local folder of a model: ``path`` itself, or the cached snapshot of Hub repo ``path``
+    holding its config (plus, when asked, its safetensors and tokenizer files)."""
+    from surgeon.hub import MODEL_WEIGHTS, local_folder
+
+    path = local_folder(
+        path,
+        ["config.json"],
+        weights=MODEL_WEIGHTS if weights else (),
+        extras=_HUB_TOKENIZER_FILES if tokenizer else (),
+        revision=revision,
+    )
     if not path.is_dir():
         raise CommandError(f"model folder {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
@@ -346,16 +380,19 @@ def load_config(path: Path) -> Any:
 
     if path.is_file() and path.name == "config.json":
         return AutoConfig.from_pretrained(str(path.parent))
-    return AutoConfig.from_pretrained(str(_model_dir(path)))
+    return AutoConfig.from_pretrained(str(_model_dir(path, weights=False, tokenizer=False)))
 
 
-def load_model(path: Path, task: str = "auto", num_labels: int | None = None) -> Any:
+def load_model(
+    path: Path, task: str = "auto", num_labels: int | None = None, revision: str | None = None
+) -> Any:
     """The model class its config names (``architectures``), or the task's auto class, with
-    its weights, in eval mode."""
+    its weights, in eval mode (from a folder or a Hub repo id)."""
+    # resolved first: disabling transformers' progress bars disables the Hub's download bars too
+    path = _model_dir(path, revision)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    path = _model_dir(path)
     extra = {} if num_labels is None else {"num_labels": _positive("--num-labels", num_labels)}
     if TASKS[task] is not None:
         return getattr(transformers, TASKS[task]).from_pretrained(str(path), **extra).eval()
@@ -372,9 +409,13 @@ def _positive(flag: str, value: int) -> int:
     return value
 
 
-def load_tokenizer(path: Path) -> Any:
+def load_tokenizer(path: Path, revision: str | None = None) -> Any:
+    """The tokenizer saved in a folder, or in a Hub repo (its config and tokenizer files)."""
     from transformers import AutoTokenizer
 
+    from surgeon.hub import local_folder
+
+    path = local_folder(path, [], extras=["config.json", *_HUB_TOKENIZER_FILES], revision=revision)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as err:
@@ -383,8 +424,11 @@ def load_tokenizer(path: Path) -> Any:
 
 def _compiled(args: argparse.Namespace, spec: Path | None, adapter: Path | None) -> Any:
     import surgeon
+    from surgeon.io import adapter_folder
 
-    base = load_model(args.model, args.task, args.num_labels)
+    # before the model: a bad adapter id fails fast, and its download shows progress bars
+    adapter = adapter_folder(adapter) if adapter is not None else None
+    base = load_model(args.model, args.task, args.num_labels, args.revision)
     if adapter is not None:
         return surgeon.load(base, adapter)
     return surgeon.compile(base, surgeon.load_spec(spec) if spec is not None else None)

@@ -4,7 +4,8 @@ out between processes, and the position in that order (for exact resumption).
 A sample is a dict of forward arguments (``input_ids``, ``attention_mask``, ``labels``, or any
 names the model takes) or a tuple of tensors (``TensorDataset``). Token sequences of different
 lengths are padded on the right: ``labels`` with -100 (ignored by the loss), ``attention_mask``
-with 0, ``input_ids`` with the model's pad token id (0 when it has none), anything else with 0.
+with 0, ``input_ids`` with the model's pad token id (0 when it has none), ``position_ids`` with
+0, 1, 2, ... (the padding is one more packed sequence), anything else with 0.
 """
 
 from __future__ import annotations
@@ -52,9 +53,15 @@ def _collate_dicts(samples: Sequence[Mapping[str, Any]], pad_id: int) -> dict[st
             )
     batch = {}
     for key in keys:
+        values = [s[key] for s in samples]
+        if key == "position_ids":
+            batch[key] = _pad_positions(values)
+            continue
         pad = IGNORE_INDEX if key == "labels" else pad_id if key == "input_ids" else 0
-        batch[key] = _stack(key, [s[key] for s in samples], pad)
-    if "input_ids" in batch and "attention_mask" not in batch:
+        batch[key] = _stack(key, values, pad)
+    # Packed rows (position_ids restarting per sample) get no attention mask: transformers
+    # keeps packed samples apart only without one, and their padding is a sequence of its own.
+    if "input_ids" in batch and "attention_mask" not in batch and "position_ids" not in batch:
         lengths = [len(s["input_ids"]) for s in samples]
         if len(set(lengths)) > 1:  # padding was added: the model must not attend to it
             width = batch["input_ids"].shape[1]
@@ -85,6 +92,16 @@ def _stack(key: str, values: list[Any], pad: int) -> torch.Tensor:
     for row, t in zip(out, tensors):
         row[: t.shape[0]] = t
     return out
+
+
+def _pad_positions(values: list[Any]) -> torch.Tensor:
+    """Position ids padded with 0, 1, 2, ...: the padding forms one more packed sequence, which
+    the real tokens never attend to (and a causal model would not either)."""
+    batch = _stack("position_ids", values, 0)
+    if batch.dim() == 2:  # else per-sample position grids (multimodal rotary): padded with 0
+        for row, value in zip(batch, values):
+            row[len(value) :] = torch.arange(batch.shape[1] - len(value))
+    return batch
 
 
 def _is_number(value: Any) -> bool:
