@@ -346,9 +346,15 @@ def transform_call(
     kwargs: dict[str, Any],
     extras: Mapping[str, Any] | None = None,
 ) -> tuple[tuple, dict[str, Any]]:
-    """The arguments of a model call after ``adapters`` rewrote them (a forward pre-hook)."""
+    """The arguments of a model call after ``adapters`` rewrote them (a forward pre-hook).
+
+    The adapters' own arguments (`CallAdapter.call_arguments`) come in ``extras`` (the compiled
+    model's call holds them apart) or among the call's (a direct call of the model, an export):
+    the model never sees them."""
     named = _by_name(model, args, kwargs)
-    call = ModelCall(model, named, prefill=cached_length(named) == 0, extras=extras or {})
+    own = {name for adapter in adapters for name in adapter.call_arguments}
+    extras = {**(extras or {}), **{name: named.pop(name) for name in own if name in named}}
+    call = ModelCall(model, named, prefill=cached_length(named) == 0, extras=extras)
     for adapter in adapters:
         adapter.transform(call)
     return (), call.kwargs

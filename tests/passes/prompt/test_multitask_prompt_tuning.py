@@ -191,3 +191,21 @@ def test_surgeon_train_takes_task_ids_from_the_samples():
     surgeon.train(cm, samples, config)
     moved = (cm.store.calls["default"].prefix_task_cols.detach() - cols).abs().amax(dim=(1, 2))
     assert bool((moved > 0).all())  # both tasks' factors trained
+
+
+@pytest.mark.slow  # an export (prompt tuning's card exports in the default lane)
+def test_exports_with_task_ids_as_an_onnx_input(tmp_path):
+    cm = _compiled()
+    x = {**_inputs(padded=False), "task_ids": torch.tensor([2, 0])}
+    report = surgeon.export_onnx(cm, tmp_path / "mpt.onnx", x)
+    assert "task_ids" in report.inputs and report.max_abs_diff < 1e-4
+    assert report.verified_shapes["task_ids"] != (2,)  # checked at another batch size
+
+
+def test_a_direct_call_of_the_model_takes_task_ids_too():
+    cm = _compiled()
+    x = _inputs()
+    tasks = torch.tensor([1, 2])
+    torch.testing.assert_close(
+        logits(cm.model(**x, task_ids=tasks)), logits(cm(**x, task_ids=tasks))
+    )
