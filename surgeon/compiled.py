@@ -351,8 +351,19 @@ class CompiledModel(nn.Module):
                 )
         # prompt methods have nothing to fold: merging the active adapters leaves them running
         chosen = [n for n in chosen if n not in self._merged and n not in self.store.calls]
+        self.refuse_unmergeable(chosen, "merge")
         self._refuse_tied_weights(chosen)
         return chosen
+
+    def refuse_unmergeable(self, names: Sequence[str], verb: str) -> None:
+        """A `SpecError` for the first adapter whose method has no weight update to fold."""
+        for n in names:
+            reason = self.store.specs[n].merge_refusal
+            if reason is not None:
+                raise SpecError(
+                    f"cannot {verb} adapter {n!r} ({self.store.specs[n].name}): {reason}; it "
+                    f"runs unmerged (set_active without it to {verb} the others)"
+                )
 
     def _refuse_tied_weights(self, names: Sequence[str]) -> None:
         """Folding into a weight another module shares (tied embeddings) would change that module too."""

@@ -78,6 +78,7 @@ def lowered(cm: CompiledModel) -> Iterator[nn.Module]:
     """The plain model with the active adapters folded in (prompts as constants), for the
     duration of the block."""
     running = [name for name in cm.active if name not in cm.merged]
+    cm.refuse_unmergeable(running, "export")
     layers = [layer for name in running for _, layer in cm.store.items(name)]
     calls = tuple(name for name in running if name in cm.store.calls)
     originals = _swap_in_copies([layer.base for layer in layers])

@@ -105,6 +105,11 @@ class MethodSpec(metaclass=ValidatingMeta):
     tuning: a norm runs with one adapter's parameters), running so is a `SpecError` (each may
     still serve its own rows of a mixed batch)."""
 
+    merge_refusal: ClassVar[str | None] = None
+    """Why the method has no weight update to fold in (a router mixing experts from each
+    batch's inputs), or None: merging such an adapter, and exporting it (export merges), is a
+    `SpecError` with this reason, before anything changes."""
+
     shapes_from_weight_values: ClassVar[bool] = False
     """Whether the adapter's parameter shapes come from the base weights' values (AdaMSS's
     clusters of W's singular vectors): such a method cannot be built on the meta device, and

@@ -137,10 +137,29 @@ def test_the_output_is_the_formula(case: LayerCase):
     torch.testing.assert_close(got, expected, **EXACT)
 
 
+def _assert_refused_without_change(cm: surgeon.CompiledModel, x: dict, act, match: str) -> None:
+    """``act`` raises a `SpecError` matching ``match`` and leaves weights and outputs as they
+    were."""
+    weights = {n: p.detach().clone() for n, p in cm.model.state_dict().items()}
+    expected = output(cm, x)
+    with pytest.raises(surgeon.SpecError, match=match):
+        act()
+    assert cm.merged == []
+    for name, value in cm.model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    torch.testing.assert_close(output(cm, x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", cases(is_layer_method))
 def test_merge_equals_the_unmerged_model_and_unmerge_restores_the_weights(case: Case):
+    """A method whose update depends on the inputs (`MethodSpec.merge_refusal`) refuses merging,
+    merge_and_unload and export, changing nothing."""
     cm = case.compile().eval()
     x = case.inputs()
+    if case.cls.merge_refusal is not None:
+        for act in (cm.merge, cm.merge_and_unload):
+            _assert_refused_without_change(cm, x, act, "cannot merge adapter 'default'")
+        return
     weights = {n: p.detach().clone() for n, p in cm.model.state_dict().items()}
     expected = output(cm, x)
     cm.merge()
@@ -345,6 +364,14 @@ def test_lowering_runs_the_base_forward_with_the_adapters_folded_in(case: Case):
     outputs; after it, the compiled model is as it was."""
     cm = case.compile().eval()
     x = case.inputs()
+    if case.cls.merge_refusal is not None:
+
+        def lower() -> None:
+            with lowered(cm):
+                pass
+
+        _assert_refused_without_change(cm, x, lower, "cannot export adapter 'default'")
+        return
     expected = output(cm, x)
     ran = []
     with lowered(cm) as model:  # merging may run the adapter's own modules: not counted
@@ -363,6 +390,14 @@ def test_lowering_runs_the_base_forward_with_the_adapters_folded_in(case: Case):
 def test_the_merged_model_exports_to_onnx_verified(case: Case, tmp_path):
     cm = case.compile().eval()
     x = case.inputs()
+    if case.cls.merge_refusal is not None:
+
+        def export() -> None:
+            surgeon.export_onnx(cm, tmp_path / "model.onnx", x, verify=True)
+
+        _assert_refused_without_change(cm, x, export, "cannot export adapter 'default'")
+        assert not any(tmp_path.iterdir())
+        return
     expected = output(cm, x)
     report = surgeon.export_onnx(cm, tmp_path / "model.onnx", x, verify=True)
     assert report.max_abs_diff < 1e-5
@@ -407,6 +442,8 @@ def test_several_adapters_active_on_one_layer(case: Case, tmp_path):
         if getattr(card(case.cls), "PEFT_FORWARD_RUNS_FIRST_ACTIVE_ONLY", False):
             pm.base_model.merge_adapter(["a", "b"])  # its merge folds in both
         torch.testing.assert_close(both, output(pm, x), **EXACT)
+    if case.cls.merge_refusal is not None:
+        return  # merging is refused (test_merge_equals_...)
     cm.merge()
     torch.testing.assert_close(output(cm, x), both, **EXACT)
     cm.unmerge()
@@ -425,11 +462,15 @@ def test_a_mixed_batch_gives_each_row_its_adapter(case: Case):
     rows = next(iter(x.values())).shape[0]
     names = (["a", "b", "__base__"] * rows)[:rows]
     mixed = output(cm, {**x, "adapter_names": names})
-    for i, name in enumerate(names):
+    for name in set(names):
+        # each adapter's rows as a batch of their own: a router that mixes over the batch
+        # (Lily) sees the same rows either way
+        mine = torch.tensor([i for i, n in enumerate(names) if n == name])
+        alone = {k: v[mine] for k, v in x.items()}
         if name == "__base__":
             with cm.disabled():
-                expected = output(cm, x)
+                expected = output(cm, alone)
         else:
             cm.set_active(name)
-            expected = output(cm, x)
-        torch.testing.assert_close(mixed[i], expected[i], **EXACT)
+            expected = output(cm, alone)
+        torch.testing.assert_close(mixed[mine], expected, **EXACT)
