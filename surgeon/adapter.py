@@ -338,6 +338,11 @@ class CallAdapter(nn.Module):
         """Within the block, the adapter's outputs are constants (detached), for lowering."""
         yield
 
+    def transform_output(self, call: ModelCall, output: Any) -> Any:
+        """The model's output for ``call`` (as `transform` left it), rewritten: a method with a
+        loss of its own replaces the model's. Returned as it is by default."""
+        return output
+
 
 def transform_call(
     model: nn.Module,
@@ -345,8 +350,9 @@ def transform_call(
     args: tuple,
     kwargs: dict[str, Any],
     extras: Mapping[str, Any] | None = None,
-) -> tuple[tuple, dict[str, Any]]:
-    """The arguments of a model call after ``adapters`` rewrote them (a forward pre-hook).
+) -> ModelCall:
+    """A model call after ``adapters`` rewrote its arguments (a forward pre-hook runs the model
+    on ``call.kwargs``; the forward hook hands the same call to `transform_output`).
 
     The adapters' own arguments (`CallAdapter.call_arguments`) come in ``extras`` (the compiled
     model's call holds them apart) or among the call's (a direct call of the model, an export):
@@ -357,7 +363,14 @@ def transform_call(
     call = ModelCall(model, named, prefill=cached_length(named) == 0, extras=extras)
     for adapter in adapters:
         adapter.transform(call)
-    return (), call.kwargs
+    return call
+
+
+def transform_output(adapters: Sequence[CallAdapter], call: ModelCall, output: Any) -> Any:
+    """The model's output for ``call`` after ``adapters`` rewrote it (a forward hook)."""
+    for adapter in adapters:
+        output = adapter.transform_output(call, output)
+    return output
 
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")

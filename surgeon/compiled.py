@@ -15,8 +15,10 @@ from torch import nn
 from surgeon.adapter import (
     AdapterLayer,
     CallAdapter,
+    ModelCall,
     merge_layers,
     transform_call,
+    transform_output,
     unmerge_layers,
 )
 from surgeon.combine import combine_adapters
@@ -99,7 +101,8 @@ class CompiledModel(nn.Module):
         self.training = model.training  # cm.training mirrors the model it wraps
         self._plans: dict[tuple, list] = {}
         self._calls: list[CallAdapter] = []  # the running call adapters (a forward pre-hook)
-        self._call_hook = None
+        self._call_hook = None  # the call adapters' forward pre-hook and forward hook
+        self._running_call: ModelCall | None = None  # from the pre-hook to the forward hook
         self._call_extras: dict[str, Any] = {}
 
     # -- passing through to the model ---------------------------------------------------------
@@ -230,8 +233,9 @@ class CompiledModel(nn.Module):
         for layer in [*layers.values(), *([call] if call is not None else [])]:
             layer.train(self.model.training)  # new adapters follow the model's mode
         if call is not None and self._call_hook is None:
-            self._call_hook = self.model.register_forward_pre_hook(
-                self._transform_call, with_kwargs=True
+            self._call_hook = (
+                self.model.register_forward_pre_hook(self._transform_call, with_kwargs=True),
+                self.model.register_forward_hook(self._transform_output),
             )
         self.store.add(name, method, layers, call)
         self._add_unreached_layers([*paths, *copies])
@@ -292,13 +296,21 @@ class CompiledModel(nn.Module):
 
     def _remove_call_hook(self) -> None:
         if self._call_hook is not None:
-            self._call_hook.remove()
+            for handle in self._call_hook:
+                handle.remove()
             self._call_hook = None
 
     def _transform_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if not self._calls:
             return None
-        return transform_call(module, self._calls, args, kwargs, self._call_extras)
+        self._running_call = transform_call(module, self._calls, args, kwargs, self._call_extras)
+        return (), self._running_call.kwargs
+
+    def _transform_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        call, self._running_call = self._running_call, None
+        if call is None or not self._calls:
+            return None
+        return transform_output(self._calls, call, output)
 
     def _require(self, name: str) -> None:
         if name not in self.store.specs:
@@ -508,16 +520,25 @@ class CompiledModel(nn.Module):
         update_and_allocate): methods that adapt while training (AdaLoRA's rank allocation) do
         their per-step work here."""
         for name in self._active:
-            self.store.specs[name].after_backward(dict(self.store.items(name)), step)
+            self.store.specs[name].after_backward(self._hooked_parts(name), step)
 
     def regularization_loss(self) -> torch.Tensor | None:
         """The sum of the active methods' loss terms (AdaLoRA's orthogonality), or None."""
         terms = [
             t
             for name in self._active
-            if (t := self.store.specs[name].loss_term(dict(self.store.items(name)))) is not None
+            if (t := self.store.specs[name].loss_term(self._hooked_parts(name))) is not None
         ]
         return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def _hooked_parts(self, name: str) -> dict[str, AdapterLayer | CallAdapter]:
+        """What adapter ``name``'s training hooks get: its layers by path, and the adapter of a
+        method acting on the model call under ``""`` (the whole model's path)."""
+        parts: dict[str, AdapterLayer | CallAdapter] = dict(self.store.items(name))
+        call = self.store.call(name)
+        if call is not None:
+            parts[""] = call
+        return parts
 
     # -- reporting, files ---------------------------------------------------------------------
 

@@ -286,7 +286,9 @@ class MethodSpec(metaclass=ValidatingMeta):
 
     def after_backward(self, layers: Mapping[str, AdapterLayer], step: int) -> None:
         """Called once per step while gradients exist: after ``optimizer.step()``, before
-        ``zero_grad()`` (AdaLoRA allocates ranks here, as PEFT's update_and_allocate)."""
+        ``zero_grad()`` (AdaLoRA allocates ranks here, as PEFT's update_and_allocate). The
+        training hooks find a method's `CallAdapter`, if it has one, in ``layers`` under ``""``
+        (the whole model's path)."""
 
     def loss_term(self, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
         """A regulariser to add to the training loss (AdaLoRA's orthogonality term), or None."""
