@@ -1,0 +1,286 @@
+"""Tied-LoRA's card (its formula) and what is its own: factors tied across the layers of one
+shape, the paper's configurations (what trains, what is held, the fresh adapter), merging over
+layers of different shapes, half precision, files (this project's own PEFT type, a frozen A
+saved, PEFT's loader refusing them), spec and config errors, training through `surgeon.train`
+with exact resumption. PEFT has no Tied-LoRA: the conformance suite runs the rest against the
+formula alone."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
+
+import surgeon
+from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
+from surgeon.passes.shared.tiedlora import CONFIGS, TiedLoRA
+from surgeon.spec import METHODS
+from surgeon.train import trained_parameters
+
+
+def _delta_rows(adapter) -> torch.Tensor:
+    """``(alpha/r) · diag(v) B diag(u) A`` (out x in), a frozen u or v being all ones."""
+    a, b = adapter.factors.tiedlora_A, adapter.factors.tiedlora_B
+    u = adapter.tiedlora_u if adapter.tiedlora_u is not None else torch.ones(a.shape[0])
+    v = adapter.tiedlora_v if adapter.tiedlora_v is not None else torch.ones(b.shape[0])
+    return adapter.scale * torch.diag(v) @ b @ torch.diag(u) @ a
+
+
+def formula(spec, adapter, base, x):
+    """Tied-LoRA (arXiv 2311.09578, §2): ``W x + b + (alpha/r) · Λ_v B Λ_u A x`` with A, B the
+    factors of the layer's shape, shared by the adapter's layers of that shape."""
+    assert adapter.scale == spec.alpha / spec.rank
+    return plain_output(base, x) + x @ _delta_rows(adapter).t()
+
+
+class Stack(nn.Module):
+    """Two layers of one shape and one of another."""
+
+    def __init__(self, conv1d: bool = False) -> None:
+        super().__init__()
+        make = gpt2_conv1d if conv1d else nn.Linear
+        self.a = make(6, 6)
+        self.b = make(6, 6)
+        self.c = make(6, 4)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _stack(conv1d: bool = False, **fields) -> tuple[Stack, surgeon.CompiledModel]:
+    torch.manual_seed(0)
+    model = Stack(conv1d)
+    cm = surgeon.compile(model, TiedLoRA(targets=("a", "b", "c"), **{"rank": 3, **fields}))
+    randomize(cm, scale=0.5)
+    return model, cm
+
+
+def _expected(model: Stack, cm, x: torch.Tensor) -> torch.Tensor:
+    layers = dict(cm.store.items("default"))
+    spec = cm.spec("default")
+    with torch.no_grad(), cm.disabled():
+        h = torch.tanh(formula(spec, layers["a"], model.a, x))
+        h = torch.tanh(formula(spec, layers["b"], model.b, h))
+        return formula(spec, layers["c"], model.c, h)
+
+
+# -- tying and the configurations ------------------------------------------------------------------
+
+
+def test_layers_of_one_shape_share_a_and_b_and_each_has_its_vectors():
+    _, cm = _stack(config="TL1")
+    layers = dict(cm.store.items("default"))
+    assert layers["a"].factors is layers["b"].factors is not layers["c"].factors
+    assert layers["a"].factors.tiedlora_A.shape == (3, 6)
+    assert layers["c"].factors.tiedlora_B.shape == (4, 3)
+    assert layers["a"].tiedlora_u is not layers["b"].tiedlora_u
+    assert layers["c"].tiedlora_v.shape == (4,)
+    assert "(shared by 2 layers)" in str(cm.inspect())
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_each_configuration_trains_its_tensors_and_starts_as_the_base(config):
+    torch.manual_seed(0)
+    model = Stack()
+    x = torch.randn(3, 6)
+    before = model(x)
+    cm = surgeon.compile(model, TiedLoRA(rank=3, config=config, targets=("a", "b", "c")))
+    assert torch.equal(cm(x), before)
+    names = {n.rsplit(".", 1)[1] for n in trained_parameters(cm)}
+    assert names == {f"tiedlora_{t}" for t in CONFIGS[config]}
+    adapter = dict(cm.store.items("default"))["a"]
+    assert torch.count_nonzero(adapter.factors.tiedlora_B) == 0
+    assert torch.count_nonzero(adapter.factors.tiedlora_A) == 18  # drawn, trained or not
+    for vector in (adapter.tiedlora_u, adapter.tiedlora_v):
+        assert vector is None or torch.all(vector == 1)
+    # shared tensors count once: 2 pairs, plus the vectors of 3 layers
+    sizes = {"A": 3 * 6 * 2, "B": 3 * 6 + 3 * 4, "u": 3 * 3, "v": 6 + 6 + 4}
+    assert cm.num_trainable() == sum(sizes[t] for t in CONFIGS[config])
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d_gpt2"])
+def test_tied_layers_follow_the_formula_and_merge_to_it(conv1d):
+    model, cm = _stack(conv1d, config="TL1", alpha=5)
+    x = torch.randn(4, 6)
+    expected = _expected(model, cm, x)
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+    weights = [m.weight.detach().clone() for m in (model.a, model.b, model.c)]
+    cm.merge()
+    assert "tiedlora_A" not in cm.graph.code()
+    torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+    cm.unmerge()
+    after = [m.weight for m in (model.a, model.b, model.c)]
+    torch.testing.assert_close(after, weights, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_bases_get_float32_factors_and_vectors(dtype):
+    torch.manual_seed(0)
+    model = One(nn.Linear(16, 8)).to(dtype)
+    x = torch.randn(3, 16, dtype=dtype)
+    before = model(x)
+    cm = surgeon.compile(model, TiedLoRA(rank=4, config="TL4", targets=("layer",)))
+    adapter = dict(cm.store.items("default"))["layer"]
+    held = [adapter.factors.tiedlora_A, adapter.factors.tiedlora_B, adapter.tiedlora_u]
+    assert all(t.dtype == torch.float32 for t in held)
+    assert torch.equal(cm(x), before)
+    randomize(cm)
+    expected = cm(x)
+    assert expected.dtype == dtype
+    cm.merge()
+    torch.testing.assert_close(cm(x), expected, rtol=2e-2, atol=2e-2)
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", ["TL4", "TL6"])
+def test_files_round_trip_with_shared_factors_once_and_trained_vectors(config, tmp_path):
+    entry = ZOO["llama"]
+    spec = TiedLoRA(rank=4, alpha=6, config=config)
+    cm = surgeon.compile(entry.model(), spec)
+    randomize(cm, scale=0.5)
+    x = entry.example()
+    expected = logits(cm(**x))
+    cm.save_adapters(tmp_path)
+    saved_config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved_config["peft_type"] == "SURGEON_TIED_LORA"
+    assert saved_config["tied_config"] == config and saved_config["lora_alpha"] == 6
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    shared = sorted(k for k in saved if k.startswith("base_model.tiedlora_"))
+    assert shared == [
+        "base_model.tiedlora_A.32x16",
+        "base_model.tiedlora_A.32x32",
+        "base_model.tiedlora_B.32x16",
+        "base_model.tiedlora_B.32x32",
+    ]
+    assert (f"{q}.tiedlora_u" in saved) is (config == "TL4")
+    assert (f"{q}.tiedlora_v" in saved) is (config == "TL4")
+    loaded = surgeon.load(
+        entry.model(), tmp_path
+    )  # another global RNG state: A comes from the file
+    assert loaded.spec("default") == spec
+    torch.testing.assert_close(logits(loaded(**x)), expected, rtol=0, atol=0)
+
+
+def test_peft_refuses_our_file_rather_than_misreading_it(tmp_path):
+    peft = pytest.importorskip("peft")
+    entry = ZOO["llama"]
+    surgeon.compile(entry.model(), TiedLoRA(rank=4)).save_adapters(tmp_path)
+    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_TIED_LORA"):
+        warnings.simplefilter("ignore")
+        peft.PeftModel.from_pretrained(entry.model(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"bias": "all"}, "bias='all'"),
+        ({"target_modules": None}, "target_modules is missing"),
+        (
+            {"tied_config": "TL7"},
+            r"TiedLoRA.config='TL7'.*\(adapter_config.json key 'tied_config'\)",
+        ),
+        ({"r": 0}, r"TiedLoRA.rank=0: expected an integer >= 1 \(adapter_config.json key 'r'\)"),
+        ({"lora_dropout": 1.5}, "adapter_config.json key 'lora_dropout'"),
+        ({"use_dora": True}, "use_dora=True"),
+    ],
+)
+def test_configs_surgeon_cannot_honour_are_refused_naming_the_key(change, match, tmp_path):
+    entry = ZOO["llama"]
+    surgeon.compile(entry.model(), TiedLoRA(rank=4)).save_adapters(tmp_path)
+    with pytest.raises(surgeon.SpecError, match=match):
+        load_with_changed_config(entry.model(), tmp_path, change)
+
+
+def test_a_file_with_another_configuration_does_not_fit(tmp_path):
+    """A TL6 file holds no vectors; read as TL1 the model wants them."""
+    entry = ZOO["llama"]
+    surgeon.compile(entry.model(), TiedLoRA(rank=4)).save_adapters(tmp_path)
+    with pytest.raises(surgeon.SpecError, match="tiedlora_u"):
+        load_with_changed_config(entry.model(), tmp_path, {"tied_config": "TL1"})
+
+
+# -- the spec -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"rank": 0}, r"TiedLoRA.rank=0: expected an integer >= 1"),
+        ({"config": "tl6"}, r"TiedLoRA.config='tl6'"),
+        ({"alpha": float("nan")}, r"TiedLoRA.alpha=nan"),
+        ({"dropout": 1.0}, r"TiedLoRA.dropout=1.0: expected a number >= 0 and < 1"),
+        ({"targets": ()}, r"TiedLoRA.targets=\[\]: expected at least one target"),
+        ({"seed": 1}, r"TiedLoRA has no field 'seed'"),
+    ],
+)
+def test_bad_fields_raise_spec_errors_naming_them(fields, match):
+    with pytest.raises(surgeon.SpecError, match=match):
+        TiedLoRA(**fields)
+
+
+def test_registered_under_its_name_with_its_own_peft_type():
+    assert METHODS["tiedlora"] is TiedLoRA is surgeon.TiedLoRA
+    assert TiedLoRA.peft_type == "SURGEON_TIED_LORA"
+    spec = surgeon.MethodSpec.from_dict({"method": "tiedlora", "config": "TL2", "targets": ["a"]})
+    assert spec == TiedLoRA(config="TL2", targets=("a",))
+
+
+@pytest.mark.parametrize(
+    ("layer", "name"), [(nn.Embedding(5, 4), "Embedding"), (nn.Conv2d(2, 2, 1), "Conv2d")]
+)
+def test_other_layers_are_refused(layer, name):
+    with pytest.raises(surgeon.SpecError, match=rf"layer \({name}\), which TiedLoRA cannot adapt"):
+        surgeon.compile(One(layer), TiedLoRA(targets=("layer",)))
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+
+def test_surgeon_train_resumes_exactly_and_leaves_a_frozen_a_alone(tmp_path):
+    spec = TiedLoRA(rank=3, config="TL4", targets=("a", "b", "c"))
+    generator = torch.Generator().manual_seed(4)
+    data = [(torch.randn(6, generator=generator), torch.randn(4, generator=generator))] * 6
+    config = surgeon.TrainingConfig(
+        learning_rate=1e-2,
+        batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=4,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        shuffle=False,
+        progress=False,
+        distributed="none",
+    )
+
+    def compiled(seed: int) -> surgeon.CompiledModel:
+        torch.manual_seed(0)
+        cm = surgeon.compile(Stack(), spec)
+        randomize(cm, seed=seed, scale=0.5)
+        return cm
+
+    whole = compiled(2)
+    frozen = dict(whole.store.items("default"))["a"].factors.tiedlora_A.clone()
+    expected = surgeon.train(whole, data, config, loss_fn=F.mse_loss)
+    assert torch.equal(dict(whole.store.items("default"))["a"].factors.tiedlora_A, frozen)
+    run = tmp_path / "run"
+    surgeon.train(
+        compiled(2), data, config.replace(max_steps=2, output_dir=str(run)), loss_fn=F.mse_loss
+    )
+    fresh = compiled(9)  # other values: the checkpoint must restore them all
+    result = surgeon.train(
+        fresh, data, config.replace(output_dir=str(run)), resume_from=run, loss_fn=F.mse_loss
+    )
+    assert result.losses == expected.losses
+    mine, theirs = trained_parameters(fresh), trained_parameters(whole)
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
