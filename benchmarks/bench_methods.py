@@ -41,7 +41,7 @@ Method
     vector_length=64``; UniLoRA ``r=4, theta_d_length=4096``; SHiRA ``r=8``; Super-Tuning
     ``sparsity=0.99, r=8``; PEANuT ``r=8, depth=1``; RandLoRA ``r=32``; TinyLoRA ``r=2,
     u=64``; FRoD with PEFT's defaults; AdaMSS ``r=100, num_subspaces=5, subspace_rank=1`` (no
-    ASA step on either side).
+    ASA step on either side); Lily ``r=8, stride_A=2, num_B=2``.
 * Same weights on both sides: PEFT builds its model (``get_peft_model``), every trainable
   parameter gets seeded Gaussian noise (std 0.02) added so the adapters are not the identity,
   the adapter is written with ``save_pretrained`` and surgeon reads it back with
@@ -149,6 +149,7 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
     "TinyLoRA": lambda: peft.TinyLoraConfig(r=2, u=64, target_modules=QV),
     "FRoD": lambda: peft.FrodConfig(progressbar=False, target_modules=QV),
     "AdaMSS": lambda: peft.AdamssConfig(r=100, num_subspaces=5, subspace_rank=1, target_modules=QV),
+    "Lily": lambda: peft.LilyConfig(r=8, stride_A=2, num_B=2, target_modules=QV),
 }
 """Method -> PEFT config; surgeon's side is whatever ``surgeon.load`` reads from its save."""
 

@@ -25,7 +25,10 @@ Method
     PEFT's encoder weights (the same caveat on folding under ``torch.no_grad``).
   - multitask prompt tuning: ``MultitaskPromptTuningConfig(num_tasks=4, num_ranks=2)``,
     ``task_ids`` one per row (0..3); surgeon reads PEFT's save;
-  - cartridge: ``CartridgeConfig`` (one frozen token); surgeon reads PEFT's save.
+  - cartridge: ``CartridgeConfig`` (one frozen token); surgeon reads PEFT's save;
+  - CPT: ``CPTConfig`` with 20 context token ids, token types 1-4; surgeon reads PEFT's save;
+  - LLaMA-Adapter: ``AdaptionPromptConfig(adapter_len=20, adapter_layers=4)`` (every layer of
+    the small Llama); surgeon reads PEFT's save.
 * Same weights on both sides; trainable parameters get seeded Gaussian noise (std 0.3) first.
   Equivalence is checked before any timing (the script aborts otherwise): same logits within
   atol 1e-4, and the adapters move them by more than that.
@@ -92,6 +95,14 @@ def peft_configs() -> dict[str, peft.PeftConfig]:
         ),
         "multitask prompt": peft.MultitaskPromptTuningConfig(**common, num_tasks=4, num_ranks=2),
         "cartridge": peft.CartridgeConfig(**common),
+        "cpt": peft.CPTConfig(
+            task_type="CAUSAL_LM",
+            cpt_token_ids=list(range(10, 10 + TOKENS)),
+            cpt_tokens_type_mask=[1, 2, 3, 4] * (TOKENS // 4),
+        ),
+        "llama-adapter": peft.AdaptionPromptConfig(
+            task_type="CAUSAL_LM", adapter_len=TOKENS, adapter_layers=4
+        ),
     }
 
 
