@@ -251,7 +251,7 @@ def test_malformed_config_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("lora_bias", True, "lora_bias=True selects a variant"),
+        ("use_qalora", True, "use_qalora=True selects a variant"),
         ("modules_to_save", ["head"], "is also a target of the method"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq' is not supported"),
         ("peft_type", "NO_SUCH_METHOD", "peft_type='NO_SUCH_METHOD' is not supported"),

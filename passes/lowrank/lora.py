@@ -6,11 +6,17 @@ stored in 4 bits (`QLoRALayer`, what QLoRA builds). PEFT keys: ``lora_A.weight``
 follow PEFT: ``default`` (A kaiming-uniform, B zero; for embeddings A zero, B normal),
 ``gaussian`` (A normal with std 1/r), ``pissa`` (principal singular vectors, base weight
 replaced by the residual) and ``olora`` (QR of the base weight, residual likewise).
+
+``lora_bias`` (PEFT's option of that name) gives B a trainable bias, PEFT's ``lora_B.bias``
+(zeros at first): ``base(x) + scale * (B(A(dropout(x))) + b_B)``. As PEFT: not on embeddings,
+only with the default init, not with DoRA; merging folds ``scale * b_B`` into the base layer's
+bias and is refused (a `SpecError`) where the layer has none.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,8 +89,9 @@ PEFT_FORMAT = PeftFormat(
         ),
         PeftKey("rank_pattern", "rank_pattern", {}, MAPPING.optional()),
         PeftKey("alpha_pattern", "alpha_pattern", {}, MAPPING.optional()),
+        PeftKey("lora_bias", "lora_bias", False, BOOL),
     ),
-    switches={"use_dora": False, "lora_bias": False},
+    switches={"use_dora": False},
     constants={"fan_in_fan_out": False},  # implied by the layer type (PEFT corrects it alike)
 )
 
@@ -110,6 +117,7 @@ class LoRA(MethodSpec):
     exclude: str | tuple[str, ...] = ()
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    lora_bias: bool = False
 
     def validate(self) -> None:
         owner = type(self).__name__
@@ -126,9 +134,31 @@ class LoRA(MethodSpec):
             "alpha_pattern",
             check_pattern_map(owner, "alpha_pattern", self.alpha_pattern, check_positive),
         )
+        check_bool(owner, "lora_bias", self.lora_bias)
+        if self.lora_bias:
+            self._check_lora_bias(owner)
+
+    def _check_lora_bias(self, owner: str) -> None:
+        """PEFT's rules: B's bias only with the default init (PEFT's ``init_lora_weights`` True
+        or False), and not for variants whose format pins ``lora_bias`` off (DoRA)."""
+        if not type(self).has_lora_bias():
+            raise SpecError(f"{owner}.lora_bias=True is not supported: PEFT has no bias on B here")
+        if self.init != "default":
+            raise SpecError(
+                f"{owner}.lora_bias=True needs init='default' (as PEFT, whose lora_bias takes "
+                f"init_lora_weights true or false only), not init={self.init!r}"
+            )
+
+    @classmethod
+    def has_lora_bias(cls) -> bool:
+        """Whether this method can give B a bias: DoRA inherits LoRA's fields, but its format
+        pins PEFT's ``lora_bias`` off, as PEFT refuses the pair."""
+        return cls.peft_format.switches.get("lora_bias", True) is not False
 
     @classmethod
     def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        # lora_bias is not an example: the zoo's targets include embeddings (which refuse it)
+        # and bias-less layers (which cannot merge it); its card tests PEFT parity both ways
         return {
             "default": cls(rank=4, targets=targets),
             "rslora-dropout-gaussian": cls(
@@ -140,7 +170,9 @@ class LoRA(MethodSpec):
         }
 
     def supports(self, layer: nn.Module) -> bool:
-        return layer_kind(layer) is not None
+        kind = layer_kind(layer)
+        # PEFT's embedding adapter has no B layer to carry a bias, and refuses lora_bias
+        return kind is not None and not (self.lora_bias and kind == "embedding")
 
     @property
     def rewrites_base(self) -> bool:
@@ -153,22 +185,33 @@ class LoRA(MethodSpec):
 
     def create_layer(self, layer: nn.Module, path: str) -> LoRALayer:
         rank, scale = self.rank_and_scale(path)
+        bias = self.lora_bias
         if is_quantized(layer):
-            return QLoRALayer(layer, path, rank, scale, self.dropout, self.init, layer.quant)
-        return LoRALayer(layer, path, rank, scale, self.dropout, self.init)
+            return QLoRALayer(
+                layer, path, rank, scale, self.dropout, self.init, layer.quant, lora_bias=bias
+            )
+        return LoRALayer(layer, path, rank, scale, self.dropout, self.init, lora_bias=bias)
 
     def combine(
         self, model: nn.Module, sources: Sequence[Combination], how: str, options: Any
     ) -> tuple[LoRA, dict[str, torch.Tensor]]:
+        biased = [c.name for c in sources if getattr(c.spec, "lora_bias", False)]
+        if biased:
+            raise SpecError(
+                f"merge_adapters: adapter {biased[0]!r} has lora_bias=True; combinations fold "
+                f"the A and B factors only and would drop B's bias (PEFT's add_weighted_adapter "
+                f"leaves it at zero)"
+            )
         return combine_lora(self, model, sources, how, options)
 
 
-PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias"}
 PEFT_EMBEDDING_NAMES = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
 
 
 class LoRALayer(AdapterLayer):
-    """``lora_A`` (r x in) and ``lora_B`` (out x r) for one layer; convolutions keep kernel dims."""
+    """``lora_A`` (r x in) and ``lora_B`` (out x r) for one layer; convolutions keep kernel dims.
+    With ``lora_bias``, ``lora_bias`` (out) is B's bias (None without)."""
 
     method = "lora"
     fuses_as = "lora"
@@ -183,8 +226,10 @@ class LoRALayer(AdapterLayer):
         dropout: float,
         init: str,
         dtype: torch.dtype | None = None,
+        lora_bias: bool = False,
     ) -> None:
         super().__init__(base)
+        self.path = path
         self.kind = layer_kind(base)
         self.rank = rank
         self.scale = scale
@@ -195,6 +240,14 @@ class LoRALayer(AdapterLayer):
         self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
         self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
         self._initialise(init, path)
+        bias = nn.Parameter(torch.zeros(b_shape[0], **factory)) if lora_bias else None
+        self.register_parameter("lora_bias", bias)
+        if lora_bias and base.bias is None:
+            warnings.warn(
+                f"LoRA.lora_bias=True on {path}, a layer without bias: the adapter runs, but "
+                f"cannot be merged (as in PEFT)",
+                stacklevel=2,
+            )
 
     @staticmethod
     def _shapes(base: nn.Module, path: str, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -272,12 +325,21 @@ class LoRALayer(AdapterLayer):
             if self.kind == "conv":
                 conv = getattr(F, f"conv{len(self.base.kernel_size)}d")
                 h = ctx.call(conv, h, a, None, self.base.stride, self.base.padding)
-                delta = ctx.call(conv, ctx.call(torch.mul, h, self.scale), b)
+                delta = ctx.call(conv, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
             else:
                 h = ctx.call(F.linear, h, a)
-                delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b)
+                delta = ctx.call(
+                    F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx)
+                )
         out = ctx.call(torch.add, base_out, delta)
         return ctx.method("to", out, self.base.weight.dtype) if cast else out
+
+    def _emit_bias(self, ctx: EmitContext) -> tuple[fx.Node, ...]:
+        """B's scaled bias as the extra argument of B's call, or nothing without ``lora_bias``:
+        the scale multiplies B's output, bias included (as PEFT)."""
+        if self.lora_bias is None:
+            return ()
+        return (ctx.call(torch.mul, ctx.attr("lora_bias", self.lora_bias), self.scale),)
 
     def emit_lookup(self, ctx: EmitContext, ids: fx.Node, a: fx.Node) -> fx.Node:
         """``A`` (r x num_embeddings) looked up for token ``ids`` with the base embedding's
@@ -309,6 +371,31 @@ class LoRALayer(AdapterLayer):
             delta = self._out_in(b @ a)
         return delta * self.scale
 
+    def prepare_merge(self) -> None:
+        """Refuse before any layer changes: B's bias has no base bias to fold into (PEFT
+        raises then too; adding one would give the model a parameter its config lacks)."""
+        if self.lora_bias is not None and self.base.bias is None:
+            raise SpecError(
+                f"cannot merge LoRA with lora_bias=True into {self.path}: the layer has no bias "
+                f"to take B's bias (PEFT refuses this merge too); run the adapter unmerged"
+            )
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        super().merge()
+        self._fold_bias(1)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        super().unmerge()
+        self._fold_bias(-1)
+
+    def _fold_bias(self, sign: int) -> None:
+        """Add (``sign`` 1) or take back (-1) ``scale * b_B`` on the base layer's bias."""
+        if self.lora_bias is not None:
+            bias = self.base.bias
+            bias.add_((self.lora_bias * (sign * self.scale)).to(bias.dtype))
+
     @property
     def peft_names(self) -> dict[str, str]:
         return PEFT_EMBEDDING_NAMES if self.kind == "embedding" else PEFT_NAMES
@@ -339,13 +426,16 @@ class QLoRALayer(LoRALayer):
         dropout: float,
         init: str,
         quant: NF4,
+        lora_bias: bool = False,
     ) -> None:
         if init in ("pissa", "olora") and is_quantized(base):
             raise SpecError(
                 f"init={init!r} on {path}: the layer is already stored in 4 bits; residual inits "
                 f"need its full-precision weight (QLoRA on a full-precision model quantizes the residual)"
             )
-        super().__init__(base, path, rank, scale, dropout, init, dtype=quant.dtype)
+        super().__init__(
+            base, path, rank, scale, dropout, init, dtype=quant.dtype, lora_bias=lora_bias
+        )
         self.kind = "linear"  # 4-bit storage is [out, in], GPT-2's Conv1D included
         self._stored: tuple[tuple, NF4] | None = None  # the 4-bit storage while merged
 
@@ -381,7 +471,7 @@ class QLoRALayer(LoRALayer):
         if self.dropout is not None:
             h = ctx.module("dropout", self.dropout, h)
         h = ctx.call(F.linear, h, a)
-        delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b)
+        delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
         return ctx.call(torch.add, base_out, ctx.method("type_as", delta, base_out))
 
     @torch.no_grad()
@@ -395,13 +485,15 @@ class QLoRALayer(LoRALayer):
         dequantize_linear(base, torch.float32)
         merged = base.weight + self.delta_weight().float()
         base.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
+        self._fold_bias(1)  # the bias stays in full precision; PEFT's 4-bit merge forgets the scale
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self._stored is None:
             super().unmerge()
             return
-        restore_storage(self.base, self._stored[0])
+        restore_storage(self.base, self._stored[0])  # the weight; the bias is the same tensor
+        self._fold_bias(-1)
         self._stored = None
 
     def unload(self, requantize: bool = False) -> None:

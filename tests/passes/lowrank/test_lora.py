@@ -1,25 +1,40 @@
 """LoRA's card (its formula) and what is LoRA's own: initialisations (default, gaussian, the
-residual PiSSA and OLoRA), bias modes, dropout, the adapter's dtype, golden rewritten graphs. The
+residual PiSSA and OLoRA), bias modes, B's bias (``lora_bias``) where the examples do not reach
+(layers without bias, refusals, gradients), dropout, the adapter's dtype, golden rewritten graphs. The
 conformance suite (tests/conformance) runs the formula, merging, files, PEFT parity, gradients,
 devices and dtypes on every example."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, graph_code, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    add_noise,
+    gpt2_conv1d,
+    graph_code,
+    logits,
+    peft_loaded,
+    peft_model,
+    plain_output,
+    randomize,
+)
 
 import surgeon
+
+peft = pytest.importorskip("peft")
 
 
 def formula(spec, adapter, base, x):
     """LoRA (Hu et al., 2021): ``W x + b + (alpha / r) · B A x`` (rsLoRA: ``alpha / sqrt(r)``);
     on a convolution A convolves like the base and B mixes channels (1x1); on an embedding A is
-    looked up."""
+    looked up. PEFT's ``lora_bias``: ``(alpha / r) · (B A x + b_B)``, b_B per output feature."""
     a, b = adapter.lora_A, adapter.lora_B
     r = a.shape[0]
     alpha = spec.alpha_pattern.get("layer", spec.alpha)
@@ -31,6 +46,13 @@ def formula(spec, adapter, base, x):
         low = conv(conv(x, a, None, base.stride, base.padding), b)
     else:
         low = x @ a.t() @ b.t()
+    if spec.lora_bias:
+        channels_first = isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        low = low + (
+            adapter.lora_bias.view(-1, *(1,) * (x.dim() - 2))
+            if channels_first
+            else adapter.lora_bias
+        )
     return plain_output(base, x) + scale * low
 
 
@@ -200,3 +222,137 @@ def test_graph_shows_no_adapter_nodes_when_merged_or_disabled():
     with cm.disabled():
         assert "lora_A" not in cm.graph.code("")
     assert "lora_A" in cm.graph.code("")
+
+
+# -- lora_bias: B's bias (PEFT's lora_B.bias) -------------------------------------------------------
+
+
+def test_lora_bias_starts_at_zero_and_saves_under_peft_key(tmp_path):
+    cm = surgeon.compile(
+        ZOO["mlp"].model(), surgeon.LoRA(rank=2, targets=("head",), lora_bias=True)
+    )
+    ((_, adapter),) = cm.store.items("default")
+    assert adapter.lora_bias.shape == (5,) and torch.count_nonzero(adapter.lora_bias) == 0
+    assert "base_model.model.head.lora_B.bias" in cm.adapter_state_dict()
+    cm.save_adapters(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_bias"] is True
+
+
+def test_peft_file_with_lora_bias_on_layers_without_bias_loads_but_refuses_to_merge(tmp_path):
+    """Llama's projections have no bias: PEFT runs B's bias there (and warns) but cannot merge
+    it; ours loads the file with PEFT's outputs, warns, and refuses merging before any change."""
+    entry = ZOO["llama"]
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_bias=True)
+    pm = peft_model(entry.model(), config)
+    pm.save_pretrained(tmp_path)
+    x = entry.example()
+    expected = logits(pm(**x))
+    with pytest.warns(
+        UserWarning, match="layer without bias: the adapter runs, but cannot be merged"
+    ):
+        cm = surgeon.load(entry.model(), tmp_path).eval()
+    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
+    weights = {k: v.clone() for k, v in cm.model.state_dict().items()}
+    for act in (cm.merge, cm.merge_and_unload):
+        with pytest.raises(surgeon.SpecError, match="no bias to take B's bias"):
+            act()
+    assert cm.merged == []
+    assert all(torch.equal(v, weights[k]) for k, v in cm.model.state_dict().items())
+    torch.testing.assert_close(logits(cm(**x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_bias_train_step_gives_peft_gradients(tmp_path):
+    """The suite compares gradients on first examples only: B's bias here."""
+    entry = ZOO["gpt2"]
+    config = peft.LoraConfig(r=2, target_modules=["c_attn"], lora_bias=True, fan_in_fan_out=True)
+    pm = peft_model(entry.model(), config)
+    pm.save_pretrained(tmp_path)
+    cm = surgeon.load(entry.model(), tmp_path)
+    x = entry.example()
+    for model in (cm, pm):
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        model.train()
+        logits(model(**x)).pow(2).mean().backward()
+    theirs = {n: p for n, p in pm.named_parameters() if n.endswith("lora_B.default.bias")}
+    assert len(theirs) == 2
+    for path, adapter in cm.store.items("default"):
+        mine = adapter.lora_bias.grad
+        their = theirs[f"base_model.model.{path}.lora_B.default.bias"].grad
+        torch.testing.assert_close(mine, their, rtol=1e-4, atol=1e-6)
+
+
+def test_our_lora_bias_file_loads_in_peft_with_our_outputs(tmp_path):
+    entry = ZOO["gpt2"]
+    spec = surgeon.LoRA(rank=2, targets=("c_attn", "c_fc"), lora_bias=True)
+    cm = surgeon.compile(entry.model(), spec).eval()
+    add_noise(cm.store.parameters())
+    x = entry.example()
+    cm.save_adapters(tmp_path)
+    theirs = peft_loaded(entry.model(), tmp_path)
+    torch.testing.assert_close(logits(theirs(**x)), logits(cm(**x)), rtol=1e-5, atol=1e-5)
+    cm.merge()  # GPT-2's layers have biases: B's bias folds in
+    torch.testing.assert_close(logits(cm(**x)), logits(theirs(**x)), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_folds_the_scaled_bias_and_unmerge_restores_it():
+    torch.manual_seed(0)
+    model = One(nn.Linear(5, 6))
+    original = model.layer.bias.detach().clone()
+    cm = surgeon.compile(model, surgeon.LoRA(rank=2, alpha=6, targets=("layer",), lora_bias=True))
+    ((_, adapter),) = cm.store.items("default")
+    add_noise(cm.store.parameters())
+    cm.merge()
+    torch.testing.assert_close(model.layer.bias, original + 3 * adapter.lora_bias)
+    cm.unmerge()
+    torch.testing.assert_close(model.layer.bias, original)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"init": "gaussian"}, r"lora_bias=True needs init='default'.*not init='gaussian'"),
+        ({"init": "pissa"}, r"lora_bias=True needs init='default'"),
+        ({"lora_bias": 1}, "lora_bias"),
+    ],
+)
+def test_lora_bias_refuses_what_peft_refuses(fields, match):
+    with pytest.raises(surgeon.SpecError, match=match):
+        surgeon.LoRA(**{"lora_bias": True, **fields})
+
+
+def test_lora_bias_is_refused_with_dora_and_on_embeddings():
+    with pytest.raises(surgeon.SpecError, match=r"DoRA.lora_bias=True is not supported"):
+        surgeon.DoRA(lora_bias=True)
+    assert "lora_bias" not in surgeon.DoRA.examples(("layer",))
+    with pytest.raises(surgeon.SpecError, match=r"embed_tokens \(Embedding\), which LoRA cannot"):
+        surgeon.compile(
+            ZOO["llama"].model(), surgeon.LoRA(targets=("embed_tokens",), lora_bias=True)
+        )
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"use_dora": True}, "use_dora=True selects a variant"),  # neither LoRA's nor DoRA's
+        ({"init_lora_weights": "gaussian"}, "lora_bias=True needs init='default'"),
+    ],
+)
+def test_peft_configs_with_lora_bias_we_cannot_honour_are_refused(change, match, tmp_path):
+    cm = surgeon.compile(
+        ZOO["mlp"].model(), surgeon.LoRA(rank=2, targets=("head",), lora_bias=True)
+    )
+    cm.save_adapters(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(surgeon.SpecError, match=match):
+        surgeon.load(ZOO["mlp"].model(), tmp_path)
+
+
+def test_combining_adapters_with_lora_bias_is_refused():
+    spec = surgeon.LoRA(rank=2, targets=("head",), lora_bias=True)
+    cm = surgeon.compile(ZOO["mlp"].model(), spec, name="a")
+    cm.add_adapter("b", spec)
+    with pytest.raises(surgeon.SpecError, match="adapter 'a' has lora_bias=True"):
+        cm.merge_adapters({"a": 1.0, "b": 1.0}, "ab", how="cat")
