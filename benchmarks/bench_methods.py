@@ -41,7 +41,8 @@ Method
     vector_length=64``; UniLoRA ``r=4, theta_d_length=4096``; SHiRA ``r=8``; Super-Tuning
     ``sparsity=0.99, r=8``; PEANuT ``r=8, depth=1``; RandLoRA ``r=32``; TinyLoRA ``r=2,
     u=64``; FRoD with PEFT's defaults; AdaMSS ``r=100, num_subspaces=5, subspace_rank=1`` (no
-    ASA step on either side); Lily ``r=8, stride_A=2, num_B=2``.
+    ASA step on either side); Lily ``r=8, stride_A=2, num_B=2``; trainable tokens: 16 rows of
+    ``embed_tokens``.
 * Same weights on both sides: PEFT builds its model (``get_peft_model``), every trainable
   parameter gets seeded Gaussian noise (std 0.02) added so the adapters are not the identity,
   the adapter is written with ``save_pretrained`` and surgeon reads it back with
@@ -150,6 +151,9 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
     "FRoD": lambda: peft.FrodConfig(progressbar=False, target_modules=QV),
     "AdaMSS": lambda: peft.AdamssConfig(r=100, num_subspaces=5, subspace_rank=1, target_modules=QV),
     "Lily": lambda: peft.LilyConfig(r=8, stride_A=2, num_B=2, target_modules=QV),
+    "Trainable tokens": lambda: peft.TrainableTokensConfig(
+        token_indices=list(range(16)), target_modules=["embed_tokens"]
+    ),
 }
 """Method -> PEFT config; surgeon's side is whatever ``surgeon.load`` reads from its save."""
 

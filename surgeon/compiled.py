@@ -383,9 +383,13 @@ class CompiledModel(nn.Module):
         for pname, p in self.model.named_parameters(remove_duplicate=False):
             owners.setdefault(id(p), []).append(pname)
         for name in names:
-            for path, layer in self.store.items(name):
+            items = self.store.items(name)
+            # a method that adapts every layer sharing the weight alike may write into it
+            alike = self.store.specs[name].merges_into_shared_weights
+            adapted = {f"{path}.weight" for path, _ in items} if alike else set()
+            for path, layer in items:
                 shared = owners.get(id(layer.base.weight), [])
-                if len(shared) > 1:
+                if any(n not in adapted for n in shared if n != f"{path}.weight"):
                     others = ", ".join(n for n in shared if n != f"{path}.weight")
                     raise SpecError(
                         f"cannot merge adapter {name!r}: {path}.weight is tied to {others}, so merging would "

@@ -110,6 +110,11 @@ class MethodSpec(metaclass=ValidatingMeta):
     batch's inputs), or None: merging such an adapter, and exporting it (export merges), is a
     `SpecError` with this reason, before anything changes."""
 
+    merges_into_shared_weights: ClassVar[bool] = False
+    """Whether merging may write into a weight other layers share (tied embeddings) when this
+    adapter adapts each of them too, alike (trainable tokens: the tied LM head gets the rows the
+    embedding gets); otherwise merging into a shared weight is a `SpecError`."""
+
     shapes_from_weight_values: ClassVar[bool] = False
     """Whether the adapter's parameter shapes come from the base weights' values (AdaMSS's
     clusters of W's singular vectors): such a method cannot be built on the meta device, and
