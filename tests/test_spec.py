@@ -129,9 +129,9 @@ def test_bad_field_names_field_value_and_what_is_allowed(kwargs, fragments):
 
 def test_too_many_positional_arguments():
     with pytest.raises(
-        surgeon.SpecError, match=r"LoRA takes at most 11 positional arguments, got 12"
+        surgeon.SpecError, match=r"LoRA takes at most 12 positional arguments, got 13"
     ):
-        surgeon.LoRA(*range(1, 13))
+        surgeon.LoRA(*range(1, 14))
 
 
 def test_replace_validates_too():
@@ -217,6 +217,7 @@ def test_to_dict_lists_every_field():
                 "exclude": [],
                 "rank_pattern": {},
                 "alpha_pattern": {},
+                "lora_bias": False,
                 "modules_to_save": [],
             }
         }
