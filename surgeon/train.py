@@ -1032,16 +1032,17 @@ def _check_model(cm: Any) -> None:
 
 
 def _check_methods(cm: Any, parallel: Parallel) -> None:
-    """FSDP shards gradients: methods that adapt from the full gradients after each step cannot
-    run under it."""
+    """FSDP shards parameters and gradients: methods whose per-step hook reads or rewrites whole
+    adapter tensors after each step (AdaLoRA's allocation from gradients, DyLoRA's rank draw held
+    on its layers, CPT's projection) cannot run under it."""
     if parallel.kind != "fsdp":
         return
     for name in cm.active:
         spec = cm.spec(name)
         if type(spec).after_backward is not MethodSpec.after_backward:
             raise SpecError(
-                f"distributed='fsdp': adapter {name!r} ({spec.name}) updates itself from whole "
-                f"gradients after every step, which FSDP shards; use distributed='ddp'"
+                f"distributed='fsdp': adapter {name!r} ({spec.name}) runs a hook on its whole "
+                f"tensors after every step, which FSDP shards; use distributed='ddp'"
             )
 
 

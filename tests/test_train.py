@@ -823,7 +823,7 @@ def test_distributed_modes_need_a_process_group_and_fsdp_refuses_self_updating_m
     from surgeon.train import _check_methods
 
     adalora = compiled(method=surgeon.AdaLoRA(initial_rank=4, target_rank=2, total_steps=4))
-    with pytest.raises(surgeon.SpecError, match="'default' \\(adalora\\) updates itself"):
+    with pytest.raises(surgeon.SpecError, match="'default' \\(adalora\\) runs a hook on its whole"):
         _check_methods(adalora, Parallel("fsdp", 0, 2))
     _check_methods(compiled(), Parallel("fsdp", 0, 2))  # LoRA has no such hook
 
