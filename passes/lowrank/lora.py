@@ -5,7 +5,11 @@ stored in 4 bits (`QLoRALayer`, what QLoRA builds). PEFT keys: ``lora_A.weight``
 ``lora_B.weight`` (embeddings: ``lora_embedding_A``, ``lora_embedding_B``). Initialisations
 follow PEFT: ``default`` (A kaiming-uniform, B zero; for embeddings A zero, B normal),
 ``gaussian`` (A normal with std 1/r), ``pissa`` (principal singular vectors, base weight
-replaced by the residual) and ``olora`` (QR of the base weight, residual likewise).
+replaced by the residual), ``pissa_niter_K`` (the same from ``torch.svd_lowrank`` with K
+iterations: it draws from torch's generator as PEFT does), ``olora`` (QR of the base weight,
+residual likewise) and ``orthogonal`` (A and B from the two halves of a random orthogonal
+matrix, so ``B A = 0`` while neither is zero; even ranks only). The inits other than ``default``
+and ``gaussian`` adapt Linear and Conv1D layers only.
 
 ``lora_bias`` (PEFT's option of that name) gives B a trainable bias, PEFT's ``lora_B.bias``
 (zeros at first): ``base(x) + scale * (B(A(dropout(x))) + b_B)``. As PEFT: not on embeddings,
@@ -16,6 +20,7 @@ bias and is refused (a `SpecError`) where the layer has none.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +40,14 @@ from surgeon.checks import (
     check_positive,
     check_probability,
 )
-from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, layer_kind, restore_storage, snapshot_storage
+from surgeon.errors import SpecError, did_you_mean
+from surgeon.layers import (
+    adapter_dtype,
+    layer_kind,
+    restore_storage,
+    snapshot_storage,
+    through_base_dtype,
+)
 from surgeon.passes.lowrank.lora_combine import COMBINATIONS, combine_lora
 from surgeon.peft import (
     BOOL,
@@ -47,7 +58,6 @@ from surgeon.peft import (
     STRING,
     PeftFormat,
     PeftKey,
-    choices,
     selection_keys,
 )
 from surgeon.quant import (
@@ -62,8 +72,38 @@ from surgeon.quant import (
 from surgeon.spec import Combination, MethodSpec
 from surgeon.targets import pattern_value
 
-INITS = ("default", "gaussian", "pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA by randomized SVD with K iterations
 BIAS_MODES = ("none", "all", "lora_only")
+
+
+def is_init(value: Any) -> bool:
+    """Whether ``value`` names one of LoRA's initialisations (``pissa_niter_K`` included)."""
+    return isinstance(value, str) and (value in INITS or PISSA_NITER.fullmatch(value) is not None)
+
+
+def _init_names(inits: Sequence[str]) -> str:
+    """``inits`` and the ``pissa_niter_K`` family, as error messages list them."""
+    return f"{', '.join(map(repr, inits))} or 'pissa_niter_<K>' (K an integer >= 0)"
+
+
+def is_residual_init(init: str) -> bool:
+    """Whether ``init`` factors the base weight and leaves the base the residual."""
+    return init in ("pissa", "olora") or PISSA_NITER.fullmatch(init) is not None
+
+
+def _load_init(value: Any, config: Mapping[str, Any], where: str) -> str:
+    """PEFT's ``init_lora_weights`` as ``init``: true and false are the default init (the
+    weights come from the file); the names stay, as residual inits rewrite the base on load."""
+    if isinstance(value, bool):
+        return "default"
+    if is_init(value) and value != "default":
+        return value
+    raise SpecError(
+        f"{where}: init_lora_weights={value!r} is not supported (supported: true, false, "
+        f"{_init_names(INITS[1:])})"
+    )
+
 
 PEFT_FORMAT = PeftFormat(
     "LORA",
@@ -80,11 +120,7 @@ PEFT_FORMAT = PeftFormat(
             True,
             BOOL_OR_STRING,
             save=lambda spec, paths: True if spec.init == "default" else spec.init,
-            # the weights come from the file; only residual inits change the base
-            load=choices(
-                {True: "default", False: "default", **{i: i for i in INITS[1:]}},
-                "init_lora_weights",
-            ),
+            load=_load_init,
             lossy=True,
         ),
         PeftKey("rank_pattern", "rank_pattern", {}, MAPPING.optional()),
@@ -126,7 +162,11 @@ class LoRA(MethodSpec):
         check_probability(owner, "dropout", self.dropout)
         check_choice(owner, "bias", self.bias, BIAS_MODES)
         check_bool(owner, "rslora", self.rslora)
-        check_choice(owner, "init", self.init, INITS)
+        if not is_init(self.init):
+            hint = did_you_mean(str(self.init), INITS)
+            raise SpecError(
+                f"{owner}.init={self.init!r}: expected one of {_init_names(INITS)}{hint}"
+            )
         self._set(
             "rank_pattern", check_pattern_map(owner, "rank_pattern", self.rank_pattern, check_int)
         )
@@ -176,7 +216,7 @@ class LoRA(MethodSpec):
 
     @property
     def rewrites_base(self) -> bool:
-        return self.init in ("pissa", "olora")
+        return is_residual_init(self.init)
 
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         rank = pattern_value(self.rank_pattern, path, self.rank)
@@ -268,13 +308,16 @@ class LoRALayer(AdapterLayer):
         return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, *ones)
 
     def _initialise(self, init: str, path: str) -> None:
-        if init in ("pissa", "olora"):
+        if init not in ("default", "gaussian"):
             if self.kind not in ("linear", "conv1d_gpt2"):
                 raise SpecError(
                     f"LoRA.init={init!r} supports Linear and Conv1D layers; {path} is "
                     f"{type(self.base).__name__}"
                 )
-            self._initialise_residual(init)
+            if init == "orthogonal":
+                self._initialise_orthogonal(path)
+            else:
+                self._initialise_residual(init)
             return
         with torch.no_grad():
             if self.kind == "embedding":
@@ -289,20 +332,58 @@ class LoRALayer(AdapterLayer):
 
     @torch.no_grad()
     def _initialise_residual(self, init: str) -> None:
-        """PiSSA / OLoRA: A, B from a factorisation of W; the base keeps W - scale * B @ A (in place)."""
+        """PiSSA / OLoRA: A, B from a factorisation of W; the base keeps W - scale * B @ A (in
+        place). A and B pass through the base dtype, as PEFT moves them there before upcasting."""
         weight = self.base.weight
         w = self._out_in(weight.float())
-        if init == "pissa":
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            s = s[: self.rank] / self.scale
-            a = torch.diag(s.sqrt()) @ vh[: self.rank]
-            b = u[:, : self.rank] @ torch.diag(s.sqrt())
-        else:
+        if init == "olora":
             q, r = torch.linalg.qr(w)
             a, b = r[: self.rank], q[:, : self.rank]
-        self.lora_A.copy_(a)
-        self.lora_B.copy_(b)
+        else:
+            u, s, v = self._principal_triplets(w, init)
+            s = s / self.scale
+            a = torch.diag(s.sqrt()) @ v.t()
+            b = u @ torch.diag(s.sqrt())
+        self.lora_A.copy_(through_base_dtype(a, weight))
+        self.lora_B.copy_(through_base_dtype(b, weight))
         weight.copy_(self._out_in(w - self.scale * b @ a).to(weight.dtype))
+
+    def _principal_triplets(
+        self, w: torch.Tensor, init: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W's top ``rank`` singular vectors and values ``(U_r, S_r, V_r)``: exact for
+        ``pissa``; for ``pissa_niter_K`` by ``torch.svd_lowrank`` on W's device, after PEFT's
+        draws, so its random start is PEFT's."""
+        niter = PISSA_NITER.fullmatch(init)
+        if niter is None:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            return u[:, : self.rank], s[: self.rank], vh[: self.rank].t()
+        self._draw_as_peft_factor_layers()
+        return torch.svd_lowrank(w, q=self.rank, niter=int(niter.group(1)))
+
+    def _draw_as_peft_factor_layers(self) -> None:
+        """Take from the CPU generator what PEFT's construction of its ``lora_A`` and ``lora_B``
+        (``nn.Linear`` layers, default-initialised) takes, before its init draws its own."""
+        for shape in (self.lora_A.shape, self.lora_B.shape):
+            nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+
+    @torch.no_grad()
+    def _initialise_orthogonal(self, path: str) -> None:
+        """PEFT's orthogonal init: a random orthogonal r x r matrix Q; A = (G_A Q_odd)^T / 10 and
+        B = G_B^T Q_even / 10 with Gaussian G_A (in x r/2), G_B (r/2 x out), drawn on the CPU
+        in PEFT's order. Q's odd and even rows are orthogonal, so B A = 0 at first."""
+        if self.rank % 2:
+            raise SpecError(
+                f"LoRA.init='orthogonal' on {path}: needs an even rank (PEFT's rule), got "
+                f"{self.rank}"
+            )
+        self._draw_as_peft_factor_layers()
+        q, _ = torch.linalg.qr(torch.randn(self.rank, self.rank))
+        fan_in, fan_out = self.lora_A.shape[1], self.lora_B.shape[0]
+        a = (torch.randn(fan_in, self.rank // 2) @ q[0::2]).t() / 10.0
+        b = torch.randn(self.rank // 2, fan_out).t() @ q[1::2] / 10.0
+        self.lora_A.copy_(through_base_dtype(a, self.base.weight))
+        self.lora_B.copy_(through_base_dtype(b, self.base.weight))
 
     def _out_in(self, w: torch.Tensor) -> torch.Tensor:
         """GPT-2's Conv1D stores (in, out); everything here works in (out, in)."""
@@ -428,10 +509,15 @@ class QLoRALayer(LoRALayer):
         quant: NF4,
         lora_bias: bool = False,
     ) -> None:
-        if init in ("pissa", "olora") and is_quantized(base):
+        if is_residual_init(init) and is_quantized(base):
             raise SpecError(
                 f"init={init!r} on {path}: the layer is already stored in 4 bits; residual inits "
                 f"need its full-precision weight (QLoRA on a full-precision model quantizes the residual)"
+            )
+        if init == "orthogonal" and is_quantized(base):
+            raise SpecError(
+                f"init='orthogonal' on {path}: the layer is stored in 4 bits; PEFT casts the "
+                f"orthogonal A and B to the weight's storage dtype and fails there"
             )
         super().__init__(
             base, path, rank, scale, dropout, init, dtype=quant.dtype, lora_bias=lora_bias

@@ -1,5 +1,5 @@
 """LoRA's card (its formula) and what is LoRA's own: initialisations (default, gaussian, the
-residual PiSSA and OLoRA), bias modes, B's bias (``lora_bias``) where the examples do not reach
+residual PiSSA, PiSSA by randomized SVD and OLoRA, orthogonal), bias modes, B's bias (``lora_bias``) where the examples do not reach
 (layers without bias, refusals, gradients), dropout, the adapter's dtype, golden rewritten graphs. The
 conformance suite (tests/conformance) runs the formula, merging, files, PEFT parity, gradients,
 devices and dtypes on every example."""
@@ -19,6 +19,7 @@ from zoo import (
     add_noise,
     gpt2_conv1d,
     graph_code,
+    load_with_changed_config,
     logits,
     peft_loaded,
     peft_model,
@@ -27,6 +28,7 @@ from zoo import (
 )
 
 import surgeon
+from surgeon import quant
 
 peft = pytest.importorskip("peft")
 
@@ -90,7 +92,7 @@ def test_gaussian_init_has_std_one_over_rank():
     assert torch.count_nonzero(adapter.lora_B) == 0
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2"])
 def test_residual_inits_keep_outputs_and_factor_the_weight(init, kind):
     build, make_x = LAYERS[kind]
@@ -112,19 +114,167 @@ def test_residual_inits_keep_outputs_and_factor_the_weight(init, kind):
         torch.testing.assert_close(
             adapter.lora_B @ adapter.lora_A * adapter.scale, best, rtol=1e-4, atol=1e-5
         )
-    else:  # B has orthonormal columns (Q of a QR)
+    elif init == "olora":  # B has orthonormal columns (Q of a QR)
         torch.testing.assert_close(
             adapter.lora_B.t() @ adapter.lora_B, torch.eye(2), rtol=1e-5, atol=1e-5
         )
+    # pissa_niter's randomized SVD is approximate: its factors are PEFT's, tested below
 
 
-def test_residual_init_on_an_embedding_is_refused_and_leaves_the_model():
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "orthogonal"])
+@pytest.mark.parametrize("kind", ["embedding", "conv2d"])
+def test_inits_beyond_default_and_gaussian_refuse_embeddings_and_convolutions(init, kind):
+    """PEFT raises on convolutions and quietly gives embeddings its default init instead:
+    both are refused here, the model left as it was."""
+    build, _ = LAYERS[kind]
     torch.manual_seed(0)
-    model = One(nn.Embedding(10, 4))
+    model = One(build())
     saved = model.layer.weight.detach().clone()
-    with pytest.raises(surgeon.SpecError, match="init='pissa' supports Linear and Conv1D"):
-        surgeon.compile(model, surgeon.LoRA(targets=("layer",), init="pissa"))
+    with pytest.raises(surgeon.SpecError, match=f"init='{init}' supports Linear and Conv1D"):
+        surgeon.compile(model, surgeon.LoRA(rank=2, targets=("layer",), init=init))
     assert torch.equal(model.layer.weight, saved) and model.layer.weight.requires_grad
+
+
+RANDOM_INITS = ["pissa_niter_2", "orthogonal"]
+"""Inits that draw from torch's generator, as PEFT's do."""
+
+
+def _seeded(build):
+    torch.manual_seed(0)
+    return build()
+
+
+def _peft_and_ours(build, targets, init, dora=False):
+    """PEFT's LoRA (or DoRA) model and ours, built on two equal copies of ``build()`` from the
+    same seed."""
+    theirs, ours = (_seeded(build) for _ in range(2))
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=init, use_dora=dora
+    )
+    torch.manual_seed(3)
+    pm = peft_model(theirs, config, seed=None)
+    torch.manual_seed(3)
+    method = surgeon.DoRA if dora else surgeon.LoRA
+    return pm, surgeon.compile(ours, method(rank=4, alpha=8, targets=tuple(targets), init=init))
+
+
+@pytest.mark.parametrize("init", RANDOM_INITS)
+@pytest.mark.parametrize(
+    ("kind", "dtype"),
+    [("mlp", torch.float32), ("mlp", torch.bfloat16), ("conv1d_gpt2", torch.float32)],
+)
+def test_random_inits_draw_peft_tensors_from_the_same_seed(init, kind, dtype):
+    """PEFT builds its factor layers (default-initialised ``nn.Linear``s: draws), then draws
+    the init: from one seed ours has PEFT's A, B and residual base weight, layer after layer
+    (the MLP has three), rounded through a half-precision base dtype as PEFT's are."""
+    if kind == "mlp":
+        build, targets = (lambda: ZOO["mlp"].model().to(dtype)), ZOO["mlp"].targets
+    else:
+        build, targets = (lambda: One(gpt2_conv1d(8, 6))), ("layer",)
+    pm, cm = _peft_and_ours(build, targets, init)
+    theirs = dict(pm.named_parameters())
+    for path, adapter in cm.store.items("default"):
+        name = f"base_model.model.{path}."
+        torch.testing.assert_close(adapter.lora_A, theirs[name + "lora_A.default.weight"])
+        torch.testing.assert_close(adapter.lora_B, theirs[name + "lora_B.default.weight"])
+        torch.testing.assert_close(
+            cm.model.get_submodule(path).weight, theirs[name + "base_layer.weight"]
+        )
+    assert len(cm.store.items("default")) == len(targets)
+
+
+def test_orthogonal_init_starts_as_the_base_with_both_factors_random():
+    """PEFT's orthogonal init: A and B from the odd and even rows of one orthogonal matrix, so
+    B A = 0 although neither is zero; the base weight stays."""
+    torch.manual_seed(0)
+    model = One(nn.Linear(16, 12))
+    weight = model.layer.weight.detach().clone()
+    x = torch.randn(3, 16)
+    before = model(x)
+    cm = surgeon.compile(model, surgeon.LoRA(rank=4, targets=("layer",), init="orthogonal"))
+    ((_, adapter),) = cm.store.items("default")
+    assert adapter.lora_A.abs().min() > 0 and adapter.lora_B.abs().min() > 0
+    assert (adapter.lora_B @ adapter.lora_A).abs().max() < 1e-6
+    assert torch.equal(model.layer.weight, weight)
+    torch.testing.assert_close(cm(x), before)
+
+
+@pytest.mark.parametrize("init", RANDOM_INITS)
+def test_random_init_files_load_both_ways_with_peft_outputs(init, tmp_path):
+    """PEFT's file names the init; loading reruns it (PEFT redraws the PiSSA residual from the
+    generator), so from the load's seed both libraries give the same outputs, both ways."""
+    entry = ZOO["mlp"]
+    pm, cm = _peft_and_ours(entry.model, entry.targets, init)
+    add_noise(p for p in pm.parameters() if p.requires_grad)
+    add_noise(cm.store.parameters())
+    x = entry.example()
+    pm.save_pretrained(tmp_path / "peft")
+    cm.save_adapters(tmp_path / "ours")
+    for folder in ("peft", "ours"):
+        config = json.loads((tmp_path / folder / "adapter_config.json").read_text())
+        assert config["init_lora_weights"] == init
+    ours, theirs = entry.model(), entry.model()
+    torch.manual_seed(3)  # the seed both adapters were made from
+    loaded = surgeon.load(ours, tmp_path / "peft")
+    torch.manual_seed(3)
+    peft_outputs = peft_loaded(theirs, tmp_path / "ours")(**x)
+    assert loaded.store.specs["default"].init == init
+    for out in (loaded(**x), peft_outputs, cm(**x)):
+        torch.testing.assert_close(out, pm(**x), rtol=1e-5, atol=1e-6)
+
+
+def test_orthogonal_init_needs_an_even_rank_on_every_layer():
+    with pytest.raises(surgeon.SpecError, match=r"on layer: needs an even rank .*got 3"):
+        surgeon.compile(
+            One(nn.Linear(5, 6)), surgeon.LoRA(rank=3, init="orthogonal", targets=("layer",))
+        )
+    spec = surgeon.LoRA(rank=2, init="orthogonal", targets=("head",), rank_pattern={"head": 5})
+    with pytest.raises(surgeon.SpecError, match=r"on head: needs an even rank .*got 5"):
+        surgeon.compile(ZOO["mlp"].model(), spec)
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_x", "pissa_niter_", "pissa_4", "Orthogonal"])
+def test_unknown_init_names_are_refused(init):
+    match = rf"LoRA.init='{init}': expected one of 'default', .* 'orthogonal' or 'pissa_niter_<K>'"
+    with pytest.raises(surgeon.SpecError, match=match):
+        surgeon.LoRA(init=init)
+
+
+@pytest.mark.parametrize("value", ["pissa_niter_-1", "pissa_niter_two", "eva", "default"])
+def test_peft_init_names_we_do_not_have_are_refused(value, tmp_path):
+    cm = surgeon.compile(ZOO["mlp"].model(), surgeon.LoRA(rank=2, targets=("head",)))
+    cm.save_adapters(tmp_path)
+    match = rf"init_lora_weights='{value}' is not supported \(supported: true, false, 'gaussian'"
+    with pytest.raises(surgeon.SpecError, match=match):
+        load_with_changed_config(ZOO["mlp"].model(), tmp_path, {"init_lora_weights": value})
+
+
+@pytest.mark.parametrize(
+    ("init", "match"),
+    [
+        ("pissa_niter_2", "residual inits need its full-precision weight"),
+        ("orthogonal", "PEFT casts the orthogonal A and B to the weight's storage dtype"),
+    ],
+)
+def test_random_inits_refuse_layers_stored_in_4_bits(init, match):
+    """PEFT refuses PiSSA on 4-bit weights and fails building orthogonal factors there."""
+    model = One(nn.Linear(64, 32))
+    quant.quantize_linear(model.layer, surgeon.NF4(compute_dtype="float32"))
+    with pytest.raises(surgeon.SpecError, match=match):
+        surgeon.compile(model, surgeon.LoRA(rank=2, targets=("layer",), init=init))
+
+
+@pytest.mark.parametrize("init", RANDOM_INITS)
+def test_dora_with_random_inits_matches_peft(init):
+    """DoRA takes LoRA's inits; its magnitude is measured after them, as PEFT's."""
+    entry = ZOO["mlp"]
+    pm, cm = _peft_and_ours(entry.model, entry.targets, init, dora=True)
+    x = entry.example()
+    torch.testing.assert_close(cm(**x), pm(**x))
+    theirs_params = dict(pm.named_parameters())
+    for path, adapter in cm.store.items("default"):
+        name = f"base_model.model.{path}.lora_magnitude_vector.default.weight"
+        torch.testing.assert_close(adapter.magnitude, theirs_params[name])
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
@@ -314,6 +464,8 @@ def test_merge_folds_the_scaled_bias_and_unmerge_restores_it():
     [
         ({"init": "gaussian"}, r"lora_bias=True needs init='default'.*not init='gaussian'"),
         ({"init": "pissa"}, r"lora_bias=True needs init='default'"),
+        ({"init": "pissa_niter_4"}, r"lora_bias=True needs init='default'"),
+        ({"init": "orthogonal"}, r"lora_bias=True needs init='default'"),
         ({"lora_bias": 1}, "lora_bias"),
     ],
 )
