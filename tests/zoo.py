@@ -463,6 +463,55 @@ def load_with_changed_config(model: nn.Module, folder: Any, change: dict[str, An
     return surgeon.load(model, folder)
 
 
+def resume_config(**changes: Any) -> Any:
+    """A short constant-rate run (4 steps of 2 samples) for checking exact resumption."""
+    import surgeon
+
+    fields = dict(
+        learning_rate=1e-2,
+        batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=4,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        progress=False,
+        distributed="none",
+    )
+    return surgeon.TrainingConfig(**{**fields, **changes})
+
+
+def train_and_resume(
+    whole: Any,
+    compiled: Callable[[int], Any],
+    data: Any,
+    config: Any,
+    tmp_path: Any,
+    start: int = 2,
+    loss_fn: Callable | None = F.mse_loss,
+) -> tuple[Any, Any]:
+    """Train ``whole`` (the caller built it as ``compiled(start)``) through ``config``; stop
+    another ``compiled(start)`` halfway with a checkpoint and resume it into ``compiled(9)`` (other
+    values: the checkpoint must restore them all). The resumed run must give the uninterrupted
+    run's losses and trained tensors bit for bit. Returns the uninterrupted run's result and the
+    resumed model."""
+    import surgeon
+    from surgeon.train import trained_parameters
+
+    expected = surgeon.train(whole, data, config, loss_fn=loss_fn)
+    run = tmp_path / "run"
+    halfway = config.replace(max_steps=config.max_steps // 2, output_dir=str(run))
+    surgeon.train(compiled(start), data, halfway, loss_fn=loss_fn)
+    fresh = compiled(9)
+    resumed = config.replace(output_dir=str(run))
+    result = surgeon.train(fresh, data, resumed, resume_from=run, loss_fn=loss_fn)
+    assert result.losses == expected.losses
+    mine, theirs = trained_parameters(fresh), trained_parameters(whole)
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+    return expected, fresh
+
+
 def train_a_few_steps(cm: Any, inputs: dict[str, Any], lr: float, steps: int = 4) -> list[float]:
     """Adam on the compiled model's trainable parameters, the model's own loss (labels: the
     input ids); returns the losses, after checking that no base parameter moved."""

@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    gpt2_conv1d,
+    load_with_changed_config,
+    plain_output,
+    randomize,
+    resume_config,
+    train_and_resume,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -263,16 +272,6 @@ def test_surgeon_train_moves_r_only_and_resumes_exactly(tmp_path):
         for _ in range(8)
     ]
     spec = LoRAXS(rank=3, dropout=0.2, targets=MLP_TARGETS)
-    config = surgeon.TrainingConfig(
-        learning_rate=1e-2,
-        batch_size=2,
-        gradient_accumulation_steps=1,
-        max_steps=4,
-        warmup_steps=0,
-        lr_scheduler="constant",
-        progress=False,
-        distributed="none",
-    )
 
     def compiled(seed: int) -> surgeon.CompiledModel:
         cm = surgeon.compile(_mlp(), spec)
@@ -283,19 +282,8 @@ def test_surgeon_train_moves_r_only_and_resumes_exactly(tmp_path):
     factors = {n: b.clone() for n, b in whole.store.named_buffers()}
     before = {n: p.detach().clone() for n, p in trained_parameters(whole).items()}
     assert all(n.endswith("lora_xs_R") for n in before)
-    expected = surgeon.train(whole, data, config, loss_fn=F.mse_loss)
+    train_and_resume(whole, compiled, data, resume_config(), tmp_path)
     for name, value in trained_parameters(whole).items():
         assert not torch.equal(value, before[name]), name
     for name, buffer in whole.store.named_buffers():
         assert torch.equal(buffer, factors[name]), name
-    run = tmp_path / "run"
-    surgeon.train(
-        compiled(2), data, config.replace(max_steps=2, output_dir=str(run)), loss_fn=F.mse_loss
-    )
-    fresh = compiled(9)  # other values: the checkpoint must restore them all
-    result = surgeon.train(
-        fresh, data, config.replace(output_dir=str(run)), resume_from=run, loss_fn=F.mse_loss
-    )
-    assert result.losses == expected.losses
-    for name, value in trained_parameters(fresh).items():
-        assert torch.equal(value, trained_parameters(whole)[name]), name

@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from zoo import (
@@ -25,6 +24,8 @@ from zoo import (
     logits,
     plain_output,
     randomize,
+    resume_config,
+    train_and_resume,
 )
 
 import surgeon
@@ -298,17 +299,6 @@ def test_other_layers_are_refused(layer, name):
 def test_surgeon_train_moves_the_coefficients_only_and_resumes_exactly(tmp_path):
     generator = torch.Generator().manual_seed(4)
     data = [(torch.randn(6, generator=generator), torch.randn(4, generator=generator))] * 6
-    config = surgeon.TrainingConfig(
-        learning_rate=1e-2,
-        batch_size=2,
-        gradient_accumulation_steps=1,
-        max_steps=4,
-        warmup_steps=0,
-        lr_scheduler="constant",
-        shuffle=False,
-        progress=False,
-        distributed="none",
-    )
 
     def compiled(seed: int) -> surgeon.CompiledModel:
         torch.manual_seed(0)
@@ -319,20 +309,7 @@ def test_surgeon_train_moves_the_coefficients_only_and_resumes_exactly(tmp_path)
     whole = compiled(2)
     bases = {n: b.clone() for n, b in whole.store.named_buffers()}
     coefficients = {n: p.detach().clone() for n, p in trained_parameters(whole).items()}
-    expected = surgeon.train(whole, data, config, loss_fn=F.mse_loss)
+    train_and_resume(whole, compiled, data, resume_config(shuffle=False), tmp_path)
     assert all(torch.equal(b, bases[n]) for n, b in whole.store.named_buffers())
     moved = {n for n, p in trained_parameters(whole).items() if not torch.equal(p, coefficients[n])}
     assert moved == set(coefficients)
-    run = tmp_path / "run"
-    surgeon.train(
-        compiled(2), data, config.replace(max_steps=2, output_dir=str(run)), loss_fn=F.mse_loss
-    )
-    fresh = compiled(9)  # other values: the checkpoint must restore them all
-    result = surgeon.train(
-        fresh, data, config.replace(output_dir=str(run)), resume_from=run, loss_fn=F.mse_loss
-    )
-    assert result.losses == expected.losses
-    mine, theirs = trained_parameters(fresh), trained_parameters(whole)
-    assert mine.keys() == theirs.keys()
-    for name in mine:
-        assert torch.equal(mine[name], theirs[name]), name

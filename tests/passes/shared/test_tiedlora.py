@@ -12,10 +12,19 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, gpt2_conv1d, load_with_changed_config, logits, plain_output, randomize
+from zoo import (
+    ZOO,
+    One,
+    gpt2_conv1d,
+    load_with_changed_config,
+    logits,
+    plain_output,
+    randomize,
+    resume_config,
+    train_and_resume,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -249,17 +258,6 @@ def test_surgeon_train_resumes_exactly_and_leaves_a_frozen_a_alone(tmp_path):
     spec = TiedLoRA(rank=3, config="TL4", targets=("a", "b", "c"))
     generator = torch.Generator().manual_seed(4)
     data = [(torch.randn(6, generator=generator), torch.randn(4, generator=generator))] * 6
-    config = surgeon.TrainingConfig(
-        learning_rate=1e-2,
-        batch_size=2,
-        gradient_accumulation_steps=1,
-        max_steps=4,
-        warmup_steps=0,
-        lr_scheduler="constant",
-        shuffle=False,
-        progress=False,
-        distributed="none",
-    )
 
     def compiled(seed: int) -> surgeon.CompiledModel:
         torch.manual_seed(0)
@@ -269,18 +267,5 @@ def test_surgeon_train_resumes_exactly_and_leaves_a_frozen_a_alone(tmp_path):
 
     whole = compiled(2)
     frozen = dict(whole.store.items("default"))["a"].factors.tiedlora_A.clone()
-    expected = surgeon.train(whole, data, config, loss_fn=F.mse_loss)
+    train_and_resume(whole, compiled, data, resume_config(shuffle=False), tmp_path)
     assert torch.equal(dict(whole.store.items("default"))["a"].factors.tiedlora_A, frozen)
-    run = tmp_path / "run"
-    surgeon.train(
-        compiled(2), data, config.replace(max_steps=2, output_dir=str(run)), loss_fn=F.mse_loss
-    )
-    fresh = compiled(9)  # other values: the checkpoint must restore them all
-    result = surgeon.train(
-        fresh, data, config.replace(output_dir=str(run)), resume_from=run, loss_fn=F.mse_loss
-    )
-    assert result.losses == expected.losses
-    mine, theirs = trained_parameters(fresh), trained_parameters(whole)
-    assert mine.keys() == theirs.keys()
-    for name in mine:
-        assert torch.equal(mine[name], theirs[name]), name
