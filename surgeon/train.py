@@ -1,7 +1,8 @@
 """`surgeon.train`: fine-tune a compiled model's adapters.
 
 AdamW over the parameters the compiled model trains (its active adapters, plus base parameters
-a method or the user made trainable), with warmup and a linear, cosine or constant schedule
+a method or the user made trainable), or LoRA-FA / Riemannian-preconditioned AdamW on LoRA's
+factors (`surgeon.optimizers`), with warmup and a linear, cosine or constant schedule
 (transformers' definitions), gradient clipping, and gradient accumulation that is exactly the
 large batch: every micro-batch's mean loss is weighted by its share of the step's items (label
 tokens that are not -100, after the shift a causal LM applies; samples otherwise), counted over
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon import checkpoint, distributed, history
+from surgeon import checkpoint, distributed, history, optimizers
 from surgeon.adapter import loraplus_group_by_shape
 from surgeon.best import Snapshot, best_evaluation, evaluations_without_improvement
 from surgeon.checkpoint import Progress
@@ -75,7 +76,13 @@ class TrainingConfig(metaclass=ValidatingMeta):
     the last step's). ``early_stopping_patience``: stop once that many evaluations in a row did
     not lower the best eval loss by more than ``early_stopping_threshold``. ``loraplus_lr_ratio``
     (LoRA+): B matrices and vectors learn at ``learning_rate x ratio``, embedding adapters at
-    ``loraplus_lr_embedding``, grouped as PEFT's ``create_loraplus_optimizer``. ``bf16``:
+    ``loraplus_lr_embedding``, grouped as PEFT's ``create_loraplus_optimizer``. ``optimizer``:
+    ``adamw``; ``lorafa`` (LoRA-FA, PEFT's ``create_lorafa_optimizer``: the A factors stay frozen
+    during training, B's gradient is projected through A, transformers' legacy AdamW with eps
+    1e-6); ``riemannian`` (PEFT's ``create_riemannian_optimizer`` over AdamW: A's and B's
+    gradients preconditioned by ``(BᵀB + riemannian_reg I)⁻¹`` and ``(AAᵀ + riemannian_reg I)⁻¹``).
+    Both need LoRA adapters (LoRA-FA: not DoRA, on Linear and Conv1D layers), and neither
+    combines with ``loraplus_lr_ratio`` (PEFT builds them apart). ``bf16``:
     autocast to bfloat16 (CPU too). ``distributed``: ``auto`` uses DDP when a process group
     with more than one process exists (or ``torchrun`` started this one), ``fsdp`` shards with
     FSDP2, ``none`` trains in this process alone. With ``output_dir``, training also writes its
@@ -106,6 +113,8 @@ class TrainingConfig(metaclass=ValidatingMeta):
     gradient_checkpointing: bool = False
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6
+    optimizer: str = "adamw"
+    riemannian_reg: float = 1e-2
     bf16: bool = False
     distributed: str = "auto"
     progress: bool = True
@@ -140,6 +149,13 @@ class TrainingConfig(metaclass=ValidatingMeta):
         if self.loraplus_lr_ratio is not None:
             check_number(o, "loraplus_lr_ratio", self.loraplus_lr_ratio, 0)
         check_number(o, "loraplus_lr_embedding", self.loraplus_lr_embedding, 0)
+        check_choice(o, "optimizer", self.optimizer, optimizers.OPTIMIZERS)
+        check_number(o, "riemannian_reg", self.riemannian_reg, 0, low_inclusive=True)
+        if self.optimizer != "adamw" and self.loraplus_lr_ratio is not None:
+            raise SpecError(
+                f"{o}.optimizer={self.optimizer!r}: does not combine with loraplus_lr_ratio="
+                f"{self.loraplus_lr_ratio} (PEFT builds LoRA+ and this optimizer apart); set one"
+            )
         check_choice(o, "distributed", self.distributed, distributed.KINDS)
         self._check_output_dir(o)
         if isinstance(self.report_to, list):  # a frozen config holds no mutable value
@@ -237,6 +253,7 @@ def train(
     _check_model(cm)
     parallel = distributed.context(config.distributed)
     _check_methods(cm, parallel)
+    _check_optimizer(config, parallel)
     pad = pad_token_id(cm.model)
     source = Source(
         train_data,
@@ -251,8 +268,26 @@ def train(
     if eval_data is not None and not isinstance(eval_data, torch.utils.data.DataLoader):
         check_dataset(eval_data, "eval_data")  # before training, not at the first evaluation
     total = total_steps(config, source)
-    trained = trained_parameters(cm)
+    trained = optimized_parameters(cm, config)
     groups = parameter_groups(cm, trained, config)
+    with optimizers.frozen(frozen_factors(cm, config)):
+        return _train(
+            cm, config, source, parallel, trained, groups, total, resume_from, eval_data, loss_fn
+        )
+
+
+def _train(
+    cm: Any,
+    config: TrainingConfig,
+    source: Source,
+    parallel: Parallel,
+    trained: dict[str, nn.Parameter],
+    groups: list[Group],
+    total: int,
+    resume_from: Path | None,
+    eval_data: Any,
+    loss_fn: LossFn | None,
+) -> TrainResult:
     names = [n for g in groups for n in g.names]
     saved = None
     if resume_from is not None:
@@ -273,7 +308,7 @@ def train(
     elif parallel.kind == "fsdp":  # DDP broadcasts rank 0's values itself
         parallel.broadcast_(list(trained.values()))
     model = parallel.wrap(cm, idle_parameter_names(cm))
-    optimizer = _optimizer(cm, groups, config)  # after wrapping: FSDP replaces the parameters
+    optimizer = build_optimizer(cm, groups, config)  # after wrapping: FSDP replaces the parameters
     factor = schedule(config.lr_scheduler, config.warmup_steps, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     progress = Progress()
@@ -286,15 +321,21 @@ def train(
     return loop.run()
 
 
-def _optimizer(cm: Any, groups: Sequence[Group], config: TrainingConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    cm: Any, groups: Sequence[Group], config: TrainingConfig
+) -> torch.optim.Optimizer:
+    """``config.optimizer`` over ``groups``; LoRA-FA's and the Riemannian optimizer's factor
+    groups carry ``"pairs"`` (and LoRA-FA's ``"scales"``), see `surgeon.optimizers`."""
     params = dict(cm.named_parameters())
-    return torch.optim.AdamW(
-        [
-            {"params": [params[n] for n in g.names], "lr": g.lr, "weight_decay": g.weight_decay}
-            for g in groups
-        ],
-        lr=config.learning_rate,
-    )
+    dicts = []
+    for g in groups:
+        d = {"params": [params[n] for n in g.names], "lr": g.lr, "weight_decay": g.weight_decay}
+        if config.optimizer != "adamw":
+            d["pairs"] = g.pairs
+        if config.optimizer == "lorafa":
+            d["scales"] = g.scales
+        dicts.append(d)
+    return optimizers.build(config.optimizer, dicts, config.learning_rate, config.riemannian_reg)
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -838,18 +879,30 @@ def _idle_parameters(cm: Any) -> Iterator[nn.Parameter]:
 
 @dataclass(frozen=True)
 class Group:
-    """One optimizer parameter group: parameter names, learning rate, weight decay."""
+    """One optimizer parameter group: parameter names, learning rate, weight decay. ``pairs``:
+    the names are LoRA factors ``A1, B1, A2, B2, ...`` (LoRA-FA's and the Riemannian
+    optimizer's), with LoRA-FA's ``scales``, one per pair."""
 
     names: tuple[str, ...]
     lr: float
     weight_decay: float
+    pairs: bool = False
+    scales: tuple[float, ...] = ()
 
 
 def parameter_groups(
     cm: Any, trained: Mapping[str, nn.Parameter], config: TrainingConfig
 ) -> list[Group]:
     """Weight decay except on biases, norm weights and what adapter layers exempt (DoRA's
-    magnitudes); with LoRA+, PEFT's grouping by learning rate."""
+    magnitudes); with LoRA+, PEFT's grouping by learning rate; with LoRA-FA or the Riemannian
+    optimizer, LoRA's factors first, as one group of pairs."""
+    factors: list[Group] = []
+    if config.optimizer != "adamw":
+        pairs = optimizers.factor_pairs(cm, config.optimizer)
+        names = tuple(n for pair in pairs for n in (pair.a, pair.b))
+        scales = tuple(pair.scale for pair in pairs) if config.optimizer == "lorafa" else ()
+        factors.append(Group(names, config.learning_rate, config.weight_decay, True, scales))
+        trained = {n: p for n, p in trained.items() if n not in set(names)}
     exempt = no_decay_parameters(cm)
     kinds = _loraplus_kinds(cm, trained) if config.loraplus_lr_ratio else {}
     ratio = config.loraplus_lr_ratio or 1.0
@@ -861,11 +914,30 @@ def parameter_groups(
     buckets: dict[tuple[str, bool], list[str]] = {}
     for name, param in trained.items():
         buckets.setdefault((kinds.get(name, "A"), id(param) not in exempt), []).append(name)
-    return [
+    return factors + [
         Group(tuple(buckets[key]), lrs[key[0]], config.weight_decay if key[1] else 0.0)
         for key in [(kind, decays) for kind in lrs for decays in (True, False)]
         if key in buckets
     ]
+
+
+def optimized_parameters(cm: Any, config: TrainingConfig) -> dict[str, nn.Parameter]:
+    """What the optimizer holds: the trained parameters, and with LoRA-FA the A factors it reads
+    (frozen while training, yet kept in checkpoints like the rest)."""
+    trained = trained_parameters(cm)
+    if config.optimizer != "lorafa":
+        return trained
+    params = dict(cm.named_parameters())
+    factors = optimizers.factor_pairs(cm, config.optimizer)
+    return {**{p.a: params[p.a] for p in factors}, **trained}
+
+
+def frozen_factors(cm: Any, config: TrainingConfig) -> list[nn.Parameter]:
+    """LoRA-FA's A factors, which no gradient reaches while it trains."""
+    if config.optimizer != "lorafa":
+        return []
+    params = dict(cm.named_parameters())
+    return [params[pair.a] for pair in optimizers.factor_pairs(cm, config.optimizer)]
 
 
 NORMS = (
@@ -1028,6 +1100,16 @@ def _check_model(cm: Any) -> None:
     if not trained_parameters(cm):
         raise SpecError(
             "train: the model has nothing to train (no active adapter, no trainable parameter)"
+        )
+
+
+def _check_optimizer(config: TrainingConfig, parallel: Parallel) -> None:
+    """LoRA-FA and the Riemannian optimizer invert products of whole LoRA factors, which FSDP
+    shards."""
+    if parallel.kind == "fsdp" and config.optimizer != "adamw":
+        raise SpecError(
+            f"distributed='fsdp': TrainingConfig.optimizer={config.optimizer!r} multiplies whole "
+            f"LoRA factors, which FSDP shards; use distributed='ddp'"
         )
 
 
