@@ -9,6 +9,7 @@ gets all of it by registering; its own test file keeps what is specific to it.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from harness import (
     peft_cases,
     peft_load,
     peft_model,
+    peft_types,
     perturb,
     saves_in_peft_format,
     train_step,
@@ -188,6 +190,25 @@ def test_save_and_load_give_the_same_adapter(case: Case, tmp_path):
 
 
 # -- PEFT -----------------------------------------------------------------------------------------
+
+
+def _own_type(case: Case) -> bool:
+    """A method PEFT lacks, saved under a type of this project's own."""
+    return case.cls.peft_type not in peft_types() and saves_in_peft_format(case)
+
+
+@pytest.mark.parametrize("case", methods(_own_type))
+def test_peft_refuses_a_file_of_our_own_type_rather_than_misreading_it(case: Case, tmp_path):
+    import peft
+
+    case.compile().save_adapters(tmp_path)
+    for load in (
+        lambda: peft.PeftConfig.from_pretrained(tmp_path),
+        lambda: peft.PeftModel.from_pretrained(case.entry.model(), tmp_path),
+    ):
+        with warnings.catch_warnings(), pytest.raises(KeyError, match=case.cls.peft_type):
+            warnings.simplefilter("ignore")
+            load()
 
 
 @pytest.mark.parametrize("case", peft_cases())

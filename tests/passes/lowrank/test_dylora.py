@@ -8,7 +8,6 @@ conformance suite runs the rest against the formula alone."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -220,14 +219,6 @@ def test_files_hold_loras_factors_under_our_own_type(tmp_path):
     loaded = surgeon.load(entry.model(), tmp_path).eval()
     assert loaded.spec("default") == spec
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=0, atol=0)
-
-
-def test_peft_refuses_our_file_rather_than_misreading_it(tmp_path):
-    entry = ZOO["llama"]
-    surgeon.compile(entry.model(), DyLoRA(rank=4)).save_adapters(tmp_path)
-    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_DYLORA"):
-        warnings.simplefilter("ignore")
-        peft.PeftModel.from_pretrained(entry.model(), tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -182,15 +181,6 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("multilora")
     surgeon.compile(_mlp(), MultiLoRA(rank=4, units=2, targets=MLP_TARGETS)).save_adapters(folder)
     return folder
-
-
-def test_peft_refuses_our_file_rather_than_misreading_it(saved):
-    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_MULTILORA"):
-        warnings.simplefilter("ignore")
-        peft.PeftConfig.from_pretrained(saved)
-    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_MULTILORA"):
-        warnings.simplefilter("ignore")
-        peft.PeftModel.from_pretrained(_mlp(), saved)
 
 
 @pytest.mark.parametrize(

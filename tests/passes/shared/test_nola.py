@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -230,14 +229,6 @@ def test_a_different_seed_in_the_file_gives_the_files_own_bases(tmp_path):
         assert not torch.equal(mine.bases.nola_A_bases, _layers(cm)[path].bases.nola_A_bases)
         assert torch.equal(mine.nola_beta, _layers(cm)[path].nola_beta)  # the file's
     assert not torch.allclose(logits(loaded(**x)), logits(cm(**x)))
-
-
-def test_peft_refuses_our_file_rather_than_misreading_it(tmp_path):
-    peft = pytest.importorskip("peft")
-    entry, _, _ = _saved(tmp_path)
-    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_NOLA"):
-        warnings.simplefilter("ignore")
-        peft.PeftModel.from_pretrained(entry.model(), tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ formula alone."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -177,15 +176,6 @@ def test_files_round_trip_with_shared_factors_once_and_trained_vectors(config, t
     )  # another global RNG state: A comes from the file
     assert loaded.spec("default") == spec
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=0, atol=0)
-
-
-def test_peft_refuses_our_file_rather_than_misreading_it(tmp_path):
-    peft = pytest.importorskip("peft")
-    entry = ZOO["llama"]
-    surgeon.compile(entry.model(), TiedLoRA(rank=4)).save_adapters(tmp_path)
-    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_TIED_LORA"):
-        warnings.simplefilter("ignore")
-        peft.PeftModel.from_pretrained(entry.model(), tmp_path)
 
 
 @pytest.mark.parametrize(

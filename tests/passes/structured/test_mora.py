@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -228,14 +227,8 @@ def _copy(saved, tmp_path):
     return tmp_path
 
 
-def test_peft_refuses_our_file_rather_than_misreading_it(saved):
+def test_the_default_rotation_is_saved_as_the_forks_mora_type_6(saved):
     assert json.loads((saved / CONFIG_NAME).read_text())["mora_type"] == 6
-    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_MORA"):
-        warnings.simplefilter("ignore")
-        peft.PeftConfig.from_pretrained(saved)
-    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_MORA"):
-        warnings.simplefilter("ignore")
-        peft.PeftModel.from_pretrained(_mlp(), saved)
 
 
 def test_the_forks_keys_it_ignores_or_defaults_load(saved, tmp_path):

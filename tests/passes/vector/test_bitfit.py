@@ -8,7 +8,6 @@ runs the rest against the formula alone."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -239,14 +238,6 @@ def test_all_biases_of_some_layers_are_written_as_the_chosen_paths(tmp_path):
     assert config["layers_to_transform"] is None
     loaded = surgeon.load(entry.model(), tmp_path)
     assert dict(loaded.store.items("default")).keys() == dict(cm.store.items("default")).keys()
-
-
-def test_peft_refuses_our_file_rather_than_misreading_it(tmp_path):
-    entry = ZOO["gpt2"]
-    surgeon.compile(entry.model(), BitFit()).save_adapters(tmp_path)
-    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_BITFIT"):
-        warnings.simplefilter("ignore")
-        peft.PeftModel.from_pretrained(entry.model(), tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ DVoRA: the conformance suite runs the rest against the formula alone."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -312,14 +311,6 @@ def test_files_round_trip_with_or_without_the_projections(save_projection, tmp_p
     mine, theirs = _adapter(loaded).projections, _adapter(cm).projections
     assert torch.equal(mine.vera_A, theirs.vera_A) and torch.equal(mine.vera_B, theirs.vera_B)
     torch.testing.assert_close(logits(loaded(**x)), expected, rtol=0, atol=0)
-
-
-def test_peft_refuses_our_file_rather_than_misreading_it(tmp_path):
-    entry = ZOO["llama"]
-    surgeon.compile(entry.model(), DVoRA(rank=4)).save_adapters(tmp_path)
-    with warnings.catch_warnings(), pytest.raises(KeyError, match="SURGEON_DVORA"):
-        warnings.simplefilter("ignore")
-        peft.PeftModel.from_pretrained(entry.model(), tmp_path)
 
 
 def test_vera_and_dvora_files_each_load_as_their_own_method(tmp_path):
