@@ -21,8 +21,7 @@ The rest of the call rewrite is prompt tuning's. Causal LMs only (PEFT's CAUSAL_
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -357,12 +356,3 @@ class ContextPrompts(PromptAdapter):
     def peft_tensors_to_save(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {"prompt_embeddings": self.prompts().detach()}
-
-    @contextlib.contextmanager
-    def as_constants(self) -> Iterator[None]:
-        with torch.no_grad():
-            self._constants = self.prompts().detach().clone()
-        try:
-            yield
-        finally:
-            self._constants = None

@@ -233,7 +233,8 @@ class PromptAdapter(CallAdapter):
 
     @contextlib.contextmanager
     def as_constants(self) -> Iterator[None]:
-        self._constants = self.embeddings.detach().clone()
+        with torch.no_grad():  # the prompts as they run (an encoder's or a delta's folded)
+            self._constants = self.prompts().detach().clone()
         try:
             yield
         finally:

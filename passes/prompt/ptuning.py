@@ -11,8 +11,7 @@ rewrite (masks, positions, labels, generate) is prompt tuning's.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,12 +245,3 @@ class PromptEncoderAdapter(PromptAdapter):
     def peft_tensors_to_save(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {"prompt_embeddings": self.prompts().detach()}
-
-    @contextlib.contextmanager
-    def as_constants(self) -> Iterator[None]:
-        with torch.no_grad():
-            self._constants = self.prompts().detach().clone()
-        try:
-            yield
-        finally:
-            self._constants = None
