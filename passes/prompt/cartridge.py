@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from surgeon.passes.prompt.common import (
     cache_argument,
     new_cache,
 )
-from surgeon.passes.prompt.prompt_tuning import check_text_init
+from surgeon.passes.prompt.prompt_tuning import check_text_init, load_init_tokenizer
 from surgeon.peft import INT, REQUIRED, PeftFormat, PeftKey
 from surgeon.spec import MethodSpec
 
@@ -124,16 +123,7 @@ class Cartridge(PrefixMethod):
         return torch.cat(rows, dim=1)
 
     def _text_ids(self, model: nn.Module) -> torch.Tensor:
-        owner = type(self).__name__
-        path = Path(self.tokenizer_path)
-        if not path.is_dir():
-            raise SpecError(
-                f"{owner}.tokenizer_path={self.tokenizer_path!r}: not a folder; pass the local "
-                f"folder of the model's tokenizer (nothing is downloaded)"
-            )
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = load_init_tokenizer(self)
         device = next(model.parameters()).device
         if self.chat_template and getattr(tokenizer, "chat_template", None):
             ids = tokenizer.apply_chat_template(

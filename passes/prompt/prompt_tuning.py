@@ -153,7 +153,9 @@ def text_embeddings(spec: Any, embeddings: nn.Embedding) -> torch.Tensor:
     return embeddings.weight[index].detach()
 
 
-def _text_ids(spec: Any, vocab_size: int) -> list[int]:
+def load_init_tokenizer(spec: Any) -> Any:
+    """The tokenizer in the local folder ``spec.tokenizer_path`` (a text init's), or a
+    `SpecError` naming the field."""
     owner = type(spec).__name__
     path = Path(spec.tokenizer_path)
     if not path.is_dir():
@@ -164,12 +166,17 @@ def _text_ids(spec: Any, vocab_size: int) -> list[int]:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise SpecError(
             f"{owner}.tokenizer_path={spec.tokenizer_path!r}: no tokenizer could be read from "
             f"it ({str(err).splitlines()[0]})"
         ) from None
+
+
+def _text_ids(spec: Any, vocab_size: int) -> list[int]:
+    owner = type(spec).__name__
+    tokenizer = load_init_tokenizer(spec)
     ids = list(tokenizer(spec.init_text)["input_ids"])
     if not ids:
         raise SpecError(f"{owner}.init_text={spec.init_text!r}: tokenizes to no tokens")
