@@ -46,6 +46,11 @@ class EmitContext:
         self.tag = {"adapter": adapter, "method": method, "fuses_as": fuses_as}
         self.inserted: list[fx.Node] = []
 
+    @property
+    def adapter(self) -> str:
+        """The name of the adapter whose nodes this context builds."""
+        return self.tag["adapter"]
+
     def _mark(self, node: fx.Node) -> fx.Node:
         node.meta["surgeon"] = dict(self.tag)
         self.inserted.append(node)
@@ -82,6 +87,11 @@ class AdapterLayer(nn.Module):
     fuses_as: ClassVar[str | None] = None
     """The fusion rule (``passes/fuse.py``) that matches the subgraph `emit` builds: the shape of
     the computation, not the method's name (LoRA on a 4-bit base fuses as ``qlora``)."""
+
+    call_arguments: ClassVar[tuple[str, ...]] = ()
+    """Keyword arguments of the model call this layer reads (Poly's ``task_ids``, one per batch
+    row): taken out of the call before the model sees it; ``emit`` reads one as a node
+    ``ctx.call(surgeon.rewrite.call_argument, name, ctx.adapter, x)``."""
 
     input_order_as_merged: ClassVar[bool] = False
     """Whether several adapters of this method stacked on one layer transform its input in

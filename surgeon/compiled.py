@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from surgeon.rewrite import (
     mixed_rows,
     reached_layers,
     rewrite_region,
+    set_call_values,
     specialised_rewrite,
 )
 from surgeon.spec import MethodSpec, Spec, as_spec, check_adapter_name
@@ -104,6 +105,7 @@ class CompiledModel(nn.Module):
         self._call_hook = None  # the call adapters' forward pre-hook and forward hook
         self._running_call: ModelCall | None = None  # from the pre-hook to the forward hook
         self._call_extras: dict[str, Any] = {}
+        self._layer_arguments: tuple[str, ...] = ()  # the running layers' call_arguments
 
     # -- passing through to the model ---------------------------------------------------------
 
@@ -132,6 +134,7 @@ class CompiledModel(nn.Module):
         """Take the running call adapters' own arguments (`CallAdapter.call_arguments`) out of
         ``kwargs`` and hand them to every model call of the block (each step of ``generate``)."""
         names = {name for call in self._calls for name in call.call_arguments}
+        names.update(self._layer_arguments)
         extras = {name: kwargs.pop(name) for name in names if name in kwargs}
         previous, self._call_extras = self._call_extras, extras
         try:
@@ -232,7 +235,7 @@ class CompiledModel(nn.Module):
             params[pname].requires_grad_(True)
         for layer in [*layers.values(), *([call] if call is not None else [])]:
             layer.train(self.model.training)  # new adapters follow the model's mode
-        if call is not None and self._call_hook is None:
+        if (call is not None or _reads_call_arguments(layers.values())) and self._call_hook is None:
             self._call_hook = (
                 self.model.register_forward_pre_hook(self._transform_call, with_kwargs=True),
                 self.model.register_forward_hook(self._transform_output),
@@ -301,8 +304,13 @@ class CompiledModel(nn.Module):
             self._call_hook = None
 
     def _transform_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self._layer_arguments:
+            # every call sets them (none given: none), so a call never reads an earlier one's
+            given = {n: kwargs.pop(n) for n in self._layer_arguments if n in kwargs}
+            values = {**self._call_extras, **given}
+            set_call_values({n: values[n] for n in self._layer_arguments if n in values})
         if not self._calls:
-            return None
+            return (args, kwargs) if self._layer_arguments else None
         self._running_call = transform_call(module, self._calls, args, kwargs, self._call_extras)
         return (), self._running_call.kwargs
 
@@ -493,6 +501,16 @@ class CompiledModel(nn.Module):
             if rewrite is not None or region.gm is not None:
                 install(self.model, region, rewrite)
         self._calls = [call for _, call in calls]
+        self._layer_arguments = tuple(
+            sorted(
+                {
+                    argument
+                    for layers in self._layers_of(names).values()
+                    for _, layer in layers
+                    for argument in layer.call_arguments
+                }
+            )
+        )
 
     def _graph_passes(self) -> tuple:
         return (fuse_graph,) if self._fused else ()
@@ -519,12 +537,21 @@ class CompiledModel(nn.Module):
 
     # -- training hooks -----------------------------------------------------------------------
 
-    def update_ranks(self, step: int) -> None:
+    def update_ranks(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """In a custom loop, call after ``optimizer.step()`` and before ``zero_grad()`` (as PEFT's
         update_and_allocate): methods that adapt while training (AdaLoRA's rank allocation) do
-        their per-step work here."""
+        their per-step work here. Methods that restart their factors (ReLoRA, COLA) also reset
+        the optimizer's moments for them, and need ``optimizer``."""
         for name in self._active:
-            self.store.specs[name].after_backward(self._hooked_parts(name), step)
+            self.store.specs[name].after_backward(self._hooked_parts(name), step, optimizer)
+
+    def lr_factor(self, step: int) -> float:
+        """What the active methods multiply the learning-rate schedule by at ``step`` (ReLoRA's
+        re-warm-up after each restart): 1 for most. A custom loop's scheduler applies it."""
+        factor = 1.0
+        for name in self._active:
+            factor *= self.store.specs[name].lr_factor(step)
+        return factor
 
     def regularization_loss(self) -> torch.Tensor | None:
         """The sum of the active methods' loss terms (AdaLoRA's orthogonality), or None."""
@@ -721,3 +748,7 @@ def compile(
         cm._active = tuple(spec.adapters)
         cm._recompile()
     return cm
+
+
+def _reads_call_arguments(layers: Iterable[AdapterLayer]) -> bool:
+    return any(getattr(layer, "call_arguments", ()) for layer in layers)

@@ -262,6 +262,32 @@ def batch_rows(adapter: str, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows.get(adapter, []), dtype=torch.long, device=like.device)
 
 
+_CALL_VALUES: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "surgeon_call_values", default=None
+)
+
+
+def set_call_values(values: Mapping[str, Any]) -> None:
+    """The layer adapters' own call arguments (`AdapterLayer.call_arguments`) of the model call
+    about to run, which the graphs read through `call_argument`."""
+    _CALL_VALUES.set(dict(values))
+
+
+def call_argument(name: str, adapter: str, like: torch.Tensor) -> torch.Tensor:
+    """Argument ``name`` of the running model call (Poly's ``task_ids``) as a tensor on
+    ``like``'s device; in a mixed batch, only ``adapter``'s rows of it."""
+    value = (_CALL_VALUES.get() or {}).get(name)
+    if value is None:
+        raise SpecError(
+            f"adapter {adapter!r} needs `{name}` in the model call (one per batch row): pass "
+            f"{name}=... to the compiled model, generate or the training samples"
+        )
+    value = torch.as_tensor(value, device=like.device)
+    if _ROWS.get() is not None:
+        value = value.index_select(0, batch_rows(adapter, value))
+    return value
+
+
 def _layer_input(node: fx.Node) -> fx.Node:
     """The input a layer's call node passes to the layer (its first argument)."""
     return node.args[0] if node.args else next(iter(node.kwargs.values()))

@@ -289,11 +289,23 @@ class MethodSpec(metaclass=ValidatingMeta):
 
     # -- training hooks (surgeon.train and custom loops call them through the compiled model) --
 
-    def after_backward(self, layers: Mapping[str, AdapterLayer], step: int) -> None:
+    def after_backward(
+        self,
+        layers: Mapping[str, AdapterLayer],
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         """Called once per step while gradients exist: after ``optimizer.step()``, before
         ``zero_grad()`` (AdaLoRA allocates ranks here, as PEFT's update_and_allocate). The
         training hooks find a method's `CallAdapter`, if it has one, in ``layers`` under ``""``
-        (the whole model's path)."""
+        (the whole model's path). ``optimizer`` is the one that just stepped (None from a
+        custom loop that does not pass it): schedule methods that restart their factors reset
+        or prune its moments (ReLoRA, COLA)."""
+
+    def lr_factor(self, step: int) -> float:
+        """What the learning-rate schedule is multiplied by at ``step`` (ReLoRA's re-warm-up
+        after each restart); 1 by default."""
+        return 1.0
 
     def loss_term(self, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
         """A regulariser to add to the training loss (AdaLoRA's orthogonality term), or None."""

@@ -309,7 +309,7 @@ def _train(
         parallel.broadcast_(list(trained.values()))
     model = parallel.wrap(cm, idle_parameter_names(cm))
     optimizer = build_optimizer(cm, groups, config)  # after wrapping: FSDP replaces the parameters
-    factor = schedule(config.lr_scheduler, config.warmup_steps, total)
+    factor = with_method_factors(schedule(config.lr_scheduler, config.warmup_steps, total), cm)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     progress = Progress()
     if saved is not None:
@@ -480,7 +480,7 @@ class _Loop:
         self.optimizer.step()
         self.scheduler.step()
         if self.hooks.after_backward:
-            self.cm.update_ranks(self.progress.step)
+            self.cm.update_ranks(self.progress.step, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
 
     def _clip_gradients(self) -> torch.Tensor:
@@ -841,6 +841,15 @@ def total_steps(config: TrainingConfig, source: Source) -> int:
         )
     steps_per_epoch = math.ceil(per_epoch / config.gradient_accumulation_steps)
     return max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+def with_method_factors(factor: Callable[[int], float], cm: Any) -> Callable[[int], float]:
+    """``factor`` times the active methods' own (`CompiledModel.lr_factor`), where any method
+    has one."""
+    specs = [type(cm.spec(name)) for name in cm.active]
+    if all(s.lr_factor is MethodSpec.lr_factor for s in specs):
+        return factor
+    return lambda step: factor(step) * cm.lr_factor(step)
 
 
 def schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:

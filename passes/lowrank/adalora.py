@@ -231,7 +231,12 @@ class AdaLoRA(MethodSpec):
         budget = int((initial_budget - target_budget) * (left**3) + target_budget)
         return budget, step % self.delta_t == 0
 
-    def after_backward(self, layers: Mapping[str, AdapterLayer], step: int) -> None:
+    def after_backward(
+        self,
+        layers: Mapping[str, AdapterLayer],
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         """PEFT's ``update_and_allocate``. Before step ``total_steps - tfinal``: update the
         importances and, when the schedule says so, mask down to the step's budget; at that
         step: fix the allocation; after it: zero the pruned singular values again (optimizer

@@ -130,7 +130,12 @@ class AdaMSS(MethodSpec):
 
     # -- adaptive subspace allocation (ASA) ---------------------------------------------------
 
-    def after_backward(self, layers: Mapping[str, AdapterLayer], step: int) -> None:
+    def after_backward(
+        self,
+        layers: Mapping[str, AdapterLayer],
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         """PEFT's ``update_and_allocate(step)``: from ``init_warmup`` to ``final_warmup``, update
         every subspace's importance each step and, every ``mask_interval`` steps, freeze all but
         the most important subspaces across layers (down to the schedule's count), then start

@@ -140,7 +140,12 @@ class DyLoRA(MethodSpec):
         sampler = RankSampler(self.rank, self.seed)
         return {p: DyLoRALayer(model.get_submodule(p), self, sampler) for p in paths}
 
-    def after_backward(self, layers: Mapping[str, AdapterLayer], step: int) -> None:
+    def after_backward(
+        self,
+        layers: Mapping[str, AdapterLayer],
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         """Draw the rank of the next step (one sampler serves every layer of the adapter)."""
         sampler = next((x.sampler for x in layers.values() if isinstance(x, DyLoRALayer)), None)
         if sampler is not None:

@@ -188,7 +188,12 @@ class CPT(PromptMethod):
                 adapter.embeddings.copy_(embeddings(ids))
         return adapter
 
-    def after_backward(self, layers: Mapping[str, AdapterLayer | CallAdapter], step: int) -> None:
+    def after_backward(
+        self,
+        layers: Mapping[str, AdapterLayer | CallAdapter],
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         layers[""].project_in_place()
 
 
