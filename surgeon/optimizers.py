@@ -13,6 +13,11 @@ in the groups (plain values: checkpoints store them as JSON), so ``state_dict`` 
 * `RiemannianAdamW` (Zhang & Pilanci, 2024, arXiv:2402.02347): ``g_A ← (BᵀB + reg I)⁻¹ g_A``
   and ``g_B ← g_B (A Aᵀ + reg I)⁻¹``, then torch's AdamW step, as PEFT's
   ``create_riemannian_optimizer`` with ``torch.optim.AdamW``.
+* `Flora` (Hao, Cao & Mou, ICML 2024, arXiv:2402.03293, Algorithm 2): Adafactor whose first
+  moment of a weight matrix is kept compressed, ``M ← β₁ M + (1 - β₁) U Aᵀ`` with a seeded
+  Gaussian ``A ~ N(0, 1/r)`` of ``r x m``, and the step reads ``M A``; every κ steps ``A`` is
+  redrawn and the state moves onto it, ``M ← M A_old A_newᵀ``. Any trained parameter, not only
+  LoRA's factors.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from torch import nn
 
 from surgeon.errors import SpecError
 
-OPTIMIZERS = ("adamw", "lorafa", "riemannian")
+OPTIMIZERS = ("adamw", "lorafa", "riemannian", "flora")
+FACTOR_OPTIMIZERS = ("lorafa", "riemannian")
+"""The optimizers that act on LoRA's ``(A, B)`` pairs (parameter groups with ``"pairs"``)."""
 LORA_METHODS = ("lora", "qlora", "dora")
 """Methods whose layers hold ``lora_A`` and ``lora_B`` with ``ΔW = scale · B A``."""
 MATRIX_KINDS = ("linear", "conv1d_gpt2")
@@ -214,8 +221,172 @@ def _precondition(a: nn.Parameter, b: nn.Parameter, reg: float) -> None:
         b.grad.copy_((b.grad.to(dtype) @ inverse).to(b.grad.dtype))
 
 
+ADAFACTOR_DECAY = -0.8
+"""Adafactor's second-moment decay schedule, ``β̂₂ₜ = 1 - t^-0.8`` (no bias correction)."""
+ADAFACTOR_EPS = 1e-30  # Adafactor's ε₁, added to the squared gradient
+ADAFACTOR_CLIP = 1.0  # Adafactor's d: an update's RMS is scaled down to at most d
+SEED_MULTIPLIER, SEED_INCREMENT = 6364136223846793005, 1442695040888963407
+
+
+def flora_compresses(shape: Sequence[int], rank: int) -> bool:
+    """Whether Flora keeps ``shape``'s first moment compressed: matrices whose both sides exceed
+    the rank (a weight, a whole-matrix delta). Vectors, LoRA-sized factors and tensors of other
+    ranks keep a plain one: compressing them would save little or nothing."""
+    return len(shape) == 2 and min(shape) > rank
+
+
+def flora_projection(seed: int, rank: int, size: int, device: torch.device) -> torch.Tensor:
+    """Flora's ``A``: ``rank x size``, entries ``N(0, 1/rank)``, drawn in float32 on ``device``
+    from ``seed`` alone, so a checkpoint holds the seed and never the matrix."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    draw = torch.randn(rank, size, generator=generator, device=device, dtype=torch.float32)
+    return draw / math.sqrt(rank)
+
+
+def next_flora_seed(seed: int) -> int:
+    """The seed of the projection drawn at a resampling: one 63-bit linear congruential step,
+    so every later seed follows from the first."""
+    return (seed * SEED_MULTIPLIER + SEED_INCREMENT) % 2**63
+
+
+def _long_side_last(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``matrix`` (laid out as ``shape``, or its compressed state) with the longer side of
+    ``shape`` last: Flora projects that side, so the state keeps the shorter one,
+    ``min(n, m) x r``. Its own inverse."""
+    return matrix.T if shape[0] > shape[1] else matrix
+
+
+class Flora(torch.optim.Optimizer):
+    """Flora over Adafactor, the base optimizer of the paper's momentum experiments: a factored
+    second moment (row and column means of ``g² + ε₁``, decay ``1 - t^-0.8``) normalizes the
+    gradient, ``U = g / sqrt(V̂)``; the first moment ``β₁`` averages ``U``; the update is
+    scaled to an RMS of at most 1 and applied at ``lr`` (Adafactor's relative step and parameter
+    scale off: ``lr`` is the step size, as with AdamW), after decoupled weight decay
+    ``θ ← θ - lr · weight_decay · θ``.
+
+    For a matrix `flora_compresses` selects (``n x m``, longer side ``m``), the first moment is
+    Flora's ``n x rank`` state: ``M ← β₁ M + (1 - β₁) U Aᵀ`` and the update is ``M A``, with
+    ``A`` from `flora_projection` of the seed in the parameter's state (``seed`` + the
+    parameter's position in the optimizer at first). At every step ``t`` that is a multiple of
+    ``kappa``, before that step's gradient, a new seed is drawn (`next_flora_seed`) and the state
+    moves onto the new projection, ``M ← M A_old A_newᵀ``. The state (seeds, step counts,
+    compressed moments) lives in ``state_dict``, so a checkpoint resumes exactly on the same
+    kind of device (projections are drawn with that device's generator)."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        rank: int = 256,
+        kappa: int = 1000,
+        beta1: float = 0.9,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "rank": rank,
+            "kappa": kappa,
+            "beta1": beta1,
+            "weight_decay": weight_decay,
+            "seed": seed,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        position = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                position += 1
+                if param.grad is not None:
+                    self._update(param, group, position)
+        return loss
+
+    def _update(self, param: nn.Parameter, group: dict[str, Any], position: int) -> None:
+        dtype = _compute_dtype(param)
+        grad = param.grad.to(dtype)
+        state = self.state[param]
+        if not state:
+            _init_flora_state(state, grad, group, group["seed"] + position)
+        state["step"] += 1
+        normalized = grad * _inverse_root_second_moment(state, grad)
+        update = _first_moment(state, normalized, group)
+        rms = update.norm() / math.sqrt(update.numel())
+        update = update / (rms / ADAFACTOR_CLIP).clamp(min=1.0)
+        value = param.detach().to(dtype)
+        if group["weight_decay"] != 0.0:
+            value.mul_(1.0 - group["lr"] * group["weight_decay"])
+        value.add_(update, alpha=-group["lr"])
+        if param.dtype != dtype:  # a half-precision parameter, stepped in float32
+            param.copy_(value)
+
+
+def _init_flora_state(
+    state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any], seed: int
+) -> None:
+    state["step"] = 0
+    shape = grad.shape
+    if flora_compresses(shape, group["rank"]):
+        state["seed"] = seed
+        state["exp_avg"] = grad.new_zeros(min(shape), group["rank"])
+    else:
+        state["exp_avg"] = torch.zeros_like(grad)
+    if grad.dim() >= 2:
+        state["exp_avg_sq_row"] = grad.new_zeros(shape[:-1])
+        state["exp_avg_sq_col"] = grad.new_zeros(shape[:-2] + shape[-1:])
+    else:
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+
+
+def _inverse_root_second_moment(state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+    """Adafactor's ``V̂^-1/2``: factored (row and column means over the last two dimensions,
+    ``V̂ = R Cᵀ / mean(R)``) for matrices, whole for vectors."""
+    beta2 = 1.0 - state["step"] ** ADAFACTOR_DECAY
+    square = grad.square().add_(ADAFACTOR_EPS)
+    if grad.dim() < 2:
+        state["exp_avg_sq"].mul_(beta2).add_(square, alpha=1.0 - beta2)
+        return state["exp_avg_sq"].rsqrt()
+    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+    row.mul_(beta2).add_(square.mean(dim=-1), alpha=1.0 - beta2)
+    col.mul_(beta2).add_(square.mean(dim=-2), alpha=1.0 - beta2)
+    row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+    return row_factor * col.rsqrt().unsqueeze(-2)
+
+
+def _first_moment(
+    state: dict[str, Any], normalized: torch.Tensor, group: dict[str, Any]
+) -> torch.Tensor:
+    """The step's update: the first moment, plain or through Flora's projection (resampled,
+    with the state moved onto the new one, at every multiple of ``kappa``)."""
+    beta1, moment = group["beta1"], state["exp_avg"]
+    if "seed" not in state:
+        moment.mul_(beta1).add_(normalized, alpha=1.0 - beta1)
+        return moment.clone()
+    shape, rank = normalized.shape, group["rank"]
+    long = _long_side_last(normalized, shape)
+    a = flora_projection(state["seed"], rank, long.shape[-1], long.device).to(long.dtype)
+    if state["step"] % group["kappa"] == 0:
+        state["seed"] = next_flora_seed(state["seed"])
+        new = flora_projection(state["seed"], rank, long.shape[-1], long.device).to(long.dtype)
+        moment.copy_(moment @ (a @ new.T))
+        a = new
+    moment.mul_(beta1).add_(long @ a.T, alpha=1.0 - beta1)
+    return _long_side_last(moment @ a, shape)
+
+
 def build(
-    kind: str, groups: Sequence[dict[str, Any]], lr: float, reg: float
+    kind: str,
+    groups: Sequence[dict[str, Any]],
+    lr: float,
+    reg: float,
+    flora_rank: int = 256,
+    flora_kappa: int = 1000,
+    seed: int = 0,
 ) -> torch.optim.Optimizer:
     """The optimizer ``TrainingConfig.optimizer`` names, over ``groups`` (parameter group
     dicts, ``"pairs"`` groups included)."""
@@ -223,4 +394,6 @@ def build(
         return LoraFA(groups, lr=lr)
     if kind == "riemannian":
         return RiemannianAdamW(groups, lr=lr, reg=reg)
+    if kind == "flora":
+        return Flora(groups, lr=lr, rank=flora_rank, kappa=flora_kappa, seed=seed)
     return torch.optim.AdamW(groups, lr=lr)

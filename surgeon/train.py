@@ -82,7 +82,12 @@ class TrainingConfig(metaclass=ValidatingMeta):
     1e-6); ``riemannian`` (PEFT's ``create_riemannian_optimizer`` over AdamW: A's and B's
     gradients preconditioned by ``(BᵀB + riemannian_reg I)⁻¹`` and ``(AAᵀ + riemannian_reg I)⁻¹``).
     Both need LoRA adapters (LoRA-FA: not DoRA, on Linear and Conv1D layers), and neither
-    combines with ``loraplus_lr_ratio`` (PEFT builds them apart). ``bf16``:
+    combines with ``loraplus_lr_ratio`` (PEFT builds them apart); ``flora`` (Flora,
+    arXiv:2402.03293, `surgeon.optimizers.Flora`: Adafactor whose first moment of every trained
+    matrix with both sides above ``flora_rank`` is kept as a ``min(n, m) x flora_rank``
+    projection through a seeded Gaussian matrix, redrawn every ``flora_kappa`` steps with the
+    state moved onto it; any method, LoRA+ groups kept; ``learning_rate`` is the step size, as
+    with AdamW). ``bf16``:
     autocast to bfloat16 (CPU too). ``distributed``: ``auto`` uses DDP when a process group
     with more than one process exists (or ``torchrun`` started this one), ``fsdp`` shards with
     FSDP2, ``none`` trains in this process alone. With ``output_dir``, training also writes its
@@ -119,6 +124,8 @@ class TrainingConfig(metaclass=ValidatingMeta):
     distributed: str = "auto"
     progress: bool = True
     report_to: str | Sequence[str] = "none"
+    flora_rank: int = 256
+    flora_kappa: int = 1000
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -151,7 +158,9 @@ class TrainingConfig(metaclass=ValidatingMeta):
         check_number(o, "loraplus_lr_embedding", self.loraplus_lr_embedding, 0)
         check_choice(o, "optimizer", self.optimizer, optimizers.OPTIMIZERS)
         check_number(o, "riemannian_reg", self.riemannian_reg, 0, low_inclusive=True)
-        if self.optimizer != "adamw" and self.loraplus_lr_ratio is not None:
+        check_int(o, "flora_rank", self.flora_rank)
+        check_int(o, "flora_kappa", self.flora_kappa)
+        if self.optimizer in optimizers.FACTOR_OPTIMIZERS and self.loraplus_lr_ratio is not None:
             raise SpecError(
                 f"{o}.optimizer={self.optimizer!r}: does not combine with loraplus_lr_ratio="
                 f"{self.loraplus_lr_ratio} (PEFT builds LoRA+ and this optimizer apart); set one"
@@ -330,12 +339,20 @@ def build_optimizer(
     dicts = []
     for g in groups:
         d = {"params": [params[n] for n in g.names], "lr": g.lr, "weight_decay": g.weight_decay}
-        if config.optimizer != "adamw":
+        if config.optimizer in optimizers.FACTOR_OPTIMIZERS:
             d["pairs"] = g.pairs
         if config.optimizer == "lorafa":
             d["scales"] = g.scales
         dicts.append(d)
-    return optimizers.build(config.optimizer, dicts, config.learning_rate, config.riemannian_reg)
+    return optimizers.build(
+        config.optimizer,
+        dicts,
+        config.learning_rate,
+        config.riemannian_reg,
+        config.flora_rank,
+        config.flora_kappa,
+        config.seed,
+    )
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -906,7 +923,7 @@ def parameter_groups(
     magnitudes); with LoRA+, PEFT's grouping by learning rate; with LoRA-FA or the Riemannian
     optimizer, LoRA's factors first, as one group of pairs."""
     factors: list[Group] = []
-    if config.optimizer != "adamw":
+    if config.optimizer in optimizers.FACTOR_OPTIMIZERS:
         pairs = optimizers.factor_pairs(cm, config.optimizer)
         names = tuple(n for pair in pairs for n in (pair.a, pair.b))
         scales = tuple(pair.scale for pair in pairs) if config.optimizer == "lorafa" else ()
@@ -1113,12 +1130,13 @@ def _check_model(cm: Any) -> None:
 
 
 def _check_optimizer(config: TrainingConfig, parallel: Parallel) -> None:
-    """LoRA-FA and the Riemannian optimizer invert products of whole LoRA factors, which FSDP
-    shards."""
+    """LoRA-FA and the Riemannian optimizer invert products of whole LoRA factors, and Flora
+    projects whole matrices (its state is shaped by them), which FSDP shards."""
     if parallel.kind == "fsdp" and config.optimizer != "adamw":
         raise SpecError(
             f"distributed='fsdp': TrainingConfig.optimizer={config.optimizer!r} multiplies whole "
-            f"LoRA factors, which FSDP shards; use distributed='ddp'"
+            f"matrices (LoRA's factors, Flora's projected weights), which FSDP shards; use "
+            f"distributed='ddp'"
         )
 
 
