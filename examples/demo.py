@@ -77,7 +77,7 @@ def main() -> None:
     print(f"held-out accuracy before training: {before:.1%} ({len(test_rows)} sentences)")
 
     config = surgeon.TrainingConfig(
-        learning_rate=2e-3, batch_size=16, gradient_accumulation_steps=1, epochs=2,
+        learning_rate=2e-3, batch_size=16, gradient_accumulation_steps=1, epochs=1,
         warmup_steps=10, seed=0, logging_steps=10,
     )  # fmt: skip
     result = surgeon.train(cm, encode(tokenizer, train_rows), config)
