@@ -105,7 +105,7 @@ class CompiledModel(nn.Module):
         self._call_hook = None  # the call adapters' forward pre-hook and forward hook
         self._running_call: ModelCall | None = None  # from the pre-hook to the forward hook
         self._call_extras: dict[str, Any] = {}
-        self._layer_arguments: tuple[str, ...] = ()  # the running layers' call_arguments
+        self._layer_arguments: tuple[str, ...] = ()  # the stored layers' call_arguments
 
     # -- passing through to the model ---------------------------------------------------------
 
@@ -501,11 +501,13 @@ class CompiledModel(nn.Module):
             if rewrite is not None or region.gm is not None:
                 install(self.model, region, rewrite)
         self._calls = [call for _, call in calls]
+        # every stored adapter's, running or not: the model never sees them (PEFT's Poly takes
+        # task_ids out of the call with its adapters disabled too)
         self._layer_arguments = tuple(
             sorted(
                 {
                     argument
-                    for layers in self._layers_of(names).values()
+                    for layers in self._layers_of(list(self.store.specs)).values()
                     for _, layer in layers
                     for argument in layer.call_arguments
                 }

@@ -133,8 +133,17 @@ class Case:
             k: v.to(dtype) if v.is_floating_point() else v
             for k, v in self.entry.example(seed).items()
         }
-        extra = getattr(card(self.cls), "call_inputs", None)
-        return {**x, **extra(self.spec(), x)} if extra is not None else x
+        return {**x, **call_inputs(self.cls, self.spec(), x)}
+
+    def base_inputs(self, seed: int = 1) -> dict[str, Any]:
+        """`inputs` as the plain model takes them: without the method's own call arguments."""
+        return self.entry.example(seed)
+
+
+def call_inputs(cls: type[MethodSpec], spec: MethodSpec, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments the method's calls need besides ``inputs`` (its card's ``call_inputs``)."""
+    extra = getattr(card(cls), "call_inputs", None)
+    return extra(spec, inputs) if extra is not None else {}
 
 
 LAYERS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
