@@ -262,6 +262,7 @@ class CompiledModel(nn.Module):
             raise SpecError(
                 f"adapter {name!r} is merged into the weights; unmerge() before deleting it"
             )
+        self.store.specs[name].on_running(self.model, name, False, False)
         self.store.remove(name)
         self._active = tuple(n for n in self._active if n != name)
         self._forget_plans()
@@ -500,6 +501,8 @@ class CompiledModel(nn.Module):
         for region, rewrite in self._plans[key]:
             if rewrite is not None or region.gm is not None:
                 install(self.model, region, rewrite)
+        for name, spec in self.store.specs.items():
+            spec.on_running(self.model, name, name in names, mixed)
         self._calls = [call for _, call in calls]
         # every stored adapter's, running or not: the model never sees them (PEFT's Poly takes
         # task_ids out of the call with its adapters disabled too)

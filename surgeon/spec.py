@@ -311,6 +311,13 @@ class MethodSpec(metaclass=ValidatingMeta):
         """A regulariser to add to the training loss (AdaLoRA's orthogonality term), or None."""
         return None
 
+    def on_running(self, model: nn.Module, name: str, running: bool, mixed: bool) -> None:
+        """Called each time the compiled model installs what runs (activation, merge, unmerge,
+        ``disabled()``, a mixed batch, deletion), for every adapter it holds: whether adapter
+        ``name`` of this spec runs now (``mixed``: in a mixed batch). A method that changes the
+        model beyond its layers while it runs (LongLoRA's attention function) does it here, and
+        undoes it when ``running`` turns False."""
+
     # -- dicts and copies ----------------------------------------------------------------------
 
     def _set(self, field: str, value: Any) -> None:
