@@ -370,9 +370,11 @@ class CompiledModel(nn.Module):
                     f"cannot merge adapter {n!r}: {self.store.specs[n].name} acts on the model "
                     f"call and has no weights to fold into; it keeps running unmerged"
                 )
-        # prompt methods have nothing to fold: merging the active adapters leaves them running
-        chosen = [n for n in chosen if n not in self._merged and n not in self.store.calls]
+        chosen = [n for n in chosen if n not in self._merged]
+        # a method acting on the call whose layers cannot fold (X-LoRA) refuses, as layer ones do
         self.refuse_unmergeable(chosen, "merge")
+        # prompt methods have nothing to fold: merging the active adapters leaves them running
+        chosen = [n for n in chosen if n not in self.store.calls]
         self._refuse_tied_weights(chosen)
         return chosen
 
@@ -415,6 +417,7 @@ class CompiledModel(nn.Module):
 
         ``requantize``: bases stored in 4 bits (QLoRA) are stored in 4 bits again after folding
         (lossy); by default they come back as plain layers in their original dtype."""
+        self.refuse_unmergeable(self._running(), "merge")
         running = [n for n in self._running() if n in self.store.calls]
         if running:
             raise SpecError(
