@@ -1,4 +1,6 @@
-"""``modules_to_save``: modules an adapter trains as a full copy (PEFT's ModulesToSaveWrapper).
+"""Trained copies of layers: ``modules_to_save`` and `ParameterCopy`.
+
+``modules_to_save``: modules an adapter trains as a full copy (PEFT's ModulesToSaveWrapper).
 
 The usual case is a new task head (``classifier`` of a sequence classifier). Each adaptable
 layer inside a named module gets a `LayerCopy`: a trainable copy of the layer whose output
@@ -10,11 +12,12 @@ Saved under PEFT's keys: ``base_model.model.<layer path>.weight``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.func import functional_call
 
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.errors import SpecError
@@ -125,3 +128,87 @@ def present_names(model: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
     (``["classifier", "score"]`` for sequence classification) whatever the model has."""
     paths = [p for p, _ in model.named_modules() if p]
     return tuple(n for n in names if any(matches_suffix(p, n) for p in paths))
+
+
+# -- a layer run with a trained copy of its own parameters (LN tuning, LongLoRA's norms) ---------
+
+
+class _ClassForward(nn.Module):
+    """Runs a layer's class forward: the layer itself may carry a forward surgeon installed,
+    which would run the adapters again."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return type(self.layer).forward(self.layer, x)
+
+
+def forward_with(
+    layer: nn.Module, x: torch.Tensor, params: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """``layer``'s output on ``x`` computed with ``params`` in place of its own parameters, by
+    its own code (RMS norms differ: Gemma scales by ``1 + w``, Llama casts before scaling)."""
+    swapped = {f"layer.{name}": value for name, value in params.items()}
+    return functional_call(_ClassForward(layer), swapped, (x,))
+
+
+def refuse_several(out: torch.Tensor, message: str) -> torch.Tensor:
+    """Raised when the graph runs, not when it is built: as in PEFT, several such adapters may be
+    loaded and active together (a mixed batch gives each its rows); only running one layer with
+    several of them is refused."""
+    raise SpecError(message)
+
+
+class ParameterCopy(AdapterLayer):
+    """A trained copy of one layer's own parameters (``weight``, ``bias``) in the layer's dtype,
+    run by the layer's own code in place of the originals; merging writes the copy into the
+    layer and unmerging puts the originals back exactly. One adapter at a time runs a layer
+    (`several_message` says why to the user); a mixed batch gives each row its adapter's copy."""
+
+    def __init__(self, base: nn.Module, path: str) -> None:
+        super().__init__(base)
+        self.path = path
+        for name, param in base.named_parameters(recurse=False):
+            setattr(self, name, nn.Parameter(param.detach().clone()))
+        self._saved: dict[str, torch.Tensor] | None = None
+
+    def several_message(self, first: str, second: str) -> str:
+        """The error for adapters ``first`` and ``second`` both running this layer."""
+        raise NotImplementedError
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return dict(self.named_parameters(recurse=False))
+
+    def emit_base(self, ctx: EmitContext, x: fx.Node) -> fx.Node | None:
+        return self._forward(ctx, x)
+
+    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
+        tag = base_out.meta.get("surgeon", {})
+        if not tag.get("replaces"):  # a mixed batch: the base layer ran on this adapter's rows
+            return self._forward(ctx, x)
+        if tag["adapter"] == ctx.adapter:
+            return base_out  # emit_base computed it with this adapter's copy
+        message = self.several_message(tag["adapter"], ctx.adapter)
+        return ctx.call(refuse_several, base_out, message)
+
+    def _forward(self, ctx: EmitContext, x: fx.Node) -> fx.Node:
+        params = {name: ctx.attr(name, p) for name, p in self._params().items()}
+        return ctx.call(forward_with, ctx.attr("base_layer", self.base), x, params)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        own = dict(self.base.named_parameters(recurse=False))
+        self._saved = {name: p.detach().clone() for name, p in own.items()}
+        for name, p in self._params().items():
+            own[name].copy_(p)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.unmerge() without a merge() before it")
+        own = dict(self.base.named_parameters(recurse=False))
+        for name, value in self._saved.items():
+            own[name].copy_(value)
+        self._saved = None

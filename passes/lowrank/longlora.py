@@ -55,17 +55,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.adapter import AdapterLayer
 from surgeon.checks import check_number
+from surgeon.copies import ParameterCopy
 from surgeon.errors import SpecError
 from surgeon.layers import is_norm, layer_kind
 from surgeon.passes.lowrank.lora import PEFT_FORMAT as LORA_FORMAT
 from surgeon.passes.lowrank.lora import LoRA
-from surgeon.passes.vector.ln_tuning import LNTuningLayer, refuse_several
 from surgeon.peft import NUMBER, JsonType, PeftKey
 from surgeon.spec import MethodSpec
 
@@ -220,25 +219,19 @@ def _refuse_tied(model: nn.Module, path: str) -> None:
         )
 
 
-class TrainedCopy(LNTuningLayer):
+class TrainedCopy(ParameterCopy):
     """A trained full copy of one Embedding's or norm's parameters, in the layer's dtype (the
     paper trains the model's own parameters); the layer's own code runs with it."""
 
     method = "longlora"
     peft_names = {"weight": "longlora_trained.weight", "bias": "longlora_trained.bias"}
 
-    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
-        tag = base_out.meta.get("surgeon", {})
-        if not tag.get("replaces"):  # a mixed batch: the base layer ran on this adapter's rows
-            return self._norm(ctx, x)
-        if tag["adapter"] == ctx.tag["adapter"]:
-            return base_out  # emit_base computed it with this adapter's copy
-        message = (
-            f"LongLoRA adapters {tag['adapter']!r} and {ctx.tag['adapter']!r} both train a copy "
-            f"of {self.path}, which runs with one set of parameters at a time: activate one of "
-            f"them, or give each its rows of a mixed batch"
+    def several_message(self, first: str, second: str) -> str:
+        return (
+            f"LongLoRA adapters {first!r} and {second!r} both train a copy of {self.path}, which "
+            f"runs with one set of parameters at a time: activate one of them, or give each its "
+            f"rows of a mixed batch"
         )
-        return ctx.call(refuse_several, base_out, message)
 
 
 # -- S²-Attn ------------------------------------------------------------------------------------

@@ -38,9 +38,9 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_choice, is_int
+from surgeon.copies import refuse_several
 from surgeon.errors import SpecError
 from surgeon.layers import adapter_dtype, layer_kind
-from surgeon.passes.vector.ln_tuning import refuse_several
 from surgeon.peft import NAMES, JsonType, PeftFormat, PeftKey, as_json, choices
 from surgeon.spec import MethodSpec
 from surgeon.targets import PRESETS
