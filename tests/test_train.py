@@ -538,6 +538,14 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_and_resumes_from_it(
     assert checkpoints(run) == ["checkpoint-1", "checkpoint-2"]
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The output folder of one finished three-step run (each test corrupts its own copy)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    surgeon.train(compiled(), token_samples(8), config(output_dir=str(run)))
+    return run
+
+
 def _corrupt(kind, ckpt):
     if kind == "truncated tensors":
         path = ckpt / "trainer_state.safetensors"
@@ -559,8 +567,8 @@ def _corrupt(kind, ckpt):
         ("other groups", "optimizer parameter groups differ"),
     ],
 )
-def test_a_bad_checkpoint_is_refused_and_changes_nothing(kind, match, tmp_path):
-    surgeon.train(compiled(), token_samples(8), config(output_dir=str(tmp_path / "run")))
+def test_a_bad_checkpoint_is_refused_and_changes_nothing(kind, match, finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint-3"
     _corrupt(kind, ckpt)
     cm = (
@@ -1036,12 +1044,13 @@ def test_a_resumed_run_loads_the_best_from_its_checkpoint_or_warns(tmp_path):
     cfg = config(**RISING, save_steps=1, load_best_at_end=True, output_dir=str(tmp_path / "whole"))
     whole = compiled()
     surgeon.train(whole, data, cfg, eval_data=EVAL_DATA)
+    stopped = tmp_path / "stopped"
+    first = surgeon.train(
+        compiled(), data, cfg.replace(max_steps=4, output_dir=str(stopped)), eval_data=EVAL_DATA
+    )
+    assert first.best_step == 2
     for keep_best in (True, False):
-        run = tmp_path / f"run-{keep_best}"
-        first = surgeon.train(
-            compiled(), data, cfg.replace(max_steps=4, output_dir=str(run)), eval_data=EVAL_DATA
-        )
-        assert first.best_step == 2
+        run = shutil.copytree(stopped, tmp_path / f"run-{keep_best}")
         if not keep_best:
             shutil.rmtree(run / "checkpoint-2")
         fresh = compiled(adapter_seed=5)
@@ -1077,9 +1086,13 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp
         compiled(), data, cfg.replace(early_stopping_threshold=1.0, output_dir=None), EVAL_DATA
     )
     assert strict.stopped_early and strict.steps == 3
-    patient = surgeon.train(
-        compiled(), data, cfg.replace(early_stopping_patience=9, output_dir=None), EVAL_DATA
-    )
+
+
+@pytest.mark.slow
+def test_a_patience_longer_than_the_run_never_stops_it():
+    data = token_samples(16)
+    cfg = config(**RISING, early_stopping_patience=9)
+    patient = surgeon.train(compiled(), data, cfg, eval_data=EVAL_DATA)
     assert not patient.stopped_early and patient.steps == 6
 
 
