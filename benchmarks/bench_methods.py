@@ -42,7 +42,10 @@ Method
     ``sparsity=0.99, r=8``; PEANuT ``r=8, depth=1``; RandLoRA ``r=32``; TinyLoRA ``r=2,
     u=64``; FRoD with PEFT's defaults; AdaMSS ``r=100, num_subspaces=5, subspace_rank=1`` (no
     ASA step on either side); Lily ``r=8, stride_A=2, num_B=2``; trainable tokens: 16 rows of
-    ``embed_tokens``.
+    ``embed_tokens``; Poly ``r=8, n_tasks=2, n_skills=4`` with ``task_ids`` 0,1,0,1 in every
+    call; X-LoRA over two LoRA experts (r=8 on q,v) with PEFT's defaults (``xlora_depth=1``,
+    softmax; both libraries run the scaling pass and the real pass in every call; PEFT loads
+    surgeon's file, as PEFT's own X-LoRA save leaves classifier layers out).
 * Same weights on both sides: PEFT builds its model (``get_peft_model``), every trainable
   parameter gets seeded Gaussian noise (std 0.02) added so the adapters are not the identity,
   the adapter is written with ``save_pretrained`` and surgeon reads it back with
@@ -157,6 +160,49 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
 }
 """Method -> PEFT config; surgeon's side is whatever ``surgeon.load`` reads from its save."""
 
+POLY_TASKS = torch.tensor([0, 1, 0, 1])
+"""Poly's ``task_ids``: one per row of the batch, both libraries' models get them."""
+
+
+def poly_pair(state: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    config = peft.PolyConfig(
+        task_type="CAUSAL_LM", r=8, n_tasks=2, n_skills=4, n_splits=1, target_modules=QV
+    )
+    ours, theirs = make_pair(state, config)
+    return ours, theirs, {"task_ids": POLY_TASKS}
+
+
+def xlora_pair(state: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """Two LoRA experts (r=8 on q,v) saved by PEFT; surgeon's X-LoRA over them, its classifier
+    perturbed and saved; PEFT's X-LoRA loads that file (PEFT's own X-LoRA save drops classifier
+    layers, so the pair is made in this direction). Both run the scaling pass and the real one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        experts = []
+        for i in range(2):
+            lora = peft.get_peft_model(small_llama(state), METHODS["LoRA"]())
+            perturb_trainable(lora, SEED + 10 + i, NOISE * 10)
+            lora.save_pretrained(f"{tmp}/expert{i}")
+            experts.append(f"{tmp}/expert{i}")
+        ours = surgeon.compile(no_cache(small_llama(state)), surgeon.XLoRA(experts=tuple(experts)))
+        perturb_trainable(ours, SEED + 2, NOISE)
+        ours.save_adapters(f"{tmp}/xlora")
+        theirs = peft.PeftModel.from_pretrained(no_cache(small_llama(state)), f"{tmp}/xlora")
+    return ours.eval(), theirs.eval(), {}
+
+
+def no_cache(model: nn.Module) -> nn.Module:
+    """PEFT's X-LoRA refuses a model whose config keeps a key/value cache."""
+    model.config.use_cache = False
+    return model
+
+
+BUILT: dict[str, Callable[[dict[str, torch.Tensor]], tuple[nn.Module, nn.Module, dict]]] = {
+    "Poly": poly_pair,
+    "X-LoRA": xlora_pair,
+}
+"""Methods whose pair is built apart (extra call arguments, experts on disk), with the extra
+arguments both models take in every call."""
+
 
 # -- models and inputs -------------------------------------------------------------------------
 
@@ -182,10 +228,17 @@ def abort(message: str) -> None:
 
 
 def check_equivalent(
-    ours: nn.Module, theirs: nn.Module, plain: nn.Module, inputs: dict[str, Any], label: str
+    ours: nn.Module,
+    theirs: nn.Module,
+    plain: nn.Module,
+    inputs: dict[str, Any],
+    label: str,
+    extra: dict[str, Any],
 ) -> None:
+    """``extra``: the adapters' own call arguments, which the plain model does not take."""
     with torch.no_grad():
-        a, b, base = ours(**inputs).logits, theirs(**inputs).logits, plain(**inputs).logits
+        a, b = ours(**inputs, **extra).logits, theirs(**inputs, **extra).logits
+        base = plain(**inputs).logits
     if not torch.allclose(a, b, rtol=0, atol=ATOL):
         abort(f"[{label}] logits differ by up to {(a - b).abs().max().item():.3g}")
     moved = (b - base).abs().max().item()
@@ -229,14 +282,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         type=lambda text: text.split(","),
-        default=list(METHODS),
+        default=[*METHODS, *BUILT],
         metavar="NAME,...",
         help="only these rows of METHODS (the comparison against LoRA needs LoRA, DoRA and OFT)",
     )
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.methods) - set(METHODS))
+    unknown = sorted(set(args.methods) - set(METHODS) - set(BUILT))
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join([*METHODS, *BUILT])}")
     return args
 
 
@@ -250,10 +303,23 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     kept: dict[str, nn.Module] = {}
     for name in args.methods:
-        ours, theirs = make_pair(state, METHODS[name]())
-        check_equivalent(ours, theirs, plain, inputs, name)
+        if name in BUILT:
+            ours, theirs, extra = BUILT[name](state)
+        else:
+            (ours, theirs), extra = make_pair(state, METHODS[name]()), {}
+        check_equivalent(ours, theirs, plain, inputs, name, extra)
         rows.append(
-            progress(f"[{name}]", method_row, name, ours, theirs, inputs, labels, reps, lm_loss)
+            progress(
+                f"[{name}]",
+                method_row,
+                name,
+                ours,
+                theirs,
+                {**inputs, **extra},
+                labels,
+                reps,
+                lm_loss,
+            )
         )
         if name in ("LoRA", *AGAINST_LORA):
             kept[f"surgeon {name}"], kept[f"peft {name}"] = ours, theirs
