@@ -316,6 +316,10 @@ class CallAdapter(nn.Module):
     """Keyword arguments of the compiled model's call (and ``generate``) that are this adapter's,
     not the model's (multitask prompt tuning's ``task_ids``): kept out of the model's call and
     handed to `transform` as ``call.extras``."""
+    serves_mixed_batches: ClassVar[bool] = False
+    """Whether a mixed batch (``adapter_names``) may give this adapter some of its rows: its
+    layers then act on their rows only (X-LoRA). Prompt methods change the whole call (its
+    length) and cannot."""
     target: str = "model call"
     """What ``inspect()`` shows in its target column."""
     where: str = "-"

@@ -477,11 +477,8 @@ class CompiledModel(nn.Module):
         """Install the rewrites for running ``names``; a set seen before reuses its rewrites, so
         switching adapters costs no tracing or code generation."""
         calls = [(n, self.store.calls[n]) for n in names if n in self.store.calls]
-        if mixed and calls:
-            raise SpecError(
-                f"adapter_names: adapter {calls[0][0]!r} ({self.store.specs[calls[0][0]].name}) "
-                f"acts on the whole model call; mixed batches support layer adapters only"
-            )
+        if mixed:
+            self._check_mixed_calls(calls)
         key = (names, mixed, self._fused)
         if key not in self._plans:
             active = self._layers_of(names)
@@ -519,6 +516,22 @@ class CompiledModel(nn.Module):
                 }
             )
         )
+
+    def _check_mixed_calls(self, calls: Sequence[tuple[str, CallAdapter]]) -> None:
+        """A mixed batch takes one adapter acting on the model call that serves one
+        (X-LoRA: its rows of the call are its own), beside any layer adapters."""
+        for name, call in calls:
+            if not call.serves_mixed_batches:
+                raise SpecError(
+                    f"adapter_names: adapter {name!r} ({self.store.specs[name].name}) acts on "
+                    f"the whole model call; mixed batches support layer adapters and X-LoRA only"
+                )
+        if len(calls) > 1:
+            kinds = ", ".join(f"{n!r} ({self.store.specs[n].name})" for n, _ in calls)
+            raise SpecError(
+                f"adapter_names: adapters {kinds} all act on the model call; mixed batches take "
+                f"one of them, beside layer adapters"
+            )
 
     def _graph_passes(self) -> tuple:
         return (fuse_graph,) if self._fused else ()

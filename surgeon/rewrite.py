@@ -249,6 +249,11 @@ def mixed_rows(adapter_names: Sequence[str]) -> Iterator[None]:
         _ROWS.reset(token)
 
 
+def in_mixed_batch() -> bool:
+    """Whether a mixed-batch call (``adapter_names``) is running."""
+    return _ROWS.get() is not None
+
+
 def batch_rows(adapter: str, like: torch.Tensor) -> torch.Tensor:
     """The batch rows that ``adapter`` owns in the current mixed-batch call, on ``like``'s device."""
     rows = _ROWS.get()
@@ -283,7 +288,7 @@ def call_argument(name: str, adapter: str, like: torch.Tensor) -> torch.Tensor:
             f"{name}=... to the compiled model, generate or the training samples"
         )
     value = torch.as_tensor(value, device=like.device)
-    if _ROWS.get() is not None:
+    if in_mixed_batch():
         value = value.index_select(0, batch_rows(adapter, value))
     return value
 

@@ -52,6 +52,7 @@ from surgeon.io import read_adapter, write_adapter
 from surgeon.layers import layer_kind
 from surgeon.passes.lowrank.lora import LoRA, LoRALayer
 from surgeon.peft import BOOL, INT, MAPPING, NUMBER, PREFIX, REQUIRED, PeftFormat, PeftKey
+from surgeon.rewrite import batch_rows, in_mixed_batch
 from surgeon.spec import MethodSpec
 
 CLASSIFIER = "base_model.internal_xlora_classifier."
@@ -363,14 +364,16 @@ _SCALINGS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
 
 
 def layer_scalings(
-    number: int, top_k: int | None, softmax_topk: bool, like: torch.Tensor
+    number: int, top_k: int | None, softmax_topk: bool, adapter: str, like: torch.Tensor
 ) -> torch.Tensor:
     """Layer ``number``'s expert scalings (batch, tokens, experts) for the running call: kept to
     the ``top_k`` largest per token, and softmaxed over those (``softmax_topk``), as PEFT's
-    layers do."""
+    layers do. In a mixed batch, ``adapter``'s rows of them."""
     scalings = _SCALINGS.get()
     if scalings is None:
         raise SpecError("an X-LoRA layer ran outside a call of the compiled model")
+    if in_mixed_batch():
+        scalings = scalings.index_select(0, batch_rows(adapter, scalings))
     if scalings.shape[:2] != like.shape[:2]:
         raise SpecError(
             f"X-LoRA's scalings are for {tuple(scalings.shape[:2])} (batch, tokens), the layer "
@@ -404,7 +407,9 @@ class XLoRALayer(AdapterLayer):
         self.experts = nn.ModuleDict()
 
     def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
-        scalings = ctx.call(layer_scalings, self.number, self.top_k, self.softmax_topk, x)
+        scalings = ctx.call(
+            layer_scalings, self.number, self.top_k, self.softmax_topk, ctx.adapter, x
+        )
         out_dtype = self.base.weight.dtype
         out = base_out
         for index, expert in self.experts.items():
@@ -469,9 +474,12 @@ class Classifier(nn.Module):
 
 class ScalingPass(CallAdapter):
     """Runs the scaling pass inside each model call, then the classifier, and hands the
-    scalings to the gated layers of the real pass (a context variable their graphs read)."""
+    scalings to the gated layers of the real pass (a context variable their graphs read). In a
+    mixed batch both passes run on the whole batch and X-LoRA's layers act on its rows only: a
+    row's scalings depend on that row alone."""
 
     method = "xlora"
+    serves_mixed_batches = True
     target = "model call (scaling pass + classifier)"
     where = "hidden states"
 

@@ -476,15 +476,23 @@ def test_several_adapters_active_on_one_layer(case: Case, tmp_path):
 
 @pytest.mark.parametrize("case", cases(first_model=True))
 def test_a_mixed_batch_gives_each_row_its_adapter(case: Case):
-    if not is_layer_method(case):
-        cm = surgeon.compile(case.entry.model(), case.spec())
-        with pytest.raises(surgeon.SpecError, match="mixed batches"):
-            cm(**case.inputs(), adapter_names=["default"] * 2)
-        return
-    cm = _two_adapters(case)
+    """Two adapters and the base model in one batch; a method acting on the model call takes
+    part with its rows and the base model's where it serves mixed batches (X-LoRA; its mixes
+    with layer adapters are the card's), and is refused otherwise (prompt methods)."""
     x = case.inputs()
     rows = next(iter(x.values())).shape[0]
-    names = (["a", "b", "__base__"] * rows)[:rows]
+    if is_layer_method(case):
+        cm = _two_adapters(case)
+        names = (["a", "b", "__base__"] * rows)[:rows]
+    else:
+        cm = surgeon.compile(case.entry.model(), case.spec(), name="a")
+        if not cm.store.calls["a"].serves_mixed_batches:
+            with pytest.raises(surgeon.SpecError, match="mixed batches"):
+                cm(**x, adapter_names=["a"] * rows)
+            return
+        perturb(cm, seed=3)
+        cm.eval()
+        names = (["a", "__base__"] * rows)[:rows]
     mixed = output(cm, {**x, "adapter_names": names})
     for name in set(names):
         # each adapter's rows as a batch of their own: a router that mixes over the batch

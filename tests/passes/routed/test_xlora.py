@@ -265,3 +265,24 @@ def test_errors(experts, tmp_path):
         cm.set_active(["default", "other"])
     with pytest.raises(surgeon.SpecError, match="use_cache=False"):
         cm.generate(**X, max_new_tokens=2, do_sample=False, use_cache=True)
+
+
+def test_a_mixed_batch_of_xlora_lora_and_base_rows_gives_each_row_its_own_result(experts):
+    cm = _ours(XLoRA(experts=experts))
+    cm.add_adapter("lora", surgeon.LoRA(rank=2, targets=("q_proj", "v_proj")))
+    add_noise([p for n, p in cm.named_parameters() if "lora" in n and p.requires_grad], seed=4)
+    rows = torch.cat([X["input_ids"], X["input_ids"].flip(1)])
+    names = ["default", "lora", "__base__", "default"]
+    mixed = cm(input_ids=rows, adapter_names=names).logits
+    for name in set(names):
+        mine = [i for i, n in enumerate(names) if n == name]
+        if name == "__base__":
+            with cm.disabled():
+                alone = cm(input_ids=rows[mine]).logits
+        else:
+            cm.set_active(name)
+            alone = cm(input_ids=rows[mine]).logits
+        torch.testing.assert_close(mixed[mine], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(surgeon.SpecError, match="mixed batches take one of them"):
+        cm.add_adapter("other", XLoRA(experts=experts))
+        cm(input_ids=rows, adapter_names=["default", "other", "lora", "__base__"])
