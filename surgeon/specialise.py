@@ -622,7 +622,7 @@ class SpecialisingTracer(RegionTracer):
                     return type(module).forward(module, *args, **kwargs)
             with self.fake_mode:
                 if kind == "call_function":
-                    return target(*args, **kwargs)
+                    return _FAKE_KERNELS.get(target, target)(*args, **kwargs)
                 return getattr(args[0], target)(*args[1:], **kwargs)
         except Unsound:
             raise
@@ -694,6 +694,69 @@ def specialise(
     graph.constants = tracer.constants  # type: ignore[attr-defined]  (read by the rewrite)
     guards = tracer.shape_env.produce_guards_expression(tracer.guard_inputs, ignore_static=False)
     return Variant(graph, tuple(tracer.slots), guards or None, _describe(args, kwargs))
+
+
+# -- ops whose fake implementation refuses what their kernels run --------------------------------
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_fake(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    offs: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``torch._grouped_mm``'s output on fake tensors, for what its kernel accepts. torch's own
+    fake implementation follows the bf16 CUDA kernel and refuses float32 and float16, which the
+    CPU kernel multiplies: transformers' mixture-of-experts layers call the op in the model's
+    dtype, so every float32 trace of them was refused. The checks are the CPU kernel's (one
+    float dtype, 2-D or 3-D operands, int32 offsets where an operand is 2-D, rows aligned to
+    16 bytes, no bias); a new variant is compared with the module's own forward before use."""
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise RuntimeError(f"_grouped_mm: {message}")
+
+    check(
+        mat_a.dtype == mat_b.dtype and mat_a.dtype in _GROUPED_MM_DTYPES,
+        f"expected float32, bfloat16 or float16 operands of one dtype, got {mat_a.dtype} and "
+        f"{mat_b.dtype}",
+    )
+    check(mat_a.dim() in (2, 3) and mat_b.dim() in (2, 3), "operands must be 2-D or 3-D")
+    check(bias is None, "a bias is not supported")
+    check(out_dtype in (None, mat_a.dtype), "out_dtype must be the operands' dtype")
+    split = mat_a.dim() == 2 or mat_b.dim() == 2
+    check((offs is not None) == split, "offsets are needed exactly where an operand is 2-D")
+    if offs is not None:
+        check(offs.dim() == 1 and offs.dtype == torch.int32, "offsets must be 1-D int32")
+    if mat_a.dim() == 3 or mat_b.dim() == 3:
+        check(mat_a.size(-1) == mat_b.size(-2), "contraction dimensions must match")
+    for mat in (mat_a, mat_b):
+        check(_rows_aligned(mat), "strides should be multiple of 16 bytes")
+    if not split:
+        size = (mat_a.size(0), mat_a.size(1), mat_b.size(-1))
+    elif mat_b.dim() == 3:
+        size = (mat_a.size(0), mat_b.size(-1))
+    elif mat_a.dim() == 3:
+        size = (mat_a.size(1), mat_b.size(1))
+    else:  # both 2-D (a weight gradient): one product per group
+        size = (offs.size(0), mat_a.size(0), mat_b.size(1))  # type: ignore[union-attr]
+    return mat_a.new_empty(size)
+
+
+def _rows_aligned(mat: torch.Tensor) -> bool:
+    """Whether one of the last two dims is contiguous and the other's stride spans 16 bytes."""
+    alignment = max(16 // mat.element_size(), 1)
+    inner, outer = mat.stride()[-1], mat.stride()[-2]
+    if outer == 1 and inner >= max(1, mat.size(-2)):
+        return inner % alignment == 0
+    return inner == 1 and outer >= max(1, mat.size(-1)) and outer % alignment == 0
+
+
+_FAKE_KERNELS: dict[Any, Callable[..., Any]] = {torch._grouped_mm: _grouped_mm_fake}
+"""Ops a trace evaluates by surgeon's own fake implementation (the graph still calls the op)."""
 
 
 _SIZED_FACTORIES = ("ones", "zeros", "empty", "rand", "randn")

@@ -90,37 +90,90 @@ def test_expected_records_leave_torchs_handlers_for_surgeons_debug_log(surgeon_d
     assert debug == ["torch.surgeon_test_source: expected: a refused trace"]
 
 
-# -- a refused trace --------------------------------------------------------------------------
+# -- mixture-of-experts models ----------------------------------------------------------------
 
 
-def tiny_mixtral() -> torch.nn.Module:
+def tiny_mixtral(layers: int = 1) -> torch.nn.Module:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    return MixtralForCausalLM(MixtralConfig(num_local_experts=4, **_tiny_decoder()))
+    return MixtralForCausalLM(MixtralConfig(num_local_experts=4, **_tiny_decoder(layers)))
 
 
-def tiny_qwen3_moe() -> torch.nn.Module:
+def tiny_qwen3_moe(layers: int = 1) -> torch.nn.Module:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(num_experts=4, moe_intermediate_size=16, head_dim=8, **_tiny_decoder())
+    config = Qwen3MoeConfig(
+        num_experts=4, moe_intermediate_size=16, head_dim=8, **_tiny_decoder(layers)
+    )
     return Qwen3MoeForCausalLM(config)
 
 
-def _tiny_decoder() -> dict:
+def tiny_gpt_oss(layers: int = 1) -> torch.nn.Module:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    decoder = {**_tiny_decoder(layers), "intermediate_size": 16}
+    rope = {"rope_type": "default", "rope_theta": 10000.0}  # its YaRN default wants 4k positions
+    config = GptOssConfig(num_local_experts=4, head_dim=8, rope_parameters=rope, **decoder)
+    return GptOssForCausalLM(config)
+
+
+def _tiny_decoder(layers: int = 1) -> dict:
     return dict(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
         max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen3_moe])
-def test_a_refused_trace_of_a_mixture_of_experts_writes_nothing_to_stderr(
-    build, capfd, monkeypatch, surgeon_debug
-):
+def _moe_cases() -> list:
+    """Each model in float32 and bfloat16; two of them in the default lane."""
+    fast = {("tiny_mixtral", "fp32"), ("tiny_gpt_oss", "bf16")}
+    return [
+        pytest.param(
+            build,
+            dtype,
+            id=f"{build.__name__}-{name}",
+            marks=() if (build.__name__, name) in fast else pytest.mark.slow,
+        )
+        for build in (tiny_mixtral, tiny_qwen3_moe, tiny_gpt_oss)
+        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+    ]
+
+
+@pytest.mark.parametrize("build, dtype", _moe_cases())
+def test_a_mixture_of_experts_traces_whole_and_quietly(build, dtype, capfd, monkeypatch):
+    """transformers' experts multiply by ``torch._grouped_mm`` in the model's dtype, which
+    torch's fake implementation refused outside bf16: the whole model is one graph now."""
     torch_logs_to_stderr(monkeypatch)
     torch.manual_seed(0)
-    cm = surgeon.compile(build().eval(), surgeon.LoRA(rank=4, targets=("q_proj", "v_proj")))
+    model = build().to(dtype).eval()
+    cm = surgeon.compile(model, surgeon.LoRA(rank=4, targets=("q_proj", "v_proj")))
+    inputs = padded_ids(batch=2, length=5)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm(**inputs)
+        report = cm.inspect()
+        cm.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert capfd.readouterr().err == ""
+    assert [str(w.message) for w in caught] == []
+    assert "regions: 1 (1.0 per decoder layer; 1 specialised at call time)" in report.summary()
+    assert [region.path for region in cm.graph.live()] == [""]
+    assert cm.inspect().refused == []  # generation's kinds of calls traced too
+
+
+def test_a_refused_trace_of_a_mixture_of_experts_writes_nothing_to_stderr(
+    capfd, monkeypatch, surgeon_debug
+):
+    """With torch's own fake ``_grouped_mm`` (bf16 only) every float32 trace is refused: the
+    reason goes to ``breaks_table()``, torch's logs about it to surgeon's debug log."""
+    from surgeon import specialise
+
+    monkeypatch.setattr(specialise, "_FAKE_KERNELS", {})
+    monkeypatch.setattr(specialise, "_SHARED", {})  # no variant traced by another test
+    torch_logs_to_stderr(monkeypatch)
+    torch.manual_seed(0)
+    cm = surgeon.compile(tiny_mixtral().eval(), surgeon.LoRA(rank=4, targets=("q_proj", "v_proj")))
     inputs = padded_ids(batch=2, length=5, padded=False)
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
@@ -131,7 +184,6 @@ def test_a_refused_trace_of_a_mixture_of_experts_writes_nothing_to_stderr(
     assert [str(w.message) for w in caught] == []
     refused = cm.inspect().breaks_table()
     assert "runs its own forward" in refused and "_grouped_mm" in refused, refused
-    # what torch logged about it is surgeon's to show, at debug level
     debug = [r for r in surgeon_debug.records if r.name == "surgeon.specialise"]
     assert debug and all(r.levelno == logging.DEBUG for r in debug)
     assert "torch._subclasses.fake_tensor" in debug[0].getMessage()
