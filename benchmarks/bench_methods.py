@@ -16,7 +16,9 @@ Method
   model below is a fresh instance loaded from that state dict. Inputs: batch 4, sequence 32.
 * Methods (targets ``q_proj, v_proj`` unless noted), PEFT config first:
   - LoRA: ``LoraConfig(r=8, lora_alpha=16)``, loaded by surgeon as ``LoRA(rank=8, alpha=16)``;
-  - DoRA: the same with ``use_dora=True`` (surgeon: ``DoRA(rank=8, alpha=16)``);
+  - DoRA: the same with ``use_dora=True`` (surgeon: ``DoRA(rank=8, alpha=16)``); BD-LoRA: the
+    same with ``use_bdlora={"target_modules_bd_b": [q, v], "nblocks": 2}``; KaSA: the same with
+    ``kasa_config={}``;
   - LoHa: ``LoHaConfig(r=8, alpha=16)`` (``LoHa(rank=8, alpha=16)``);
   - LoKr: ``LoKrConfig(r=8, alpha=16)`` (``LoKr(rank=8, alpha=16)``);
   - IA3: ``IA3Config`` on ``k_proj, v_proj, down_proj``, ``down_proj`` feed-forward;
@@ -120,6 +122,13 @@ QUICK = Reps(warmup=1, forward=5, train=3)
 METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
     "LoRA": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=QV),
     "DoRA": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=QV, use_dora=True),
+    "BD-LoRA": lambda: peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=QV,
+        use_bdlora={"target_modules_bd_b": QV, "nblocks": 2},
+    ),
+    "KaSA": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=QV, kasa_config={}),
     "LoHa": lambda: peft.LoHaConfig(r=8, alpha=16, target_modules=QV),
     "LoKr": lambda: peft.LoKrConfig(r=8, alpha=16, target_modules=QV),
     "IA3": lambda: peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=["down_proj"]),

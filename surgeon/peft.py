@@ -296,8 +296,17 @@ class PeftFormat:
         ]
 
     def claims(self, config: Mapping[str, Any]) -> bool:
-        """Whether ``config`` (of this PEFT type) is this method: every switch as it sets it."""
-        return self.claims_files and not self.mismatched_switches(config)
+        """Whether ``config`` (of this PEFT type) is this method: every switch as it sets it, and
+        no variant on that it does not declare (a variant carried by a key, such as BD-LoRA's
+        ``use_bdlora`` mapping, is its own method's; LoRA does not claim it). A sub-config
+        mapping turns its variant on even empty, as PEFT builds it with its defaults."""
+        declared = self.key_names() | set(self.switches)
+        undeclared_on = any(
+            isinstance(config.get(key), Mapping) or not is_off(config.get(key), off)
+            for key, off in VARIANT_KEYS.items()
+            if key not in declared
+        )
+        return self.claims_files and not self.mismatched_switches(config) and not undeclared_on
 
     def read(self, config: Mapping[str, Any], where: str, owner: str) -> dict[str, Any]:
         """The spec fields ``config`` holds; `SpecError` naming the key for anything this
