@@ -13,6 +13,14 @@ are constants in backward (a zero gradient: an optimizer's momentum or weight de
 them, as for any parameter with a zero gradient). ``frozen=False`` trains every row and column
 up to b (the paper's ablation).
 
+Source check (issue #21): the truncations ``W_dw[1:b, :]`` / ``W_up[:, 1:b]``, the ``alpha/b``
+scale and the rank ``b`` drawn from a distribution ``p_B`` each step are the paper's §3 (read
+through a summary of the paper's text). That the default update touches only the b-th row and
+column (``frozen``) and that ``p_B`` defaults to uniform could not be read from the paper here;
+they follow the public re-implementations (kohya-ss ``networks/dylora.py``, derived from the
+authors' github.com/huawei-noah/KD-NLP/DyLoRA, and LyCORIS: "every step, only update one row/col")
+and are not verified against the paper's text.
+
 The rank is drawn once per training step for every layer of the adapter, from a CPU
 `torch.Generator` seeded with ``seed``: step t runs at the t-th draw ``randint(1, r + 1)``. The
 generator's state is a buffer of the adapter (`RankSampler`), so a training checkpoint keeps it

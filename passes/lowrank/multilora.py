@@ -8,6 +8,11 @@ at zero, which alone makes a fresh adapter the base layer, so both factors of ev
 random (Kaiming-uniform, as PEFT's LoRA draws ``A``) and every unit gets gradients from the
 first step on; LoRA's zero ``B`` would leave the units identical in effect.
 
+Source check (issue #21): summaries of the paper (arXiv 2311.11501) confirm the parallel units
+("scales LoRA modules horizontally"), learnable per-unit scaling factors and a Kaiming-based
+initialisation replacing LoRA's zero B; that the factors start at zero, the ``alpha/r`` scale and
+the plain sum over units could not be read from the paper's text here (§3) and are not verified.
+
 The units are stored stacked: ``multilora_A`` (units·r x in, unit i in rows i·r to (i+1)·r),
 ``multilora_B`` (out x units·r, unit i in the same columns) and ``multilora_scales`` (units,).
 The graph runs them as one LoRA of rank units·r whose intermediate is scaled per unit: two

@@ -6,15 +6,29 @@ Compressing LoRA using linear combination of random basis", https://arxiv.org/ab
 Only the coefficients train: per layer ``nola_alpha`` c (num_basis_A,) and ``nola_beta`` d
 (num_basis_B,), the paper's alpha and beta (``alpha`` here is LoRA's scale). The bases ``A_i``
 (r x in) and ``B_j`` (out x r) are never trained nor saved: as in the paper, they are
-regenerated from ``seed``. Following the paper's reference setup, which
-shares the random bases between layers to save memory, one pair of bases serves every adapted
-layer of the same shape (in, out); each layer mixes them with its own coefficients. A generator
-seeded with ``seed`` draws them on the CPU in float32, shape after shape in the order their
-first layers come in the model, the A bases then the B bases of each shape: ``A_i`` uniform in
-``±1/√in`` and ``B_j`` uniform in ``±1/√r`` (the bounds of LoRA's kaiming-uniform A). c starts
-uniform in ``±1/√num_basis_A`` (from the global generator, as LoRA's A) and d at zero, so a fresh
-adapter leaves the model as it is and d gets gradients from the first step. In eval mode A and B
-are kept until a coefficient or a basis changes. Merging adds ``(alpha/r) · B A``.
+regenerated from a seed. Sources of the facts below: the authors' code (github.com/UCDvision/NOLA;
+the paper's text itself could not be read here).
+
+- Distribution: each basis is uniform in ``±1`` scaled by ``1/√k``, ``k`` the number of bases of
+  its factor (``num_basis_A`` for the A_i, ``num_basis_B`` for the B_j), as the authors'
+  ``GenerateParams`` draws them for the LLaMA and GPT-2 experiments (``llama/peft/tuners/lora.py``,
+  ``gpt/src/model_nola.py``). (Their ViT code, ``vit/NOLA.py``, draws kaiming-uniform bases.)
+- Seeding and sharing: the authors' ViT code seeds every layer's bases with the same seed (0), so
+  layers of one shape share them; their LLaMA/GPT-2 code gives every factor of every layer its
+  own random seed, saved in the checkpoint. Here one ``seed`` (saved in the config) serves the
+  whole adapter and one pair of bases serves every adapted layer of the same shape (in, out), as
+  the ViT code; each layer mixes them with its own coefficients. A CPU generator seeded with
+  ``seed`` draws them in float32, shape after shape in the order their first layers come in the
+  model, the A bases then the B bases of each shape.
+- Coefficients: the authors' LLaMA/GPT-2 code starts c and d at zero and adds to A a frozen
+  kaiming-uniform matrix (LoRA's A, their ``NOLALinear.weight``), so that B = 0 and d gets
+  gradients first. Here there is no such extra frozen matrix (the paper's A is the mixture
+  alone, Eq. 2): c starts uniform in ``±1/√num_basis_A`` (from the global generator, as LoRA's
+  A) and d at zero, which keeps both properties: a fresh adapter leaves the model as it is and d
+  gets gradients from the first step.
+
+In eval mode A and B are kept until a coefficient or a basis changes. Merging adds
+``(alpha/r) · B A``.
 
 Files: PEFT's layout under this project's own type ``"peft_type": "SURGEON_NOLA"`` (PEFT has no
 NOLA; its loader refuses such a file). The config holds ``r``, ``num_basis_A``, ``num_basis_B``,
@@ -138,8 +152,9 @@ class RandomBases(nn.Module):
         b_shape = (spec.num_basis_B, out_features, spec.rank)
         # drawn on the CPU whatever the device (the meta device included), so every shape's
         # draws take the same place in the generator's stream
-        a = uniform(a_shape, 1 / math.sqrt(in_features), generator)
-        b = uniform(b_shape, 1 / math.sqrt(spec.rank), generator)
+        # the authors' draw: uniform in ±1 over the square root of the number of bases
+        a = uniform(a_shape, 1 / math.sqrt(spec.num_basis_A), generator)
+        b = uniform(b_shape, 1 / math.sqrt(spec.num_basis_B), generator)
         self.register_buffer("nola_A_bases", through_base_dtype(a, base_weight))
         self.register_buffer("nola_B_bases", through_base_dtype(b, base_weight))
 

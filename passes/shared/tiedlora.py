@@ -21,7 +21,14 @@ TL5       ●    ∇    ●    ●   dr
 TL6       ∇    ∇    ●    ●   2dr
 =======  ===  ===  ===  ===  =====================
 
-(``d`` the hidden size, ``L`` the number of adapted layers.) Inits: ``A`` kaiming-uniform as
+(``d`` the hidden size, ``L`` the number of adapted layers.) Source check (issue #21): the paper's
+text (its configuration table, §2) could not be read in this project's stored sources; only
+secondary summaries of arXiv 2311.09578 were (A and B tied across layers, per-layer vectors
+trained or frozen by configuration, TL6 the configuration the authors single out). Which of
+A, B, u, v each TL row trains, the inits of u and v and the ``alpha/r`` scale are therefore
+written from memory and NOT verified against the paper; in particular the v1 abstract's
+"13% of LoRA's parameters" for the singled-out configuration suggests it trains per-layer
+vectors, which the TL6 row above does not. Inits: ``A`` kaiming-uniform as
 LoRA's A (from the global generator, frozen or not), ``B`` zero as LoRA's, ``u`` and ``v`` one,
 so a fresh adapter leaves the model as it is (every configuration trains B). Merging adds
 ``ΔW_l`` to each weight.
@@ -85,7 +92,7 @@ class TiedLoRA(MethodSpec):
     """LoRA factors tied across the layers of each shape, with per-layer scaling vectors.
 
     ``config``: which of A, B, u, v train (``TL1`` ... ``TL6``, the paper's table in the module
-    docstring; ``TL6``, tied A and B alone, is the one the paper singles out). ``alpha``: the update
+    docstring, not verified against the paper: see there). ``alpha``: the update
     is scaled by ``alpha / rank``. ``dropout``: on the adapter's input, as LoRA's.
     """
 

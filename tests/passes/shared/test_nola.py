@@ -53,13 +53,14 @@ def formula(spec, adapter, base, x):
 
 def _bases(seed: int, rank: int, shapes, num_a: int, num_b: int) -> list[torch.Tensor]:
     """The draws the module docstring describes, written out: one generator, shape after shape,
-    A bases uniform in ±1/√in then B bases uniform in ±1/√r."""
+    A bases uniform in ±1/√num_basis_A then B bases uniform in ±1/√num_basis_B (the authors'
+    code, github.com/UCDvision/NOLA, ``GenerateParams``)."""
     generator = torch.Generator().manual_seed(seed)
     out = []
     for fan_in, fan_out in shapes:
-        for shape, bound in (((num_a, rank, fan_in), fan_in), ((num_b, fan_out, rank), rank)):
+        for shape, count in (((num_a, rank, fan_in), num_a), ((num_b, fan_out, rank), num_b)):
             draw = torch.rand(shape, generator=generator) * 2 - 1
-            out.append(draw * (1 / math.sqrt(bound)))
+            out.append(draw * (1 / math.sqrt(count)))
     return out
 
 
