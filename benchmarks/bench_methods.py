@@ -18,7 +18,7 @@ Method
   - LoRA: ``LoraConfig(r=8, lora_alpha=16)``, loaded by surgeon as ``LoRA(rank=8, alpha=16)``;
   - DoRA: the same with ``use_dora=True`` (surgeon: ``DoRA(rank=8, alpha=16)``); BD-LoRA: the
     same with ``use_bdlora={"target_modules_bd_b": [q, v], "nblocks": 2}``; KaSA: the same with
-    ``kasa_config={}``;
+    ``kasa_config={}``; VeLoRA and MonteCLoRA: the same with their sub-config's defaults;
   - LoHa: ``LoHaConfig(r=8, alpha=16)`` (``LoHa(rank=8, alpha=16)``);
   - LoKr: ``LoKrConfig(r=8, alpha=16)`` (``LoKr(rank=8, alpha=16)``);
   - IA3: ``IA3Config`` on ``k_proj, v_proj, down_proj``, ``down_proj`` feed-forward;
@@ -129,6 +129,10 @@ METHODS: dict[str, Callable[[], peft.PeftConfig]] = {
         use_bdlora={"target_modules_bd_b": QV, "nblocks": 2},
     ),
     "KaSA": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=QV, kasa_config={}),
+    "VeLoRA": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=QV, velora_config={}),
+    "MonteCLoRA": lambda: peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=QV, monteclora_config={}
+    ),
     "LoHa": lambda: peft.LoHaConfig(r=8, alpha=16, target_modules=QV),
     "LoKr": lambda: peft.LoKrConfig(r=8, alpha=16, target_modules=QV),
     "IA3": lambda: peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=["down_proj"]),

@@ -82,6 +82,12 @@ def is_off(value: Any, off: Any = None) -> bool:
     return value == off or value in (None, False, [], {}, ())
 
 
+def variant_on(key: str, value: Any) -> bool:
+    """Whether variant key ``key`` of `VARIANT_KEYS` is on: a sub-config mapping is, even empty
+    (PEFT builds it with its defaults), as is any value but its off value."""
+    return isinstance(value, Mapping) or not is_off(value, VARIANT_KEYS[key])
+
+
 # -- JSON types ---------------------------------------------------------------------------------
 
 
@@ -302,9 +308,7 @@ class PeftFormat:
         mapping turns its variant on even empty, as PEFT builds it with its defaults."""
         declared = self.key_names() | set(self.switches)
         undeclared_on = any(
-            isinstance(config.get(key), Mapping) or not is_off(config.get(key), off)
-            for key, off in VARIANT_KEYS.items()
-            if key not in declared
+            variant_on(key, config.get(key)) for key in VARIANT_KEYS if key not in declared
         )
         return self.claims_files and not self.mismatched_switches(config) and not undeclared_on
 
@@ -343,7 +347,7 @@ def check_other_keys(config: Mapping[str, Any], declared: set[str], where: str) 
         if key in declared or key in NEUTRAL_KEYS:
             continue
         if key in VARIANT_KEYS:
-            if not is_off(value, VARIANT_KEYS[key]):
+            if variant_on(key, value):
                 raise SpecError(
                     f"{where}: {key}={value!r} selects a variant surgeon does not support yet; "
                     f"loading it as plain {config.get('peft_type')} would give different outputs"
