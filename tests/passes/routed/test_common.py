@@ -38,7 +38,7 @@ def _compiled(name: str) -> tuple[surgeon.CompiledModel, dict[str, torch.Tensor]
 
 
 def test_every_routed_method_is_covered():
-    assert _routed() == ["mole", "poly", "xlora"]
+    assert _routed() == ["arrow", "mole", "poly", "xlora"]
 
 
 @pytest.mark.parametrize(

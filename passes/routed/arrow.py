@@ -1,0 +1,545 @@
+"""Arrow: zero-shot routing over a library of trained LoRA experts by their SVD prototypes
+(Ostapenko et al., "Towards Modular LLMs by Building and Reusing a Library of LoRAs", ICML 2024,
+arXiv 2405.11157, §4), with GenKnowSub (Bagherifard et al., "GenKnowSub: Improving Modularity and
+Reusability of LLMs through General Knowledge Subtraction", ACL 2025 short 54), as PEFT 0.21 runs
+them (LoraConfig's ``arrow_config``, ``create_arrow_model``).
+
+``W0 x + Σ_i c_i(x) s_i B_i A_i x`` per token, ``c(x) = softmax(top_k(|p_i · x|) / τ)``: the
+scores of the experts outside the token's ``top_k`` are -inf (weight 0). ``p_i``, expert ``i``'s
+prototype, is the top right-singular vector of ``ΔW_i = B_i A_i`` (the sign does not matter:
+the score is an absolute value), found as PEFT finds it: power iteration in float32 on
+``v ↦ A_iᵀ (B_iᵀ B_i) A_i v``, 15 steps from a normal draw ``v0`` (normalised by ``‖v‖ + 1e-8``
+at each step), cast to the factors' dtype. ``v0`` comes from a generator seeded with ``seed``
+(PEFT's ``rng_seed``; a fresh one for every expert on every layer, on the weight's device), or,
+without a seed, from torch's global generator, layer after layer and expert after expert, once
+when the adapter is built (PEFT draws at its first forward: unseeded runs agree with PEFT's to
+the power iteration's convergence only, as two PEFT runs do). ``s_i`` is the expert's own
+scale (``alpha/r``, ``alpha/√r`` with rsLoRA, its rank and alpha patterns).
+
+GenKnowSub (when ``general_experts`` are given): before the prototypes are found, every task
+expert's ``A`` and ``B`` lose the mean of the general experts' ``A`` and ``B`` (factor by factor,
+as PEFT subtracts them; the general experts' scales play no part). The prototypes are found
+once, when the adapter is built, as PEFT finds them at its first forward; training the experts
+(``train_experts``; PEFT keeps its experts frozen) leaves them as they were.
+
+Experts: ``task_experts`` and ``general_experts`` map names to LoRA adapter folders (PEFT- or
+surgeon-saved, read by `surgeon.io`: safetensors only), or list folders (named after them).
+Each must be a plain LoRA adapting every targeted layer, all at the same rank on a layer (PEFT
+stacks them); anything else is a `SpecError` naming the expert and its folder. `Arrow.from_folders`
+is ``create_arrow_model``: the targets are those of the first task expert. An expert named
+without a folder (``None``) gets its factors from ``expert_seed`` (examples and tests: one
+generator, layer after layer, the task experts then the general ones, ``A`` ~ N(0, 1/in), ``B``
+~ N(0, 1/r), scale 1), or, without one, from the adapter's own file.
+
+Files: PEFT saves an Arrow model as one folder per expert plus an ``arrow_router`` folder (type
+``LORA`` with ``arrow_config``) that PEFT 0.21 cannot load back (``arrow_config``'s expert names
+are not init fields and are dropped on reading, then used); surgeon refuses such a router file
+as LoRA. Ours is PEFT's layout under this project's own type ``"peft_type": "SURGEON_ARROW"``
+(PEFT refuses it), self-contained: per layer the task experts' factors after GenKnowSub,
+stacked and zero-padded to ``expert_rank`` (``arrow_experts_A`` N x r x in, ``arrow_experts_B``
+N x out x r), their scales (``arrow_expert_scales``) and the prototypes (``arrow_prototypes``
+N x in), so a load routes exactly as the saved adapter did. The config names the experts (never
+their folders).
+
+Not mergeable: the experts are weighed per token (`Arrow.merge_refusal`; PEFT refuses too).
+
+Layers: Linear and transformers' GPT-2 ``Conv1D`` (PEFT's Arrow variant is on its Linear
+layers, which carry Conv1D); others are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.checks import check_bool, check_int, check_positive, check_seed
+from surgeon.errors import SpecError
+from surgeon.io import CONFIG_NAME, method_from_peft_config, read_adapter
+from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.passes.lowrank.lora import LoRA, is_residual_init
+from surgeon.passes.routed.mole import ExpertFile, expert_outputs, mix
+from surgeon.peft import (
+    BOOL,
+    INT,
+    NUMBER,
+    PREFIX,
+    REQUIRED,
+    JsonType,
+    PeftFormat,
+    PeftKey,
+    selection_keys,
+)
+from surgeon.spec import MethodSpec
+
+PEFT_TYPE = "SURGEON_ARROW"
+"""This project's own PEFT type: PEFT cannot load its own Arrow router back."""
+POWER_STEPS = 15
+"""PEFT's power-iteration steps for a prototype."""
+POWER_EPS = 1e-8
+"""PEFT's guard in the normalisations of the power iteration."""
+
+EXPERT_NAMES = JsonType(
+    "a list of expert names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)
+)
+
+
+def _load_names(value: list[str], config: Mapping[str, Any], where: str) -> dict:
+    """The file's expert names, each without a folder: the file holds what they gave."""
+    if len(set(value)) != len(value):
+        raise SpecError(f"{where}: {value!r}: the names repeat")
+    return dict.fromkeys(value)
+
+
+PEFT_FORMAT = PeftFormat(
+    PEFT_TYPE,
+    keys=(
+        PeftKey(
+            "task_experts",
+            "task_experts",
+            REQUIRED,
+            EXPERT_NAMES,
+            save=lambda spec, paths: list(spec.task_experts),
+            load=_load_names,
+            why_required="the task experts' names say how many the file's factors stack",
+        ),
+        PeftKey(
+            "general_experts",
+            "general_experts",
+            [],
+            EXPERT_NAMES,
+            save=lambda spec, paths: list(spec.general_experts),
+            load=_load_names,
+        ),
+        PeftKey("expert_rank", "expert_rank", REQUIRED, INT),
+        *selection_keys(),
+        PeftKey("top_k", "top_k", 3, INT),
+        PeftKey("router_temperature", "temperature", 1.0, NUMBER),
+        PeftKey("rng_seed", "seed", None, INT.optional()),
+        PeftKey("train_experts", "train_experts", False, BOOL),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Arrow(MethodSpec):
+    """Arrow routing: each token mixes the ``top_k`` trained LoRA experts whose prototypes it
+    aligns with best; GenKnowSub first when general experts are given."""
+
+    name = "arrow"
+    peft_format = PEFT_FORMAT
+    merge_refusal = (
+        "Arrow routes every token to its own experts, so there is no single weight update to "
+        "fold in"
+    )
+
+    task_experts: Mapping[str, str | None] | Sequence[str] = field(default_factory=dict)
+    general_experts: Mapping[str, str | None] | Sequence[str] = field(default_factory=dict)
+    targets: str | tuple[str, ...] = ("q_proj", "v_proj")
+    top_k: int = 3
+    temperature: float = 1.0
+    seed: int | None = None
+    expert_rank: int | None = None
+    expert_seed: int | None = None
+    train_experts: bool = False
+    layers: int | tuple[int, ...] | None = None
+    exclude: str | tuple[str, ...] = ()
+
+    @classmethod
+    def from_folders(
+        cls,
+        task_experts: Mapping[str, str] | Sequence[str],
+        general_experts: Mapping[str, str] | Sequence[str] = (),
+        **options: Any,
+    ) -> Arrow:
+        """PEFT's ``create_arrow_model``: Arrow over the LoRAs in ``task_experts`` (GenKnowSub
+        with ``general_experts``), on the layers the first task expert adapts (its targets,
+        exclusions and layers) unless ``options`` name them."""
+        first_name, first_folder = next(iter(_named("Arrow", "task_experts", task_experts, 1)))
+        lora = expert_lora(f"Arrow.task_experts[{first_name!r}] ({first_folder})", first_folder)
+        chosen = {"targets": lora.targets, "exclude": lora.exclude, "layers": lora.layers}
+        return cls(
+            task_experts=task_experts, general_experts=general_experts, **{**chosen, **options}
+        )
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        task = dict(_named(owner, "task_experts", self.task_experts, 1))
+        general = dict(_named(owner, "general_experts", self.general_experts, 0))
+        shared = sorted(set(task) & set(general))
+        if shared:
+            raise SpecError(f"{owner}: {shared} name both task and general experts")
+        self._set("task_experts", task)
+        self._set("general_experts", general)
+        check_int(owner, "top_k", self.top_k)
+        if self.top_k > len(task):
+            raise SpecError(
+                f"{owner}.top_k={self.top_k}: there are only {len(task)} task experts to route "
+                f"to (PEFT's default top_k is 3)"
+            )
+        check_positive(owner, "temperature", self.temperature)
+        for name in ("seed", "expert_seed"):
+            if getattr(self, name) is not None:
+                check_seed(owner, name, getattr(self, name))
+        check_bool(owner, "train_experts", self.train_experts)
+        loras = [expert_lora(_where(*expert), expert[2]) for expert in self._folders()]
+        ranks = [max([lora.rank, *lora.rank_pattern.values()]) for lora in loras]
+        if self.expert_rank is None:
+            if not ranks:
+                raise SpecError(
+                    f"{owner}.expert_rank: needed when no expert has a folder (the rank the "
+                    f"experts' factors are stored at)"
+                )
+            self._set("expert_rank", max(ranks))
+        check_int(owner, "expert_rank", self.expert_rank)
+        if ranks and self.expert_rank < max(ranks):
+            raise SpecError(
+                f"{owner}.expert_rank={self.expert_rank}: the experts' largest rank is "
+                f"{max(ranks)}; leave it out to take that"
+            )
+
+    @classmethod
+    def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
+        # experts drawn from a seed (the suite has no LoRA folders); the card builds folders
+        return {
+            "default": cls(
+                task_experts=dict.fromkeys(("a", "b", "c")),
+                top_k=2,
+                seed=0,
+                expert_rank=3,
+                expert_seed=0,
+                train_experts=True,
+                targets=targets,
+            ),
+            "gks-sharp-top1": cls(
+                task_experts=dict.fromkeys(("a", "b", "c")),
+                general_experts=dict.fromkeys(("g", "h")),
+                top_k=1,
+                temperature=0.5,
+                expert_rank=2,
+                expert_seed=1,
+                targets=targets,
+            ),
+        }
+
+    @property
+    def starts_as_base(self) -> bool:
+        return False  # the experts are trained LoRAs: they change the outputs from the start
+
+    def supports(self, layer: nn.Module) -> bool:
+        return layer_kind(layer) in ("linear", "conv1d_gpt2")
+
+    def _folders(self) -> list[tuple[str, str, str]]:
+        """(kind, name, folder) of every expert with a folder, the task experts first."""
+        return [
+            (kind, name, folder)
+            for kind, experts in (("task", self.task_experts), ("general", self.general_experts))
+            for name, folder in experts.items()
+            if folder is not None
+        ]
+
+    def create_layers(self, model: nn.Module, paths: Sequence[str]) -> dict[str, ArrowLayer]:
+        files = {
+            (kind, name): _expert_file(_where(kind, name, folder), folder, model, paths)
+            for kind, name, folder in self._folders()
+        }
+        generator = (
+            torch.Generator().manual_seed(self.expert_seed)
+            if self.expert_seed is not None
+            else None
+        )
+        layers = {}
+        for path in paths:
+            base = model.get_submodule(path)
+            fan_in, fan_out = in_out_features(base)
+            factors: dict[str, list[Factors | None]] = {"task": [], "general": []}
+            for kind, experts in (("task", self.task_experts), ("general", self.general_experts)):
+                for name, folder in experts.items():
+                    if folder is not None:
+                        where = _where(kind, name, folder)
+                        found = _file_factors(where, files[kind, name], path, fan_in, fan_out)
+                    elif generator is not None:
+                        found = _drawn_factors(generator, self.expert_rank, fan_in, fan_out)
+                    else:
+                        found = None  # the adapter's file holds what it gives
+                    factors[kind].append(found)
+            _check_factors(self, path, factors)
+            layers[path] = ArrowLayer(base, factors["task"], factors["general"], self)
+        return layers
+
+
+# -- the experts ----------------------------------------------------------------------------------
+
+
+def _where(kind: str, name: str, folder: str) -> str:
+    return f"Arrow.{kind}_experts[{name!r}] ({folder})"
+
+
+def _named(owner: str, field_name: str, experts: Any, least: int) -> list[tuple[str, str | None]]:
+    """``experts`` as (name, folder or None) pairs; listed folders take their names."""
+    where = f"{owner}.{field_name}"
+    if isinstance(experts, (str, PathLike)) or not isinstance(experts, (Mapping, Sequence)):
+        raise SpecError(
+            f"{where}={experts!r}: expected a mapping of expert name to LoRA folder, or a list "
+            f"of LoRA folders"
+        )
+    if not isinstance(experts, Mapping):
+        names = [Path(folder).name for folder in experts]
+        if len(set(names)) != len(names):
+            raise SpecError(
+                f"{where}: folders {names} share a name; give a mapping of name to folder"
+            )
+        experts = dict(zip(names, experts))
+    named = []
+    for name, folder in experts.items():
+        if not isinstance(name, str) or not name:
+            raise SpecError(f"{where}: expert name {name!r} is not a non-empty string")
+        if folder is not None and not isinstance(folder, (str, PathLike)):
+            raise SpecError(
+                f"{where}[{name!r}]={folder!r}: expected a LoRA folder (or None: factors from "
+                f"expert_seed or the adapter's file)"
+            )
+        named.append((name, None if folder is None else str(folder)))
+    if len(named) < least:
+        raise SpecError(f"{where}: expected at least {least} expert(s), got none")
+    return named
+
+
+def expert_lora(where: str, folder: str) -> LoRA:
+    """The LoRA spec of the expert in ``folder``; `SpecError` (prefixed ``where``) for anything
+    that is not a plain LoRA whose factors Arrow can stack."""
+    config_path = Path(folder) / CONFIG_NAME
+    if not Path(folder).is_dir():
+        raise SpecError(f"{where}: no such folder (expected a LoRA adapter folder)")
+    if not config_path.is_file():
+        raise SpecError(f"{where}: no {CONFIG_NAME} there; is it a LoRA adapter folder?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        lora = method_from_peft_config(config, str(config_path))
+    except (json.JSONDecodeError, UnicodeDecodeError, SpecError) as err:
+        raise SpecError(f"{where}: {err}") from None
+    if type(lora) is not LoRA:
+        raise SpecError(f"{where}: holds a {lora.name} adapter, not a LoRA")
+    refused = {
+        "a trained base bias (bias)": lora.bias != "none",
+        "a bias on B (lora_bias)": lora.lora_bias,
+        "modules to save": bool(lora.modules_to_save),
+        f"init={lora.init!r}, whose factors pair with a rewritten base weight": is_residual_init(
+            lora.init
+        ),
+    }
+    for what, present in refused.items():
+        if present:
+            raise SpecError(f"{where}: the LoRA has {what}, which Arrow's experts cannot carry")
+    return lora
+
+
+def _expert_file(where: str, folder: str, model: nn.Module, paths: Sequence[str]) -> ExpertFile:
+    """The expert's spec and tensors, checked to adapt every layer of ``paths``; layers it adapts
+    besides them are left out, with a warning."""
+    lora = expert_lora(where, folder)
+    try:
+        _, tensors = read_adapter(Path(folder))
+        adapted = lora.select(model)
+    except (SpecError, FileNotFoundError) as err:
+        raise SpecError(f"{where}: {err}") from None
+    missing = [p for p in paths if p not in adapted]
+    if missing:
+        raise SpecError(
+            f"{where}: does not adapt {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            f", which Arrow targets; every expert must adapt every targeted layer"
+        )
+    unused = [p for p in adapted if p not in paths]
+    if unused:
+        warnings.warn(
+            f"{where}: its layers {', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''} "
+            f"are not among Arrow's targets and are left out",
+            stacklevel=4,
+        )
+    return ExpertFile(lora, tensors)
+
+
+Factors = tuple[torch.Tensor, torch.Tensor, float]
+"""One expert on one layer: ``A`` (r x in), ``B`` (out x r) and its scale."""
+
+
+def _file_factors(where: str, expert: ExpertFile, path: str, fan_in: int, fan_out: int) -> Factors:
+    rank, scale = expert.lora.rank_and_scale(path)
+    found = {}
+    for factor, shape in (("lora_A", (rank, fan_in)), ("lora_B", (fan_out, rank))):
+        key = f"{PREFIX}{path}.{factor}.weight"
+        tensor = expert.tensors.get(key)
+        if tensor is None:
+            raise SpecError(f"{where}: no {key} in its file")
+        if tuple(tensor.shape) != shape:
+            raise SpecError(
+                f"{where}: {key} has shape {tuple(tensor.shape)}, {path} needs {shape} (was the "
+                f"LoRA trained on another model?)"
+            )
+        found[factor] = tensor
+    return found["lora_A"], found["lora_B"], scale
+
+
+def _drawn_factors(generator: torch.Generator, rank: int, fan_in: int, fan_out: int) -> Factors:
+    """A random expert for examples and tests: ``A`` ~ N(0, 1/in), ``B`` ~ N(0, 1/r), scale 1."""
+    a = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+    b = torch.randn(fan_out, rank, generator=generator) / rank**0.5
+    return a, b, 1.0
+
+
+def _check_factors(spec: Arrow, path: str, factors: Mapping[str, list[Factors | None]]) -> None:
+    """Either every expert has factors (a folder or ``expert_seed``) or none has (the adapter's
+    file holds what they gave: GenKnowSub is never skipped for want of a general expert), and
+    all have one rank on ``path`` (PEFT stacks the task experts and averages the general ones
+    factor by factor)."""
+    named = {
+        name: found
+        for kind, experts in (("task", spec.task_experts), ("general", spec.general_experts))
+        for name, found in zip(experts, factors[kind])
+    }
+    missing = [name for name, found in named.items() if found is None]
+    if missing and len(missing) < len(named):
+        raise SpecError(
+            f"Arrow: experts {missing} have neither a folder nor an expert_seed to draw from, "
+            f"while the others have factors; give every expert a folder"
+        )
+    ranks = {name: found[0].shape[0] for name, found in named.items() if found is not None}
+    if len(set(ranks.values())) > 1:
+        raise SpecError(
+            f"Arrow: the experts' ranks on {path} differ ({ranks}); Arrow stacks experts of one "
+            f"rank (PEFT refuses a rank mismatch too)"
+        )
+
+
+# -- the prototypes ---------------------------------------------------------------------------
+
+
+def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """The top right-singular vector of ``B A`` (float32, up to its sign) by PEFT's power
+    iteration on ``Aᵀ (Bᵀ B) A``, never forming ``B A``; its start drawn from a generator seeded
+    with ``seed`` on ``a``'s device, or from torch's global one."""
+    a32, b32 = a.float(), b.float()
+    middle = b32.T @ b32
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=a32.device.type).manual_seed(seed)
+    v = torch.randn(a32.shape[1], dtype=torch.float32, device=a32.device, generator=generator)
+    v = v / (v.norm() + POWER_EPS)
+    for _ in range(POWER_STEPS):
+        w = a32.T @ (middle @ (a32 @ v))
+        v = w / (w.norm() + POWER_EPS)
+    return v
+
+
+def _subtracted(task: Sequence[Factors], general: Sequence[Factors]) -> list[Factors]:
+    """GenKnowSub: each task expert's ``A`` and ``B`` less the general experts' mean ``A`` and
+    ``B`` (no general experts: the task experts as they are)."""
+    if not general:
+        return list(task)
+    mean_a = torch.stack([a for a, _, _ in general]).mean(0)
+    mean_b = torch.stack([b for _, b, _ in general]).mean(0)
+    return [(a - mean_a, b - mean_b, scale) for a, b, scale in task]
+
+
+# -- one layer ------------------------------------------------------------------------------------
+
+
+def route(
+    x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float
+) -> torch.Tensor:
+    """The experts' weights per token ``(..., N)``: ``|p_i · x|`` for each prototype, all but
+    the ``top_k`` largest set to -inf, softmax at ``temperature``."""
+    scores = (x @ prototypes.T).abs()
+    top, chosen = torch.topk(scores, top_k, dim=-1)
+    kept = torch.full_like(scores, float("-inf")).scatter(-1, chosen, top)
+    return torch.softmax(kept / temperature, dim=-1)
+
+
+class Router(nn.Module):
+    """The layer's router, a node of the graph: its prototypes (N x in) and `route`."""
+
+    def __init__(self, prototypes: torch.Tensor, top_k: int, temperature: float) -> None:
+        super().__init__()
+        self.register_buffer("prototypes", prototypes)
+        self.top_k = top_k
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return route(x, self.prototypes, self.top_k, self.temperature)
+
+
+class ArrowLayer(AdapterLayer):
+    """One layer's task experts (after GenKnowSub), stacked: ``A`` (N x r x in), ``B`` (N x out
+    x r), scales (N), each zero-padded to the spec's ``expert_rank``; buffers, or parameters
+    with ``train_experts``. Float32 over a half-precision base, as PEFT's experts."""
+
+    method = "arrow"
+
+    def __init__(
+        self,
+        base: nn.Module,
+        task: Sequence[Factors | None],
+        general: Sequence[Factors | None],
+        spec: Arrow,
+    ) -> None:
+        super().__init__(base)
+        weight = base.weight
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        fan_in, fan_out = in_out_features(base)
+        experts, rank = len(task), spec.expert_rank
+        a = torch.zeros(experts, rank, fan_in, **factory)
+        b = torch.zeros(experts, fan_out, rank, **factory)
+        scales = torch.zeros(experts, **factory)
+        prototypes = torch.zeros(experts, fan_in, **factory)
+        if all(found is not None for found in task):  # else the adapter's file fills them
+            task = [(fa.to(**factory), fb.to(**factory), s) for fa, fb, s in task]
+            general = [(fa.to(**factory), fb.to(**factory), s) for fa, fb, s in general]
+            task = _subtracted(task, general)
+            with torch.no_grad():
+                for i, (expert_a, expert_b, scale) in enumerate(task):
+                    a[i, : expert_a.shape[0]] = expert_a
+                    b[i, :, : expert_b.shape[1]] = expert_b
+                    scales[i] = scale
+                    if not weight.is_meta:
+                        found = top_right_singular_vector(expert_a, expert_b, spec.seed)
+                        prototypes[i] = found.to(factory["dtype"])
+        if spec.train_experts:
+            self.arrow_experts_A = nn.Parameter(a)
+            self.arrow_experts_B = nn.Parameter(b)
+        else:
+            self.register_buffer("arrow_experts_A", a)
+            self.register_buffer("arrow_experts_B", b)
+        self.register_buffer("arrow_expert_scales", scales)
+        self.router = Router(prototypes, spec.top_k, spec.temperature)
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "arrow_experts_A": self.arrow_experts_A,
+            "arrow_experts_B": self.arrow_experts_B,
+            "arrow_expert_scales": self.arrow_expert_scales,
+            "arrow_prototypes": self.router.prototypes,
+        }
+
+    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
+        dtype = self.arrow_expert_scales.dtype
+        cast = dtype != self.base.weight.dtype
+        h = ctx.method("to", x, dtype) if cast else x
+        weights = ctx.module("router", self.router, h)
+        outputs = ctx.call(
+            expert_outputs,
+            h,
+            ctx.attr("arrow_experts_A", self.arrow_experts_A),
+            ctx.attr("arrow_experts_B", self.arrow_experts_B),
+            ctx.attr("arrow_expert_scales", self.arrow_expert_scales),
+        )
+        out = ctx.call(torch.add, base_out, ctx.call(mix, outputs, weights))
+        return ctx.method("to", out, self.base.weight.dtype) if cast else out
