@@ -39,8 +39,11 @@ class EmitContext:
         adapter: str,
         method: str,
         fuses_as: str | None = None,
+        layer_call: fx.Node | None = None,
     ) -> None:
         self.graph = graph
+        self.layer_call = layer_call
+        """The base layer's call node (its other inputs, for an adapter that replaces it)."""
         self.root = root
         self.prefix = prefix
         self.tag = {"adapter": adapter, "method": method, "fuses_as": fuses_as}

@@ -16,6 +16,7 @@ from surgeon.adapter import (
     AdapterLayer,
     CallAdapter,
     ModelCall,
+    _by_name,
     merge_layers,
     transform_call,
     transform_output,
@@ -40,7 +41,7 @@ from surgeon.rewrite import (
     specialised_rewrite,
 )
 from surgeon.spec import MethodSpec, Spec, as_spec, check_adapter_name
-from surgeon.trace import trace_regions
+from surgeon.trace import is_parameter_owner, retrace, trace_regions
 
 BASE = "__base__"
 """In ``adapter_names``: this row runs the base model."""
@@ -106,6 +107,8 @@ class CompiledModel(nn.Module):
         self._running_call: ModelCall | None = None  # from the pre-hook to the forward hook
         self._call_extras: dict[str, Any] = {}
         self._layer_arguments: tuple[str, ...] = ()  # the stored layers' call_arguments
+        self._running_names: tuple[str, ...] = ()  # the adapters the installed graphs run
+        self._held_values: dict[str, Mapping[str, Any]] | None = None  # one generate's values
 
     # -- passing through to the model ---------------------------------------------------------
 
@@ -125,9 +128,40 @@ class CompiledModel(nn.Module):
         beam search multiplies rows and is refused with a clear error)."""
         with self._adapter_arguments(kwargs):
             if adapter_names is None:
+                with self._values_for_generate(args, kwargs):
+                    return self.model.generate(*args, **kwargs)
+            with self._mixed(adapter_names), self._values_for_generate(args, kwargs):
                 return self.model.generate(*args, **kwargs)
-            with self._mixed(adapter_names):
-                return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _values_for_generate(self, args: tuple, kwargs: dict[str, Any]) -> Iterator[None]:
+        """The running adapters' `MethodSpec.call_values`, derived once from generate's own
+        arguments (its prompt) and held for every step, as PEFT derives aLoRA's offsets."""
+        named = dict(kwargs)
+        prompt = kwargs.get("inputs", args[0] if args else None)
+        if prompt is not None:
+            named.setdefault("input_ids", prompt)
+        previous, self._held_values = self._held_values, self._derived_values(named)
+        try:
+            yield
+        finally:
+            self._held_values = previous
+
+    def _derived_values(
+        self, call: Mapping[str, Any], by_name: Callable[[], Mapping[str, Any]] | None = None
+    ) -> dict[str, Mapping[str, Any]]:
+        """Per running adapter whose spec derives values from a call (`MethodSpec.call_values`),
+        those of ``call``; ``by_name``: the call's arguments all by name, where some came by
+        position (bound only if an adapter needs them)."""
+        deriving = [
+            n
+            for n in self._running_names
+            if type(self.store.specs[n]).call_values is not MethodSpec.call_values
+        ]
+        if deriving and by_name is not None:
+            call = by_name()
+        derived = {n: self.store.specs[n].call_values(n, call) for n in deriving}
+        return {n: values for n, values in derived.items() if values}
 
     @contextlib.contextmanager
     def _adapter_arguments(self, kwargs: dict[str, Any]) -> Iterator[None]:
@@ -204,11 +238,17 @@ class CompiledModel(nn.Module):
         self._recompile()
 
     def _build_adapter(
-        self, name: str, method: MethodSpec, tensors: Mapping[str, torch.Tensor] | None = None
+        self,
+        name: str,
+        method: MethodSpec,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        calibration: Iterable[Mapping[str, Any]] | None = None,
     ) -> Callable[[], None]:
-        """Create (and fill from ``tensors``) an adapter; on any error the model is left as it
-        was. Returns the function that puts back what creating it changed in the base model
-        (`MethodSpec.snapshot_base`), for a caller that must undo several adapters at once."""
+        """Create (and fill from ``tensors``) an adapter, a new one from ``calibration`` where
+        its method reads data (`MethodSpec.create_layers_from_data`); on any error the model is
+        left as it was. Returns the function that puts back what creating it changed in the base
+        model (`MethodSpec.snapshot_base`), for a caller that must undo several adapters at
+        once."""
         check_adapter_name(name)
         if name in self.store.specs:
             raise SpecError(
@@ -223,7 +263,10 @@ class CompiledModel(nn.Module):
         copies = copy_paths(self.model, method, paths)
         restore = method.snapshot_base(self.model, paths)
         with _unchanged_on_error(self.model, [restore]):
-            layers = method.create_layers(self.model, paths)
+            if tensors is None:
+                layers = method.create_layers_from_data(self.model, paths, calibration)
+            else:
+                layers = method.create_layers(self.model, paths)
             layers.update({p: LayerCopy(self.model.get_submodule(p)) for p in copies})
             call = method.create_call_adapter(self.model, self.graph, tensors is not None)
             base_trainable = method.trainable_base_parameters(self.model, paths)
@@ -309,7 +352,10 @@ class CompiledModel(nn.Module):
             # every call sets them (none given: none), so a call never reads an earlier one's
             given = {n: kwargs.pop(n) for n in self._layer_arguments if n in kwargs}
             values = {**self._call_extras, **given}
-            set_call_values({n: values[n] for n in self._layer_arguments if n in values})
+            derived = self._held_values
+            if derived is None:
+                derived = self._derived_values(kwargs, lambda: _by_name(module, args, kwargs))
+            set_call_values({n: values[n] for n in self._layer_arguments if n in values}, derived)
         if not self._calls:
             return (args, kwargs) if self._layer_arguments else None
         self._running_call = transform_call(module, self._calls, args, kwargs, self._call_extras)
@@ -399,7 +445,8 @@ class CompiledModel(nn.Module):
             alike = self.store.specs[name].merges_into_shared_weights
             adapted = {f"{path}.weight" for path, _ in items} if alike else set()
             for path, layer in items:
-                shared = owners.get(id(layer.base.weight), [])
+                # getattr: a MultiheadAttention has no `weight` (nor tied projections)
+                shared = owners.get(id(getattr(layer.base, "weight", None)), [])
                 if any(n not in adapted for n in shared if n != f"{path}.weight"):
                     others = ", ".join(n for n in shared if n != f"{path}.weight")
                     raise SpecError(
@@ -449,10 +496,33 @@ class CompiledModel(nn.Module):
 
     def _add_unreached_layers(self, paths: Sequence[str]) -> None:
         """Targets that no region's graph calls (called from outside, say) get a region of their own."""
+        self._keep_parameter_owners_called([p for p in paths if is_parameter_owner(self._at(p))])
         reached = reached_layers(self.model, self.graph.regions)
         for path in paths:
             if id(self.model.get_submodule(path)) not in reached:
                 self.graph.regions.append(leaf_region(self.model, path))
+
+    def _at(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    def _keep_parameter_owners_called(self, owners: Sequence[str]) -> None:
+        """Modules adapted through their own parameters (`is_parameter_owner`) were traced
+        through before they were marked: regions holding one are traced again (a specialised
+        region at its next call), and each gets a leaf region, which a region's fallback to its
+        own forward calls."""
+        leaves = {r.path for r in self.graph.regions if r.leaf}
+        for owner in owners:
+            for region in [*self.graph.regions, *self.graph.specialised]:
+                inside = region.path == "" or owner.startswith(region.path + ".")
+                if region.leaf or not inside:
+                    continue
+                if region.specialised:
+                    region.variants.clear()
+                    region.dynamic.clear()
+                else:
+                    region.base = retrace(self._at(region.path), region.path)
+            if owner not in leaves:
+                self.graph.regions.append(leaf_region(self.model, owner))
 
     def _layers_of(self, names: Sequence[str]) -> dict[int, list[tuple[str, AdapterLayer]]]:
         """id(base layer) -> the named adapters' layers on it, in order."""
@@ -504,6 +574,7 @@ class CompiledModel(nn.Module):
         for name, spec in self.store.specs.items():
             spec.on_running(self.model, name, name in names, mixed)
         self._calls = [call for _, call in calls]
+        self._running_names = names
         # every stored adapter's, running or not: the model never sees them (PEFT's Poly takes
         # task_ids out of the call with its adapters disabled too)
         self._layer_arguments = tuple(
@@ -736,8 +807,13 @@ def compile(
     name: str = "default",
     fuse: bool = False,
     specialise: bool = True,
+    calibration: Iterable[Mapping[str, Any]] | None = None,
 ) -> CompiledModel:
     """Trace ``model`` into regions and graft the spec's adapters in (all of them active).
+
+    ``calibration``: batches (keyword-argument dicts for the model's forward) that inits
+    reading data run through the model before their adapter exists (LoRA's ``eva``,
+    ``corda``, ``lora_ga``); adapters whose init needs none ignore them.
 
     ``specialise``: modules plain FX cannot trace (transformers' decoder layers) are traced at
     call time per kind of call (surgeon/specialise.py); False keeps every call on the plain
@@ -765,7 +841,7 @@ def compile(
         restores: list[Callable[[], None]] = [cm._remove_call_hook]
         with _unchanged_on_error(model, restores):
             for adapter_name, method in spec.adapters.items():
-                restores.append(cm._build_adapter(adapter_name, method))
+                restores.append(cm._build_adapter(adapter_name, method, calibration=calibration))
         cm._active = tuple(spec.adapters)
         cm._recompile()
     return cm

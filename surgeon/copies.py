@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -141,17 +142,23 @@ class _ClassForward(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return type(self.layer).forward(self.layer, x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.layer).forward(self.layer, *args, **kwargs)
 
 
 def forward_with(
-    layer: nn.Module, x: torch.Tensor, params: Mapping[str, torch.Tensor]
-) -> torch.Tensor:
-    """``layer``'s output on ``x`` computed with ``params`` in place of its own parameters, by
-    its own code (RMS norms differ: Gemma scales by ``1 + w``, Llama casts before scaling)."""
+    layer: nn.Module,
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    /,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """``layer``'s output on ``x`` (and its other inputs ``args``/``kwargs``: an experts
+    module's routing) computed with ``params`` in place of its own parameters, by its own code
+    (RMS norms differ: Gemma scales by ``1 + w``, Llama casts before scaling)."""
     swapped = {f"layer.{name}": value for name, value in params.items()}
-    return functional_call(_ClassForward(layer), swapped, (x,))
+    return functional_call(_ClassForward(layer), swapped, (x, *args), kwargs)
 
 
 def refuse_several(out: torch.Tensor, message: str) -> torch.Tensor:

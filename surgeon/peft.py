@@ -22,11 +22,14 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from surgeon.checks import is_int
 from surgeon.errors import SpecError
 from surgeon.targets import LAYER_CONTAINERS, peft_selection
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PREFIX = "base_model.model."
 """What PEFT's state-dict keys start with, before the module path."""
@@ -385,3 +388,14 @@ def _json_repr(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
     return repr(value)
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task type: it picks the PEFT model class that prepends the prompts (a prompt
+    adapter saved without one does nothing in PEFT). Causal LMs get CAUSAL_LM (labels and
+    generate handled); every other model FEATURE_EXTRACTION, the class that prepends prompts to
+    any call: PEFT's SEQ_CLS and TOKEN_CLS would also expect the model's classification head in
+    the file (``modules_to_save``), which a surgeon adapter does not own."""
+    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    return "FEATURE_EXTRACTION" if hasattr(model, "get_input_embeddings") else None

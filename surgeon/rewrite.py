@@ -26,7 +26,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, CallAdapter, EmitContext, input_application_order
 from surgeon.errors import SpecError
 from surgeon.specialise import Dispatcher
-from surgeon.trace import Region, adaptable_types, leaf_graph
+from surgeon.trace import Region, adaptable_types, is_parameter_owner, leaf_graph
 
 ActiveLayers = Mapping[int, Sequence[tuple[str, AdapterLayer]]]
 """id(base layer) -> [(adapter name, adapter layer)] in the order they apply."""
@@ -161,7 +161,7 @@ def _context(
     adapter: AdapterLayer,
 ) -> EmitContext:
     prefix = _prefix(region, node, name)
-    return EmitContext(graph, root, prefix, name, adapter.method, adapter.fuses_as)
+    return EmitContext(graph, root, prefix, name, adapter.method, adapter.fuses_as, node)
 
 
 def _set_layer_input(node: fx.Node, x: fx.Node) -> None:
@@ -272,25 +272,48 @@ _CALL_VALUES: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.Con
 )
 
 
-def set_call_values(values: Mapping[str, Any]) -> None:
+_DERIVED_VALUES: contextvars.ContextVar[Mapping[str, Mapping[str, Any]] | None] = (
+    contextvars.ContextVar("surgeon_derived_values", default=None)
+)
+
+
+def set_call_values(
+    values: Mapping[str, Any], derived: Mapping[str, Mapping[str, Any]] | None = None
+) -> None:
     """The layer adapters' own call arguments (`AdapterLayer.call_arguments`) of the model call
-    about to run, which the graphs read through `call_argument`."""
+    about to run, and per adapter the values its spec derived from the call
+    (`MethodSpec.call_values`), which the graphs read through `call_value`."""
     _CALL_VALUES.set(dict(values))
+    _DERIVED_VALUES.set(dict(derived or {}))
+
+
+def call_value(name: str, adapter: str) -> Any:
+    """``name`` for ``adapter`` in the running model call, as given: the call's own argument
+    if it has one (the caller's word wins), else the value ``adapter``'s spec derived from the
+    call (`MethodSpec.call_values`: aLoRA's offsets from ``input_ids``), else None."""
+    value = (_CALL_VALUES.get() or {}).get(name)
+    if value is None:
+        value = (_DERIVED_VALUES.get() or {}).get(adapter, {}).get(name)
+    return value
+
+
+def own_rows(adapter: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (one entry per batch row); in a mixed batch, only ``adapter``'s rows of it."""
+    if _ROWS.get() is None:
+        return value
+    return value.index_select(0, batch_rows(adapter, value))
 
 
 def call_argument(name: str, adapter: str, like: torch.Tensor) -> torch.Tensor:
     """Argument ``name`` of the running model call (Poly's ``task_ids``) as a tensor on
     ``like``'s device; in a mixed batch, only ``adapter``'s rows of it."""
-    value = (_CALL_VALUES.get() or {}).get(name)
+    value = call_value(name, adapter)
     if value is None:
         raise SpecError(
             f"adapter {adapter!r} needs `{name}` in the model call (one per batch row): pass "
             f"{name}=... to the compiled model, generate or the training samples"
         )
-    value = torch.as_tensor(value, device=like.device)
-    if in_mixed_batch():
-        value = value.index_select(0, batch_rows(adapter, value))
-    return value
+    return own_rows(adapter, torch.as_tensor(value, device=like.device))
 
 
 def _layer_input(node: fx.Node) -> fx.Node:
@@ -353,7 +376,9 @@ def _layers_in(model: nn.Module, region: Region) -> list[tuple[str, nn.Module]]:
     module = region_module(model, region)
     prefix = f"{region.path}." if region.path else ""
     return [
-        (prefix + name, m) for name, m in module.named_modules() if isinstance(m, adaptable_types())
+        (prefix + name, m)
+        for name, m in module.named_modules()
+        if isinstance(m, adaptable_types()) or is_parameter_owner(m)
     ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -78,6 +78,8 @@ class MethodSpec(metaclass=ValidatingMeta):
         self._set("modules_to_save", check_names(owner, "modules_to_save", self.modules_to_save))
         for f in spec_fields(type(self)):
             check = SELECTION_FIELDS.get(f.name)
+            if f.name == "targets" and getattr(self, "target_parameters", None):
+                check = SELECTION_FIELDS["exclude"]  # PEFT's target_modules=[]: parameters only
             if check is not None:
                 self._set(f.name, check(owner, f.name, getattr(self, f.name)))
         self.validate()
@@ -185,6 +187,15 @@ class MethodSpec(metaclass=ValidatingMeta):
         """Adapter layers for every target. Methods with state shared across layers (VeRA's
         projections) override this; the others build each layer on its own."""
         return {p: self.create_layer(model.get_submodule(p), p) for p in paths}
+
+    def create_layers_from_data(
+        self, model: nn.Module, paths: Sequence[str], batches: Iterable[Mapping[str, Any]] | None
+    ) -> dict[str, AdapterLayer]:
+        """Adapter layers for a new adapter (not one a file fills), given the calibration
+        batches of ``surgeon.compile(..., calibration=batches)`` (keyword-argument dicts for
+        the model's forward; None when none were given). Only methods whose initialisation
+        reads data (LoRA's EVA, CorDA, LoRA-GA) use them; the others build as `create_layers`."""
+        return self.create_layers(model, paths)
 
     def create_call_adapter(
         self, model: nn.Module, graph: Graph, from_file: bool
@@ -317,6 +328,15 @@ class MethodSpec(metaclass=ValidatingMeta):
         ``name`` of this spec runs now (``mixed``: in a mixed batch). A method that changes the
         model beyond its layers while it runs (LongLoRA's attention function) does it here, and
         undoes it when ``running`` turns False."""
+
+    def call_values(self, name: str, call: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Values adapter ``name``'s layers read during a model call (by
+        `surgeon.rewrite.call_value`), derived from the call's arguments, which the model still
+        gets: aLoRA finds its invocation tokens in ``input_ids``. ``call``: the arguments by
+        name; within ``generate``, generate's own arguments, once, and the values hold for
+        every step (as PEFT's). An argument of the call under the same name wins. Empty by
+        default. Read only while the method's layers declare `AdapterLayer.call_arguments`."""
+        return {}
 
     # -- dicts and copies ----------------------------------------------------------------------
 

@@ -617,7 +617,7 @@ class SpecialisingTracer(RegionTracer):
         args, kwargs = fx.node.map_aggregate((args, kwargs), _value_of)
         try:
             if kind == "call_module":
-                with self.fake_mode, self._evaluation():
+                with self.fake_mode, self._evaluation(), _FakeKernels():
                     module = self.root.get_submodule(target)
                     return type(module).forward(module, *args, **kwargs)
             with self.fake_mode:
@@ -757,6 +757,16 @@ def _rows_aligned(mat: torch.Tensor) -> bool:
 
 _FAKE_KERNELS: dict[Any, Callable[..., Any]] = {torch._grouped_mm: _grouped_mm_fake}
 """Ops a trace evaluates by surgeon's own fake implementation (the graph still calls the op)."""
+
+
+class _FakeKernels(torch.overrides.TorchFunctionMode):
+    """Calls of `_FAKE_KERNELS`' ops inside a leaf module's forward (an experts module kept as
+    a call because LoRA adapts its parameters) go to surgeon's fake implementations too."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        return _FAKE_KERNELS.get(func, func)(*args, **(kwargs or {}))
 
 
 _SIZED_FACTORIES = ("ones", "zeros", "empty", "rand", "randn")

@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from surgeon.errors import SpecError
 from surgeon.layers import gpt2_conv1d_type, is_norm
 from surgeon.logs import TRACING, expected_noise
 
@@ -90,9 +91,20 @@ class RegionTracer(fx.Tracer):
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self.leaf_types) or is_norm(m):
+        if isinstance(m, self.leaf_types) or is_norm(m) or is_parameter_owner(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+PARAMETER_OWNER = "surgeon_adapts_own_parameters"
+"""Set (True) on a module an adapter adapts through its own parameters (LoRA's
+``target_parameters``: a mixture-of-experts module's 3-D weights): traces keep it a call, which
+the adapter replaces by the module's own forward run with its adapted parameters."""
+
+
+def is_parameter_owner(module: nn.Module) -> bool:
+    """Whether ``module`` is marked `PARAMETER_OWNER`: a leaf of every trace, like a layer."""
+    return module.__dict__.get(PARAMETER_OWNER, False) is True
 
 
 def adaptable_types() -> tuple[type, ...]:
@@ -158,7 +170,7 @@ def trace_regions(model: nn.Module, leaf_types: tuple[type, ...] | None = None) 
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         path, module = stack.pop()
-        if isinstance(module, leaf_types):
+        if isinstance(module, leaf_types) or is_parameter_owner(module):
             regions.append(Region(path, type(module).__name__, leaf_graph(module), leaf=True))
             continue
         if id(module) not in contains:
@@ -178,12 +190,21 @@ def trace_regions(model: nn.Module, leaf_types: tuple[type, ...] | None = None) 
     return TraceResult(regions, breaks, time.perf_counter() - start, specialised)
 
 
+def retrace(module: nn.Module, path: str) -> fx.Graph:
+    """``module``'s region graph traced again (a module in it became a leaf); `SpecError` if it
+    no longer traces soundly."""
+    try:
+        return _trace_soundly(module, adaptable_types())
+    except Unsound as err:
+        raise SpecError(f"region {path or '<root>'} no longer traces as one graph: {err}") from None
+
+
 def _adaptable_subtrees(model: nn.Module, leaf_types: tuple[type, ...]) -> set[int]:
     """ids of modules whose subtree holds at least one adaptable layer."""
     found: set[int] = set()
 
     def visit(module: nn.Module) -> bool:
-        hit = isinstance(module, leaf_types)
+        hit = isinstance(module, leaf_types) or is_parameter_owner(module)
         for child in module.children():
             hit = visit(child) or hit
         if hit:

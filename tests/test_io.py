@@ -253,7 +253,11 @@ def test_malformed_config_is_refused(tmp_path):
     [
         ("use_qalora", True, "use_qalora=True selects a variant"),
         ("modules_to_save", ["head"], "is also a target of the method"),
-        ("init_lora_weights", "loftq", "init_lora_weights='loftq' is not supported"),
+        (
+            "init_lora_weights",
+            "pissa_niter_x",
+            "init_lora_weights='pissa_niter_x' is not supported",
+        ),
         ("peft_type", "NO_SUCH_METHOD", "peft_type='NO_SUCH_METHOD' is not supported"),
         ("use_fancy_thing", True, "looks like a variant switch"),
     ],

@@ -129,9 +129,9 @@ def test_bad_field_names_field_value_and_what_is_allowed(kwargs, fragments):
 
 def test_too_many_positional_arguments():
     with pytest.raises(
-        surgeon.SpecError, match=r"LoRA takes at most 12 positional arguments, got 13"
+        surgeon.SpecError, match=r"LoRA takes at most 15 positional arguments, got 16"
     ):
-        surgeon.LoRA(*range(1, 14))
+        surgeon.LoRA(*range(1, 17))
 
 
 def test_replace_validates_too():
@@ -218,6 +218,9 @@ def test_to_dict_lists_every_field():
                 "rank_pattern": {},
                 "alpha_pattern": {},
                 "lora_bias": False,
+                "init_config": {},
+                "target_parameters": [],
+                "trainable_tokens": [],
                 "modules_to_save": [],
             }
         }

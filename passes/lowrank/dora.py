@@ -36,7 +36,9 @@ class DoRA(LoRA):
     """Weight-decomposed low-rank adaptation; the same fields as `LoRA`."""
 
     name = "dora"
-    peft_format = LoRA.peft_format.but(switches={"use_dora": True, "lora_bias": False})
+    peft_format = LoRA.peft_format.but(
+        switches={**LoRA.peft_format.switches, "use_dora": True, "lora_bias": False}
+    )
     adapts_quantized = False
     combinations = ()
 

@@ -1,7 +1,9 @@
 """LoRA: ``base(x) + scale * B(A(dropout(x)))`` with ``scale = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
 
 Layers: Linear, Conv1d/2d/3d, Embedding and transformers' GPT-2 ``Conv1D``, and linear layers
-stored in 4 bits (`QLoRALayer`, what QLoRA builds). PEFT keys: ``lora_A.weight``,
+stored in 4 bits (`QLoRALayer`, what QLoRA builds); convolutions with groups, dilation or a
+padding_mode and ``nn.MultiheadAttention`` as PEFT adapts them (`lora_layers`).
+PEFT keys: ``lora_A.weight``,
 ``lora_B.weight`` (embeddings: ``lora_embedding_A``, ``lora_embedding_B``). Initialisations
 follow PEFT: ``default`` (A kaiming-uniform, B zero; for embeddings A zero, B normal),
 ``gaussian`` (A normal with std 1/r), ``pissa`` (principal singular vectors, base weight
@@ -9,7 +11,9 @@ replaced by the residual), ``pissa_niter_K`` (the same from ``torch.svd_lowrank`
 iterations: it draws from torch's generator as PEFT does), ``olora`` (QR of the base weight,
 residual likewise) and ``orthogonal`` (A and B from the two halves of a random orthogonal
 matrix, so ``B A = 0`` while neither is zero; even ranks only). The inits other than ``default``
-and ``gaussian`` adapt Linear and Conv1D layers only.
+and ``gaussian`` adapt Linear and Conv1D layers only. ``loftq``, ``mica``, ``eva``, ``corda`` and
+``lora_ga`` (options in ``init_config``; the last three read ``surgeon.compile``'s
+``calibration`` data) are in lora_inits.py.
 
 ``lora_bias`` (PEFT's option of that name) gives B a trainable bias, PEFT's ``lora_B.bias``
 (zeros at first): ``base(x) + scale * (B(A(dropout(x))) + b_B)``. As PEFT: not on embeddings,
@@ -22,9 +26,9 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -48,12 +52,14 @@ from surgeon.layers import (
     snapshot_storage,
     through_base_dtype,
 )
+from surgeon.passes.lowrank import lora_inits, lora_layers, lora_parameters, lora_tokens
 from surgeon.passes.lowrank.lora_combine import COMBINATIONS, combine_lora
 from surgeon.peft import (
     BOOL,
     BOOL_OR_STRING,
     INT,
     MAPPING,
+    NAMES,
     NUMBER,
     STRING,
     PeftFormat,
@@ -72,7 +78,7 @@ from surgeon.quant import (
 from surgeon.spec import Combination, MethodSpec
 from surgeon.targets import pattern_value
 
-INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
+INITS = ("default", "gaussian", "pissa", "olora", *lora_inits.INITS, "orthogonal")
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA by randomized SVD with K iterations
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -89,7 +95,9 @@ def _init_names(inits: Sequence[str]) -> str:
 
 def is_residual_init(init: str) -> bool:
     """Whether ``init`` factors the base weight and leaves the base the residual."""
-    return init in ("pissa", "olora") or PISSA_NITER.fullmatch(init) is not None
+    if init in ("pissa", "olora", *lora_inits.BASE_REWRITING):
+        return True
+    return PISSA_NITER.fullmatch(init) is not None
 
 
 def _load_init(value: Any, config: Mapping[str, Any], where: str) -> str:
@@ -126,8 +134,18 @@ PEFT_FORMAT = PeftFormat(
         PeftKey("rank_pattern", "rank_pattern", {}, MAPPING.optional()),
         PeftKey("alpha_pattern", "alpha_pattern", {}, MAPPING.optional()),
         PeftKey("lora_bias", "lora_bias", False, BOOL),
+        *lora_inits.init_config_keys(),
+        PeftKey(
+            "target_parameters",
+            "target_parameters",
+            (),
+            NAMES.optional(),
+            save=lambda spec, paths: list(spec.target_parameters) or None,
+            load=lambda value, config, where: value if isinstance(value, str) else tuple(value),
+        ),
+        lora_tokens.PEFT_KEY,  # trainable_token_indices
     ),
-    switches={"use_dora": False},
+    switches={"use_dora": False, "alora_invocation_tokens": None},  # aLoRA: passes/lowrank/alora.py
     constants={"fan_in_fan_out": False},  # implied by the layer type (PEFT corrects it alike)
 )
 
@@ -154,6 +172,9 @@ class LoRA(MethodSpec):
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     lora_bias: bool = False
+    init_config: Mapping[str, Any] = field(default_factory=dict)
+    target_parameters: tuple[str, ...] = ()  # raw parameters (MoE experts): lora_parameters
+    trainable_tokens: tuple[int, ...] | Mapping[str, tuple[int, ...]] = ()  # lora_tokens
 
     def validate(self) -> None:
         owner = type(self).__name__
@@ -175,8 +196,21 @@ class LoRA(MethodSpec):
             check_pattern_map(owner, "alpha_pattern", self.alpha_pattern, check_positive),
         )
         check_bool(owner, "lora_bias", self.lora_bias)
+        self._set("init_config", lora_inits.check_init_config(owner, self.init, self.init_config))
+        builds_own = type(self).create_layers is not LoRA.create_layers
+        if self.init in lora_inits.INITS and (
+            builds_own or type(self).create_layer is not LoRA.create_layer
+        ):  # lora_inits runs on LoRA's own layers only
+            own = [i for i in INITS if i not in lora_inits.INITS]
+            raise SpecError(
+                f"{owner}.init={self.init!r}: expected one of {_init_names(own)} (LoRA takes "
+                f"{self.init!r}; {owner} builds its own layers)"
+            )
         if self.lora_bias:
             self._check_lora_bias(owner)
+        lora_parameters.check_spec(self, LoRA)
+        self._set("target_parameters", tuple(self.target_parameters))
+        lora_tokens.check_spec(self, LoRA)
 
     def _check_lora_bias(self, owner: str) -> None:
         """PEFT's rules: B's bias only with the default init (PEFT's ``init_lora_weights`` True
@@ -210,6 +244,9 @@ class LoRA(MethodSpec):
         }
 
     def supports(self, layer: nn.Module) -> bool:
+        if isinstance(layer, nn.MultiheadAttention):  # LoRA's own layers only (not DoRA's...)
+            # residual inits rewrite a `weight`, which it lacks (PEFT's fail there too)
+            return type(self).create_layer is LoRA.create_layer and not self.rewrites_base
         kind = layer_kind(layer)
         # PEFT's embedding adapter has no B layer to carry a bias, and refuses lora_bias
         return kind is not None and not (self.lora_bias and kind == "embedding")
@@ -218,19 +255,77 @@ class LoRA(MethodSpec):
     def rewrites_base(self) -> bool:
         return is_residual_init(self.init)
 
+    @property
+    def merges_into_shared_weights(self) -> bool:  # a tied LM head gets the embedding's rows
+        return bool(self.trainable_tokens)
+
+    def peft_tensors_from_file(
+        self, tensors: Mapping[str, torch.Tensor]
+    ) -> Mapping[str, torch.Tensor]:
+        return lora_parameters.from_file(tensors) if self.target_parameters else tensors
+
+    def select(self, model: nn.Module) -> list[str]:
+        paths = lora_parameters.select(self, model, lambda: super(LoRA, self).select(model))
+        return lora_tokens.select(self, model, paths)
+
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         rank = pattern_value(self.rank_pattern, path, self.rank)
         alpha = pattern_value(self.alpha_pattern, path, self.alpha)
         return rank, alpha / (math.sqrt(rank) if self.rslora else rank)
 
+    def create_layers(self, model: nn.Module, paths: Sequence[str]) -> dict[str, LoRALayer]:
+        """The layers a file fills: PEFT's load reruns the data-free inits (LoftQ)."""
+        return lora_tokens.with_token_layers(
+            self,
+            model,
+            paths,
+            lambda rest: lora_inits.initialise_layers(
+                self, model, rest, self._builder(model), None, True
+            ),
+        )
+
+    def create_layers_from_data(
+        self, model: nn.Module, paths: Sequence[str], batches: lora_inits.Batches
+    ) -> dict[str, LoRALayer]:
+        """New layers of an init that reads data (EVA, CorDA, LoRA-GA) run it on ``batches``."""
+        if self.init not in lora_inits.DATA_INITS:
+            return self.create_layers(model, paths)
+        builder = self._builder(model)
+        return lora_tokens.with_token_layers(
+            self,
+            model,
+            paths,
+            lambda rest: lora_inits.initialise_layers(self, model, rest, builder, batches, False),
+        )
+
+    def _builder(self, model: nn.Module) -> Callable[[str], LoRALayer]:
+        """Builds the layer of one path (the inits in lora_inits decide when, as PEFT's order
+        of draws does)."""
+        return lambda path: self.create_layer(model.get_submodule(path), path)
+
     def create_layer(self, layer: nn.Module, path: str) -> LoRALayer:
+        if owned := lora_parameters.owned_parameters(self, layer, path):
+            return lora_parameters.ParameterLoRALayer(self, layer, path, owned)
         rank, scale = self.rank_and_scale(path)
         bias = self.lora_bias
+        if isinstance(layer, nn.MultiheadAttention):
+            lora_layers.check_mha(layer, path, self.init, bias, self.bias)
+            return lora_layers.LoRAMultiheadAttentionLayer(layer, path, rank, scale, self.init)
         if is_quantized(layer):
             return QLoRALayer(
                 layer, path, rank, scale, self.dropout, self.init, layer.quant, lora_bias=bias
             )
         return LoRALayer(layer, path, rank, scale, self.dropout, self.init, lora_bias=bias)
+
+    def on_full_precision_base(self) -> MethodSpec:
+        """Memory does not depend on the init (and those reading data have none there)."""
+        if self.init in lora_inits.INITS:
+            return self.replace(init="default", init_config={})
+        return self
+
+    def peft_config_from_training(self, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+        """EVA chose each layer's rank (and alpha) while building it: PEFT's config says so."""
+        return lora_inits.eva_patterns(self, layers) if self.init == "eva" else {}
 
     def combine(
         self, model: nn.Module, sources: Sequence[Combination], how: str, options: Any
@@ -242,6 +337,8 @@ class LoRA(MethodSpec):
                 f"the A and B factors only and would drop B's bias (PEFT's add_weighted_adapter "
                 f"leaves it at zero)"
             )
+        lora_layers.refuse_combining(sources)
+        lora_tokens.refuse_combining(sources)
         return combine_lora(self, model, sources, how, options)
 
 
@@ -256,6 +353,13 @@ class LoRALayer(AdapterLayer):
     method = "lora"
     fuses_as = "lora"
     loraplus_b = ("lora_B",)
+    adapts_conv_options: ClassVar[bool] = True
+    """Whether convolutions with groups, dilation or a padding_mode are adapted (see
+    `lora_layers`); a subclass opts in by setting it in its own body."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.adapts_conv_options = cls.__dict__.get("adapts_conv_options", False)
 
     def __init__(
         self,
@@ -276,6 +380,8 @@ class LoRALayer(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         weight = base.weight
         factory = {"device": weight.device, "dtype": dtype or adapter_dtype(weight)}
+        if self.kind == "conv" and not self.adapts_conv_options:
+            lora_layers.refuse_conv_options(base, path, type(self).__name__)
         a_shape, b_shape = self._shapes(base, path, rank)
         self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
         self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
@@ -299,15 +405,12 @@ class LoRALayer(AdapterLayer):
             return (rank, fan_in), (fan_out, rank)
         if kind == "embedding":
             return (rank, base.num_embeddings), (base.embedding_dim, rank)
-        if base.groups != 1 or any(d != 1 for d in base.dilation) or base.padding_mode != "zeros":
-            raise SpecError(
-                f"LoRA on {path}: convolutions with groups, dilation or non-zero padding_mode "
-                f"are not supported yet"
-            )
-        ones = (1,) * len(base.kernel_size)
-        return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, *ones)
+        return lora_layers.conv_factor_shapes(base, path, rank)
 
     def _initialise(self, init: str, path: str) -> None:
+        if init in lora_inits.INITS:  # PEFT's factor layers as built; lora_inits runs the init
+            lora_inits.constructed_factors(self)
+            return
         if init not in ("default", "gaussian"):
             if self.kind not in ("linear", "conv1d_gpt2"):
                 raise SpecError(
@@ -406,7 +509,8 @@ class LoRALayer(AdapterLayer):
             if self.kind == "conv":
                 conv = getattr(F, f"conv{len(self.base.kernel_size)}d")
                 h = ctx.call(conv, h, a, None, self.base.stride, self.base.padding)
-                delta = ctx.call(conv, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
+                grouped = self._grouped_b_arguments(ctx)
+                delta = ctx.call(conv, ctx.call(torch.mul, h, self.scale), b, *grouped)
             else:
                 h = ctx.call(F.linear, h, a)
                 delta = ctx.call(
@@ -414,6 +518,13 @@ class LoRALayer(AdapterLayer):
                 )
         out = ctx.call(torch.add, base_out, delta)
         return ctx.method("to", out, self.base.weight.dtype) if cast else out
+
+    def _grouped_b_arguments(self, ctx: EmitContext) -> tuple[Any, ...]:
+        """The arguments of B's 1x1 convolution after its weight: B's bias, and for a grouped
+        base the base's groups (B is grouped as PEFT's)."""
+        if self.base.groups == 1:
+            return self._emit_bias(ctx)
+        return (*(self._emit_bias(ctx) or (None,)), 1, 0, 1, self.base.groups)
 
     def _emit_bias(self, ctx: EmitContext) -> tuple[fx.Node, ...]:
         """B's scaled bias as the extra argument of B's call, or nothing without ``lora_bias``:
@@ -460,6 +571,8 @@ class LoRALayer(AdapterLayer):
                 f"cannot merge LoRA with lora_bias=True into {self.path}: the layer has no bias "
                 f"to take B's bias (PEFT refuses this merge too); run the adapter unmerged"
             )
+        if (refusal := lora_layers.conv_merge_refusal(self.base, self.path)) is not None:
+            raise SpecError(refusal)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -96,7 +96,9 @@ class MonteCLoRA(LoRA):
     @classmethod
     def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
         """LoRA files with ``monteclora_config`` set (even ``{}``: PEFT's defaults), and only those."""
-        return isinstance(config.get("monteclora_config"), Mapping) and super().accepts_peft_config(config)
+        return isinstance(config.get("monteclora_config"), Mapping) and super().accepts_peft_config(
+            config
+        )
 
     @classmethod
     def examples(cls, targets: tuple[str, ...]) -> dict[str, MonteCLoRA]:

@@ -102,7 +102,9 @@ class VeLoRA(LoRA):
     @classmethod
     def accepts_peft_config(cls, config: Mapping[str, Any]) -> bool:
         """LoRA files with ``velora_config`` set (even ``{}``: PEFT's defaults), and only those."""
-        return isinstance(config.get("velora_config"), Mapping) and super().accepts_peft_config(config)
+        return isinstance(config.get("velora_config"), Mapping) and super().accepts_peft_config(
+            config
+        )
 
     @classmethod
     def examples(cls, targets: tuple[str, ...]) -> dict[str, VeLoRA]:

@@ -42,8 +42,8 @@ from surgeon.adapter import CallAdapter, ModelCall
 from surgeon.checks import check_int
 from surgeon.errors import SpecError
 from surgeon.graph import Graph
-from surgeon.passes.prompt.common import model_config, task_type
-from surgeon.peft import INT, PREFIX, REQUIRED, STRING, PeftFormat, PeftKey
+from surgeon.passes.prompt.common import model_config
+from surgeon.peft import INT, PREFIX, REQUIRED, STRING, PeftFormat, PeftKey, task_type
 from surgeon.spec import MethodSpec
 
 # -- the gated prompt term, per model type --------------------------------------------------------

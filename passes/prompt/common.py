@@ -33,7 +33,7 @@ from surgeon.errors import SpecError
 from surgeon.graph import Graph
 from surgeon.layers import adapter_dtype
 from surgeon.passes.prompt.graph import LayerPrefix, graph_sites, insert_prefix
-from surgeon.peft import BOOL, INT, REQUIRED, PeftFormat, PeftKey
+from surgeon.peft import BOOL, INT, REQUIRED, PeftFormat, PeftKey, task_type
 from surgeon.spec import MethodSpec
 from surgeon.trace import Region
 
@@ -117,17 +117,6 @@ def peft_sizes(model: nn.Module, owner: str, token_dim: int) -> dict[str, int]:
         "token_dim": token_dim,
         "num_transformer_submodules": 1,
     }
-
-
-def task_type(model: nn.Module) -> str | None:
-    """PEFT's task type: it picks the PEFT model class that prepends the prompts (a prompt
-    adapter saved without one does nothing in PEFT). Causal LMs get CAUSAL_LM (labels and
-    generate handled); every other model FEATURE_EXTRACTION, the class that prepends prompts to
-    any call: PEFT's SEQ_CLS and TOKEN_CLS would also expect the model's classification head in
-    the file (``modules_to_save``), which a surgeon adapter does not own."""
-    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
-        return "CAUSAL_LM"
-    return "FEATURE_EXTRACTION" if hasattr(model, "get_input_embeddings") else None
 
 
 def check_file_sizes(

@@ -41,10 +41,9 @@ from surgeon.passes.prompt.common import (
     check_file_sizes,
     input_embeddings,
     peft_sizes,
-    task_type,
 )
 from surgeon.passes.prompt.prompt_tuning import PromptAdapter
-from surgeon.peft import INT, NUMBER, JsonType, PeftFormat, PeftKey, one_of
+from surgeon.peft import INT, NUMBER, JsonType, PeftFormat, PeftKey, one_of, task_type
 from surgeon.spec import MethodSpec
 
 WEIGHTINGS = ("none", "decay")

@@ -36,10 +36,9 @@ from surgeon.passes.prompt.common import (
     check_file_sizes,
     input_embeddings,
     peft_sizes,
-    task_type,
 )
 from surgeon.passes.prompt.prompt_tuning import PromptAdapter, check_text_init, text_embeddings
-from surgeon.peft import INT, REQUIRED, STRING, PeftFormat, PeftKey, one_of
+from surgeon.peft import INT, REQUIRED, STRING, PeftFormat, PeftKey, one_of, task_type
 from surgeon.spec import MethodSpec
 
 INITS = ("random", "text", "average_source_tasks", "exact_source_task", "only_source_shared")

@@ -40,9 +40,8 @@ from surgeon.passes.prompt.common import (
     prepend,
     prepend_positions,
     shift_positions,
-    task_type,
 )
-from surgeon.peft import INT, REQUIRED, STRING, PeftFormat, PeftKey, one_of
+from surgeon.peft import INT, REQUIRED, STRING, PeftFormat, PeftKey, one_of, task_type
 from surgeon.spec import MethodSpec
 
 PEFT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")

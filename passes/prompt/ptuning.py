@@ -29,10 +29,9 @@ from surgeon.passes.prompt.common import (
     check_file_sizes,
     input_embeddings,
     peft_sizes,
-    task_type,
 )
 from surgeon.passes.prompt.prompt_tuning import PromptAdapter
-from surgeon.peft import INT, NUMBER, REQUIRED, Loader, PeftFormat, PeftKey, one_of
+from surgeon.peft import INT, NUMBER, REQUIRED, Loader, PeftFormat, PeftKey, one_of, task_type
 from surgeon.spec import MethodSpec
 
 ENCODERS = ("mlp", "lstm")

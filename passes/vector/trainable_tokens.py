@@ -22,6 +22,8 @@ Layers: Embedding (not one with ``max_norm``, which renormalises the rows it loo
 and Linear without a bias, whose rows are output features (PEFT's trainable tokens computes a
 Linear without its bias). The default target is the model's input embedding
 (``get_input_embeddings()``), else a module named ``embed_tokens``, as PEFT's.
+
+The layer is `surgeon.tokens.TokenRowsLayer`, shared with LoRA's ``trainable_tokens``.
 """
 
 from __future__ import annotations
@@ -32,18 +34,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.adapter import AdapterLayer
 from surgeon.checks import check_choice, is_int
-from surgeon.copies import refuse_several
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, layer_kind
 from surgeon.peft import NAMES, JsonType, PeftFormat, PeftKey, as_json, choices
 from surgeon.spec import MethodSpec
 from surgeon.targets import PRESETS
+from surgeon.tokens import (
+    TokenRowsLayer,
+    has_token_rows,
+    input_embedding,
+    tied_to_input_embedding,
+)
 
 INPUT_EMBEDDINGS = "input-embeddings"
 """The default target: the model's input embedding (PEFT's ``target_modules=None``)."""
@@ -55,9 +59,6 @@ normal (``init_weights=False``)."""
 TOKEN_INDICES = JsonType(
     "a list of token indices", lambda v: isinstance(v, (list, tuple)) and all(map(is_int, v))
 )
-
-MERGED_TOKENS = "trainable_tokens"
-"""The fx node meta key naming the tokens each adapter stacked so far replaces (adapter -> set)."""
 
 
 def _written_targets(spec: TrainableTokens, paths: Sequence[str]) -> Any:
@@ -93,24 +94,6 @@ PEFT_FORMAT = PeftFormat(
         ),
     ),
 )
-
-
-def input_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The path and module ``get_input_embeddings()`` names, if the model has one."""
-    getter = getattr(model, "get_input_embeddings", None)
-    if not callable(getter):
-        return None
-    try:
-        embedding = getter()
-    except (NotImplementedError, AttributeError):
-        return None
-    return next(((p, m) for p, m in model.named_modules() if p and m is embedding), None)
-
-
-def ties_word_embeddings(model: nn.Module) -> bool:
-    """Whether the model's config ties its output head to the input embedding (PEFT adapts the
-    tied layers along only then)."""
-    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
 @dataclass(frozen=True)
@@ -152,8 +135,7 @@ class TrainableTokens(MethodSpec):
         return self.init == "copy"
 
     def supports(self, layer: nn.Module) -> bool:
-        kind = layer_kind(layer)
-        return kind == "embedding" or (kind == "linear" and layer.bias is None)
+        return has_token_rows(layer)
 
     def select(self, model: nn.Module) -> list[str]:
         """The targets (the input embedding by default), then the layers tied to the input
@@ -179,14 +161,9 @@ class TrainableTokens(MethodSpec):
     def _tied(self, model: nn.Module, paths: Sequence[str]) -> list[str]:
         """Layers sharing the targeted input embedding's weight, where the config ties them."""
         found = input_embedding(model)
-        if not ties_word_embeddings(model) or found is None or found[0] not in paths:
+        if found is None or found[0] not in paths:
             return []
-        weight = found[1].weight
-        tied = [
-            p
-            for p, m in model.named_modules()
-            if p and m is not found[1] and getattr(m, "weight", None) is weight
-        ]
+        tied = tied_to_input_embedding(model)
         refused = [p for p in tied if not self.supports(model.get_submodule(p))]
         if refused:
             raise SpecError(
@@ -211,38 +188,9 @@ class TrainableTokens(MethodSpec):
         return {p: layers[p] for p in paths}
 
 
-def swap_embedded_tokens(
-    base_out: torch.Tensor,
-    ids: torch.Tensor,
-    positions: torch.Tensor,
-    rows: torch.Tensor,
-    padding: int | None,
-    layer: nn.Embedding,
-) -> torch.Tensor:
-    """The embedding's output with the trained tokens' vectors in place of their rows, looked
-    up as the layer looks up (no gradient for its padding token's row, ``padding`` among
-    ``rows``; gradients scaled by frequency where it asks), times its ``embed_scale`` if any."""
-    where = positions[ids]
-    table = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # the last row: other tokens
-    looked_up = F.embedding(
-        where, table, padding_idx=padding, scale_grad_by_freq=layer.scale_grad_by_freq
-    )
-    scale = getattr(layer, "embed_scale", None)
-    if scale is not None:
-        looked_up = looked_up * torch.as_tensor(scale).to(looked_up)
-    return torch.where((where < len(rows)).unsqueeze(-1), looked_up, base_out)
-
-
-def swap_output_features(
-    base_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor
-) -> torch.Tensor:
-    """A bias-free Linear's output with the trained rows' features in place of the weight's."""
-    return base_out.index_copy(-1, index, F.linear(x, rows))
-
-
-class TrainableTokensLayer(AdapterLayer):
-    """``trainable_tokens_delta`` (one row per token index; float32 over a half-precision base,
-    as PEFT keeps it), shared with the input embedding's layer by a tied layer."""
+class TrainableTokensLayer(TokenRowsLayer):
+    """`TokenRowsLayer` of a `TrainableTokens` spec; a tied layer's file entry is a copy of the
+    embedding's δ."""
 
     method = "trainable_tokens"
 
@@ -253,91 +201,8 @@ class TrainableTokensLayer(AdapterLayer):
         spec: TrainableTokens,
         tied_to: nn.Parameter | None = None,
     ) -> None:
-        super().__init__(base)
-        self.kind = layer_kind(base)
-        self.tied = tied_to is not None
-        weight = base.weight
-        if getattr(base, "max_norm", None) is not None:
-            raise SpecError(
-                f"TrainableTokens cannot adapt {path}: its max_norm renormalises the rows it "
-                f"looks up in place"
-            )
-        outside = [i for i in spec.token_indices if i >= weight.shape[0]]
-        if outside:
-            raise SpecError(
-                f"TrainableTokens.token_indices: {outside} out of range for {path}, which has "
-                f"{weight.shape[0]} rows"
-            )
-        self.tokens = frozenset(spec.token_indices)
-        index = torch.tensor(spec.token_indices, dtype=torch.long, device=weight.device)
-        self.register_buffer("token_index", index, persistent=False)
-        if self.kind == "embedding":
-            positions = torch.full((weight.shape[0],), len(index), device=weight.device)
-            positions[index] = torch.arange(len(index), device=weight.device)
-            self.register_buffer("token_positions", positions, persistent=False)
-            padding = base.padding_idx
-            self.padding = spec.token_indices.index(padding) if padding in self.tokens else None
-        self.trainable_tokens_delta = tied_to if tied_to is not None else self._initial(spec)
-        self._replaced: torch.Tensor | None = None
-
-    def _initial(self, spec: TrainableTokens) -> nn.Parameter:
-        weight = self.base.weight
-        if spec.init == "copy":
-            rows = weight.detach()[self.token_index]
-        else:  # PEFT's draw: in the weight's dtype, from the global generator
-            shape = (len(self.token_index), weight.shape[1])
-            rows = torch.randn(shape, dtype=weight.dtype, device=weight.device)
-        return nn.Parameter(rows.to(adapter_dtype(weight)))
-
-    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
-        rows = ctx.attr("trainable_tokens_delta", self.trainable_tokens_delta)
-        dtype = self.base.weight.dtype
-        if self.trainable_tokens_delta.dtype != dtype:  # rounded to the weight's dtype, as PEFT
-            rows = ctx.method("to", rows, dtype)
-        if self.kind == "embedding":
-            positions = ctx.attr("token_positions", self.token_positions)
-            base = ctx.attr("base_layer", self.base)
-            out = ctx.call(swap_embedded_tokens, base_out, x, positions, rows, self.padding, base)
-        else:
-            index = ctx.attr("token_index", self.token_index)
-            out = ctx.call(swap_output_features, base_out, x, index, rows)
-        return self._claim_tokens(ctx, base_out, out)
-
-    def _claim_tokens(self, ctx: EmitContext, base_out: fx.Node, out: fx.Node) -> fx.Node:
-        """Record which tokens the adapters stacked so far replace; an adapter replacing a token
-        an earlier one replaced makes the graph refuse to run, naming both."""
-        claimed = base_out.meta.get(MERGED_TOKENS, {})
-        name = ctx.tag["adapter"]
-        clash = next((a for a, tokens in claimed.items() if tokens & self.tokens), None)
-        if clash is not None:
-            common = sorted(claimed[clash] & self.tokens)
-            message = (
-                f"trainable tokens adapters {clash!r} and {name!r} both replace tokens {common} "
-                f"of {ctx.prefix.rpartition('.')[0]}; only disjoint tokens can run together "
-                f"(PEFT refuses this too): activate one of them, or give each its rows of a "
-                f"mixed batch"
-            )
-            out = ctx.call(refuse_several, out, message)
-        out.meta[MERGED_TOKENS] = {**claimed, name: self.tokens}
-        return out
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Write δ into the weight's rows, keeping the rows it replaces for `unmerge` (a tied
-        layer writes the same rows into the shared weight again)."""
-        weight = self.base.weight
-        self._replaced = weight[self.token_index].clone()
-        weight.index_copy_(0, self.token_index, self.trainable_tokens_delta.to(weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._replaced is None:
-            raise RuntimeError("TrainableTokensLayer.unmerge() without a merge() before it")
-        self.base.weight.index_copy_(0, self.token_index, self._replaced)
-        self._replaced = None
-
-    def unload(self, requantize: bool = False) -> None:
-        self._replaced = None
+        field = f"{type(spec).__name__}.token_indices"
+        super().__init__(base, path, spec.token_indices, field, spec.init == "random", tied_to)
 
     def peft_tensors_to_save(self) -> dict[str, torch.Tensor]:
         """A tied layer's δ is the embedding's: saved as a copy (a file holds no aliases)."""

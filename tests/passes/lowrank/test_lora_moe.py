@@ -3,8 +3,9 @@
 Their experts multiply by ``torch._grouped_mm`` in the model's dtype; surgeon's traces evaluate
 that op by a fake implementation that accepts what the kernel accepts (torch's own takes bf16
 only), so the whole model is one specialised graph in float32 and bfloat16 alike. LoRA on the
-experts' raw 3-D parameters (PEFT's ``target_parameters``) is not implemented: a PEFT file that
-sets it is refused naming the key.
+experts' raw 3-D parameters (PEFT's ``target_parameters``, `passes/lowrank/lora_parameters.py`)
+loads and saves PEFT's files, computes and trains as PEFT, merges into the parameters, and
+refuses what PEFT refuses; the whole model still traces as one graph.
 """
 
 import copy
@@ -139,17 +140,160 @@ def test_peft_attention_lora_on_a_mixture_of_experts_loads_both_ways_traced_whol
         )
 
 
-# -- LoRA on raw parameters: not implemented, refused -----------------------------------------
+# -- LoRA on raw parameters (PEFT's target_parameters) ----------------------------------------
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def test_a_peft_file_with_target_parameters_is_refused_naming_the_key(tmp_path):
-    """PEFT's LoRA on the experts' 3-D parameters: surgeon has no such layer yet, so the file is
-    refused rather than loaded without the experts' adapters."""
+def _peft_side(build, tmp_path, **options) -> tuple:
+    """PEFT's model with LoRA on both expert parameters (perturbed), saved under tmp_path."""
     import peft
 
-    config = peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
-    peft_model(_moe(tiny_mixtral), config, seed=None).save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["target_parameters"] == ["mlp.experts.gate_up_proj"]
-    with pytest.raises(SpecError, match="target_parameters"):
-        surgeon.load(_moe(tiny_mixtral), tmp_path)
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=[], target_parameters=EXPERTS, **options
+    )
+    pm = peft_model(_moe(build), config)
+    pm.save_pretrained(tmp_path / "peft")
+    return pm, tmp_path / "peft"
+
+
+def _grads_by_key(named: dict) -> dict:
+    return {k: p.grad for k, p in named.items()}
+
+
+def _our_factors(cm) -> dict:
+    """Our factors under PEFT's keys (without the adapter name)."""
+    out = {}
+    for path, layer in cm.store.items("default"):
+        for key, param in layer.peft_tensors_to_save().items():
+            out[f"{path}.{key}"] = param
+    return out
+
+
+def _peft_factors(pm) -> dict:
+    return {
+        n.removeprefix("base_model.model.").replace(".default", ""): p
+        for n, p in pm.named_parameters()
+        if "lora_" in n
+    }
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        tiny_mixtral,
+        pytest.param(tiny_qwen3_moe, marks=pytest.mark.slow),
+        pytest.param(tiny_gpt_oss, marks=pytest.mark.slow),
+    ],
+)
+def test_target_parameters_match_peft_both_ways_traced_whole_and_train_alike(build, tmp_path):
+    from safetensors.torch import load_file
+
+    inputs = padded_ids(batch=2, length=5)
+    pm, saved = _peft_side(build, tmp_path)
+    with torch.no_grad():
+        expected = pm(**inputs).logits
+        assert not torch.allclose(expected, _moe(build)(**inputs).logits)  # the adapter acts
+    ours = surgeon.load(_moe(build), saved).eval()
+    assert sorted(ours.store.specs["default"].target_parameters) == sorted(EXPERTS)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, expected)
+    assert [r.path for r in ours.graph.live()] == [""] and ours.inspect().refused == []
+    ours.save_adapters(tmp_path / "ours")
+    theirs = load_file(saved / "adapter_model.safetensors")
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys()
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in mine
+    for key in theirs:
+        torch.testing.assert_close(mine[key], theirs[key], msg=key)
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(EXPERTS) and config["target_modules"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(
+            peft_loaded(_moe(build), tmp_path / "ours")(**inputs).logits, expected
+        )
+    # one train step's gradients, factor by factor
+    for model in (pm, ours):
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert ours.inspect().refused == []
+    peft_grads, our_grads = _grads_by_key(_peft_factors(pm)), _grads_by_key(_our_factors(ours))
+    assert our_grads.keys() == peft_grads.keys()
+    for key, grad in peft_grads.items():
+        torch.testing.assert_close(our_grads[key], grad, msg=key)
+
+
+@pytest.mark.slow
+def test_target_parameters_merge_into_the_parameters_as_peft_and_generate(tmp_path):
+    inputs = padded_ids(batch=2, length=5)
+    pm, saved = _peft_side(tiny_mixtral, tmp_path)
+    ours = surgeon.load(_moe(tiny_mixtral), saved).eval()
+    with torch.no_grad():
+        expected = ours(**inputs).logits
+        ours.merge()
+        torch.testing.assert_close(ours(**inputs).logits, expected)
+        ours.unmerge()
+        torch.testing.assert_close(ours(**inputs).logits, expected)
+    generated = ours.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, 8)
+    merged = ours.merge_and_unload()
+    peft_merged = pm.merge_and_unload()
+    for name in ("gate_up_proj", "down_proj"):
+        torch.testing.assert_close(
+            getattr(merged.model.layers[1].mlp.experts, name),
+            getattr(peft_merged.model.layers[1].mlp.experts, name),
+            msg=name,
+        )
+
+
+def test_target_parameters_alone_on_one_parameter_and_with_targets():
+    """``targets=()`` adapts only the parameters; named with targets, both act."""
+    model = _moe(tiny_mixtral)
+    cm = surgeon.compile(model, surgeon.LoRA(rank=2, targets=(), target_parameters=EXPERTS[:1]))
+    layers = dict(cm.store.items("default"))
+    assert list(layers) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert list(layers["model.layers.0.mlp.experts"].peft_tensors_to_save()) == [
+        "lora_A.weight",
+        "lora_B.weight",
+    ]
+    both = surgeon.LoRA(rank=2, targets=ATTENTION, target_parameters=EXPERTS)
+    assert len(both.select(_moe(tiny_mixtral))) == 6
+
+
+@pytest.mark.parametrize(
+    "options, refused",
+    [
+        ({"dropout": 0.1}, "dropout"),
+        ({"lora_bias": True}, "lora_bias"),
+        ({"init": "pissa"}, "init"),
+        ({"target_parameters": "mlp.experts.down_proj"}, "list of parameter names"),
+    ],
+)
+def test_what_peft_refuses_with_target_parameters_is_a_spec_error(options, refused):
+    spec = {"rank": 2, "targets": (), "target_parameters": EXPERTS, **options}
+    with pytest.raises(SpecError, match=refused):
+        surgeon.LoRA(**spec)
+
+
+def test_a_variant_with_target_parameters_and_unmatched_names_are_refused():
+    with pytest.raises(SpecError, match="variant"):
+        surgeon.DoRA(rank=2, targets=(), target_parameters=EXPERTS)
+    spec = surgeon.LoRA(rank=2, targets=(), target_parameters=["mlp.experts.nothing"])
+    with pytest.raises(SpecError, match="matches no parameter"):
+        surgeon.compile(_moe(tiny_mixtral), spec)
+
+
+@pytest.mark.slow
+def test_target_parameters_refuse_mixed_batches_and_stack_as_peft(tmp_path):
+    inputs = padded_ids(batch=2, length=5)
+    spec = surgeon.LoRA(rank=2, targets=(), target_parameters=EXPERTS)
+    cm = surgeon.compile(_moe(tiny_mixtral), spec)
+    cm.add_adapter("other", spec)
+    randomize(cm)
+    with torch.no_grad(), pytest.raises(SpecError, match="mixed batches"):
+        cm(**inputs, adapter_names=["default", "other"])
+    with torch.no_grad():
+        cm.set_active(["default", "other"])
+        stacked = cm(**inputs).logits
+        cm.merge()
+        torch.testing.assert_close(cm(**inputs).logits, stacked)
