@@ -180,7 +180,7 @@ def test_peft_configs_with_the_key_load_as_alora_and_only_as_alora():
         LoRA.from_peft_config(config, "cfg")
     with pytest.raises(surgeon.SpecError, match="alora_invocation_tokens"):
         method_from_peft_config({**config, "alora_invocation_tokens": "5"}, "cfg")
-    with pytest.raises(surgeon.SpecError, match="use_dora=True .* ALoRA does not support"):
+    with pytest.raises(surgeon.SpecError, match=r"use_dora=True .* ALoRA does not support"):
         method_from_peft_config({**config, "use_dora": True}, "cfg")  # PEFT has no DoRA aLoRA
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -281,7 +281,9 @@ def test_switching_disabling_deleting_and_their_errors():
     cm.add_adapter("other", surgeon.PromptTuning(num_virtual_tokens=2))
     with pytest.raises(surgeon.SpecError, match="only one of them can be active"):
         cm.set_active(["default", "other"])
-    with pytest.raises(surgeon.SpecError, match="mixed batches support layer adapters and X-LoRA only"):
+    with pytest.raises(
+        surgeon.SpecError, match="mixed batches support layer adapters and X-LoRA only"
+    ):
         cm(**x, adapter_names=["default", "default"])
     cm.set_active("other")
     assert logits(cm(**x)).shape == (2, 2 + 6, 96)
