@@ -84,6 +84,50 @@ class One(nn.Module):
         return self.layer(x)
 
 
+class TwoLinear(nn.Module):
+    """Two Linear layers, ``a`` (6 -> 6) and ``b`` (6 -> 4), with a tanh between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+class QVPair(nn.Module):
+    """Two projections named as attention's, ``q_proj`` (width -> 5) and ``v_proj`` (5 -> 4),
+    with a tanh between them: a model for the LoRA experts that routed methods mix."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(width, 5)
+        self.v_proj = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v_proj(torch.tanh(self.q_proj(x)))
+
+
+def qv_pair(width: int = 6) -> QVPair:
+    """A `QVPair` built under seed 0 (every call gives the same base)."""
+    torch.manual_seed(0)
+    return QVPair(width)
+
+
+def write_lora_expert(folder: Any, seed: int, width: int = 6, **fields: Any) -> str:
+    """A trained LoRA expert on `qv_pair` (both projections unless ``fields`` say otherwise;
+    its parameters at random from ``seed``), saved in ``folder`` as surgeon saves (PEFT's
+    layout); returns the folder."""
+    import surgeon
+    from surgeon.passes.lowrank.lora import LoRA
+
+    cm = surgeon.compile(qv_pair(width), LoRA(**{"targets": ("q_proj", "v_proj"), **fields}))
+    randomize(cm, seed=seed, scale=0.5)
+    cm.save_adapters(folder)
+    return str(folder)
+
+
 class OptionalMaskBlock(nn.Module):
     """Branches on ``mask is None``: a Proxy is never None, so tracing would freeze one branch."""
 
@@ -422,6 +466,20 @@ def plain_output(
     return x @ weight + bias  # GPT-2's Conv1D: weight (in, out)
 
 
+def lora_product(
+    layer: nn.Module, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """LoRA's unscaled ``B(A(x))`` on ``layer``'s kind, written out from factors in PEFT's
+    shapes: an embedding looks A up, a convolution's A convolves like the layer and B mixes
+    channels, any other layer multiplies by A then B."""
+    if isinstance(layer, nn.Embedding):
+        return F.embedding(x, a.t()) @ b.t()
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]
+        return conv(conv(x, a, None, layer.stride, layer.padding), b)
+    return x @ a.t() @ b.t()
+
+
 def prefix_cache(model: nn.Module, adapter: Any, batch: int) -> dict[str, Any]:
     """Keyword arguments that hand a prefix adapter's keys and values to ``model`` as its
     key/value cache, read from the adapter's PEFT tensor (``(tokens, layers * 2 * heads *
@@ -510,6 +568,35 @@ def train_and_resume(
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
     return expected, fresh
+
+
+def train_and_resume_spec(
+    spec: Any, make_model: Callable[[], nn.Module], tmp_path: Any, sizes: tuple[int, int] = (6, 4)
+) -> tuple[Any, Any, Any]:
+    """`train_and_resume` for ``spec`` on ``make_model()`` (built under seed 0, the adapter's
+    parameters randomised), on six copies of one sample of ``sizes`` (in, out) features, not
+    shuffled; the adapters' buffers must resume bit for bit too (a method's state outside its
+    parameters, such as an accumulated delta). Returns the uninterrupted run's result, its
+    model and the resumed one."""
+    import surgeon
+
+    generator = torch.Generator().manual_seed(4)
+    fan_in, fan_out = sizes
+    sample = (torch.randn(fan_in, generator=generator), torch.randn(fan_out, generator=generator))
+
+    def compiled(seed: int) -> Any:
+        torch.manual_seed(0)
+        cm = surgeon.compile(make_model(), spec)
+        randomize(cm, seed=seed, scale=0.5)
+        return cm
+
+    whole = compiled(2)
+    config = resume_config(shuffle=False)
+    expected, fresh = train_and_resume(whole, compiled, [sample] * 6, config, tmp_path)
+    theirs = dict(whole.store.named_buffers())
+    for name, value in fresh.store.named_buffers():
+        assert torch.equal(value, theirs[name]), name
+    return expected, whole, fresh
 
 
 def train_a_few_steps(cm: Any, inputs: dict[str, Any], lr: float, steps: int = 4) -> list[float]:

@@ -232,17 +232,9 @@ class BDLoRALayer(LoRALayer):
         self.lora_A.copy_(through_base_dtype(a, weight))
         nn.init.zeros_(self.lora_B)
 
-    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
-        a = ctx.attr("lora_A", self.lora_A)
-        b = ctx.attr("lora_B", self.lora_B)
-        cast = self.lora_A.dtype != self.base.weight.dtype
-        h = ctx.method("to", x, self.lora_A.dtype) if cast else x
-        if self.dropout is not None:
-            h = ctx.module("dropout", self.dropout, h)
+    def emit_update(self, ctx: EmitContext, h: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
         h = self._emit_factor(ctx, "A", h, a)
-        delta = self._emit_factor(ctx, "B", ctx.call(torch.mul, h, self.scale), b)
-        out = ctx.call(torch.add, base_out, delta)
-        return ctx.method("to", out, self.base.weight.dtype) if cast else out
+        return self._emit_factor(ctx, "B", ctx.call(torch.mul, h, self.scale), b)
 
     def _emit_factor(self, ctx: EmitContext, side: str, h: fx.Node, weight: fx.Node) -> fx.Node:
         if side == self.side:

@@ -12,26 +12,19 @@ steps the last LoRA keeps training. The learning-rate schedule is `surgeon.train
 Layers: LoRA's full-precision ones (Linear, Conv1d/2d/3d, Embedding, GPT-2's ``Conv1D``).
 Files: PEFT's layout under this project's own type ``SURGEON_COLA`` (PEFT has no COLA):
 ``lora_A.weight``, ``lora_B.weight`` and ``lora_delta.weight`` (``D``) per layer. The boundaries
-run in `COLA.after_backward` (inside `surgeon.train`; a custom loop calls
-``cm.update_ranks(step, optimizer)`` after ``optimizer.step()``).
+run in `COLA.after_backward` (ReLoRA's `RestartedLoRA`: inside `surgeon.train`; a custom loop
+calls ``cm.update_ranks(step, optimizer)`` after ``optimizer.step()``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from surgeon.adapter import AdapterLayer
-from surgeon.checks import check_int, check_probability
-from surgeon.passes.lowrank.relora import (
-    AccumulatedLoRA,
-    AccumulatedLoRALayer,
-    lowrank_keys,
-    require_optimizer,
-    restart_factors,
-)
+from surgeon.checks import check_int
+from surgeon.passes.lowrank.relora import AccumulatedLoRALayer, RestartedLoRA, lowrank_keys
 from surgeon.peft import INT, PeftFormat, PeftKey
 from surgeon.spec import MethodSpec
 
@@ -51,21 +44,19 @@ class COLALayer(AccumulatedLoRALayer):
 
 
 @dataclass(frozen=True)
-class COLA(AccumulatedLoRA):
+class COLA(RestartedLoRA):
     """Chain of LoRA (Xia et al., 2024)."""
 
     name = "cola"
     peft_format = PEFT_FORMAT
     layer_class = COLALayer
 
-    dropout: float = 0.0
     chain_length: int = 3
     link_steps: int = 1000
 
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__
-        check_probability(owner, "dropout", self.dropout)
         check_int(owner, "chain_length", self.chain_length)
         check_int(owner, "link_steps", self.link_steps)
 
@@ -73,20 +64,12 @@ class COLA(AccumulatedLoRA):
     def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
         return {"default": cls(rank=4, targets=targets)}
 
-    def boundary(self, step: int) -> bool:
-        """Whether step ``step`` (from 0) ends a link that another follows."""
+    def restarts_after(self, step: int) -> bool:
+        """At the end of every link but the last."""
         done = step + 1
         return done % self.link_steps == 0 and done // self.link_steps < self.chain_length
 
-    def after_backward(
-        self,
-        layers: Mapping[str, AdapterLayer],
-        step: int,
-        optimizer: torch.optim.Optimizer | None = None,
-    ) -> None:
-        """At a boundary: merge the link's LoRA, start the next, drop A's and B's optimizer
-        state."""
-        optimizer = require_optimizer(type(self).__name__, optimizer)
-        if self.boundary(step):
-            for factor in restart_factors(layers):
-                optimizer.state.pop(factor, None)
+    def reset_state(self, optimizer: torch.optim.Optimizer, factors: list[nn.Parameter]) -> None:
+        """All of it (moments and step count), as a new optimizer for the new LoRA."""
+        for factor in factors:
+            optimizer.state.pop(factor, None)

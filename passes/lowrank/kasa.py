@@ -173,18 +173,10 @@ class KaSALayer(LoRALayer):
         self.lora_diag = nn.Parameter(torch.randn(rank, **factory))
         truncate_smallest(base.weight, rank)
 
-    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
-        a = ctx.attr("lora_A", self.lora_A)
-        b = ctx.attr("lora_B", self.lora_B)
+    def emit_update(self, ctx: EmitContext, h: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
         diag = ctx.attr("lora_diag", self.lora_diag)
-        cast = self.lora_A.dtype != self.base.weight.dtype
-        h = ctx.method("to", x, self.lora_A.dtype) if cast else x
-        if self.dropout is not None:
-            h = ctx.module("dropout", self.dropout, h)
         h = ctx.call(torch.mul, ctx.call(F.linear, h, a), diag)
-        delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
-        out = ctx.call(torch.add, base_out, delta)
-        return ctx.method("to", out, self.base.weight.dtype) if cast else out
+        return ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B * self.lora_diag) @ self.lora_A * self.scale

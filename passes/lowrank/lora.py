@@ -506,18 +506,21 @@ class LoRALayer(AdapterLayer):
             h = ctx.method("to", x, self.lora_A.dtype) if cast else x
             if self.dropout is not None:
                 h = ctx.module("dropout", self.dropout, h)
-            if self.kind == "conv":
-                conv = getattr(F, f"conv{len(self.base.kernel_size)}d")
-                h = ctx.call(conv, h, a, None, self.base.stride, self.base.padding)
-                grouped = self._grouped_b_arguments(ctx)
-                delta = ctx.call(conv, ctx.call(torch.mul, h, self.scale), b, *grouped)
-            else:
-                h = ctx.call(F.linear, h, a)
-                delta = ctx.call(
-                    F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx)
-                )
+            delta = self.emit_update(ctx, h, a, b)
         out = ctx.call(torch.add, base_out, delta)
         return ctx.method("to", out, self.base.weight.dtype) if cast else out
+
+    def emit_update(self, ctx: EmitContext, h: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
+        """The scaled update ``scale · B A h`` of the input ``h`` (already in the factors' dtype
+        and dropped out) on a layer that is no embedding: the one part of the branch a LoRA
+        variant with other factors (block-diagonal, a diagonal between them) changes."""
+        if self.kind == "conv":
+            conv = getattr(F, f"conv{len(self.base.kernel_size)}d")
+            h = ctx.call(conv, h, a, None, self.base.stride, self.base.padding)
+            grouped = self._grouped_b_arguments(ctx)
+            return ctx.call(conv, ctx.call(torch.mul, h, self.scale), b, *grouped)
+        h = ctx.call(F.linear, h, a)
+        return ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
 
     def _grouped_b_arguments(self, ctx: EmitContext) -> tuple[Any, ...]:
         """The arguments of B's 1x1 convolution after its weight: B's bias, and for a grouped

@@ -8,7 +8,8 @@ paper's jagged schedule (Fig. 2) is `ReLoRA.lr_factor`, 0 at each restart and ba
 ``rewarm_steps`` linearly, multiplying `surgeon.train`'s schedule (a cosine one gives the jagged
 cosine). The paper's full-rank warm start before the first LoRA is not part of the method here.
 
-The shared part of the restarting methods lives here too (COLA and Delta-LoRA import it):
+The shared part of the accumulating methods lives here too (COLA and Delta-LoRA import it):
+`RestartedLoRA`, the restarts with their optimizer resets (COLA's too), and
 `AccumulatedLoRALayer`, LoRA plus a frozen dense delta ``D`` per layer, in the base weight's
 layout and the adapter's dtype, zero at first, so a fresh adapter is the base. ``D`` is not
 written into the user's weight: the adapter stays removable, and the file holds it (key
@@ -215,14 +216,46 @@ def zero_smallest(tensor: torch.Tensor, ratio: float) -> None:
 
 
 @dataclass(frozen=True)
-class ReLoRA(AccumulatedLoRA):
+class RestartedLoRA(AccumulatedLoRA):
+    """The accumulating methods that merge their LoRA into ``D`` at some steps and start a
+    fresh one (ReLoRA, COLA): LoRA's dropout, and the restarts in `after_backward`, where the
+    optimizer that just stepped drops what it kept for the old factors (not a method itself)."""
+
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_probability(type(self).__name__, "dropout", self.dropout)
+
+    def restarts_after(self, step: int) -> bool:
+        """Whether step ``step`` (from 0) ends a LoRA that a fresh one follows."""
+        raise NotImplementedError
+
+    def reset_state(self, optimizer: torch.optim.Optimizer, factors: list[nn.Parameter]) -> None:
+        """What the optimizer keeps of its state for the restarted ``factors``."""
+        raise NotImplementedError
+
+    def after_backward(
+        self,
+        layers: Mapping[str, AdapterLayer],
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        """After a step that ends a LoRA: merge it, start the next, reset the optimizer's state
+        of the factors."""
+        optimizer = require_optimizer(type(self).__name__, optimizer)
+        if self.restarts_after(step):
+            self.reset_state(optimizer, restart_factors(layers))
+
+
+@dataclass(frozen=True)
+class ReLoRA(RestartedLoRA):
     """LoRA with periodic merge-and-restart (Lialin et al., 2023)."""
 
     name = "relora"
     peft_format = PEFT_FORMAT
     layer_class = AccumulatedLoRALayer
 
-    dropout: float = 0.0
     restart_every: int = 5000
     rewarm_steps: int = 50
     prune_ratio: float = 0.99
@@ -230,7 +263,6 @@ class ReLoRA(AccumulatedLoRA):
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__
-        check_probability(owner, "dropout", self.dropout)
         check_int(owner, "restart_every", self.restart_every)
         check_int(owner, "rewarm_steps", self.rewarm_steps, minimum=0)
         check_number(owner, "prune_ratio", self.prune_ratio, 0, 1, True, True)
@@ -242,16 +274,13 @@ class ReLoRA(AccumulatedLoRA):
             "rslora-dropout": cls(rank=2, alpha=3, rslora=True, dropout=0.1, targets=targets),
         }
 
-    def after_backward(
-        self,
-        layers: Mapping[str, AdapterLayer],
-        step: int,
-        optimizer: torch.optim.Optimizer | None = None,
-    ) -> None:
-        """After every ``restart_every``-th step: merge, restart, prune the moments."""
-        optimizer = require_optimizer(type(self).__name__, optimizer)
-        if (step + 1) % self.restart_every == 0:
-            prune_moments(optimizer, restart_factors(layers), self.prune_ratio)
+    def restarts_after(self, step: int) -> bool:
+        """Every ``restart_every``-th step."""
+        return (step + 1) % self.restart_every == 0
+
+    def reset_state(self, optimizer: torch.optim.Optimizer, factors: list[nn.Parameter]) -> None:
+        """The paper's partial reset: the moments pruned by magnitude (``prune_ratio``)."""
+        prune_moments(optimizer, factors, self.prune_ratio)
 
     def lr_factor(self, step: int) -> float:
         """1 until the first restart; then at each restart 0, rising linearly to 1 over

@@ -49,12 +49,8 @@ layers, which carry Conv1D); others are refused.
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,21 +60,23 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_bool, check_int, check_positive, check_seed
 from surgeon.errors import SpecError
-from surgeon.io import CONFIG_NAME, method_from_peft_config, read_adapter
 from surgeon.layers import adapter_dtype, in_out_features, layer_kind
-from surgeon.passes.lowrank.lora import LoRA, is_residual_init
-from surgeon.passes.routed.mole import ExpertFile, expert_outputs, mix
-from surgeon.peft import (
-    BOOL,
-    INT,
-    NUMBER,
-    PREFIX,
-    REQUIRED,
-    JsonType,
-    PeftFormat,
-    PeftKey,
-    selection_keys,
+from surgeon.passes.routed.experts import (
+    EXPERT_NAMES,
+    Factors,
+    checked_expert_rank,
+    expert_lora,
+    expert_outputs,
+    expert_where,
+    largest_rank,
+    layer_factors,
+    load_expert_names,
+    mix,
+    named_experts,
+    read_expert,
+    stacked,
 )
+from surgeon.peft import BOOL, INT, NUMBER, REQUIRED, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
 PEFT_TYPE = "SURGEON_ARROW"
@@ -87,18 +85,6 @@ POWER_STEPS = 15
 """PEFT's power-iteration steps for a prototype."""
 POWER_EPS = 1e-8
 """PEFT's guard in the normalisations of the power iteration."""
-
-EXPERT_NAMES = JsonType(
-    "a list of expert names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)
-)
-
-
-def _load_names(value: list[str], config: Mapping[str, Any], where: str) -> dict:
-    """The file's expert names, each without a folder: the file holds what they gave."""
-    if len(set(value)) != len(value):
-        raise SpecError(f"{where}: {value!r}: the names repeat")
-    return dict.fromkeys(value)
-
 
 PEFT_FORMAT = PeftFormat(
     PEFT_TYPE,
@@ -109,7 +95,7 @@ PEFT_FORMAT = PeftFormat(
             REQUIRED,
             EXPERT_NAMES,
             save=lambda spec, paths: list(spec.task_experts),
-            load=_load_names,
+            load=load_expert_names,
             why_required="the task experts' names say how many the file's factors stack",
         ),
         PeftKey(
@@ -118,7 +104,7 @@ PEFT_FORMAT = PeftFormat(
             [],
             EXPERT_NAMES,
             save=lambda spec, paths: list(spec.general_experts),
-            load=_load_names,
+            load=load_expert_names,
         ),
         PeftKey("expert_rank", "expert_rank", REQUIRED, INT),
         *selection_keys(),
@@ -164,8 +150,10 @@ class Arrow(MethodSpec):
         """PEFT's ``create_arrow_model``: Arrow over the LoRAs in ``task_experts`` (GenKnowSub
         with ``general_experts``), on the layers the first task expert adapts (its targets,
         exclusions and layers) unless ``options`` name them."""
-        first_name, first_folder = next(iter(_named("Arrow", "task_experts", task_experts, 1)))
-        lora = expert_lora(f"Arrow.task_experts[{first_name!r}] ({first_folder})", first_folder)
+        task = _named("Arrow", "task_experts", task_experts, 1)
+        first_name, first_folder = next(iter(task.items()))
+        where = expert_where("Arrow", "task_experts", first_name, first_folder)
+        lora = expert_lora("Arrow", where, first_folder)
         chosen = {"targets": lora.targets, "exclude": lora.exclude, "layers": lora.layers}
         return cls(
             task_experts=task_experts, general_experts=general_experts, **{**chosen, **options}
@@ -173,8 +161,8 @@ class Arrow(MethodSpec):
 
     def validate(self) -> None:
         owner = type(self).__name__
-        task = dict(_named(owner, "task_experts", self.task_experts, 1))
-        general = dict(_named(owner, "general_experts", self.general_experts, 0))
+        task = _named(owner, "task_experts", self.task_experts, 1)
+        general = _named(owner, "general_experts", self.general_experts, 0)
         shared = sorted(set(task) & set(general))
         if shared:
             raise SpecError(f"{owner}: {shared} name both task and general experts")
@@ -191,21 +179,10 @@ class Arrow(MethodSpec):
             if getattr(self, name) is not None:
                 check_seed(owner, name, getattr(self, name))
         check_bool(owner, "train_experts", self.train_experts)
-        loras = [expert_lora(_where(*expert), expert[2]) for expert in self._folders()]
-        ranks = [max([lora.rank, *lora.rank_pattern.values()]) for lora in loras]
-        if self.expert_rank is None:
-            if not ranks:
-                raise SpecError(
-                    f"{owner}.expert_rank: needed when no expert has a folder (the rank the "
-                    f"experts' factors are stored at)"
-                )
-            self._set("expert_rank", max(ranks))
-        check_int(owner, "expert_rank", self.expert_rank)
-        if ranks and self.expert_rank < max(ranks):
-            raise SpecError(
-                f"{owner}.expert_rank={self.expert_rank}: the experts' largest rank is "
-                f"{max(ranks)}; leave it out to take that"
-            )
+        ranks = [
+            largest_rank(expert_lora(owner, where, folder)) for where, _, folder in self._folders()
+        ]
+        self._set("expert_rank", checked_expert_rank(owner, self.expert_rank, ranks))
 
     @classmethod
     def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
@@ -239,18 +216,20 @@ class Arrow(MethodSpec):
         return layer_kind(layer) in ("linear", "conv1d_gpt2")
 
     def _folders(self) -> list[tuple[str, str, str]]:
-        """(kind, name, folder) of every expert with a folder, the task experts first."""
+        """(where, name, folder) of every expert with a folder, the task experts first."""
+        owner = type(self).__name__
         return [
-            (kind, name, folder)
-            for kind, experts in (("task", self.task_experts), ("general", self.general_experts))
-            for name, folder in experts.items()
+            (expert_where(owner, field_name, name, folder), name, folder)
+            for field_name in ("task_experts", "general_experts")
+            for name, folder in getattr(self, field_name).items()
             if folder is not None
         ]
 
     def create_layers(self, model: nn.Module, paths: Sequence[str]) -> dict[str, ArrowLayer]:
+        owner = type(self).__name__
         files = {
-            (kind, name): _expert_file(_where(kind, name, folder), folder, model, paths)
-            for kind, name, folder in self._folders()
+            name: read_expert(owner, where, folder, model, paths)
+            for where, name, folder in self._folders()
         }
         generator = (
             torch.Generator().manual_seed(self.expert_seed)
@@ -261,17 +240,15 @@ class Arrow(MethodSpec):
         for path in paths:
             base = model.get_submodule(path)
             fan_in, fan_out = in_out_features(base)
-            factors: dict[str, list[Factors | None]] = {"task": [], "general": []}
-            for kind, experts in (("task", self.task_experts), ("general", self.general_experts)):
-                for name, folder in experts.items():
-                    if folder is not None:
-                        where = _where(kind, name, folder)
-                        found = _file_factors(where, files[kind, name], path, fan_in, fan_out)
-                    elif generator is not None:
-                        found = _drawn_factors(generator, self.expert_rank, fan_in, fan_out)
-                    else:
-                        found = None  # the adapter's file holds what it gives
-                    factors[kind].append(found)
+            factors = {  # one generator: the task experts' draws, then the general ones'
+                kind: layer_factors(
+                    experts, files, generator, self.expert_rank, path, fan_in, fan_out
+                )
+                for kind, experts in (
+                    ("task", self.task_experts),
+                    ("general", self.general_experts),
+                )
+            }
             _check_factors(self, path, factors)
             layers[path] = ArrowLayer(base, factors["task"], factors["general"], self)
         return layers
@@ -280,120 +257,12 @@ class Arrow(MethodSpec):
 # -- the experts ----------------------------------------------------------------------------------
 
 
-def _where(kind: str, name: str, folder: str) -> str:
-    return f"Arrow.{kind}_experts[{name!r}] ({folder})"
-
-
-def _named(owner: str, field_name: str, experts: Any, least: int) -> list[tuple[str, str | None]]:
-    """``experts`` as (name, folder or None) pairs; listed folders take their names."""
-    where = f"{owner}.{field_name}"
-    if isinstance(experts, (str, PathLike)) or not isinstance(experts, (Mapping, Sequence)):
-        raise SpecError(
-            f"{where}={experts!r}: expected a mapping of expert name to LoRA folder, or a list "
-            f"of LoRA folders"
-        )
-    if not isinstance(experts, Mapping):
-        names = [Path(folder).name for folder in experts]
-        if len(set(names)) != len(names):
-            raise SpecError(
-                f"{where}: folders {names} share a name; give a mapping of name to folder"
-            )
-        experts = dict(zip(names, experts))
-    named = []
-    for name, folder in experts.items():
-        if not isinstance(name, str) or not name:
-            raise SpecError(f"{where}: expert name {name!r} is not a non-empty string")
-        if folder is not None and not isinstance(folder, (str, PathLike)):
-            raise SpecError(
-                f"{where}[{name!r}]={folder!r}: expected a LoRA folder (or None: factors from "
-                f"expert_seed or the adapter's file)"
-            )
-        named.append((name, None if folder is None else str(folder)))
+def _named(owner: str, field_name: str, experts: Any, least: int) -> dict[str, str | None]:
+    """``experts`` as a mapping of name to folder or None, at least ``least`` of them."""
+    named = named_experts(f"{owner}.{field_name}", experts, "expert_seed")
     if len(named) < least:
-        raise SpecError(f"{where}: expected at least {least} expert(s), got none")
+        raise SpecError(f"{owner}.{field_name}: expected at least {least} expert(s), got none")
     return named
-
-
-def expert_lora(where: str, folder: str) -> LoRA:
-    """The LoRA spec of the expert in ``folder``; `SpecError` (prefixed ``where``) for anything
-    that is not a plain LoRA whose factors Arrow can stack."""
-    config_path = Path(folder) / CONFIG_NAME
-    if not Path(folder).is_dir():
-        raise SpecError(f"{where}: no such folder (expected a LoRA adapter folder)")
-    if not config_path.is_file():
-        raise SpecError(f"{where}: no {CONFIG_NAME} there; is it a LoRA adapter folder?")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        lora = method_from_peft_config(config, str(config_path))
-    except (json.JSONDecodeError, UnicodeDecodeError, SpecError) as err:
-        raise SpecError(f"{where}: {err}") from None
-    if type(lora) is not LoRA:
-        raise SpecError(f"{where}: holds a {lora.name} adapter, not a LoRA")
-    refused = {
-        "a trained base bias (bias)": lora.bias != "none",
-        "a bias on B (lora_bias)": lora.lora_bias,
-        "modules to save": bool(lora.modules_to_save),
-        f"init={lora.init!r}, whose factors pair with a rewritten base weight": is_residual_init(
-            lora.init
-        ),
-    }
-    for what, present in refused.items():
-        if present:
-            raise SpecError(f"{where}: the LoRA has {what}, which Arrow's experts cannot carry")
-    return lora
-
-
-def _expert_file(where: str, folder: str, model: nn.Module, paths: Sequence[str]) -> ExpertFile:
-    """The expert's spec and tensors, checked to adapt every layer of ``paths``; layers it adapts
-    besides them are left out, with a warning."""
-    lora = expert_lora(where, folder)
-    try:
-        _, tensors = read_adapter(Path(folder))
-        adapted = lora.select(model)
-    except (SpecError, FileNotFoundError) as err:
-        raise SpecError(f"{where}: {err}") from None
-    missing = [p for p in paths if p not in adapted]
-    if missing:
-        raise SpecError(
-            f"{where}: does not adapt {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
-            f", which Arrow targets; every expert must adapt every targeted layer"
-        )
-    unused = [p for p in adapted if p not in paths]
-    if unused:
-        warnings.warn(
-            f"{where}: its layers {', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''} "
-            f"are not among Arrow's targets and are left out",
-            stacklevel=4,
-        )
-    return ExpertFile(lora, tensors)
-
-
-Factors = tuple[torch.Tensor, torch.Tensor, float]
-"""One expert on one layer: ``A`` (r x in), ``B`` (out x r) and its scale."""
-
-
-def _file_factors(where: str, expert: ExpertFile, path: str, fan_in: int, fan_out: int) -> Factors:
-    rank, scale = expert.lora.rank_and_scale(path)
-    found = {}
-    for factor, shape in (("lora_A", (rank, fan_in)), ("lora_B", (fan_out, rank))):
-        key = f"{PREFIX}{path}.{factor}.weight"
-        tensor = expert.tensors.get(key)
-        if tensor is None:
-            raise SpecError(f"{where}: no {key} in its file")
-        if tuple(tensor.shape) != shape:
-            raise SpecError(
-                f"{where}: {key} has shape {tuple(tensor.shape)}, {path} needs {shape} (was the "
-                f"LoRA trained on another model?)"
-            )
-        found[factor] = tensor
-    return found["lora_A"], found["lora_B"], scale
-
-
-def _drawn_factors(generator: torch.Generator, rank: int, fan_in: int, fan_out: int) -> Factors:
-    """A random expert for examples and tests: ``A`` ~ N(0, 1/in), ``B`` ~ N(0, 1/r), scale 1."""
-    a = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
-    b = torch.randn(fan_out, rank, generator=generator) / rank**0.5
-    return a, b, 1.0
 
 
 def _check_factors(spec: Arrow, path: str, factors: Mapping[str, list[Factors | None]]) -> None:
@@ -495,23 +364,17 @@ class ArrowLayer(AdapterLayer):
         weight = base.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
         fan_in, fan_out = in_out_features(base)
-        experts, rank = len(task), spec.expert_rank
-        a = torch.zeros(experts, rank, fan_in, **factory)
-        b = torch.zeros(experts, fan_out, rank, **factory)
-        scales = torch.zeros(experts, **factory)
-        prototypes = torch.zeros(experts, fan_in, **factory)
+        prototypes = torch.zeros(len(task), fan_in, **factory)
         if all(found is not None for found in task):  # else the adapter's file fills them
             task = [(fa.to(**factory), fb.to(**factory), s) for fa, fb, s in task]
             general = [(fa.to(**factory), fb.to(**factory), s) for fa, fb, s in general]
             task = _subtracted(task, general)
-            with torch.no_grad():
-                for i, (expert_a, expert_b, scale) in enumerate(task):
-                    a[i, : expert_a.shape[0]] = expert_a
-                    b[i, :, : expert_b.shape[1]] = expert_b
-                    scales[i] = scale
-                    if not weight.is_meta:
+            if not weight.is_meta:
+                with torch.no_grad():
+                    for i, (expert_a, expert_b, _) in enumerate(task):
                         found = top_right_singular_vector(expert_a, expert_b, spec.seed)
                         prototypes[i] = found.to(factory["dtype"])
+        a, b, scales = stacked(task, spec.expert_rank, fan_in, fan_out, **factory)
         if spec.train_experts:
             self.arrow_experts_A = nn.Parameter(a)
             self.arrow_experts_B = nn.Parameter(b)

@@ -51,6 +51,7 @@ from surgeon.graph import Graph
 from surgeon.io import read_adapter, write_adapter
 from surgeon.layers import layer_kind
 from surgeon.passes.lowrank.lora import LoRA, LoRALayer
+from surgeon.passes.routed.experts import expert_where, require_lora
 from surgeon.peft import BOOL, INT, MAPPING, NUMBER, PREFIX, REQUIRED, PeftFormat, PeftKey
 from surgeon.rewrite import batch_rows, in_mixed_batch
 from surgeon.spec import MethodSpec
@@ -218,12 +219,7 @@ class XLoRA(MethodSpec):
         out = []
         for i, folder in enumerate(self.experts):
             method, tensors = read_adapter(folder)
-            if type(method) is not LoRA:
-                raise SpecError(
-                    f"XLoRA.experts[{i}]={folder!r} holds a {method.name} adapter; X-LoRA's "
-                    f"experts are plain LoRA (PEFT gates LoRA's A and B only)"
-                )
-            out.append((method, tensors))
+            out.append((require_lora(expert_where("XLoRA", "experts", i, folder), method), tensors))
         return out
 
     def supports(self, layer: nn.Module) -> bool:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from zoo import ZOO, One, logits, plain_output, randomize
+from zoo import ZOO, One, logits, plain_output, qv_pair, randomize, write_lora_expert
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
@@ -48,48 +48,25 @@ def formula(spec, adapter, base, x):
 # -- experts from LoRA folders, against PEFT -------------------------------------------------------
 
 
-class Pair(nn.Module):
-    def __init__(self, width: int = 6) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(width, 5)
-        self.v_proj = nn.Linear(5, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.v_proj(torch.tanh(self.q_proj(x)))
-
-
-def _pair(width: int = 6) -> Pair:
-    torch.manual_seed(0)
-    return Pair(width)
-
-
-def _lora_folder(tmp_path, name: str, seed: int, width: int = 6, **fields) -> str:
-    """A trained LoRA on `Pair` (its factors at random), saved as surgeon saves (PEFT's layout)."""
-    cm = surgeon.compile(_pair(width), LoRA(**{"targets": ("q_proj", "v_proj"), **fields}))
-    randomize(cm, seed=seed, scale=0.5)
-    cm.save_adapters(tmp_path / name)
-    return str(tmp_path / name)
-
-
 @pytest.fixture
 def tasks(tmp_path) -> list[str]:
     return [
-        _lora_folder(tmp_path, "t0", 1, rank=2, alpha=3),
-        _lora_folder(tmp_path, "t1", 2, rank=2, alpha=5, rslora=True),
-        _lora_folder(tmp_path, "t2", 3, rank=2, alpha=2, alpha_pattern={"v_proj": 7}),
+        write_lora_expert(tmp_path / "t0", 1, rank=2, alpha=3),
+        write_lora_expert(tmp_path / "t1", 2, rank=2, alpha=5, rslora=True),
+        write_lora_expert(tmp_path / "t2", 3, rank=2, alpha=2, alpha_pattern={"v_proj": 7}),
     ]
 
 
 @pytest.fixture
 def generals(tmp_path) -> list[str]:
-    return [_lora_folder(tmp_path, f"g{i}", 10 + i, rank=2, alpha=1) for i in range(2)]
+    return [write_lora_expert(tmp_path / f"g{i}", 10 + i, rank=2, alpha=1) for i in range(2)]
 
 
 def _peft_arrow(tasks: list[str], generals: list[str] | None, **arrow):
     config = ArrowConfig(use_gks=bool(generals), **arrow)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return create_arrow_model(_pair(), tasks, config, general_adapter_paths=generals)
+        return create_arrow_model(qv_pair(), tasks, config, general_adapter_paths=generals)
 
 
 @pytest.mark.parametrize("gks", [False, True], ids=["arrow", "genknowsub"])
@@ -99,7 +76,7 @@ def test_the_outputs_are_peft_create_arrow_models(tasks, generals, gks):
     x = torch.randn(2, 7, 6)
     expected = _peft_arrow(tasks, generals or None, top_k=2, router_temperature=0.7, rng_seed=4)(x)
     spec = Arrow.from_folders(tasks, generals, top_k=2, temperature=0.7, seed=4)
-    got = surgeon.compile(_pair(), spec)(x)
+    got = surgeon.compile(qv_pair(), spec)(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -134,7 +111,7 @@ def test_unseeded_prototypes_converge_to_peft_ones(tasks):
     x = torch.randn(2, 7, 6)
     pm = _peft_arrow(tasks, None, top_k=3)
     pm(x)
-    cm = surgeon.compile(_pair(), Arrow.from_folders(tasks, top_k=3))
+    cm = surgeon.compile(qv_pair(), Arrow.from_folders(tasks, top_k=3))
     for path, adapter in cm.store.items("default"):
         theirs = pm.base_model.model.get_submodule(path).lora_arrow["arrow_router"].prototypes
         cosines = (adapter.router.prototypes * theirs).sum(-1).abs()
@@ -142,13 +119,13 @@ def test_unseeded_prototypes_converge_to_peft_ones(tasks):
 
 
 def test_the_prototypes_are_the_top_right_singular_vectors_after_genknowsub(tasks, generals):
-    cm = surgeon.compile(_pair(), Arrow.from_folders(tasks, generals, seed=0))
-    general = [surgeon.load(_pair(), g).store for g in generals]
+    cm = surgeon.compile(qv_pair(), Arrow.from_folders(tasks, generals, seed=0))
+    general = [surgeon.load(qv_pair(), g).store for g in generals]
     for path, adapter in cm.store.items("default"):
         mean_a = sum(dict(g.items("default"))[path].lora_A for g in general) / 2
         mean_b = sum(dict(g.items("default"))[path].lora_B for g in general) / 2
         for i, folder in enumerate(tasks):
-            lora = dict(surgeon.load(_pair(), folder).store.items("default"))[path]
+            lora = dict(surgeon.load(qv_pair(), folder).store.items("default"))[path]
             a, b = lora.lora_A - mean_a, lora.lora_B - mean_b
             torch.testing.assert_close(adapter.arrow_experts_A[i], a)
             _, _, vh = torch.linalg.svd(b @ a)
@@ -157,15 +134,17 @@ def test_the_prototypes_are_the_top_right_singular_vectors_after_genknowsub(task
 
 
 def test_from_folders_takes_the_first_experts_targets(tmp_path):
-    only_q = [_lora_folder(tmp_path, f"q{i}", i, rank=2, targets=("q_proj",)) for i in range(2)]
+    only_q = [
+        write_lora_expert(tmp_path / f"q{i}", i, rank=2, targets=("q_proj",)) for i in range(2)
+    ]
     spec = Arrow.from_folders(only_q, top_k=1)
     assert spec.targets == ("q_proj",) and list(spec.task_experts) == ["q0", "q1"]
-    cm = surgeon.compile(_pair(), spec)
+    cm = surgeon.compile(qv_pair(), spec)
     assert [path for path, _ in cm.store.items("default")] == ["q_proj"]
 
 
 def test_the_file_holds_the_routed_experts_and_loads_without_the_folders(tasks, generals, tmp_path):
-    cm = surgeon.compile(_pair(), Arrow.from_folders(tasks, generals, top_k=2, seed=1))
+    cm = surgeon.compile(qv_pair(), Arrow.from_folders(tasks, generals, top_k=2, seed=1))
     x = torch.randn(3, 6)
     expected = cm(x)
     cm.save_adapters(tmp_path / "arrow")
@@ -183,7 +162,7 @@ def test_the_file_holds_the_routed_experts_and_loads_without_the_folders(tasks, 
     torch.testing.assert_close(
         tensors[prefix + "arrow_expert_scales"], torch.tensor([1.5, 5 / 2**0.5, 1.0])
     )
-    loaded = surgeon.load(_pair(), tmp_path / "arrow")
+    loaded = surgeon.load(qv_pair(), tmp_path / "arrow")
     assert loaded.spec("default").general_experts == {"g0": None, "g1": None}
     torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
 
@@ -193,7 +172,7 @@ def test_peft_router_file_is_refused_not_misread(tasks, tmp_path):
     it back itself): surgeon refuses it rather than load a plain LoRA."""
     _peft_arrow(tasks, None, top_k=2).save_pretrained(tmp_path)
     with pytest.raises(surgeon.SpecError, match="arrow_config"):
-        surgeon.load(_pair(), tmp_path / "arrow_router")
+        surgeon.load(qv_pair(), tmp_path / "arrow_router")
 
 
 def test_the_router_is_a_node_of_the_graph():
@@ -219,7 +198,7 @@ def test_frozen_experts_train_nothing_and_trained_ones_keep_their_prototypes():
 
 
 def test_a_folder_of_another_method_is_refused(tmp_path, tasks):
-    cm = surgeon.compile(_pair(), METHODS["ia3"](targets=("q_proj",), feedforward=()))
+    cm = surgeon.compile(qv_pair(), METHODS["ia3"](targets=("q_proj",), feedforward=()))
     cm.save_adapters(tmp_path / "ia3")
     with pytest.raises(
         surgeon.SpecError, match=r"task_experts\['ia3'\].*holds a ia3 adapter, not a LoRA"
@@ -228,24 +207,24 @@ def test_a_folder_of_another_method_is_refused(tmp_path, tasks):
 
 
 def test_experts_of_different_ranks_are_refused(tmp_path, tasks):
-    wide = _lora_folder(tmp_path, "wide", 7, rank=3)
+    wide = write_lora_expert(tmp_path / "wide", 7, rank=3)
     with pytest.raises(surgeon.SpecError, match="ranks on q_proj differ"):
-        surgeon.compile(_pair(), Arrow(task_experts=[tasks[0], wide], top_k=1))
+        surgeon.compile(qv_pair(), Arrow(task_experts=[tasks[0], wide], top_k=1))
 
 
 def test_a_general_expert_without_factors_is_refused_not_skipped(tasks):
     spec = Arrow(task_experts=tasks, general_experts={"g": None}, top_k=1)
     with pytest.raises(surgeon.SpecError, match=r"experts \['g'\] have neither a folder"):
-        surgeon.compile(_pair(), spec)
+        surgeon.compile(qv_pair(), spec)
 
 
 def test_an_expert_that_misses_a_targeted_layer_is_refused(tmp_path, tasks):
-    only_q = _lora_folder(tmp_path, "only_q", 6, rank=2, targets=("q_proj",))
+    only_q = write_lora_expert(tmp_path / "only_q", 6, rank=2, targets=("q_proj",))
     spec = Arrow(task_experts=[tasks[0]], general_experts=[only_q], top_k=1)
     with pytest.raises(
         surgeon.SpecError, match=r"general_experts\['only_q'\].*does not adapt v_proj"
     ):
-        surgeon.compile(_pair(), spec)
+        surgeon.compile(qv_pair(), spec)
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from zoo import One, plain_output, randomize, resume_config, train_and_resume
+from zoo import (
+    One,
+    plain_output,
+    qv_pair,
+    randomize,
+    resume_config,
+    train_and_resume,
+    write_lora_expert,
+)
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
-from surgeon.passes.lowrank.lora import LoRA
 from surgeon.passes.routed.mole import MoLE, MoLELayer
 from surgeon.spec import METHODS
 from surgeon.train import trained_parameters
@@ -51,29 +58,6 @@ def formula(spec, adapter, base, x):
 # -- experts from LoRA folders ---------------------------------------------------------------------
 
 
-class Pair(nn.Module):
-    def __init__(self, width: int = 6) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(width, 5)
-        self.v_proj = nn.Linear(5, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.v_proj(torch.tanh(self.q_proj(x)))
-
-
-def _pair(width: int = 6) -> Pair:
-    torch.manual_seed(0)
-    return Pair(width)
-
-
-def _lora_folder(tmp_path, name: str, seed: int, width: int = 6, **fields) -> str:
-    """A trained LoRA on `Pair` (its factors at random), saved as surgeon saves (PEFT's layout)."""
-    cm = surgeon.compile(_pair(width), LoRA(**{"targets": ("q_proj", "v_proj"), **fields}))
-    randomize(cm, seed=seed, scale=0.5)
-    cm.save_adapters(tmp_path / name)
-    return str(tmp_path / name)
-
-
 def _lora_update(folder: str, layer: str, x: torch.Tensor) -> torch.Tensor:
     """``scale · B A x`` of the LoRA saved in ``folder`` on ``layer``, from its files alone."""
     config = json.loads((Path(folder) / CONFIG_NAME).read_text())
@@ -88,8 +72,10 @@ def _lora_update(folder: str, layer: str, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def folders(tmp_path) -> dict[str, str]:
     return {
-        "plain": _lora_folder(tmp_path, "plain", 1, rank=2, alpha=3),
-        "rs": _lora_folder(tmp_path, "rs", 2, rank=3, rslora=True, rank_pattern={"v_proj": 4}),
+        "plain": write_lora_expert(tmp_path / "plain", 1, rank=2, alpha=3),
+        "rs": write_lora_expert(
+            tmp_path / "rs", 2, rank=3, rslora=True, rank_pattern={"v_proj": 4}
+        ),
     }
 
 
@@ -97,9 +83,9 @@ def test_the_experts_are_the_loras_of_the_folders_evenly_mixed_at_first(folders)
     x = torch.randn(3, 6)
     spec = MoLE(experts=folders, targets=("q_proj", "v_proj"))
     assert spec.expert_rank == 4  # the largest rank, rank_pattern included
-    cm = surgeon.compile(_pair(), spec)
+    cm = surgeon.compile(qv_pair(), spec)
     # a zero gate mixes evenly; each expert's update read from its folder
-    base = _pair()
+    base = qv_pair()
     with torch.no_grad():
         q_mix = sum(_lora_update(f, "q_proj", x) for f in folders.values()) / 2
         hidden = torch.tanh(base.q_proj(x) + q_mix)
@@ -114,7 +100,7 @@ def test_listed_folders_are_named_after_them(folders):
 
 
 def test_the_file_holds_gates_and_experts_and_loads_without_the_folders(folders, tmp_path):
-    cm = surgeon.compile(_pair(), MoLE(experts=folders, targets=("q_proj", "v_proj")))
+    cm = surgeon.compile(qv_pair(), MoLE(experts=folders, targets=("q_proj", "v_proj")))
     randomize(cm, seed=3, scale=0.5)
     x = torch.randn(3, 6)
     expected = cm(x)
@@ -131,7 +117,7 @@ def test_the_file_holds_gates_and_experts_and_loads_without_the_folders(folders,
     assert tensors[prefix + "mole_gate.weight"].shape == (2, 10)
     scales = tensors[prefix + "mole_expert_scales"]
     torch.testing.assert_close(scales, torch.tensor([3 / 2, 16 / math.sqrt(3)]))  # rsLoRA
-    loaded = surgeon.load(_pair(), tmp_path / "mole")
+    loaded = surgeon.load(qv_pair(), tmp_path / "mole")
     assert loaded.spec("default").experts == {"plain": None, "rs": None}
     torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
 
@@ -163,11 +149,11 @@ def test_a_pickled_file_is_refused(tmp_path, folders):
     (folder / WEIGHTS_NAME).rename(folder / "adapter_model.bin")
     spec = MoLE(experts={"plain": folders["plain"], "pickled": str(folder)})
     with pytest.raises(surgeon.SpecError, match=r"experts\['pickled'\].*a pickle.*never unpickles"):
-        surgeon.compile(_pair(), spec)
+        surgeon.compile(qv_pair(), spec)
 
 
 def test_a_folder_of_another_method_is_refused(tmp_path, folders):
-    cm = surgeon.compile(_pair(), METHODS["ia3"](targets=("q_proj",), feedforward=()))
+    cm = surgeon.compile(qv_pair(), METHODS["ia3"](targets=("q_proj",), feedforward=()))
     cm.save_adapters(tmp_path / "ia3")
     with pytest.raises(
         surgeon.SpecError, match=r"experts\['ia3'\].*holds a ia3 adapter, not a LoRA"
@@ -180,29 +166,29 @@ def test_a_folder_of_another_method_is_refused(tmp_path, folders):
     [({"bias": "lora_only"}, "a trained base bias"), ({"lora_bias": True}, "a bias on B")],
 )
 def test_loras_that_carry_more_than_factors_are_refused(tmp_path, folders, fields, what):
-    folder = _lora_folder(tmp_path, "odd", 4, rank=2, **fields)
+    folder = write_lora_expert(tmp_path / "odd", 4, rank=2, **fields)
     with pytest.raises(surgeon.SpecError, match=rf"experts\['odd'\].*has {what}"):
         MoLE(experts={"plain": folders["plain"], "odd": folder})
 
 
 def test_an_expert_of_another_model_is_refused(tmp_path, folders):
-    other = _lora_folder(tmp_path, "wide", 5, width=7, rank=2)
+    other = write_lora_expert(tmp_path / "wide", 5, width=7, rank=2)
     spec = MoLE(experts={"plain": folders["plain"], "wide": other})
     with pytest.raises(
         surgeon.SpecError, match=r"experts\['wide'\].*shape \(2, 7\), q_proj needs \(2, 6\)"
     ):
-        surgeon.compile(_pair(), spec)
+        surgeon.compile(qv_pair(), spec)
 
 
 def test_an_expert_that_misses_a_targeted_layer_is_refused(tmp_path, folders):
-    only_q = _lora_folder(tmp_path, "only_q", 6, rank=2, targets=("q_proj",))
+    only_q = write_lora_expert(tmp_path / "only_q", 6, rank=2, targets=("q_proj",))
     spec = MoLE(experts={"plain": folders["plain"], "only_q": only_q}, targets=("q_proj", "v_proj"))
     with pytest.raises(surgeon.SpecError, match=r"experts\['only_q'\].*does not adapt v_proj"):
-        surgeon.compile(_pair(), spec)
+        surgeon.compile(qv_pair(), spec)
     with pytest.warns(
         UserWarning, match=r"experts\['plain'\].*v_proj are not among MoLE's targets"
     ):
-        surgeon.compile(_pair(), spec.replace(targets=("q_proj",)))
+        surgeon.compile(qv_pair(), spec.replace(targets=("q_proj",)))
 
 
 @pytest.mark.parametrize(
