@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -570,19 +570,62 @@ def train_and_resume(
     return expected, fresh
 
 
+def mlp_without_dropout() -> nn.Module:
+    """The zoo MLP with its dropout off: outputs and runs differ only by the adapter."""
+    model = ZOO["mlp"].model()
+    model.body[2].p = 0.0
+    return model
+
+
+def mlp_samples(count: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` distinct seeded (input, target) pairs for the zoo MLP (12 -> 5 features)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(12, generator=generator), torch.randn(5, generator=generator))
+        for _ in range(count)
+    ]
+
+
+def trained_and_moved(cm: Any, before: dict[str, torch.Tensor]) -> tuple[set[str], set[str]]:
+    """The adapters' trained parameters of ``cm`` (store names), and those that differ from
+    ``before`` (`Resumed.before`)."""
+    trained = {n for n, p in cm.store.named_parameters() if p.requires_grad}
+    moved = {n for n in trained if not torch.equal(cm.store.get_parameter(n), before[n])}
+    return trained, moved
+
+
+class Resumed(NamedTuple):
+    """What `train_and_resume_spec` ran: the uninterrupted run's result, its model after it,
+    the resumed model, and the adapters' state (parameters and buffers) before training."""
+
+    expected: Any
+    whole: Any
+    fresh: Any
+    before: dict[str, torch.Tensor]
+
+
 def train_and_resume_spec(
-    spec: Any, make_model: Callable[[], nn.Module], tmp_path: Any, sizes: tuple[int, int] = (6, 4)
-) -> tuple[Any, Any, Any]:
+    spec: Any,
+    make_model: Callable[[], nn.Module],
+    tmp_path: Any,
+    sizes: tuple[int, int] = (6, 4),
+    data: Any = None,
+    config: Any = None,
+) -> Resumed:
     """`train_and_resume` for ``spec`` on ``make_model()`` (built under seed 0, the adapter's
-    parameters randomised), on six copies of one sample of ``sizes`` (in, out) features, not
-    shuffled; the adapters' buffers must resume bit for bit too (a method's state outside its
-    parameters, such as an accumulated delta). Returns the uninterrupted run's result, its
-    model and the resumed one."""
+    parameters randomised); the adapters' buffers must resume bit for bit too (a method's state
+    outside its parameters, such as an accumulated delta). By default the run is six copies of
+    one sample of ``sizes`` (in, out) features, not shuffled (`resume_config`)."""
     import surgeon
 
-    generator = torch.Generator().manual_seed(4)
-    fan_in, fan_out = sizes
-    sample = (torch.randn(fan_in, generator=generator), torch.randn(fan_out, generator=generator))
+    if data is None:
+        generator = torch.Generator().manual_seed(4)
+        fan_in, fan_out = sizes
+        sample = (
+            torch.randn(fan_in, generator=generator),
+            torch.randn(fan_out, generator=generator),
+        )
+        data = [sample] * 6
 
     def compiled(seed: int) -> Any:
         torch.manual_seed(0)
@@ -591,12 +634,13 @@ def train_and_resume_spec(
         return cm
 
     whole = compiled(2)
-    config = resume_config(shuffle=False)
-    expected, fresh = train_and_resume(whole, compiled, [sample] * 6, config, tmp_path)
+    before = {n: t.detach().clone() for n, t in whole.store.state_dict().items()}
+    config = resume_config(shuffle=False) if config is None else config
+    expected, fresh = train_and_resume(whole, compiled, data, config, tmp_path)
     theirs = dict(whole.store.named_buffers())
     for name, value in fresh.store.named_buffers():
         assert torch.equal(value, theirs[name]), name
-    return expected, whole, fresh
+    return Resumed(expected, whole, fresh, before)
 
 
 def train_a_few_steps(cm: Any, inputs: dict[str, Any], lr: float, steps: int = 4) -> list[float]:

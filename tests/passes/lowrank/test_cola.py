@@ -75,5 +75,5 @@ def test_bad_fields_are_spec_errors(field):
 
 def test_surgeon_train_resumes_exactly_across_a_boundary(tmp_path):
     spec = COLA(rank=2, chain_length=2, link_steps=2, targets=("a",))
-    _, whole, _ = train_and_resume_spec(spec, TwoLinear, tmp_path)
+    whole = train_and_resume_spec(spec, TwoLinear, tmp_path).whole
     assert whole.store.get_buffer("layers.default.a.lora_delta.weight").any()

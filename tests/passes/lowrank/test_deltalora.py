@@ -122,5 +122,5 @@ def test_the_file_holds_the_delta(tmp_path):
 
 def test_surgeon_train_follows_and_resumes_exactly(tmp_path):
     spec = DeltaLoRA(rank=2, start_step=0, targets=("a",))
-    _, whole, _ = train_and_resume_spec(spec, TwoLinear, tmp_path)
+    whole = train_and_resume_spec(spec, TwoLinear, tmp_path).whole
     assert whole.store.get_buffer("layers.default.a.lora_delta.weight").any()

@@ -21,8 +21,7 @@ from zoo import (
     logits,
     plain_output,
     randomize,
-    resume_config,
-    train_and_resume,
+    train_and_resume_spec,
 )
 
 import surgeon
@@ -296,16 +295,6 @@ class Stack(nn.Module):
 
 def test_surgeon_train_draws_a_rank_per_step_and_resumes_exactly(tmp_path):
     spec = DyLoRA(rank=4, seed=2, targets=("a", "b"))
-    generator = torch.Generator().manual_seed(4)
-    data = [(torch.randn(6, generator=generator), torch.randn(4, generator=generator))] * 6
-
-    def compiled(seed: int) -> surgeon.CompiledModel:
-        torch.manual_seed(0)
-        cm = surgeon.compile(Stack(), spec)
-        randomize(cm, seed=seed, scale=0.5)
-        return cm
-
-    whole = compiled(2)
-    _, fresh = train_and_resume(whole, compiled, data, resume_config(shuffle=False), tmp_path)
+    _, whole, fresh, _ = train_and_resume_spec(spec, Stack, tmp_path)
     assert _adapter(whole).sampler.current() == _draws(2, 4, 5)[-1]  # 4 steps drew 4 times
     assert _adapter(fresh).sampler.current() == _adapter(whole).sampler.current()

@@ -17,6 +17,7 @@ from zoo import (
     ZOO,
     One,
     gpt2_conv1d,
+    mlp_without_dropout,
     peft_loaded,
     peft_model,
     randomize,
@@ -115,14 +116,8 @@ def test_the_regulariser_is_peft_kasa_loss_with_its_gradients(tmp_path):
     assert KaSA(beta=0.0, gamma=0.0).loss_term({}) is None
 
 
-def _mlp_without_dropout() -> nn.Module:
-    model = ZOO["mlp"].model()
-    model.body[2].p = 0.0  # both loops must see the same activations
-    return model
-
-
 def _compiled(spec: KaSA, seed: int = 2) -> surgeon.CompiledModel:
-    cm = surgeon.compile(_mlp_without_dropout(), spec)
+    cm = surgeon.compile(mlp_without_dropout(), spec)
     randomize(cm, seed=seed, scale=0.5)
     return cm
 

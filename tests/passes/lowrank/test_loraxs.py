@@ -19,17 +19,19 @@ from zoo import (
     One,
     gpt2_conv1d,
     load_with_changed_config,
+    mlp_samples,
+    mlp_without_dropout,
     plain_output,
     randomize,
     resume_config,
-    train_and_resume,
+    train_and_resume_spec,
+    trained_and_moved,
 )
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
 from surgeon.passes.lowrank.loraxs import LoRAXS, LoRAXSLayer
 from surgeon.spec import METHODS
-from surgeon.train import trained_parameters
 
 
 def _update(spec, adapter, base) -> torch.Tensor:
@@ -135,15 +137,9 @@ MLP_TARGETS = ("body.0", "head")
 """The zoo MLP's Linear(12, 24) and Linear(24, 5)."""
 
 
-def _mlp() -> nn.Module:
-    model = ZOO["mlp"].model()
-    model.body[2].p = 0.0  # outputs and runs must differ only by the adapter
-    return model
-
-
 def test_files_hold_the_factors_and_a_load_on_another_base_keeps_the_files_update(tmp_path):
     spec = LoRAXS(rank=4, alpha=8, dropout=0.1, targets=MLP_TARGETS)
-    cm = surgeon.compile(_mlp(), spec).eval()
+    cm = surgeon.compile(mlp_without_dropout(), spec).eval()
     randomize(cm, scale=0.5)
     x = ZOO["mlp"].example()
     expected = cm(**x)
@@ -157,11 +153,11 @@ def test_files_hold_the_factors_and_a_load_on_another_base_keeps_the_files_updat
     assert saved[f"{first}.lora_xs_A"].shape == (4, 12)
     assert saved[f"{first}.lora_xs_B"].shape == (24, 4)
     assert saved[f"{first}.lora_xs_R"].shape == (4, 4)
-    loaded = surgeon.load(_mlp(), tmp_path).eval()
+    loaded = surgeon.load(mlp_without_dropout(), tmp_path).eval()
     assert loaded.spec("default") == spec
     torch.testing.assert_close(loaded(**x), expected, rtol=0, atol=0)
     # another base: its own SVD differs; the file's factors, and so its ΔW, are what loads
-    other = _mlp()
+    other = mlp_without_dropout()
     with torch.no_grad():
         for param in other.parameters():
             param.add_(torch.randn_like(param))
@@ -185,7 +181,9 @@ def test_files_hold_the_factors_and_a_load_on_another_base_keeps_the_files_updat
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loraxs")
-    surgeon.compile(_mlp(), LoRAXS(rank=4, targets=MLP_TARGETS)).save_adapters(folder)
+    surgeon.compile(mlp_without_dropout(), LoRAXS(rank=4, targets=MLP_TARGETS)).save_adapters(
+        folder
+    )
     return folder
 
 
@@ -209,7 +207,7 @@ def _copy(saved, tmp_path):
 )
 def test_configs_surgeon_cannot_honour_are_refused_naming_the_key(change, match, saved, tmp_path):
     with pytest.raises(surgeon.SpecError, match=match):
-        load_with_changed_config(_mlp(), _copy(saved, tmp_path), change)
+        load_with_changed_config(mlp_without_dropout(), _copy(saved, tmp_path), change)
 
 
 # -- the spec -------------------------------------------------------------------------------------
@@ -256,24 +254,13 @@ def test_layers_without_a_matrix_weight_are_refused(layer, name):
 
 
 def test_surgeon_train_moves_r_only_and_resumes_exactly(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    data = [
-        (torch.randn(12, generator=generator), torch.randn(5, generator=generator))
-        for _ in range(8)
-    ]
     spec = LoRAXS(rank=3, dropout=0.2, targets=MLP_TARGETS)
-
-    def compiled(seed: int) -> surgeon.CompiledModel:
-        cm = surgeon.compile(_mlp(), spec)
-        randomize(cm, seed=seed, scale=0.5)
-        return cm
-
-    whole = compiled(2)
-    factors = {n: b.clone() for n, b in whole.store.named_buffers()}
-    before = {n: p.detach().clone() for n, p in trained_parameters(whole).items()}
-    assert all(n.endswith("lora_xs_R") for n in before)
-    train_and_resume(whole, compiled, data, resume_config(), tmp_path)
-    for name, value in trained_parameters(whole).items():
-        assert not torch.equal(value, before[name]), name
+    config = resume_config()
+    _, whole, _, before = train_and_resume_spec(
+        spec, mlp_without_dropout, tmp_path, data=mlp_samples(), config=config
+    )
+    trained, moved = trained_and_moved(whole, before)
+    assert trained and all(n.endswith("lora_xs_R") for n in trained)
+    assert moved == trained
     for name, buffer in whole.store.named_buffers():
-        assert torch.equal(buffer, factors[name]), name
+        assert torch.equal(buffer, before[name]), name

@@ -11,7 +11,15 @@ import math
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, One, plain_output, randomize, resume_config, train_and_resume
+from zoo import (
+    ZOO,
+    One,
+    mlp_without_dropout,
+    plain_output,
+    randomize,
+    resume_config,
+    train_and_resume,
+)
 
 import surgeon
 from surgeon.io import method_from_peft_config
@@ -189,12 +197,6 @@ def test_files_choose_monteclora_by_its_key_with_peft_defaults_for_left_out_entr
         surgeon.LoRA.from_peft_config(_config(), "here")
 
 
-def _mlp_without_dropout() -> nn.Module:
-    model = ZOO["mlp"].model()
-    model.body[2].p = 0.0
-    return model
-
-
 def test_surgeon_train_resumes_exactly_mid_pool(tmp_path):
     """A pool of three over four steps, stopped after two: the checkpoint holds the pool's
     generator state and position (buffers), so the resumed run draws the third set, then
@@ -204,7 +206,7 @@ def test_surgeon_train_resumes_exactly_mid_pool(tmp_path):
     data = [(torch.randn(12, generator=generator), torch.randn(5, generator=generator))] * 8
 
     def compiled(seed: int) -> surgeon.CompiledModel:
-        model = _mlp_without_dropout()
+        model = mlp_without_dropout()
         torch.manual_seed(0)
         cm = surgeon.compile(model, spec)
         randomize(cm, seed=seed, scale=0.5)

@@ -20,6 +20,7 @@ from zoo import (
     One,
     gpt2_conv1d,
     load_with_changed_config,
+    mlp_without_dropout,
     plain_output,
     randomize,
     resume_config,
@@ -61,12 +62,6 @@ LAYERS = {"linear": lambda: nn.Linear(6, 5), "conv1d_gpt2": lambda: gpt2_conv1d(
 
 MLP_TARGETS = ("body.0", "head")
 """The zoo MLP's Linear(12, 24) and Linear(24, 5)."""
-
-
-def _mlp() -> nn.Module:
-    model = ZOO["mlp"].model()
-    model.body[2].p = 0.0  # outputs and runs must differ only by the adapter
-    return model
 
 
 def _adapter(cm, name: str = "default") -> MultiLoRALayer:
@@ -157,7 +152,7 @@ def test_half_precision_bases_get_float32_units():
 
 def test_files_round_trip_under_our_own_type(tmp_path):
     spec = MultiLoRA(rank=3, units=2, alpha=6, dropout=0.1, targets=MLP_TARGETS)
-    cm = surgeon.compile(_mlp(), spec).eval()
+    cm = surgeon.compile(mlp_without_dropout(), spec).eval()
     randomize(cm, scale=0.5)
     x = ZOO["mlp"].example()
     expected = cm(**x)
@@ -171,7 +166,7 @@ def test_files_round_trip_under_our_own_type(tmp_path):
     assert saved[f"{first}.multilora_A"].shape == (6, 12)
     assert saved[f"{first}.multilora_B"].shape == (24, 6)
     assert saved[f"{first}.multilora_scales"].shape == (2,)
-    loaded = surgeon.load(_mlp(), tmp_path).eval()
+    loaded = surgeon.load(mlp_without_dropout(), tmp_path).eval()
     assert loaded.spec("default") == spec
     torch.testing.assert_close(loaded(**x), expected, rtol=0, atol=0)
 
@@ -179,7 +174,9 @@ def test_files_round_trip_under_our_own_type(tmp_path):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("multilora")
-    surgeon.compile(_mlp(), MultiLoRA(rank=4, units=2, targets=MLP_TARGETS)).save_adapters(folder)
+    surgeon.compile(
+        mlp_without_dropout(), MultiLoRA(rank=4, units=2, targets=MLP_TARGETS)
+    ).save_adapters(folder)
     return folder
 
 
@@ -199,7 +196,7 @@ def saved(tmp_path_factory):
 def test_configs_surgeon_cannot_honour_are_refused_naming_the_key(change, match, saved, tmp_path):
     shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
     with pytest.raises(surgeon.SpecError, match=match):
-        load_with_changed_config(_mlp(), tmp_path, change)
+        load_with_changed_config(mlp_without_dropout(), tmp_path, change)
 
 
 # -- the spec -------------------------------------------------------------------------------------
@@ -250,7 +247,7 @@ def test_surgeon_train_moves_every_unit_and_resumes_exactly(tmp_path):
 
     def compiled(seed: int) -> surgeon.CompiledModel:
         torch.manual_seed(0)
-        cm = surgeon.compile(_mlp(), spec)
+        cm = surgeon.compile(mlp_without_dropout(), spec)
         if seed != 0:  # 0: the paper's initialisation (zero scales); others: moved off it
             randomize(cm, seed=seed, scale=0.5)
         return cm

@@ -191,7 +191,7 @@ def test_surgeon_train_restarts_and_resumes_exactly_across_a_restart(tmp_path):
     """Restarts after steps 2 and 4 (T = 2) with a one-step re-warm-up; the checkpoint halfway
     falls right after the first restart."""
     spec = ReLoRA(rank=2, restart_every=2, rewarm_steps=2, prune_ratio=0.5, targets=("a", "b"))
-    expected, _, fresh = train_and_resume_spec(spec, Stack, tmp_path)
+    expected, _, fresh, _ = train_and_resume_spec(spec, Stack, tmp_path)
     assert expected.learning_rates == pytest.approx([1e-2, 1e-2, 0.0, 5e-3])
     for name, delta in fresh.store.named_buffers():
         assert delta.any(), name

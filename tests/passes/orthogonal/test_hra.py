@@ -23,6 +23,7 @@ from zoo import (
     graph_code,
     load_with_changed_config,
     logits,
+    mlp_without_dropout,
     peft_loaded,
     peft_model,
     plain_output,
@@ -358,12 +359,6 @@ def _train_by_hand(cm, data, steps: int, regularised: bool) -> None:
         optimizer.zero_grad()
 
 
-def _mlp_without_dropout() -> nn.Module:
-    model = ZOO["mlp"].model()
-    model.body[2].p = 0.0  # both loops must see the same activations
-    return model
-
-
 def test_surgeon_train_adds_the_regulariser_as_a_hand_written_loop_does():
     spec = HRA(rank=4, targets=("body.0", "head"), orth_reg_weight=0.5)
     generator = torch.Generator().manual_seed(4)
@@ -384,11 +379,11 @@ def test_surgeon_train_adds_the_regulariser_as_a_hand_written_loop_does():
         progress=False,
         distributed="none",
     )
-    ours = surgeon.compile(_mlp_without_dropout(), spec)
+    ours = surgeon.compile(mlp_without_dropout(), spec)
     randomize(ours, scale=0.5)  # seeded: the hand-trained copies start from the same values
     surgeon.train(ours, data, config, loss_fn=F.mse_loss)
     for regularised in (True, False):
-        hand = surgeon.compile(_mlp_without_dropout(), spec)
+        hand = surgeon.compile(mlp_without_dropout(), spec)
         randomize(hand, scale=0.5)
         _train_by_hand(hand, data, 3, regularised)
         for path, layer in ours.store.items("default"):

@@ -20,8 +20,8 @@ from zoo import (
     plain_output,
     qv_pair,
     randomize,
-    resume_config,
-    train_and_resume,
+    train_and_resume_spec,
+    trained_and_moved,
     write_lora_expert,
 )
 
@@ -29,7 +29,6 @@ import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
 from surgeon.passes.routed.mole import MoLE, MoLELayer
 from surgeon.spec import METHODS
-from surgeon.train import trained_parameters
 
 
 def _expert_outputs(adapter: MoLELayer, x: torch.Tensor) -> list[torch.Tensor]:
@@ -290,20 +289,8 @@ def _q_out(cm, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_surgeon_train_moves_the_gates_only_and_resumes_exactly(tmp_path):
-    generator = torch.Generator().manual_seed(4)
-    data = [(torch.randn(6, generator=generator), torch.randn(4, generator=generator))] * 6
-
-    def compiled(seed: int) -> surgeon.CompiledModel:
-        torch.manual_seed(0)
-        cm = surgeon.compile(Stack(), SPEC)
-        randomize(cm, seed=seed, scale=0.5)
-        return cm
-
-    whole = compiled(2)
-    experts = {n: b.clone() for n, b in whole.store.named_buffers()}
-    gates = {n: p.detach().clone() for n, p in trained_parameters(whole).items()}
+    _, whole, _, before = train_and_resume_spec(SPEC, Stack, tmp_path)
+    assert all(torch.equal(b, before[n]) for n, b in whole.store.named_buffers())
+    gates, moved = trained_and_moved(whole, before)
     assert gates and all(n.endswith("gate.weight") for n in gates)
-    train_and_resume(whole, compiled, data, resume_config(shuffle=False), tmp_path)
-    assert all(torch.equal(b, experts[n]) for n, b in whole.store.named_buffers())
-    moved = {n for n, p in trained_parameters(whole).items() if not torch.equal(p, gates[n])}
-    assert moved == set(gates)
+    assert moved == gates

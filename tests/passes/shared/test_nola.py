@@ -23,8 +23,8 @@ from zoo import (
     logits,
     plain_output,
     randomize,
-    resume_config,
-    train_and_resume,
+    train_and_resume_spec,
+    trained_and_moved,
 )
 
 import surgeon
@@ -289,19 +289,7 @@ def test_other_layers_are_refused(layer, name):
 
 
 def test_surgeon_train_moves_the_coefficients_only_and_resumes_exactly(tmp_path):
-    generator = torch.Generator().manual_seed(4)
-    data = [(torch.randn(6, generator=generator), torch.randn(4, generator=generator))] * 6
-
-    def compiled(seed: int) -> surgeon.CompiledModel:
-        torch.manual_seed(0)
-        cm = surgeon.compile(Stack(), SPEC)
-        randomize(cm, seed=seed, scale=0.5)
-        return cm
-
-    whole = compiled(2)
-    bases = {n: b.clone() for n, b in whole.store.named_buffers()}
-    coefficients = {n: p.detach().clone() for n, p in trained_parameters(whole).items()}
-    train_and_resume(whole, compiled, data, resume_config(shuffle=False), tmp_path)
-    assert all(torch.equal(b, bases[n]) for n, b in whole.store.named_buffers())
-    moved = {n for n, p in trained_parameters(whole).items() if not torch.equal(p, coefficients[n])}
-    assert moved == set(coefficients)
+    _, whole, _, before = train_and_resume_spec(SPEC, Stack, tmp_path)
+    assert all(torch.equal(b, before[n]) for n, b in whole.store.named_buffers())
+    coefficients, moved = trained_and_moved(whole, before)
+    assert coefficients and moved == coefficients

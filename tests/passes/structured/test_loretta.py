@@ -20,17 +20,19 @@ from zoo import (
     One,
     gpt2_conv1d,
     load_with_changed_config,
+    mlp_samples,
+    mlp_without_dropout,
     plain_output,
     randomize,
     resume_config,
-    train_and_resume,
+    train_and_resume_spec,
+    trained_and_moved,
 )
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
 from surgeon.passes.structured.loretta import LoRETTA, LoRETTALayer
 from surgeon.spec import METHODS
-from surgeon.train import trained_parameters
 
 
 def _tt_matrix(cores: list[torch.Tensor]) -> torch.Tensor:
@@ -179,15 +181,9 @@ MLP_TARGETS = ("body.0", "head")
 """The zoo MLP's Linear(12, 24) and Linear(24, 5)."""
 
 
-def _mlp() -> nn.Module:
-    model = ZOO["mlp"].model()
-    model.body[2].p = 0.0  # outputs and runs must differ only by the adapter
-    return model
-
-
 def test_files_hold_the_cores_under_our_own_type_and_load_back(tmp_path):
     spec = LoRETTA(rank=3, cores=2, alpha=6.0, dropout=0.1, targets=MLP_TARGETS)
-    cm = surgeon.compile(_mlp(), spec).eval()
+    cm = surgeon.compile(mlp_without_dropout(), spec).eval()
     randomize(cm, scale=0.5)
     x = ZOO["mlp"].example()
     expected = cm(**x)
@@ -204,7 +200,7 @@ def test_files_hold_the_cores_under_our_own_type_and_load_back(tmp_path):
         f"{head}.loretta_core_0": (1, 5, 6, 3),  # 5 = 5 · 1 out, 24 = 6 · 4 in
         f"{head}.loretta_core_1": (3, 1, 4, 1),
     }
-    loaded = surgeon.load(_mlp(), tmp_path).eval()
+    loaded = surgeon.load(mlp_without_dropout(), tmp_path).eval()
     assert loaded.spec("default") == spec
     torch.testing.assert_close(loaded(**x), expected, rtol=0, atol=0)
 
@@ -212,7 +208,9 @@ def test_files_hold_the_cores_under_our_own_type_and_load_back(tmp_path):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loretta")
-    surgeon.compile(_mlp(), LoRETTA(rank=2, targets=MLP_TARGETS)).save_adapters(folder)
+    surgeon.compile(mlp_without_dropout(), LoRETTA(rank=2, targets=MLP_TARGETS)).save_adapters(
+        folder
+    )
     return folder
 
 
@@ -238,7 +236,7 @@ def _copy(saved, tmp_path):
 )
 def test_configs_surgeon_cannot_honour_are_refused_naming_the_key(change, match, saved, tmp_path):
     with pytest.raises(surgeon.SpecError, match=match):
-        load_with_changed_config(_mlp(), _copy(saved, tmp_path), change)
+        load_with_changed_config(mlp_without_dropout(), _copy(saved, tmp_path), change)
 
 
 # -- the spec -------------------------------------------------------------------------------------
@@ -281,21 +279,11 @@ def test_other_layers_are_refused(layer, name):
 
 
 def test_surgeon_train_moves_every_core_and_resumes_exactly(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    data = [
-        (torch.randn(12, generator=generator), torch.randn(5, generator=generator))
-        for _ in range(8)
-    ]
     spec = LoRETTA(rank=2, dropout=0.2, targets=MLP_TARGETS)
-
-    def compiled(seed: int) -> surgeon.CompiledModel:
-        cm = surgeon.compile(_mlp(), spec)
-        randomize(cm, seed=seed, scale=0.5)
-        return cm
-
-    whole = compiled(2)
-    before = {n: p.detach().clone() for n, p in trained_parameters(whole).items()}
-    assert len(before) == 6 and all(".loretta_core_" in n for n in before)
-    train_and_resume(whole, compiled, data, resume_config(), tmp_path)
-    for name, value in trained_parameters(whole).items():
-        assert not torch.equal(value, before[name]), name
+    config = resume_config()
+    _, whole, _, before = train_and_resume_spec(
+        spec, mlp_without_dropout, tmp_path, data=mlp_samples(), config=config
+    )
+    trained, moved = trained_and_moved(whole, before)
+    assert len(trained) == 6 and all(".loretta_core_" in n for n in trained)
+    assert moved == trained

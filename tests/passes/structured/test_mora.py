@@ -20,17 +20,19 @@ from zoo import (
     One,
     gpt2_conv1d,
     load_with_changed_config,
+    mlp_samples,
+    mlp_without_dropout,
     plain_output,
     randomize,
     resume_config,
-    train_and_resume,
+    train_and_resume_spec,
+    trained_and_moved,
 )
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
 from surgeon.passes.structured.mora import MoRA, MoRALayer
 from surgeon.spec import METHODS
-from surgeon.train import trained_parameters
 
 
 def _side(spec, fan_in: int, fan_out: int) -> int:
@@ -189,15 +191,9 @@ MLP_TARGETS = ("body.0", "head")
 """The zoo MLP's Linear(12, 24) and Linear(24, 5)."""
 
 
-def _mlp() -> nn.Module:
-    model = ZOO["mlp"].model()
-    model.body[2].p = 0.0  # outputs and runs must differ only by the adapter
-    return model
-
-
 def test_files_hold_m_under_our_own_type_and_load_back(tmp_path):
     spec = MoRA(rank=2, variant="sharing", dropout=0.1, targets=MLP_TARGETS)
-    cm = surgeon.compile(_mlp(), spec).eval()
+    cm = surgeon.compile(mlp_without_dropout(), spec).eval()
     randomize(cm, scale=0.5)
     x = ZOO["mlp"].example()
     expected = cm(**x)
@@ -210,7 +206,7 @@ def test_files_hold_m_under_our_own_type_and_load_back(tmp_path):
     assert set(saved) == {"base_model.model.body.0.mora_M", "base_model.model.head.mora_M"}
     assert saved["base_model.model.body.0.mora_M"].shape == (8, 8)  # sqrt(36 · 2) = 8.49
     assert saved["base_model.model.head.mora_M"].shape == (8, 8)  # sqrt(29 · 2) = 7.62
-    loaded = surgeon.load(_mlp(), tmp_path).eval()
+    loaded = surgeon.load(mlp_without_dropout(), tmp_path).eval()
     assert loaded.spec("default") == spec
     torch.testing.assert_close(loaded(**x), expected, rtol=0, atol=0)
 
@@ -218,7 +214,7 @@ def test_files_hold_m_under_our_own_type_and_load_back(tmp_path):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mora")
-    surgeon.compile(_mlp(), MoRA(rank=2, targets=MLP_TARGETS)).save_adapters(folder)
+    surgeon.compile(mlp_without_dropout(), MoRA(rank=2, targets=MLP_TARGETS)).save_adapters(folder)
     return folder
 
 
@@ -238,7 +234,7 @@ def test_the_forks_keys_it_ignores_or_defaults_load(saved, tmp_path):
     del config["mora_type"]
     (folder / CONFIG_NAME).write_text(json.dumps({**config, "lora_alpha": 64}))
     # at rank 2 sharing has rotation's sides here (8: sqrt(36 · 2) = 8.49, sqrt(29 · 2) = 7.62)
-    loaded = surgeon.load(_mlp(), folder)
+    loaded = surgeon.load(mlp_without_dropout(), folder)
     assert loaded.spec("default") == MoRA(rank=2, variant="sharing", targets=MLP_TARGETS)
 
 
@@ -257,7 +253,7 @@ def test_the_forks_keys_it_ignores_or_defaults_load(saved, tmp_path):
 )
 def test_configs_surgeon_cannot_honour_are_refused_naming_the_key(change, match, saved, tmp_path):
     with pytest.raises(surgeon.SpecError, match=match):
-        load_with_changed_config(_mlp(), _copy(saved, tmp_path), change)
+        load_with_changed_config(mlp_without_dropout(), _copy(saved, tmp_path), change)
 
 
 # -- the spec -------------------------------------------------------------------------------------
@@ -305,21 +301,11 @@ def test_other_layers_are_refused(layer, name):
 
 
 def test_surgeon_train_moves_m_only_and_resumes_exactly(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    data = [
-        (torch.randn(12, generator=generator), torch.randn(5, generator=generator))
-        for _ in range(8)
-    ]
     spec = MoRA(rank=2, dropout=0.2, targets=MLP_TARGETS)
-
-    def compiled(seed: int) -> surgeon.CompiledModel:
-        cm = surgeon.compile(_mlp(), spec)
-        randomize(cm, seed=seed, scale=0.5)
-        return cm
-
-    whole = compiled(2)
-    before = {n: p.detach().clone() for n, p in trained_parameters(whole).items()}
-    assert before and all(n.endswith("mora_M") for n in before)
-    train_and_resume(whole, compiled, data, resume_config(), tmp_path)
-    for name, value in trained_parameters(whole).items():
-        assert not torch.equal(value, before[name]), name
+    config = resume_config()
+    _, whole, _, before = train_and_resume_spec(
+        spec, mlp_without_dropout, tmp_path, data=mlp_samples(), config=config
+    )
+    trained, moved = trained_and_moved(whole, before)
+    assert trained and all(n.endswith("mora_M") for n in trained)
+    assert moved == trained

@@ -22,6 +22,7 @@ from zoo import (
     graph_code,
     load_with_changed_config,
     logits,
+    mlp_without_dropout,
     peft_loaded,
     peft_model,
     plain_output,
@@ -211,12 +212,6 @@ def test_merging_folds_the_mean_and_warns_where_eval_samples():
 # -- training runs -----------------------------------------------------------------------------------
 
 
-def _mlp_without_dropout() -> nn.Module:
-    model = ZOO["mlp"].model()
-    model.body[2].p = 0.0  # the runs must differ only by the adapter's noise
-    return model
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("noise_seed", [None, 3], ids=["torch-generator", "seeded"])
 def test_a_resumed_run_draws_the_noise_an_uninterrupted_run_draws(noise_seed, tmp_path):
@@ -243,7 +238,7 @@ def test_a_resumed_run_draws_the_noise_an_uninterrupted_run_draws(noise_seed, tm
     )
 
     def compiled(seed: int) -> surgeon.CompiledModel:
-        cm = surgeon.compile(_mlp_without_dropout(), spec)
+        cm = surgeon.compile(mlp_without_dropout(), spec)
         randomize(cm, seed=seed, scale=0.5)
         return cm
 
