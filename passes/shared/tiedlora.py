@@ -1,44 +1,47 @@
 """Tied-LoRA: ``base(x) + (alpha/r) · Λ_v B Λ_u A dropout(x)``, LoRA's factors tied across layers
-and scaled per layer (Renduchintala, Konuk and Kuchaiev, 2023, "Tied-LoRA: Enhancing parameter
-efficiency of LoRA with weight tying", https://arxiv.org/abs/2311.09578, §2).
+and scaled per layer (Renduchintala, Konuk and Kuchaiev, NAACL 2024, "Tied-LoRA: Enhancing
+parameter efficiency of LoRA with weight tying", https://arxiv.org/abs/2311.09578).
 
 Every adapted layer ``l`` computes ``ΔW_l = (alpha/r) · diag(v_l) B diag(u_l) A``: ``A`` (r x in)
-and ``B`` (out x r) are one pair for all adapted layers of the same shape (the paper ties them
-across the transformer's layers, whose projections share a shape; here layers of different
-shapes, such as a grouped-query v_proj beside q_proj, each get their shape's pair), ``u_l`` (r,)
-and ``v_l`` (out,) are the layer's own. ``config`` names which of them train, as the paper's
-table of configurations (∇ trains, ● frozen; a frozen ``u`` or ``v`` is the constant 1, so it is
-neither held nor saved):
+and ``B`` (out x r) are one pair for all adapted layers of the same shape, ``u_l`` (r,) and
+``v_l`` (out,) are the layer's own. ``config`` names which of them train; an untrained ``u`` or
+``v`` is the constant 1, neither held nor saved. The paper's two recommended configurations are
+named (its Table 1, checked against the paper's own parameter counts below):
 
-=======  ===  ===  ===  ===  =====================
-config    A    B    u    v   trained parameters
-=======  ===  ===  ===  ===  =====================
-TL1       ∇    ∇    ∇    ∇   2dr + L(r + d)
-TL2       ∇    ∇    ●    ∇   2dr + Ld
-TL3       ∇    ∇    ∇    ●   2dr + Lr
-TL4       ●    ∇    ∇    ∇   dr + L(r + d)
-TL5       ●    ∇    ●    ●   dr
-TL6       ∇    ∇    ●    ●   2dr
-=======  ===  ===  ===  ===  =====================
+=======  ===  ===  ===  ===  ==============================  ====================
+config    A    B    u    v   trained (paper's fused QKV)     here (separate q, v)
+=======  ===  ===  ===  ===  ==============================  ====================
+TL5       ∇    ∇    ●    ●   4dr                             Σ_shapes r(in + out)
+TL6       ∇    ∇    ∇    ∇   4dr + L(r + 3d)                 TL5 + Σ_layers (r + out)
+=======  ===  ===  ===  ===  ==============================  ====================
 
-(``d`` the hidden size, ``L`` the number of adapted layers.) Source check (issue #21): the paper's
-text (its configuration table, §2) could not be read in this project's stored sources; only
-secondary summaries of arXiv 2311.09578 were (A and B tied across layers, per-layer vectors
-trained or frozen by configuration, TL6 the configuration the authors single out). Which of
-A, B, u, v each TL row trains, the inits of u and v and the ``alpha/r`` scale are therefore
-written from memory and NOT verified against the paper; in particular the v1 abstract's
-"13% of LoRA's parameters" for the singled-out configuration suggests it trains per-layer
-vectors, which the TL6 row above does not. Inits: ``A`` kaiming-uniform as
-LoRA's A (from the global generator, frozen or not), ``B`` zero as LoRA's, ``u`` and ``v`` one,
-so a fresh adapter leaves the model as it is (every configuration trains B). Merging adds
-``ΔW_l`` to each weight.
+(∇ trains, ● is held at 1; ``d`` the hidden size, ``L`` the number of layers.) Source check
+(issue #21): for LLaMA2-7B at r = 8 the paper gives LoRA ~4.2M parameters, tying alone ~131K
+(4dr) and TL6 12.5% of LoRA, and 4dr + L(r + 3d) = 524,544 is 12.5% of 4Ldr = 4,194,304;
+TL5 trains the tied A and B with u = v = 1, TL6 all four (a later paper that ran TL6 describes it
+the same way: "train A, B, u, v"). The paper sets ``alpha = r`` (no scaling): ``alpha=None``,
+the default, does the same. The paper's other rows (TL1-TL4, which freeze A or B) could not be
+read from a primary source here, so their names are refused rather than guessed; every
+configuration can be asked for by the letters of what it trains instead (``config="Buv"``:
+A frozen; ``config="uv"``: A and B frozen random, VeRA-like with tied factors).
+
+Inits: ``A`` kaiming-uniform as LoRA's A and, where it does not train, ``B`` too (both from the
+global generator, frozen or not); ``u`` and ``v`` one. One trained factor starts at zero so a
+fresh adapter leaves the model as it is: ``B`` where it trains (LoRA's choice, the paper's TL5
+and TL6), else ``v`` (VeRA's), else ``u``, else ``A``. Merging adds ``ΔW_l`` to each weight.
+
+Tying: the paper adapts a fused QKV projection, so one A serves q, k and v; here separate
+projections of different shapes (a grouped-query v_proj beside q_proj) each get their shape's
+pair, and each adapted module its own u (with a fused projection, as GPT-2's ``c_attn``, this is
+the paper's layout).
 
 Files: PEFT's layout under this project's own type ``"peft_type": "SURGEON_TIED_LORA"`` (PEFT
 has no Tied-LoRA; its loader refuses such a file). The config holds LoRA's keys (``r``,
-``lora_alpha``, ``lora_dropout``, the selection) and ``tied_config``; the file holds
-``base_model.tiedlora_A.<in>x<out>`` and ``base_model.tiedlora_B.<in>x<out>`` once per shape
-(a frozen A too: it is a random draw), and per layer ``tiedlora_u`` and ``tiedlora_v`` where they
-train. In half precision every tensor is kept in float32, as PEFT keeps LoRA's.
+``lora_alpha``, null for alpha = r, ``lora_dropout``, the selection) and ``tied_config``; the
+file holds ``base_model.tiedlora_A.<in>x<out>`` and ``base_model.tiedlora_B.<in>x<out>`` once
+per shape (frozen ones too: they are random draws), and per layer ``tiedlora_u`` and
+``tiedlora_v`` where they train. In half precision every tensor is kept in float32, as PEFT
+keeps LoRA's.
 
 Layers: Linear and transformers' GPT-2 ``Conv1D``.
 """
@@ -55,20 +58,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
-from surgeon.checks import check_choice, check_finite, check_int, check_probability
+from surgeon.checks import check_finite, check_int, check_probability
+from surgeon.errors import SpecError
 from surgeon.layers import adapter_dtype, in_out_features, layer_kind
 from surgeon.peft import INT, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
-CONFIGS: dict[str, frozenset[str]] = {
-    "TL1": frozenset("ABuv"),
-    "TL2": frozenset("ABv"),
-    "TL3": frozenset("ABu"),
-    "TL4": frozenset("Buv"),
-    "TL5": frozenset("B"),
-    "TL6": frozenset("AB"),
-}
-"""Which of A, B, u, v each of the paper's configurations trains."""
+FACTORS = "ABuv"
+
+PRESETS: dict[str, str] = {"TL5": "AB", "TL6": "ABuv"}
+"""The paper's configurations checked against it, by the factors each trains."""
+
+UNMAPPED = ("TL1", "TL2", "TL3", "TL4")
+"""The paper's rows whose factors could not be checked: refused, not guessed."""
+
+ZERO_START_ORDER = "BvuA"
+"""The first trained factor in this order starts at zero, so a fresh adapter is the identity."""
+
+
+def trained_factors(owner: str, config: str) -> frozenset[str]:
+    """The factors ``config`` trains: a preset's, or its letters; a `SpecError` names the rest."""
+    if not isinstance(config, str):
+        raise SpecError(f"{owner}.config={config!r}: expected a string")
+    if config in PRESETS:
+        return frozenset(PRESETS[config])
+    if config in UNMAPPED:
+        raise SpecError(
+            f"{owner}.config={config!r}: the paper's {', '.join(UNMAPPED)} are not mapped in "
+            "surgeon (which of A, B, u, v they train could not be checked against the paper); "
+            "name what trains instead, e.g. config='Buv' (A frozen) or config='uv' (A and B "
+            "frozen), or use 'TL5' (A, B) or 'TL6' (A, B, u, v)"
+        )
+    if not config or any(c not in FACTORS for c in config) or len(set(config)) != len(config):
+        raise SpecError(
+            f"{owner}.config={config!r}: expected 'TL5', 'TL6' or the letters of the factors "
+            "it trains, each once, from A, B, u, v (e.g. 'Buv')"
+        )
+    return frozenset(config)
+
 
 SHARED_PREFIX = "base_model.tiedlora_"
 
@@ -77,7 +104,7 @@ PEFT_FORMAT = PeftFormat(
     keys=(
         PeftKey("r", "rank", 8, INT),
         *selection_keys(),
-        PeftKey("lora_alpha", "alpha", 8, NUMBER),
+        PeftKey("lora_alpha", "alpha", None, NUMBER.optional()),
         PeftKey("lora_dropout", "dropout", 0.0, NUMBER),
         PeftKey("tied_config", "config", "TL6", STRING),
     ),
@@ -91,9 +118,10 @@ PEFT_FORMAT = PeftFormat(
 class TiedLoRA(MethodSpec):
     """LoRA factors tied across the layers of each shape, with per-layer scaling vectors.
 
-    ``config``: which of A, B, u, v train (``TL1`` ... ``TL6``, the paper's table in the module
-    docstring, not verified against the paper: see there). ``alpha``: the update
-    is scaled by ``alpha / rank``. ``dropout``: on the adapter's input, as LoRA's.
+    ``config``: which of A, B, u, v train: ``"TL6"`` (all four, the paper's best), ``"TL5"`` (A
+    and B) or the letters of the trained factors (``"Buv"``); see the module docstring.
+    ``alpha``: the update is scaled by ``alpha / rank``; None (the paper's choice) scales by 1.
+    ``dropout``: on the adapter's input, as LoRA's.
     """
 
     name = "tiedlora"
@@ -102,7 +130,7 @@ class TiedLoRA(MethodSpec):
     rank: int = 8
     targets: str | tuple[str, ...] = ("q_proj", "v_proj")
     config: str = "TL6"
-    alpha: float = 8
+    alpha: float | None = None
     dropout: float = 0.0
     layers: int | tuple[int, ...] | None = None
     exclude: str | tuple[str, ...] = ()
@@ -110,23 +138,35 @@ class TiedLoRA(MethodSpec):
     def validate(self) -> None:
         owner = type(self).__name__
         check_int(owner, "rank", self.rank)
-        check_choice(owner, "config", self.config, tuple(CONFIGS))
-        check_finite(owner, "alpha", self.alpha)
+        trained_factors(owner, self.config)
+        if self.alpha is not None:
+            check_finite(owner, "alpha", self.alpha)
         check_probability(owner, "dropout", self.dropout)
 
     @classmethod
     def examples(cls, targets: tuple[str, ...]) -> dict[str, MethodSpec]:
-        # TL6: tied factors alone; TL1: both vectors too, with dropout; TL4: a frozen A (saved)
+        # TL6: everything trains; TL5: the tied factors alone, with dropout and a scale; "uv":
+        # frozen random A and B (both saved), the zero start in v
         return {
-            "default": cls(rank=2, alpha=4, targets=targets),
-            "tl1-dropout": cls(rank=3, alpha=3, config="TL1", dropout=0.1, targets=targets),
-            "tl4-frozen-a": cls(rank=2, alpha=2, config="TL4", targets=targets),
+            "default": cls(rank=2, targets=targets),
+            "tl5-dropout": cls(rank=3, alpha=6, config="TL5", dropout=0.1, targets=targets),
+            "frozen-factors": cls(rank=2, config="uv", targets=targets),
         }
 
     @property
     def trains(self) -> frozenset[str]:
         """Which of A, B, u, v this configuration trains."""
-        return CONFIGS[self.config]
+        return trained_factors(type(self).__name__, self.config)
+
+    @property
+    def zero_start(self) -> str:
+        """The trained factor that starts at zero (`ZERO_START_ORDER`)."""
+        return next(f for f in ZERO_START_ORDER if f in self.trains)
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``; 1 where alpha is None (the paper's alpha = r)."""
+        return 1.0 if self.alpha is None else self.alpha / self.rank
 
     def supports(self, layer: nn.Module) -> bool:
         return layer_kind(layer) in ("linear", "conv1d_gpt2")
@@ -157,7 +197,7 @@ class TiedLoRA(MethodSpec):
 
 class TiedFactors(nn.Module):
     """``tiedlora_A`` (r x in) and ``tiedlora_B`` (out x r) of one shape, shared by the adapted
-    layers of that shape: parameters, A a buffer where the configuration freezes it."""
+    layers of that shape: parameters where the configuration trains them, buffers where not."""
 
     def __init__(
         self, spec: TiedLoRA, in_features: int, out_features: int, base_weight: torch.Tensor
@@ -165,14 +205,33 @@ class TiedFactors(nn.Module):
         super().__init__()
         self.shape_key = f"{in_features}x{out_features}"
         factory = {"device": base_weight.device, "dtype": adapter_dtype(base_weight)}
-        a = torch.empty(spec.rank, in_features, **factory)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # LoRA's A
-        if "A" in spec.trains:
-            self.tiedlora_A = nn.Parameter(a)
+        self._hold(spec, "A", _start(spec, "A", (spec.rank, in_features), factory))
+        self._hold(spec, "B", _start(spec, "B", (out_features, spec.rank), factory))
+
+    def _hold(self, spec: TiedLoRA, factor: str, value: torch.Tensor) -> None:
+        name = f"tiedlora_{factor}"
+        if factor in spec.trains:
+            setattr(self, name, nn.Parameter(value))
         else:
-            self.register_buffer("tiedlora_A", a)
-        # every configuration trains B: starting at zero, it makes a fresh adapter the identity
-        self.tiedlora_B = nn.Parameter(torch.zeros(out_features, spec.rank, **factory))
+            self.register_buffer(name, value)
+
+
+def _start(spec: TiedLoRA, factor: str, shape: tuple[int, int], factory: dict) -> torch.Tensor:
+    """A factor's initial value: zero where it is the configuration's zero start, else drawn as
+    LoRA's A (kaiming-uniform), so a frozen B is a random projection as VeRA's."""
+    value = torch.empty(shape, **factory)
+    if spec.zero_start == factor:
+        return nn.init.zeros_(value)
+    return nn.init.kaiming_uniform_(value, a=math.sqrt(5))
+
+
+def _vector(spec: TiedLoRA, factor: str, size: int, factory: dict) -> nn.Parameter | None:
+    """A layer's ``u`` or ``v`` where the configuration trains it: one, or zero as its zero
+    start; None where it is the constant 1."""
+    if factor not in spec.trains:
+        return None
+    fill = 0.0 if spec.zero_start == factor else 1.0
+    return nn.Parameter(torch.full((size,), fill, **factory))
 
 
 class TiedLoRALayer(AdapterLayer):
@@ -185,17 +244,11 @@ class TiedLoRALayer(AdapterLayer):
         super().__init__(base)
         self.kind = layer_kind(base)
         self.factors = factors
-        self.scale = spec.alpha / spec.rank
+        self.scale = spec.scale
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
-        weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        self.tiedlora_u = (
-            nn.Parameter(torch.ones(spec.rank, **factory)) if "u" in spec.trains else None
-        )
-        out_features = in_out_features(base)[1]
-        self.tiedlora_v = (
-            nn.Parameter(torch.ones(out_features, **factory)) if "v" in spec.trains else None
-        )
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
+        self.tiedlora_u = _vector(spec, "u", spec.rank, factory)
+        self.tiedlora_v = _vector(spec, "v", in_out_features(base)[1], factory)
 
     def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
         a = ctx.attr("tiedlora_A", self.factors.tiedlora_A)
@@ -207,8 +260,9 @@ class TiedLoRALayer(AdapterLayer):
         h = ctx.call(F.linear, h, a)
         if self.tiedlora_u is not None:
             h = ctx.call(torch.mul, h, ctx.attr("tiedlora_u", self.tiedlora_u))
-        # the scale multiplies the rank-r intermediate: r/out of the work of scaling the output
-        delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b)
+        if self.scale != 1:  # on the rank-r intermediate: r/out of the work of the output's
+            h = ctx.call(torch.mul, h, self.scale)
+        delta = ctx.call(F.linear, h, b)
         if self.tiedlora_v is not None:
             delta = ctx.call(torch.mul, delta, ctx.attr("tiedlora_v", self.tiedlora_v))
         out = ctx.call(torch.add, base_out, delta)

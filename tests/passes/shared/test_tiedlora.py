@@ -1,9 +1,9 @@
 """Tied-LoRA's card (its formula) and what is its own: factors tied across the layers of one
-shape, the paper's configurations (what trains, what is held, the fresh adapter), merging over
-layers of different shapes, half precision, files (this project's own PEFT type, a frozen A
-saved, PEFT's loader refusing them), spec and config errors, training through `surgeon.train`
-with exact resumption. PEFT has no Tied-LoRA: the conformance suite runs the rest against the
-formula alone."""
+shape, the configurations (what trains, what is held, the fresh adapter, the paper's parameter
+counts), merging over layers of different shapes, half precision, files (this project's own
+PEFT type, frozen factors saved, PEFT's loader refusing them), spec and config errors, training
+through `surgeon.train` with exact resumption. PEFT has no Tied-LoRA: the conformance suite
+runs the rest against the formula alone."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from zoo import (
 
 import surgeon
 from surgeon.io import CONFIG_NAME, WEIGHTS_NAME
-from surgeon.passes.shared.tiedlora import CONFIGS, TiedLoRA
+from surgeon.passes.shared.tiedlora import TiedLoRA
 from surgeon.spec import METHODS
 from surgeon.train import trained_parameters
 
@@ -41,8 +41,9 @@ def _delta_rows(adapter) -> torch.Tensor:
 
 def formula(spec, adapter, base, x):
     """Tied-LoRA (arXiv 2311.09578, §2): ``W x + b + (alpha/r) · Λ_v B Λ_u A x`` with A, B the
-    factors of the layer's shape, shared by the adapter's layers of that shape."""
-    assert adapter.scale == spec.alpha / spec.rank
+    factors of the layer's shape, shared by the adapter's layers of that shape; alpha = r (scale
+    1) unless given."""
+    assert adapter.scale == (1.0 if spec.alpha is None else spec.alpha / spec.rank)
     return plain_output(base, x) + x @ _delta_rows(adapter).t()
 
 
@@ -81,7 +82,7 @@ def _expected(model: Stack, cm, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_layers_of_one_shape_share_a_and_b_and_each_has_its_vectors():
-    _, cm = _stack(config="TL1")
+    _, cm = _stack()
     layers = dict(cm.store.items("default"))
     assert layers["a"].factors is layers["b"].factors is not layers["c"].factors
     assert layers["a"].factors.tiedlora_A.shape == (3, 6)
@@ -91,8 +92,21 @@ def test_layers_of_one_shape_share_a_and_b_and_each_has_its_vectors():
     assert "(shared by 2 layers)" in str(cm.inspect())
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+CONFIGURATIONS = {
+    # config: (trains, the factor that starts at zero)
+    "TL6": ("ABuv", "B"),
+    "TL5": ("AB", "B"),
+    "Buv": ("Buv", "B"),
+    "Auv": ("Auv", "v"),
+    "uv": ("uv", "v"),
+    "Au": ("Au", "u"),
+    "A": ("A", "A"),
+}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGURATIONS))
 def test_each_configuration_trains_its_tensors_and_starts_as_the_base(config):
+    trains, zero = CONFIGURATIONS[config]
     torch.manual_seed(0)
     model = Stack()
     x = torch.randn(3, 6)
@@ -100,20 +114,58 @@ def test_each_configuration_trains_its_tensors_and_starts_as_the_base(config):
     cm = surgeon.compile(model, TiedLoRA(rank=3, config=config, targets=("a", "b", "c")))
     assert torch.equal(cm(x), before)
     names = {n.rsplit(".", 1)[1] for n in trained_parameters(cm)}
-    assert names == {f"tiedlora_{t}" for t in CONFIGS[config]}
+    assert names == {f"tiedlora_{t}" for t in trains}
     adapter = dict(cm.store.items("default"))["a"]
-    assert torch.count_nonzero(adapter.factors.tiedlora_B) == 0
-    assert torch.count_nonzero(adapter.factors.tiedlora_A) == 18  # drawn, trained or not
-    for vector in (adapter.tiedlora_u, adapter.tiedlora_v):
-        assert vector is None or torch.all(vector == 1)
+    held = {
+        "A": adapter.factors.tiedlora_A,
+        "B": adapter.factors.tiedlora_B,
+        "u": adapter.tiedlora_u if adapter.tiedlora_u is not None else torch.ones(3),
+        "v": adapter.tiedlora_v if adapter.tiedlora_v is not None else torch.ones(6),
+    }
+    for factor, value in held.items():
+        if factor == zero:
+            assert torch.count_nonzero(value) == 0, factor
+        elif factor in "uv":
+            assert torch.all(value == 1), factor
+        else:  # drawn, trained or not: a frozen B is a random projection
+            assert torch.count_nonzero(value) == value.numel(), factor
     # shared tensors count once: 2 pairs, plus the vectors of 3 layers
     sizes = {"A": 3 * 6 * 2, "B": 3 * 6 + 3 * 4, "u": 3 * 3, "v": 6 + 6 + 4}
-    assert cm.num_trainable() == sum(sizes[t] for t in CONFIGS[config])
+    assert cm.num_trainable() == sum(sizes[t] for t in trains)
+
+
+class FusedQKV(nn.Module):
+    """The paper's setting: L layers, each adapting one fused d -> 3d QKV projection."""
+
+    def __init__(self, layers: int, d: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(One(nn.Linear(d, 3 * d)) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)[..., : x.shape[-1]]
+        return x
+
+
+@pytest.mark.parametrize(("config", "count"), [("TL5", "4dr"), ("TL6", "4dr + L(r + 3d)")])
+def test_the_papers_configurations_train_its_parameter_counts(config, count):
+    """Table 1 of arXiv 2311.09578: TL5 trains 4dr, TL6 4dr + L(r + 3d) (LoRA: 4Ldr)."""
+    layers, d, r = 5, 12, 3
+    model = FusedQKV(layers, d)
+    cm = surgeon.compile(model, TiedLoRA(rank=r, config=config, targets=("layer",)))
+    expected = {"TL5": 4 * d * r, "TL6": 4 * d * r + layers * (r + 3 * d)}[config]
+    assert cm.num_trainable() == expected, count
+
+
+@pytest.mark.parametrize("config", ["TL1", "TL2", "TL3", "TL4"])
+def test_the_papers_unchecked_rows_are_refused_pointing_to_the_letters(config):
+    with pytest.raises(surgeon.SpecError, match=rf"config='{config}'.*not mapped.*config='Buv'"):
+        TiedLoRA(config=config)
 
 
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d_gpt2"])
 def test_tied_layers_follow_the_formula_and_merge_to_it(conv1d):
-    model, cm = _stack(conv1d, config="TL1", alpha=5)
+    model, cm = _stack(conv1d, alpha=5)
     x = torch.randn(4, 6)
     expected = _expected(model, cm, x)
     torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
@@ -132,7 +184,7 @@ def test_half_precision_bases_get_float32_factors_and_vectors(dtype):
     model = One(nn.Linear(16, 8)).to(dtype)
     x = torch.randn(3, 16, dtype=dtype)
     before = model(x)
-    cm = surgeon.compile(model, TiedLoRA(rank=4, config="TL4", targets=("layer",)))
+    cm = surgeon.compile(model, TiedLoRA(rank=4, config="Buv", targets=("layer",)))
     adapter = dict(cm.store.items("default"))["layer"]
     held = [adapter.factors.tiedlora_A, adapter.factors.tiedlora_B, adapter.tiedlora_u]
     assert all(t.dtype == torch.float32 for t in held)
@@ -147,7 +199,7 @@ def test_half_precision_bases_get_float32_factors_and_vectors(dtype):
 # -- files ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", ["TL4", "TL6"])
+@pytest.mark.parametrize("config", ["TL5", "TL6"])
 def test_files_round_trip_with_shared_factors_once_and_trained_vectors(config, tmp_path):
     entry = ZOO["llama"]
     spec = TiedLoRA(rank=4, alpha=6, config=config)
@@ -168,8 +220,8 @@ def test_files_round_trip_with_shared_factors_once_and_trained_vectors(config, t
         "base_model.tiedlora_B.32x16",
         "base_model.tiedlora_B.32x32",
     ]
-    assert (f"{q}.tiedlora_u" in saved) is (config == "TL4")
-    assert (f"{q}.tiedlora_v" in saved) is (config == "TL4")
+    assert (f"{q}.tiedlora_u" in saved) is (config == "TL6")
+    assert (f"{q}.tiedlora_v" in saved) is (config == "TL6")
     loaded = surgeon.load(
         entry.model(), tmp_path
     )  # another global RNG state: A comes from the file
@@ -186,6 +238,8 @@ def test_files_round_trip_with_shared_factors_once_and_trained_vectors(config, t
             {"tied_config": "TL7"},
             r"TiedLoRA.config='TL7'.*\(adapter_config.json key 'tied_config'\)",
         ),
+        ({"tied_config": "TL2"}, r"TiedLoRA.config='TL2'.*not mapped"),
+        ({"lora_alpha": "8"}, r"lora_alpha='8': expected a number, or null"),
         ({"r": 0}, r"TiedLoRA.rank=0: expected an integer >= 1 \(adapter_config.json key 'r'\)"),
         ({"lora_dropout": 1.5}, "adapter_config.json key 'lora_dropout'"),
         ({"use_dora": True}, "use_dora=True"),
@@ -199,11 +253,11 @@ def test_configs_surgeon_cannot_honour_are_refused_naming_the_key(change, match,
 
 
 def test_a_file_with_another_configuration_does_not_fit(tmp_path):
-    """A TL6 file holds no vectors; read as TL1 the model wants them."""
+    """A TL5 file holds no vectors; read as TL6 the model wants them."""
     entry = ZOO["llama"]
-    surgeon.compile(entry.model(), TiedLoRA(rank=4)).save_adapters(tmp_path)
+    surgeon.compile(entry.model(), TiedLoRA(rank=4, config="TL5")).save_adapters(tmp_path)
     with pytest.raises(surgeon.SpecError, match="tiedlora_u"):
-        load_with_changed_config(entry.model(), tmp_path, {"tied_config": "TL1"})
+        load_with_changed_config(entry.model(), tmp_path, {"tied_config": "TL6"})
 
 
 # -- the spec -----------------------------------------------------------------------------------------
@@ -213,7 +267,10 @@ def test_a_file_with_another_configuration_does_not_fit(tmp_path):
     ("fields", "match"),
     [
         ({"rank": 0}, r"TiedLoRA.rank=0: expected an integer >= 1"),
-        ({"config": "tl6"}, r"TiedLoRA.config='tl6'"),
+        ({"config": "tl6"}, r"TiedLoRA.config='tl6': expected 'TL5', 'TL6' or the letters"),
+        ({"config": ""}, r"TiedLoRA.config='': expected 'TL5', 'TL6' or the letters"),
+        ({"config": "AAu"}, r"TiedLoRA.config='AAu': .*each once"),
+        ({"config": 6}, r"TiedLoRA.config=6: expected a string"),
         ({"alpha": float("nan")}, r"TiedLoRA.alpha=nan"),
         ({"dropout": 1.0}, r"TiedLoRA.dropout=1.0: expected a number >= 0 and < 1"),
         ({"targets": ()}, r"TiedLoRA.targets=\[\]: expected at least one target"),
@@ -228,8 +285,9 @@ def test_bad_fields_raise_spec_errors_naming_them(fields, match):
 def test_registered_under_its_name_with_its_own_peft_type():
     assert METHODS["tiedlora"] is TiedLoRA is surgeon.TiedLoRA
     assert TiedLoRA.peft_type == "SURGEON_TIED_LORA"
-    spec = surgeon.MethodSpec.from_dict({"method": "tiedlora", "config": "TL2", "targets": ["a"]})
-    assert spec == TiedLoRA(config="TL2", targets=("a",))
+    spec = surgeon.MethodSpec.from_dict({"method": "tiedlora", "config": "Bv", "targets": ["a"]})
+    assert spec == TiedLoRA(config="Bv", targets=("a",))
+    assert spec.trains == {"B", "v"} and TiedLoRA().trains == set("ABuv")
 
 
 @pytest.mark.parametrize(
@@ -244,7 +302,7 @@ def test_other_layers_are_refused(layer, name):
 
 
 def test_surgeon_train_resumes_exactly_and_leaves_a_frozen_a_alone(tmp_path):
-    spec = TiedLoRA(rank=3, config="TL4", targets=("a", "b", "c"))
+    spec = TiedLoRA(rank=3, config="Buv", targets=("a", "b", "c"))
     _, whole, _, before = train_and_resume_spec(spec, Stack, tmp_path)
     frozen = before["layers.default.a.factors.tiedlora_A"]
     assert torch.equal(dict(whole.store.items("default"))["a"].factors.tiedlora_A, frozen)
