@@ -258,6 +258,7 @@ class CompiledModel(nn.Module):
             raise SpecError(
                 f"adapter {name!r}: expected a method such as surgeon.LoRA(...), got {type(method).__name__}"
             )
+        _check_no_conflict(name, method, self.store.specs)
         paths = method.select(self.model)
         _check_weights_have_values(method, self.model, paths)
         copies = copy_paths(self.model, method, paths)
@@ -799,6 +800,17 @@ def _unchanged_on_error(model: nn.Module, restores: Sequence[Callable[[], None]]
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
+
+
+def _check_no_conflict(name: str, method: MethodSpec, others: Mapping[str, MethodSpec]) -> None:
+    """Refuse an adapter whose method and an existing adapter's cannot share a model."""
+    for other_name, other in others.items():
+        reason = method.conflict_with(other) or other.conflict_with(method)
+        if reason:
+            raise SpecError(
+                f"adapter {name!r} ({type(method).__name__}) cannot be added beside adapter "
+                f"{other_name!r} ({type(other).__name__}): {reason}"
+            )
 
 
 def compile(

@@ -165,6 +165,11 @@ class MethodSpec(metaclass=ValidatingMeta):
         """Whether creating this adapter rewrites base weights in place (residual inits)."""
         return False
 
+    def conflict_with(self, other: MethodSpec) -> str | None:
+        """Why an adapter of this method cannot sit on one model beside an adapter of ``other``
+        (None: it can). The compiler asks both ways before adding an adapter."""
+        return None
+
     def snapshot_base(self, model: nn.Module, paths: Sequence[str]) -> Callable[[], None]:
         """A function that puts back what creating this adapter changes in the base model; the
         compiler calls it if creation fails. Residual inits rewrite the targeted weights."""

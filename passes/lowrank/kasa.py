@@ -13,7 +13,9 @@ Layers: Linear only, as PEFT (it refuses GPT-2's ``Conv1D``; embeddings and conv
 KaSA there); ``r`` must stay below ``min(in, out)``. Saved as PEFT's type ``LORA`` with
 ``kasa_config = {beta, gamma}``; the diagonal is ``lora_diag`` beside LoRA's keys. As in PEFT, the
 truncation is part of the base from then on: disabling, unmerging or deleting the adapter does
-not restore the original weight, and each KaSA adapter on a layer truncates it again.
+not restore the original weight, and each KaSA adapter on a layer truncates it again; for the
+same reason an adapter of any other method is refused on a model with a KaSA adapter, both ways
+(PEFT's ``_check_new_adapter_config``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from surgeon.errors import SpecError
 from surgeon.layers import layer_kind
 from surgeon.passes.lowrank.lora import LoRA, LoRALayer
 from surgeon.peft import MAPPING, REQUIRED, PeftKey
+from surgeon.spec import MethodSpec
 
 KEY = "kasa_config"
 DEFAULTS = {"beta": 1e-4, "gamma": 1e-3}
@@ -124,6 +127,15 @@ class KaSA(LoRA):
     @property
     def rewrites_base(self) -> bool:
         return True
+
+    def conflict_with(self, other: MethodSpec) -> str | None:
+        if isinstance(other, KaSA):
+            return None
+        return (
+            "KaSA truncates the base weights when it is created, so what an adapter of another "
+            "method sees would depend on the order the adapters were added (PEFT refuses this mix "
+            "too); put KaSA adapters on a model of their own"
+        )
 
     def create_layer(self, layer: nn.Module, path: str) -> KaSALayer:
         rank, scale = self.rank_and_scale(path)

@@ -217,3 +217,29 @@ def test_errors_and_supported_layers():
     assert spec.supports(nn.Linear(4, 4))
     for layer in (gpt2_conv1d(), nn.Embedding(5, 4), nn.Conv2d(2, 2, 1)):
         assert not spec.supports(layer)
+
+
+@pytest.mark.parametrize("kasa_first", [True, False], ids=["kasa-then-lora", "lora-then-kasa"])
+def test_an_adapter_of_another_method_is_refused_beside_kasa_and_nothing_changes(kasa_first):
+    """PEFT's rule: KaSA truncates the base when it is created, so mixing it with adapters of
+    another method would make each one's base depend on the order they were added."""
+    torch.manual_seed(0)
+    model = One(nn.Linear(8, 8))
+    kasa, lora = KaSA(rank=2, targets=("layer",)), LoRA(rank=2, targets=("layer",))
+    first, second = (kasa, lora) if kasa_first else (lora, kasa)
+    cm = surgeon.compile(model, first)
+    weight = model.layer.weight.detach().clone()
+    with pytest.raises(
+        surgeon.SpecError,
+        match=rf"adapter 'other' \({type(second).__name__}\) cannot be added beside adapter "
+        rf"'default' \({type(first).__name__}\): KaSA truncates the base weights",
+    ):
+        cm.add_adapter("other", second)
+    assert cm.adapters == ["default"]
+    assert torch.equal(model.layer.weight, weight)
+
+
+def test_several_kasa_adapters_share_a_model():
+    cm = surgeon.compile(One(nn.Linear(8, 8)), KaSA(rank=2, targets=("layer",)))
+    cm.add_adapter("second", KaSA(rank=1, targets=("layer",)))
+    assert cm.adapters == ["default", "second"]
