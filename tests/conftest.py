@@ -31,8 +31,15 @@ def zoo_entry(request):
     return ZOO[request.param]
 
 
-LONG_FIRST = ("test_examples.py", "test_distributed.py")
-"""Files of long tests that run other processes (the examples, torchrun)."""
+LONG_FIRST = (
+    "test_examples.py",
+    "test_distributed.py",
+    "test_train.py",
+    "test_export.py",
+    "test_memory.py",
+)
+"""Files of long tests: those that run other processes (the examples, torchrun), train for many
+steps or export to ONNX (measured with --durations: each test of theirs takes seconds)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -33,10 +33,14 @@ def _node_count_of_base_model(entry, tmp_path) -> int:
     return surgeon.export_onnx(plain, tmp_path / "base.onnx", entry.example(), verify=False).nodes
 
 
+SLOW_EXPORTS = ("bert", "llama")
+
+
 @pytest.mark.parametrize(
     "name",
-    # the Llama exports verified in test_onnx_output_equals_the_unmerged_model_on_new_inputs
-    [pytest.param(n, marks=pytest.mark.slow) if n == "llama" else n for n in sorted(ZOO)],
+    # slow: Llama's exports are verified in test_onnx_output_equals_the_unmerged_model_on_new_inputs,
+    # BERT's (all-MiniLM-L6-v2, adapted) by the demo and the export example
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPORTS else n for n in sorted(ZOO)],
 )
 def test_exports_every_zoo_model_verified_and_lowered(name, tmp_path):
     entry, cm = _compiled(name)
