@@ -159,6 +159,47 @@ def tiny_llama(hidden_size: int = 32, intermediate_size: int = 48) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def llama64() -> nn.Module:
+    """A tiny Llama (eval mode) whose linear layers take 64 or 128 inputs: bitsandbytes' CPU
+    dequantizer is only right for rows that are whole blocks (see tests/test_quant.py)."""
+    torch.manual_seed(0)
+    return tiny_llama(hidden_size=64, intermediate_size=128).eval()
+
+
+def bnb_llama(state: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> nn.Module:
+    """`llama64` with ``state`` and bitsandbytes' NF4 ``Linear4bit`` layers (blocks of 64,
+    double quantization) for every linear layer but lm_head, marked as PEFT reads a model
+    loaded in 4 bits."""
+    import bitsandbytes as bnb
+
+    model = llama64()
+    model.load_state_dict(state)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and name != "lm_head":
+                layer = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
+                layer.weight = bnb.nn.Params4bit(
+                    child.weight.data.clone(),
+                    requires_grad=False,
+                    blocksize=64,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                # bitsandbytes' eval-mode CPU path (AVX512-BF16 machines) repacks the weight and
+                # computes in bfloat16; compare with its exact path
+                layer.support_avx512bf16_for_cpu = False
+                setattr(module, name, layer.to("cpu"))  # quantizes
+    model.is_loaded_in_4bit = True  # what PEFT reads to pick its bitsandbytes LoRA layer
+    return model
+
+
 def tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

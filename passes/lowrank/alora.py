@@ -14,7 +14,8 @@ PEFT's model, which then applies to every aLoRA adapter of the call. A row witho
 or a call with ``inputs_embeds`` only, runs the base model (the latter with a warning, as PEFT).
 
 Layers: Linear and GPT-2's ``Conv1D`` (PEFT has aLoRA on its Linear only: it refuses
-convolutions and embeddings). Merging is refused (a weight cannot tell tokens apart; PEFT
+convolutions and embeddings), and layers stored in 4 bits (QLoRA's layer with the masked update,
+as PEFT's aLoRA on bitsandbytes' ``Linear4bit``). Merging is refused (a weight cannot tell tokens apart; PEFT
 refuses too), so is export. Beam search and several returned sequences per prompt are refused
 (the offsets are one per prompt row; PEFT refuses beam search).
 
@@ -31,15 +32,15 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import is_int
 from surgeon.errors import SpecError
 from surgeon.layers import layer_kind
-from surgeon.passes.lowrank.lora import LoRA, LoRALayer
+from surgeon.passes.lowrank.lora import LoRA, LoRALayer, QLoRALayer
 from surgeon.peft import REQUIRED, JsonType, PeftKey, is_off, task_type
+from surgeon.quant import is_quantized
 from surgeon.rewrite import call_value, own_rows
 from surgeon.spec import MethodSpec
 
@@ -74,7 +75,7 @@ class ALoRA(LoRA):
 
     name = "alora"
     peft_format = PEFT_FORMAT
-    adapts_quantized = False
+    adapts_quantized = True  # on 4-bit layers it builds `QALoRALayer`
     combinations = ()
     merge_refusal = (
         "aLoRA acts only on the tokens from its invocation on, which a merged weight cannot "
@@ -123,12 +124,16 @@ class ALoRA(LoRA):
         }
 
     def supports(self, layer: nn.Module) -> bool:
-        return layer_kind(layer) in ("linear", "conv1d_gpt2")
+        return layer_kind(layer) in ("linear", "conv1d_gpt2") or is_quantized(layer)
 
     def create_layer(self, layer: nn.Module, path: str) -> ALoRALayer:
         rank, scale = self.rank_and_scale(path)
         with warnings.catch_warnings():  # LoRA's "cannot be merged": aLoRA never merges
             warnings.filterwarnings("ignore", "LoRA.lora_bias=True on .* a layer without bias")
+            if is_quantized(layer):
+                return QALoRALayer(
+                    layer, path, rank, scale, self.dropout, self.init, layer.quant, self.lora_bias
+                )
             return ALoRALayer(
                 layer, path, rank, scale, self.dropout, self.init, lora_bias=self.lora_bias
             )
@@ -220,15 +225,11 @@ class ALoRALayer(LoRALayer):
     call_arguments = (OFFSETS,)
     causal_lm = False  # set by `ALoRA.create_layers`
 
-    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
-        a = ctx.attr("lora_A", self.lora_A)
-        b = ctx.attr("lora_B", self.lora_B)
-        cast = self.lora_A.dtype != self.base.weight.dtype
-        h = ctx.method("to", x, self.lora_A.dtype) if cast else x
-        if self.dropout is not None:
-            h = ctx.module("dropout", self.dropout, h)
-        h = ctx.call(F.linear, h, a)
-        delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
-        mask = ctx.call(invocation_mask, ctx.adapter, delta)
-        out = ctx.call(torch.add, base_out, ctx.call(torch.mul, delta, mask))
-        return ctx.method("to", out, self.base.weight.dtype) if cast else out
+    def emit_update(self, ctx: EmitContext, h: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
+        delta = super().emit_update(ctx, h, a, b)
+        return ctx.call(torch.mul, delta, ctx.call(invocation_mask, ctx.adapter, delta))
+
+
+class QALoRALayer(ALoRALayer, QLoRALayer):
+    """aLoRA's masked update on a base stored in 4 bits: QLoRA's layer (the dequantized base
+    spelled out, LoRA in the compute dtype) with `ALoRALayer.emit_update`."""

@@ -672,8 +672,7 @@ class QLoRALayer(LoRALayer):
         h = ctx.method("to", x, self.lora_A.dtype)
         if self.dropout is not None:
             h = ctx.module("dropout", self.dropout, h)
-        h = ctx.call(F.linear, h, a)
-        delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
+        delta = self.emit_update(ctx, h, a, b)
         return ctx.call(torch.add, base_out, ctx.method("type_as", delta, base_out))
 
     @torch.no_grad()

@@ -10,11 +10,22 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from zoo import ZOO, add_noise, assert_same_generation, generate, logits, peft_loaded, peft_model
+from zoo import (
+    ZOO,
+    add_noise,
+    assert_same_generation,
+    bnb_llama,
+    generate,
+    llama64,
+    logits,
+    peft_loaded,
+    peft_model,
+)
 
 import surgeon
+from surgeon import quant
 from surgeon.io import CONFIG_NAME, method_from_peft_config
-from surgeon.passes.lowrank.alora import ALoRA, invocation_offsets
+from surgeon.passes.lowrank.alora import ALoRA, QALoRALayer, invocation_offsets
 from surgeon.passes.lowrank.lora import LoRA
 
 
@@ -185,3 +196,53 @@ def test_peft_configs_with_the_key_load_as_alora_and_only_as_alora():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})
+
+
+# -- on layers stored in 4 bits -------------------------------------------------------------------
+
+
+def test_on_4bit_layers_outputs_gradients_and_files_match_peft_with_bitsandbytes(tmp_path):
+    """PEFT's aLoRA on bitsandbytes' Linear4bit: its file loads onto our 4-bit model with its
+    outputs and gradients, and ours onto its model."""
+    pytest.importorskip("bitsandbytes")
+    state = {k: v.clone() for k, v in llama64().state_dict().items()}
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        alora_invocation_tokens=[5, 6],
+        task_type="CAUSAL_LM",
+    )
+    theirs = peft_model(bnb_llama(state, torch.float32), config, seed=None)
+    assert type(theirs.base_model.model.model.layers[0].self_attn.q_proj).__module__.endswith(
+        "lora.bnb"
+    )
+    add_noise([p for n, p in theirs.named_parameters() if "lora_" in n], 4, 0.3)
+    theirs.save_pretrained(tmp_path / "peft")
+    model = llama64()
+    model.load_state_dict(state)
+    quant.quantize_model(model, surgeon.NF4(compute_dtype="float32"))
+    cm = surgeon.load(model, tmp_path / "peft").eval()
+    assert all(isinstance(layer, QALoRALayer) for _, layer in cm.store.items("default"))
+    theirs.eval()
+    with torch.no_grad():
+        expected = logits(theirs(input_ids=IDS))
+        got = logits(cm(input_ids=IDS))
+        with cm.disabled():
+            base = logits(cm(input_ids=IDS))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    changed = (got - base).abs().amax(-1) > 1e-6  # row 0 from its last (5, 6) on, row 1 nowhere
+    assert changed.tolist() == [[False] * 5 + [True] * 4, [False] * 9]
+    theirs.train()
+    cm.train()
+    theirs(input_ids=IDS, labels=IDS).loss.backward()
+    cm(input_ids=IDS, labels=IDS).loss.backward()
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    for path, layer in cm.store.items("default"):
+        expected_grad = grads[f"base_model.model.{path}.lora_A.default.weight"]
+        torch.testing.assert_close(layer.lora_A.grad, expected_grad, rtol=1e-4, atol=1e-6)
+    cm.save_adapters(tmp_path / "ours")
+    loaded = peft_loaded(bnb_llama(state, torch.float32), tmp_path / "ours").eval()
+    cm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded(input_ids=IDS)), got, rtol=0, atol=1e-5)

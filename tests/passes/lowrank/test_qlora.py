@@ -16,7 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, One, logits, peft_loaded, peft_model, randomize, tiny_llama
+from zoo import (
+    ZOO,
+    One,
+    bnb_llama,
+    llama64,
+    logits,
+    peft_loaded,
+    peft_model,
+    randomize,
+)
 
 import surgeon
 from surgeon import quant
@@ -58,13 +67,6 @@ def our_base(model, spec):
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _llama64():
-    """A tiny Llama whose linear layers take 64 or 128 inputs: bitsandbytes' CPU dequantizer is
-    only right for rows that are whole blocks (see tests/test_quant.py)."""
-    torch.manual_seed(0)
-    return tiny_llama(hidden_size=64, intermediate_size=128).eval()
-
-
 def _ids(seed=1):
     return torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(seed))
 
@@ -103,7 +105,7 @@ def test_output_is_dequantized_matmul_plus_lora_in_the_compute_dtype(compute_dty
 
 
 def test_bases_are_stored_packed_and_the_full_precision_weights_are_gone():
-    model = _llama64()  # the statistics' fixed 8 bytes per layer weigh too much on 32 x 16
+    model = llama64()  # the statistics' fixed 8 bytes per layer weigh too much on 32 x 16
     refs = {n: weakref.ref(p) for n, p in model.named_parameters() if n.endswith("proj.weight")}
     count = sum(p.numel() for p in model.parameters())
     cm = surgeon.compile(model, surgeon.QLoRA())
@@ -152,7 +154,7 @@ def test_graph_shows_the_dequantize_and_the_matmul():
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
-        model = _llama64()
+        model = llama64()
         cm = surgeon.compile(model, _fp32(dropout=0.0))
         randomize(cm)
         cm.train()
@@ -180,49 +182,19 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 
-def _bnb_model(state, compute_dtype):
-    """The same Llama with bitsandbytes' Linear4bit layers (every linear but lm_head)."""
-    model = _llama64()
-    model.load_state_dict(state)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and name != "lm_head":
-                layer = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    compute_dtype=compute_dtype,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                )
-                layer.weight = bnb.nn.Params4bit(
-                    child.weight.data.clone(),
-                    requires_grad=False,
-                    blocksize=64,
-                    compress_statistics=True,
-                    quant_type="nf4",
-                )
-                # bitsandbytes' eval-mode CPU path (AVX512-BF16 machines) repacks the weight and
-                # computes in bfloat16; compare with its exact path
-                layer.support_avx512bf16_for_cpu = False
-                setattr(module, name, layer.to("cpu"))  # quantizes
-    model.is_loaded_in_4bit = True  # what PEFT reads to pick its bitsandbytes LoRA layer
-    return model
-
-
 @pytest.fixture
 def peft_and_surgeon():
     """PEFT's QLoRA (LoRA on bitsandbytes Linear4bit) and surgeon's, with the same LoRA weights."""
 
     def build(compute_dtype=torch.float32, rank=8):
-        state = copy.deepcopy(_llama64().state_dict())
+        state = copy.deepcopy(llama64().state_dict())
         config = peft.LoraConfig(r=rank, lora_alpha=16, target_modules=list(ATTENTION))
-        theirs = peft_model(_bnb_model(state, compute_dtype), config, seed=None)
+        theirs = peft_model(bnb_llama(state, compute_dtype), config, seed=None)
         assert isinstance(
             theirs.base_model.model.model.layers[0].self_attn.q_proj,
             peft.tuners.lora.bnb.Linear4bit,
         )
-        ours_model = _llama64()
+        ours_model = llama64()
         ours_model.load_state_dict(state)
         name = str(compute_dtype).removeprefix("torch.")
         ours = surgeon.compile(
@@ -300,12 +272,12 @@ def test_saved_adapter_is_a_peft_lora_adapter_both_ways(peft_and_surgeon, tmp_pa
         assert mine[key] == peft_config[key], key
     assert sorted(mine["target_modules"]) == sorted(peft_config["target_modules"])
     # PEFT loads ours onto its bitsandbytes model
-    state = copy.deepcopy(_llama64().state_dict())
-    loaded = peft_loaded(_bnb_model(state, torch.float32), tmp_path / "ours")
+    state = copy.deepcopy(llama64().state_dict())
+    loaded = peft_loaded(bnb_llama(state, torch.float32), tmp_path / "ours")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
     # surgeon loads PEFT's onto a 4-bit model: LoRA there runs QLoRA's layer
-    model = _llama64()
+    model = llama64()
     quant.quantize_model(model, surgeon.NF4(compute_dtype="float32"))
     cm = surgeon.load(model, tmp_path / "peft").eval()
     assert cm.spec("default").name == "lora"
