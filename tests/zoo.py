@@ -200,6 +200,19 @@ def bnb_llama(state: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> nn.
     return model
 
 
+def assert_lora_a_grads_match_peft(cm, pm, ids: torch.Tensor) -> None:
+    """One language-model loss on ``ids`` through surgeon's ``cm`` and PEFT's ``pm`` (both
+    switched to training mode): each adapted layer's ``lora_A`` gets PEFT's gradient."""
+    pm.train()
+    cm.train()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    cm(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in pm.named_parameters() if p.grad is not None}
+    for path, layer in cm.store.items("default"):
+        expected = grads[f"base_model.model.{path}.lora_A.default.weight"]
+        torch.testing.assert_close(layer.lora_A.grad, expected, rtol=1e-4, atol=1e-6)
+
+
 def tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
