@@ -57,24 +57,22 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from surgeon.adapter import AdapterLayer, EmitContext
+from surgeon.adapter import EmitContext
 from surgeon.checks import check_bool, check_int, check_positive, check_seed
 from surgeon.errors import SpecError
 from surgeon.layers import adapter_dtype, in_out_features, layer_kind
 from surgeon.passes.routed.experts import (
     EXPERT_NAMES,
     Factors,
+    StackedExpertsLayer,
     checked_expert_rank,
     expert_lora,
-    expert_outputs,
     expert_where,
     largest_rank,
     layer_factors,
     load_expert_names,
-    mix,
     named_experts,
     read_expert,
-    stacked,
 )
 from surgeon.peft import BOOL, INT, NUMBER, REQUIRED, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
@@ -346,10 +344,9 @@ class Router(nn.Module):
         return route(x, self.prototypes, self.top_k, self.temperature)
 
 
-class ArrowLayer(AdapterLayer):
-    """One layer's task experts (after GenKnowSub), stacked: ``A`` (N x r x in), ``B`` (N x out
-    x r), scales (N), each zero-padded to the spec's ``expert_rank``; buffers, or parameters
-    with ``train_experts``. Float32 over a half-precision base, as PEFT's experts."""
+class ArrowLayer(StackedExpertsLayer):
+    """One layer's task experts (after GenKnowSub), each zero-padded to the spec's
+    ``expert_rank``: buffers, or parameters with ``train_experts`` (as PEFT's experts)."""
 
     method = "arrow"
 
@@ -360,49 +357,22 @@ class ArrowLayer(AdapterLayer):
         general: Sequence[Factors | None],
         spec: Arrow,
     ) -> None:
-        super().__init__(base)
-        weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        fan_in, fan_out = in_out_features(base)
-        prototypes = torch.zeros(len(task), fan_in, **factory)
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
+        prototypes = torch.zeros(len(task), in_out_features(base)[0], **factory)
         if all(found is not None for found in task):  # else the adapter's file fills them
             task = [(fa.to(**factory), fb.to(**factory), s) for fa, fb, s in task]
             general = [(fa.to(**factory), fb.to(**factory), s) for fa, fb, s in general]
             task = _subtracted(task, general)
-            if not weight.is_meta:
+            if not base.weight.is_meta:
                 with torch.no_grad():
                     for i, (expert_a, expert_b, _) in enumerate(task):
                         found = top_right_singular_vector(expert_a, expert_b, spec.seed)
                         prototypes[i] = found.to(factory["dtype"])
-        a, b, scales = stacked(task, spec.expert_rank, fan_in, fan_out, **factory)
-        if spec.train_experts:
-            self.arrow_experts_A = nn.Parameter(a)
-            self.arrow_experts_B = nn.Parameter(b)
-        else:
-            self.register_buffer("arrow_experts_A", a)
-            self.register_buffer("arrow_experts_B", b)
-        self.register_buffer("arrow_expert_scales", scales)
+        super().__init__(base, task, spec.expert_rank, trained=spec.train_experts)
         self.router = Router(prototypes, spec.top_k, spec.temperature)
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "arrow_experts_A": self.arrow_experts_A,
-            "arrow_experts_B": self.arrow_experts_B,
-            "arrow_expert_scales": self.arrow_expert_scales,
-            "arrow_prototypes": self.router.prototypes,
-        }
+        return {**self.expert_tensors(), "arrow_prototypes": self.router.prototypes}
 
-    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
-        dtype = self.arrow_expert_scales.dtype
-        cast = dtype != self.base.weight.dtype
-        h = ctx.method("to", x, dtype) if cast else x
-        weights = ctx.module("router", self.router, h)
-        outputs = ctx.call(
-            expert_outputs,
-            h,
-            ctx.attr("arrow_experts_A", self.arrow_experts_A),
-            ctx.attr("arrow_experts_B", self.arrow_experts_B),
-            ctx.attr("arrow_expert_scales", self.arrow_expert_scales),
-        )
-        out = ctx.call(torch.add, base_out, ctx.call(mix, outputs, weights))
-        return ctx.method("to", out, self.base.weight.dtype) if cast else out
+    def emit_weights(self, ctx: EmitContext, h: fx.Node, outputs: fx.Node) -> fx.Node:
+        return ctx.module("router", self.router, h)

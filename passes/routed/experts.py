@@ -1,7 +1,7 @@
 """The trained LoRA experts that routed methods mix (MoLE, Arrow; X-LoRA's type check): named
 folders, each read and checked to be a plain LoRA that adapts every targeted layer, its factors
-per layer, zero-padded and stacked into one tensor per factor, and the batched math that runs
-them. Every refusal is a `SpecError` that names the method, the expert and its folder. No method
+per layer, zero-padded and stacked into one tensor per factor, the batched math that runs them
+and the layer that holds them (`StackedExpertsLayer`). Every refusal is a `SpecError` that names the method, the expert and its folder. No method
 lives here: the methods pass their own names and fields."""
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_int
 from surgeon.errors import SpecError
 from surgeon.io import CONFIG_NAME, method_from_peft_config, read_adapter
+from surgeon.layers import adapter_dtype, in_out_features
 from surgeon.passes.lowrank.lora import LoRA, is_residual_init
 from surgeon.peft import PREFIX, JsonType
 from surgeon.spec import MethodSpec
@@ -273,3 +276,50 @@ def expert_outputs(
 def mix(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``Σ_i ε_i E_i``: the experts' outputs ``(..., N, out)`` weighed by ``(..., N)``."""
     return torch.einsum("...no,...n->...o", outputs, weights)
+
+
+class StackedExpertsLayer(AdapterLayer):
+    """One layer's experts, stacked as `stacked` lays them out: ``<method>_experts_A`` (N x r x
+    in), ``<method>_experts_B`` (N x out x r) and ``<method>_expert_scales`` (N), in float32 over
+    a half-precision base. The update ``Σ_i w_i s_i B_i A_i x`` mixes them with the weights
+    `emit_weights` gives (a router on the input, a gate on the experts' outputs)."""
+
+    def __init__(
+        self, base: nn.Module, factors: Sequence[Factors | None], rank: int, trained: bool
+    ) -> None:
+        super().__init__(base)
+        fan_in, fan_out = in_out_features(base)
+        a, b, scales = stacked(factors, rank, fan_in, fan_out, **self.factory)
+        for name, value in (("experts_A", a), ("experts_B", b)):
+            if trained:
+                setattr(self, f"{self.method}_{name}", nn.Parameter(value))
+            else:
+                self.register_buffer(f"{self.method}_{name}", value)
+        self.register_buffer(f"{self.method}_expert_scales", scales)
+
+    @property
+    def factory(self) -> dict[str, Any]:
+        """Where and in which dtype the layer's tensors live."""
+        weight = self.base.weight
+        return {"device": weight.device, "dtype": adapter_dtype(weight)}
+
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        names = ("experts_A", "experts_B", "expert_scales")
+        return {f"{self.method}_{n}": getattr(self, f"{self.method}_{n}") for n in names}
+
+    def emit_weights(self, ctx: EmitContext, h: fx.Node, outputs: fx.Node) -> fx.Node:
+        """Each token's weights ``(..., N)`` over the experts, from the input ``h`` (in the
+        experts' dtype) or their ``outputs`` ``(..., N, out)``."""
+        raise NotImplementedError
+
+    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
+        tensors = self.expert_tensors()
+        dtype = next(iter(tensors.values())).dtype
+        cast = dtype != self.base.weight.dtype
+        h = ctx.method("to", x, dtype) if cast else x
+        outputs = ctx.call(
+            expert_outputs, h, *(ctx.attr(name, value) for name, value in tensors.items())
+        )
+        weights = self.emit_weights(ctx, h, outputs)
+        out = ctx.call(torch.add, base_out, ctx.call(mix, outputs, weights))
+        return ctx.method("to", out, self.base.weight.dtype) if cast else out

@@ -53,21 +53,19 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_finite, check_positive, check_seed
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import in_out_features, layer_kind
 from surgeon.passes.routed.experts import (
     EXPERT_NAMES,
     Factors,
+    StackedExpertsLayer,
     checked_expert_rank,
     expert_lora,
-    expert_outputs,
     expert_where,
     largest_rank,
     layer_factors,
     load_expert_names,
-    mix,
     named_experts,
     read_expert,
-    stacked,
     with_folders,
 )
 from surgeon.peft import INT, NUMBER, REQUIRED, PeftFormat, PeftKey, selection_keys
@@ -225,10 +223,9 @@ class Gate(nn.Module):
         return weights
 
 
-class MoLELayer(AdapterLayer):
-    """One layer's gate (trained) and its experts' factors (frozen buffers), stacked: ``A``
-    (N x r x in), ``B`` (N x out x r), scales (N), each expert zero-padded to rank r. Float32
-    over a half-precision base."""
+class MoLELayer(StackedExpertsLayer):
+    """One layer's gate (trained) and its experts' factors (frozen buffers), each expert
+    zero-padded to rank r."""
 
     method = "mole"
 
@@ -239,35 +236,12 @@ class MoLELayer(AdapterLayer):
         rank: int,
         temperature: float,
     ) -> None:
-        super().__init__(base)
-        weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        fan_in, fan_out = in_out_features(base)
-        a, b, scales = stacked(factors, rank, fan_in, fan_out, **factory)
-        self.register_buffer("mole_experts_A", a)
-        self.register_buffer("mole_experts_B", b)
-        self.register_buffer("mole_expert_scales", scales)
-        self.gate = Gate(len(factors), fan_out, temperature, **factory)
+        super().__init__(base, factors, rank, trained=False)
+        fan_out = in_out_features(base)[1]
+        self.gate = Gate(len(factors), fan_out, temperature, **self.factory)
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "mole_gate.weight": self.gate.weight,
-            "mole_experts_A": self.mole_experts_A,
-            "mole_experts_B": self.mole_experts_B,
-            "mole_expert_scales": self.mole_expert_scales,
-        }
+        return {"mole_gate.weight": self.gate.weight, **self.expert_tensors()}
 
-    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
-        dtype = self.gate.weight.dtype
-        cast = dtype != self.base.weight.dtype
-        h = ctx.method("to", x, dtype) if cast else x
-        outputs = ctx.call(
-            expert_outputs,
-            h,
-            ctx.attr("mole_experts_A", self.mole_experts_A),
-            ctx.attr("mole_experts_B", self.mole_experts_B),
-            ctx.attr("mole_expert_scales", self.mole_expert_scales),
-        )
-        weights = ctx.module("gate", self.gate, outputs)
-        out = ctx.call(torch.add, base_out, ctx.call(mix, outputs, weights))
-        return ctx.method("to", out, self.base.weight.dtype) if cast else out
+    def emit_weights(self, ctx: EmitContext, h: fx.Node, outputs: fx.Node) -> fx.Node:
+        return ctx.module("gate", self.gate, outputs)
