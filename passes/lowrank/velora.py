@@ -259,17 +259,9 @@ class VeLoRALayer(LoRALayer):
         super().__init__(base, path, rank, scale, dropout, init, lora_bias=lora_bias)
         self.projection = projection
 
-    def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
-        a = ctx.attr("lora_A", self.lora_A)
-        b = ctx.attr("lora_B", self.lora_B)
-        cast = self.lora_A.dtype != self.base.weight.dtype
-        h = ctx.method("to", x, self.lora_A.dtype) if cast else x
-        if self.dropout is not None:
-            h = ctx.module("dropout", self.dropout, h)
+    def emit_update(self, ctx: EmitContext, h: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
         h = ctx.module("projection", self.projection, h, a)
-        delta = ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
-        out = ctx.call(torch.add, base_out, delta)
-        return ctx.method("to", out, self.base.weight.dtype) if cast else out
+        return ctx.call(F.linear, ctx.call(torch.mul, h, self.scale), b, *self._emit_bias(ctx))
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {**super().peft_tensors(), "lora_velora_embed": self.projection.direction}
