@@ -3,15 +3,16 @@ and scaled per layer (Renduchintala, Konuk and Kuchaiev, NAACL 2024, "Tied-LoRA:
 parameter efficiency of LoRA with weight tying", https://arxiv.org/abs/2311.09578).
 
 Every adapted layer ``l`` computes ``ΔW_l = (alpha/r) · diag(v_l) B diag(u_l) A``: ``A`` (r x in)
-and ``B`` (out x r) are one pair for all adapted layers of the same shape, ``u_l`` (r,) and
-``v_l`` (out,) are the layer's own. ``config`` names which of them train; an untrained ``u`` or
+and ``B`` (out x r) are one pair for the same projection in every transformer layer (the layers
+whose paths differ only in their layer numbers, as ``model.layers.*.self_attn.q_proj``), ``u_l``
+(r,) and ``v_l`` (out,) are the layer's own. ``config`` names which of them train; an untrained ``u`` or
 ``v`` is the constant 1, neither held nor saved. The paper's two recommended configurations are
 named (its Table 1, checked against the paper's own parameter counts below):
 
 =======  ===  ===  ===  ===  ==============================  ====================
 config    A    B    u    v   trained (paper's fused QKV)     here (separate q, v)
 =======  ===  ===  ===  ===  ==============================  ====================
-TL5       ∇    ∇    ●    ●   4dr                             Σ_shapes r(in + out)
+TL5       ∇    ∇    ●    ●   4dr                             Σ_projections r(in + out)
 TL6       ∇    ∇    ∇    ∇   4dr + L(r + 3d)                 TL5 + Σ_layers (r + out)
 =======  ===  ===  ===  ===  ==============================  ====================
 
@@ -30,17 +31,18 @@ global generator, frozen or not); ``u`` and ``v`` one. One trained factor starts
 fresh adapter leaves the model as it is: ``B`` where it trains (LoRA's choice, the paper's TL5
 and TL6), else ``v`` (VeRA's), else ``u``, else ``A``. Merging adds ``ΔW_l`` to each weight.
 
-Tying: the paper adapts a fused QKV projection, so one A serves q, k and v; here separate
-projections of different shapes (a grouped-query v_proj beside q_proj) each get their shape's
-pair, and each adapted module its own u (with a fused projection, as GPT-2's ``c_attn``, this is
-the paper's layout).
+Tying: the paper ties across layers, never across projections, and adapts a fused QKV
+projection whose one A serves q, k and v. Here each projection (q_proj, v_proj, ...) has its own
+tied pair even where two have the same shape, and each adapted module its own u: with a fused
+projection, as GPT-2's ``c_attn``, this is the paper's layout; with separate ones it trains
+another A per projection.
 
 Files: PEFT's layout under this project's own type ``"peft_type": "SURGEON_TIED_LORA"`` (PEFT
 has no Tied-LoRA; its loader refuses such a file). The config holds LoRA's keys (``r``,
 ``lora_alpha``, null for alpha = r, ``lora_dropout``, the selection) and ``tied_config``; the
-file holds ``base_model.tiedlora_A.<in>x<out>`` and ``base_model.tiedlora_B.<in>x<out>`` once
-per shape (frozen ones too: they are random draws), and per layer ``tiedlora_u`` and
-``tiedlora_v`` where they train. In half precision every tensor is kept in float32, as PEFT
+file holds ``base_model.tiedlora_A.<projection>`` and ``base_model.tiedlora_B.<projection>``
+once per projection (its path with ``*`` for the layer numbers; frozen ones too: they are
+random draws), and per layer ``tiedlora_u`` and ``tiedlora_v`` where they train. In half precision every tensor is kept in float32, as PEFT
 keeps LoRA's.
 
 Layers: Linear and transformers' GPT-2 ``Conv1D``.
@@ -97,6 +99,25 @@ def trained_factors(owner: str, config: str) -> frozenset[str]:
     return frozenset(config)
 
 
+def projection_keys(model: nn.Module, paths: Sequence[str]) -> dict[str, str]:
+    """Each layer's projection: its path with ``*`` for the layer numbers
+    (``model.layers.*.self_attn.q_proj``), plus ``.<in>x<out>`` where the layers of one
+    projection differ in shape (some models change widths with depth)."""
+    shapes = {p: in_out_features(model.get_submodule(p)) for p in paths}
+    patterns = {
+        p: ".".join("*" if part.isdigit() else part for part in p.split(".")) for p in paths
+    }
+    widths: dict[str, set[tuple[int, int]]] = {}
+    for path, pattern in patterns.items():
+        widths.setdefault(pattern, set()).add(shapes[path])
+    return {
+        path: pattern
+        if len(widths[pattern]) == 1
+        else f"{pattern}.{'x'.join(map(str, shapes[path]))}"
+        for path, pattern in patterns.items()
+    }
+
+
 SHARED_PREFIX = "base_model.tiedlora_"
 
 PEFT_FORMAT = PeftFormat(
@@ -116,7 +137,7 @@ PEFT_FORMAT = PeftFormat(
 
 @dataclass(frozen=True)
 class TiedLoRA(MethodSpec):
-    """LoRA factors tied across the layers of each shape, with per-layer scaling vectors.
+    """LoRA factors tied across layers, one pair per projection, with per-layer scaling vectors.
 
     ``config``: which of A, B, u, v train: ``"TL6"`` (all four, the paper's best), ``"TL5"`` (A
     and B) or the letters of the trained factors (``"Buv"``); see the module docstring.
@@ -172,38 +193,44 @@ class TiedLoRA(MethodSpec):
         return layer_kind(layer) in ("linear", "conv1d_gpt2")
 
     def create_layers(self, model: nn.Module, paths: Sequence[str]) -> dict[str, TiedLoRALayer]:
-        factors: dict[tuple[int, int], TiedFactors] = {}
+        factors: dict[str, TiedFactors] = {}
         layers = {}
-        for path in paths:  # model order: each shape's pair is drawn as its first layer comes
+        keys = projection_keys(model, paths)
+        for path in paths:  # model order: each pair is drawn as its projection's first layer comes
             base = model.get_submodule(path)
-            shape = in_out_features(base)
-            if shape not in factors:
-                factors[shape] = TiedFactors(self, *shape, base.weight)
-            layers[path] = TiedLoRALayer(base, factors[shape], self)
+            key = keys[path]
+            if key not in factors:
+                factors[key] = TiedFactors(self, key, *in_out_features(base), base.weight)
+            layers[path] = TiedLoRALayer(base, factors[key], self)
         return layers
 
     def peft_shared_tensors(self, layers: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
         pairs = {
-            layer.factors.shape_key: layer.factors
+            layer.factors.key: layer.factors
             for layer in layers.values()
             if isinstance(layer, TiedLoRALayer)  # not the copies of modules_to_save
         }
         out = {}
-        for shape_key, pair in sorted(pairs.items()):
-            out[f"{SHARED_PREFIX}A.{shape_key}"] = pair.tiedlora_A
-            out[f"{SHARED_PREFIX}B.{shape_key}"] = pair.tiedlora_B
+        for key, pair in sorted(pairs.items()):
+            out[f"{SHARED_PREFIX}A.{key}"] = pair.tiedlora_A
+            out[f"{SHARED_PREFIX}B.{key}"] = pair.tiedlora_B
         return out
 
 
 class TiedFactors(nn.Module):
-    """``tiedlora_A`` (r x in) and ``tiedlora_B`` (out x r) of one shape, shared by the adapted
-    layers of that shape: parameters where the configuration trains them, buffers where not."""
+    """``tiedlora_A`` (r x in) and ``tiedlora_B`` (out x r) of one projection, shared by its
+    adapted layers: parameters where the configuration trains them, buffers where not."""
 
     def __init__(
-        self, spec: TiedLoRA, in_features: int, out_features: int, base_weight: torch.Tensor
+        self,
+        spec: TiedLoRA,
+        key: str,
+        in_features: int,
+        out_features: int,
+        base_weight: torch.Tensor,
     ) -> None:
         super().__init__()
-        self.shape_key = f"{in_features}x{out_features}"
+        self.key = key
         factory = {"device": base_weight.device, "dtype": adapter_dtype(base_weight)}
         self._hold(spec, "A", _start(spec, "A", (spec.rank, in_features), factory))
         self._hold(spec, "B", _start(spec, "B", (out_features, spec.rank), factory))
@@ -236,7 +263,7 @@ def _vector(spec: TiedLoRA, factor: str, size: int, factory: dict) -> nn.Paramet
 
 class TiedLoRALayer(AdapterLayer):
     """One layer's ``tiedlora_u`` (r,) and ``tiedlora_v`` (out,) where its configuration trains
-    them, over its shape's shared `TiedFactors`."""
+    them, over its projection's shared `TiedFactors`."""
 
     method = "tiedlora"
 

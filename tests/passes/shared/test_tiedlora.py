@@ -48,23 +48,30 @@ def formula(spec, adapter, base, x):
 
 
 class Stack(nn.Module):
-    """Two layers of one shape and one of another."""
+    """One projection in two layers (``blocks.0.layer``, ``blocks.1.layer``), another of the
+    same shape (``gate``) and a head of another shape (``head``)."""
 
     def __init__(self, conv1d: bool = False) -> None:
         super().__init__()
         make = gpt2_conv1d if conv1d else nn.Linear
-        self.a = make(6, 6)
-        self.b = make(6, 6)
-        self.c = make(6, 4)
+        self.blocks = nn.ModuleList(One(make(6, 6)) for _ in range(2))
+        self.gate = make(6, 6)
+        self.head = make(6, 4)
 
     def forward(self, x):
-        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        for module in (*self.blocks, self.gate):
+            x = torch.tanh(module(x))
+        return self.head(x)
+
+
+TARGETS = ("layer", "gate", "head")
+PATHS = ("blocks.0.layer", "blocks.1.layer", "gate", "head")
 
 
 def _stack(conv1d: bool = False, **fields) -> tuple[Stack, surgeon.CompiledModel]:
     torch.manual_seed(0)
     model = Stack(conv1d)
-    cm = surgeon.compile(model, TiedLoRA(targets=("a", "b", "c"), **{"rank": 3, **fields}))
+    cm = surgeon.compile(model, TiedLoRA(targets=TARGETS, **{"rank": 3, **fields}))
     randomize(cm, scale=0.5)
     return model, cm
 
@@ -73,23 +80,33 @@ def _expected(model: Stack, cm, x: torch.Tensor) -> torch.Tensor:
     layers = dict(cm.store.items("default"))
     spec = cm.spec("default")
     with torch.no_grad(), cm.disabled():
-        h = torch.tanh(formula(spec, layers["a"], model.a, x))
-        h = torch.tanh(formula(spec, layers["b"], model.b, h))
-        return formula(spec, layers["c"], model.c, h)
+        for path in PATHS[:-1]:
+            x = torch.tanh(formula(spec, layers[path], model.get_submodule(path), x))
+        return formula(spec, layers["head"], model.head, x)
 
 
 # -- tying and the configurations ------------------------------------------------------------------
 
 
-def test_layers_of_one_shape_share_a_and_b_and_each_has_its_vectors():
+def test_one_projection_across_layers_shares_a_and_b_and_each_layer_has_its_vectors():
     _, cm = _stack()
-    layers = dict(cm.store.items("default"))
-    assert layers["a"].factors is layers["b"].factors is not layers["c"].factors
-    assert layers["a"].factors.tiedlora_A.shape == (3, 6)
-    assert layers["c"].factors.tiedlora_B.shape == (4, 3)
-    assert layers["a"].tiedlora_u is not layers["b"].tiedlora_u
-    assert layers["c"].tiedlora_v.shape == (4,)
+    first, second, gate, head = (dict(cm.store.items("default"))[p] for p in PATHS)
+    assert first.factors is second.factors
+    assert first.factors.key == "blocks.*.layer"
+    # the paper ties across layers only: another projection of the same shape has its own pair
+    assert gate.factors is not first.factors and gate.factors is not head.factors
+    assert first.factors.tiedlora_A.shape == (3, 6)
+    assert head.factors.tiedlora_B.shape == (4, 3)
+    assert first.tiedlora_u is not second.tiedlora_u
+    assert head.tiedlora_v.shape == (4,)
     assert "(shared by 2 layers)" in str(cm.inspect())
+
+
+def test_layers_of_one_projection_with_other_widths_get_a_pair_per_width():
+    model = nn.Sequential(One(nn.Linear(6, 6)), One(nn.Linear(6, 8)), One(nn.Linear(8, 8)))
+    cm = surgeon.compile(model, TiedLoRA(rank=2, targets=("layer",)))
+    keys = [layer.factors.key for _, layer in cm.store.items("default")]
+    assert keys == ["*.layer.6x6", "*.layer.6x8", "*.layer.8x8"]
 
 
 CONFIGURATIONS = {
@@ -111,11 +128,11 @@ def test_each_configuration_trains_its_tensors_and_starts_as_the_base(config):
     model = Stack()
     x = torch.randn(3, 6)
     before = model(x)
-    cm = surgeon.compile(model, TiedLoRA(rank=3, config=config, targets=("a", "b", "c")))
+    cm = surgeon.compile(model, TiedLoRA(rank=3, config=config, targets=TARGETS))
     assert torch.equal(cm(x), before)
     names = {n.rsplit(".", 1)[1] for n in trained_parameters(cm)}
     assert names == {f"tiedlora_{t}" for t in trains}
-    adapter = dict(cm.store.items("default"))["a"]
+    adapter = dict(cm.store.items("default"))["blocks.0.layer"]
     held = {
         "A": adapter.factors.tiedlora_A,
         "B": adapter.factors.tiedlora_B,
@@ -129,8 +146,8 @@ def test_each_configuration_trains_its_tensors_and_starts_as_the_base(config):
             assert torch.all(value == 1), factor
         else:  # drawn, trained or not: a frozen B is a random projection
             assert torch.count_nonzero(value) == value.numel(), factor
-    # shared tensors count once: 2 pairs, plus the vectors of 3 layers
-    sizes = {"A": 3 * 6 * 2, "B": 3 * 6 + 3 * 4, "u": 3 * 3, "v": 6 + 6 + 4}
+    # shared tensors count once: 3 pairs (blocks, gate, head), plus the vectors of 4 layers
+    sizes = {"A": 3 * 6 * 3, "B": 6 * 3 * 2 + 4 * 3, "u": 3 * 4, "v": 6 * 3 + 4}
     assert cm.num_trainable() == sum(sizes[t] for t in trains)
 
 
@@ -169,12 +186,12 @@ def test_tied_layers_follow_the_formula_and_merge_to_it(conv1d):
     x = torch.randn(4, 6)
     expected = _expected(model, cm, x)
     torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
-    weights = [m.weight.detach().clone() for m in (model.a, model.b, model.c)]
+    weights = [model.get_submodule(p).weight.detach().clone() for p in PATHS]
     cm.merge()
     assert "tiedlora_A" not in cm.graph.code()
     torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
     cm.unmerge()
-    after = [m.weight for m in (model.a, model.b, model.c)]
+    after = [model.get_submodule(p).weight for p in PATHS]
     torch.testing.assert_close(after, weights, rtol=0, atol=1e-6)
 
 
@@ -215,10 +232,10 @@ def test_files_round_trip_with_shared_factors_once_and_trained_vectors(config, t
     q = "base_model.model.model.layers.0.self_attn.q_proj"
     shared = sorted(k for k in saved if k.startswith("base_model.tiedlora_"))
     assert shared == [
-        "base_model.tiedlora_A.32x16",
-        "base_model.tiedlora_A.32x32",
-        "base_model.tiedlora_B.32x16",
-        "base_model.tiedlora_B.32x32",
+        "base_model.tiedlora_A.model.layers.*.self_attn.q_proj",
+        "base_model.tiedlora_A.model.layers.*.self_attn.v_proj",
+        "base_model.tiedlora_B.model.layers.*.self_attn.q_proj",
+        "base_model.tiedlora_B.model.layers.*.self_attn.v_proj",
     ]
     assert (f"{q}.tiedlora_u" in saved) is (config == "TL6")
     assert (f"{q}.tiedlora_v" in saved) is (config == "TL6")
@@ -302,7 +319,8 @@ def test_other_layers_are_refused(layer, name):
 
 
 def test_surgeon_train_resumes_exactly_and_leaves_a_frozen_a_alone(tmp_path):
-    spec = TiedLoRA(rank=3, config="Buv", targets=("a", "b", "c"))
+    spec = TiedLoRA(rank=3, config="Buv", targets=TARGETS)
     _, whole, _, before = train_and_resume_spec(spec, Stack, tmp_path)
-    frozen = before["layers.default.a.factors.tiedlora_A"]
-    assert torch.equal(dict(whole.store.items("default"))["a"].factors.tiedlora_A, frozen)
+    frozen = before["layers.default.blocks_0_layer.factors.tiedlora_A"]
+    layer = dict(whole.store.items("default"))["blocks.0.layer"]
+    assert torch.equal(layer.factors.tiedlora_A, frozen)
