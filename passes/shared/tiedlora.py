@@ -5,9 +5,9 @@ parameter efficiency of LoRA with weight tying", https://arxiv.org/abs/2311.0957
 Every adapted layer ``l`` computes ``ΔW_l = (alpha/r) · diag(v_l) B diag(u_l) A``: ``A`` (r x in)
 and ``B`` (out x r) are one pair for the same projection in every transformer layer (the layers
 whose paths differ only in their layer numbers, as ``model.layers.*.self_attn.q_proj``), ``u_l``
-(r,) and ``v_l`` (out,) are the layer's own. ``config`` names which of them train; an untrained ``u`` or
-``v`` is the constant 1, neither held nor saved. The paper's two recommended configurations are
-named (its Table 1, checked against the paper's own parameter counts below):
+(r,) and ``v_l`` (out,) are the layer's own. ``config`` names which of them train; an
+untrained ``u`` or ``v`` is the constant 1, neither held nor saved. The paper's two recommended
+configurations are named (its Table 1, checked against the paper's own parameter counts below):
 
 =======  ===  ===  ===  ===  ==============================  ====================
 config    A    B    u    v   trained (paper's fused QKV)     here (separate q, v)
