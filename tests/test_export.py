@@ -38,8 +38,9 @@ SLOW_EXPORTS = ("bert", "llama")
 
 @pytest.mark.parametrize(
     "name",
-    # slow: Llama's exports are verified in test_onnx_output_equals_the_unmerged_model_on_new_inputs,
-    # BERT's (all-MiniLM-L6-v2, adapted) by the demo and the export example
+    # slow: Llama's exports are verified in
+    # test_onnx_output_equals_the_unmerged_model_on_new_inputs, BERT's (all-MiniLM-L6-v2,
+    # adapted) by the demo and the export example
     [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPORTS else n for n in sorted(ZOO)],
 )
 def test_exports_every_zoo_model_verified_and_lowered(name, tmp_path):

@@ -15,9 +15,9 @@ or a call with ``inputs_embeds`` only, runs the base model (the latter with a wa
 
 Layers: Linear and GPT-2's ``Conv1D`` (PEFT has aLoRA on its Linear only: it refuses
 convolutions and embeddings), and layers stored in 4 bits (QLoRA's layer with the masked update,
-as PEFT's aLoRA on bitsandbytes' ``Linear4bit``). Merging is refused (a weight cannot tell tokens apart; PEFT
-refuses too), so is export. Beam search and several returned sequences per prompt are refused
-(the offsets are one per prompt row; PEFT refuses beam search).
+as PEFT's aLoRA on bitsandbytes' ``Linear4bit``). Merging is refused (a weight cannot tell
+tokens apart; PEFT refuses too), so is export. Beam search and several returned sequences per
+prompt are refused (the offsets are one per prompt row; PEFT refuses beam search).
 
 In training, dropout draws over every token of the layer's input (PEFT draws over the adapted
 tokens only): the same distribution, other random numbers.

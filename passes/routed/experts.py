@@ -1,8 +1,9 @@
 """The trained LoRA experts that routed methods mix (MoLE, Arrow; X-LoRA's type check): named
 folders, each read and checked to be a plain LoRA that adapts every targeted layer, its factors
 per layer, zero-padded and stacked into one tensor per factor, the batched math that runs them
-and the layer that holds them (`StackedExpertsLayer`). Every refusal is a `SpecError` that names the method, the expert and its folder. No method
-lives here: the methods pass their own names and fields."""
+and the layer that holds them (`StackedExpertsLayer`). Every refusal is a `SpecError` that
+names the method, the expert and its folder. No method lives here: the methods pass their own
+names and fields."""
 
 from __future__ import annotations
 

@@ -42,8 +42,8 @@ has no Tied-LoRA; its loader refuses such a file). The config holds LoRA's keys 
 ``lora_alpha``, null for alpha = r, ``lora_dropout``, the selection) and ``tied_config``; the
 file holds ``base_model.tiedlora_A.<projection>`` and ``base_model.tiedlora_B.<projection>``
 once per projection (its path with ``*`` for the layer numbers; frozen ones too: they are
-random draws), and per layer ``tiedlora_u`` and ``tiedlora_v`` where they train. In half precision every tensor is kept in float32, as PEFT
-keeps LoRA's.
+random draws), and per layer ``tiedlora_u`` and ``tiedlora_v`` where they train. In half
+precision every tensor is kept in float32, as PEFT keeps LoRA's.
 
 Layers: Linear and transformers' GPT-2 ``Conv1D``.
 """
