@@ -21,7 +21,7 @@ TL6       ∇    ∇    ∇    ∇   4dr + L(r + 3d)                 TL5 + Σ_la
 (4dr) and TL6 12.5% of LoRA, and 4dr + L(r + 3d) = 524,544 is 12.5% of 4Ldr = 4,194,304;
 TL5 trains the tied A and B with u = v = 1, TL6 all four (a later paper that ran TL6 describes it
 the same way: "train A, B, u, v"). The paper sets ``alpha = r`` (no scaling): ``alpha=None``,
-the default, does the same. The paper's other rows (TL1-TL4, which freeze A or B) could not be
+the default, does the same. The paper's other rows (TL1-TL4) could not be
 read from a primary source here, so their names are refused rather than guessed; every
 configuration can be asked for by the letters of what it trains instead (``config="Buv"``:
 A frozen; ``config="uv"``: A and B frozen random, VeRA-like with tied factors).
