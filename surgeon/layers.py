@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,6 +65,12 @@ def in_out_features(layer: nn.Module) -> tuple[int, int]:
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Half-precision bases get float32 adapters, as PEFT does by default (autocast_adapter_dtype)."""
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def adapter_tensor_kwargs(weight: torch.Tensor) -> dict[str, Any]:
+    """``device`` and ``dtype`` for an adapter's tensors beside the base ``weight``: its device,
+    `adapter_dtype`."""
+    return {"device": weight.device, "dtype": adapter_dtype(weight)}
 
 
 def through_base_dtype(value: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:

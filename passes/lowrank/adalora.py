@@ -31,7 +31,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_int, check_number, check_positive, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, layer_kind, through_base_dtype
+from surgeon.layers import adapter_tensor_kwargs, layer_kind, through_base_dtype
 from surgeon.peft import INT, MAPPING, NUMBER, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -309,7 +309,7 @@ class AdaLoRALayer(AdapterLayer):
         fan_in, fan_out = self._fans(base, path)
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
+        factory = adapter_tensor_kwargs(base.weight)
         self.lora_A = nn.Parameter(torch.empty(rank, fan_in, **factory))
         self.lora_E = nn.Parameter(torch.empty(rank, 1, **factory))
         self.lora_B = nn.Parameter(torch.empty(fan_out, rank, **factory))

@@ -39,7 +39,7 @@ from surgeon.checks import (
     check_pattern_map,
     check_probability,
 )
-from surgeon.layers import adapter_dtype, layer_kind, through_base_dtype
+from surgeon.layers import adapter_tensor_kwargs, layer_kind, through_base_dtype
 from surgeon.peft import INT, MAPPING, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 from surgeon.targets import pattern_value
@@ -147,7 +147,7 @@ class DeLoRALayer(AdapterLayer):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # on the CPU's generator, as PEFT draws
         self.delora_A = nn.Parameter(through_base_dtype(a, weight))
         self.delora_B = nn.Parameter(
-            torch.zeros(base.out_features, rank, device=weight.device, dtype=adapter_dtype(weight))
+            torch.zeros(base.out_features, rank, **adapter_tensor_kwargs(weight))
         )
         bound = torch.full((1,), float(lambda_init))
         self.delora_lambda = nn.Parameter(through_base_dtype(bound, weight))

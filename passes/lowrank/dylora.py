@@ -60,7 +60,7 @@ from surgeon.checks import (
     check_seed,
 )
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import BOOL, INT, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -240,7 +240,7 @@ class DyLoRALayer(AdapterLayer):
         self.kind = layer_kind(base)
         fan_in, fan_out = in_out_features(base)
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.lora_A = nn.Parameter(torch.empty(spec.rank, fan_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(fan_out, spec.rank, **factory))
         with torch.no_grad():

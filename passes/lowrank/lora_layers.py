@@ -33,7 +33,7 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype
+from surgeon.layers import adapter_tensor_kwargs
 from surgeon.spec import Combination
 
 ConvLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -253,7 +253,7 @@ class LoRAMultiheadAttentionLayer(AdapterLayer):
         self.rank = rank
         self.scale = scale
         weight = base.in_proj_weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         embed = base.embed_dim
         self.lora_A = nn.Parameter(torch.empty(rank, embed, **factory))
         self.lora_B = nn.Parameter(torch.empty(3 * embed, rank, **factory))

@@ -31,7 +31,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.copies import forward_with
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype
+from surgeon.layers import adapter_tensor_kwargs
 from surgeon.targets import matches_suffix, pattern_value
 from surgeon.trace import PARAMETER_OWNER
 
@@ -155,7 +155,7 @@ class ParameterLoRALayer(AdapterLayer):
             experts, fan_in, fan_out, swapped = layout(base, name, path)
             self.shapes[name] = (experts, fan_in, fan_out, swapped)
             self.scales[name] = alpha / (math.sqrt(rank) if spec.rslora else rank)
-            factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+            factory = adapter_tensor_kwargs(weight)
             a = nn.Parameter(torch.empty(experts * rank, fan_in, **factory))
             b = nn.Parameter(torch.zeros(fan_out, rank * experts, **factory))
             with torch.no_grad():

@@ -48,7 +48,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_bool, check_int, check_names, check_positive, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.passes.lowrank.lora import LoRA, LoRALayer
 from surgeon.peft import BOOL, INT, NUMBER, JsonType, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
@@ -180,7 +180,7 @@ class LoRAPair(nn.Module):
         super().__init__()
         self.shared = shared
         self.shape_key = f"{in_features}x{out_features}"
-        factory = {"device": base_weight.device, "dtype": adapter_dtype(base_weight)}
+        factory = adapter_tensor_kwargs(base_weight)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # LoRA's A
         # B at zero makes a fresh adapter the identity

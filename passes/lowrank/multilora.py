@@ -38,7 +38,7 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_int, check_positive, check_probability
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import INT, NUMBER, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -111,7 +111,7 @@ class MultiLoRALayer(AdapterLayer):
         self.scale = spec.alpha / spec.rank
         fan_in, fan_out = in_out_features(base)
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         stacked = spec.units * spec.rank
         self.multilora_A = nn.Parameter(torch.empty(stacked, fan_in, **factory))
         self.multilora_B = nn.Parameter(torch.empty(fan_out, stacked, **factory))

@@ -25,7 +25,7 @@ from surgeon.checks import (
     check_probability,
 )
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype
+from surgeon.layers import adapter_tensor_kwargs
 from surgeon.peft import (
     BOOL,
     BOOL_OR_STRING,
@@ -200,7 +200,7 @@ class LycorisLayer(AdapterLayer):
     @property
     def factory(self) -> dict[str, Any]:
         weight = self.base.weight
-        return {"device": weight.device, "dtype": adapter_dtype(weight)}
+        return adapter_tensor_kwargs(weight)
 
     @property
     def is_conv(self) -> bool:

@@ -50,7 +50,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, Cached, EmitContext
 from surgeon.checks import check_choice, check_int, check_number
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, through_base_dtype
+from surgeon.layers import adapter_tensor_kwargs, through_base_dtype
 from surgeon.passes.orthogonal.common import cayley, rotate_blocks
 from surgeon.peft import BOOL, INT, NUMBER, STRING, PeftFormat, PeftKey, choices, selection_keys
 from surgeon.spec import MethodSpec
@@ -396,7 +396,7 @@ class BOFTLayer(AdapterLayer):
         weight = base.weight
         out = weight.shape[0]
         scale_shape = (1, out) if self.kind == "conv2d" else (out, 1)
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         if init == "random":
             # PEFT draws in float32 on the CPU, then moves the values to the base's dtype
             blocks = torch.empty(layout.shape).normal_(0.0, 0.1)

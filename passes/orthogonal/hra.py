@@ -47,7 +47,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, Cached, EmitContext
 from surgeon.checks import check_bool, check_choice, check_int, check_number, is_int
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, through_base_dtype
+from surgeon.layers import adapter_tensor_kwargs, through_base_dtype
 from surgeon.peft import BOOL, INT, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -228,7 +228,7 @@ class HRALayer(AdapterLayer):
         self.rank = rank
         self.gram_schmidt = gram_schmidt
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.hra_u = nn.Parameter(torch.empty(rows, rank, **factory))
         # (V, S) of H = I - V S Vᵀ, kept in eval until hra_u changes
         self.householder = Cached(self.factors, self._factor_sources)

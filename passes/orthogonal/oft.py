@@ -50,7 +50,7 @@ from surgeon.checks import (
     check_probability,
 )
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, layer_kind, through_base_dtype
+from surgeon.layers import adapter_tensor_kwargs, layer_kind, through_base_dtype
 from surgeon.passes.orthogonal.common import (
     cayley,
     cayley_neumann,
@@ -327,7 +327,7 @@ class OFTLayer(AdapterLayer):
         weight = base.weight
         stored = 1 if spec.block_share else self.blocks
         shape = (stored, self.block_size * (self.block_size - 1) // 2)
-        start = torch.zeros(shape, device=weight.device, dtype=adapter_dtype(weight))
+        start = torch.zeros(shape, **adapter_tensor_kwargs(weight))
         if spec.init == "random" and weight.device.type != "meta":
             start = through_base_dtype(torch.randn(shape) * 0.1, weight)
         self.oft_R = nn.Parameter(start)

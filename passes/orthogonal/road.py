@@ -27,7 +27,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_choice, check_int
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, layer_kind
 from surgeon.peft import INT, PeftFormat, PeftKey, one_of, selection_keys
 from surgeon.spec import MethodSpec
 from surgeon.targets import select_targets
@@ -178,7 +178,7 @@ class RoAdLayer(AdapterLayer):
         self.group_size = group_size
         size = base.out_features // 2 * PARAMETERS_PER_PAIR[variant]
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.road_theta = nn.Parameter(torch.zeros(size, **factory))
         self.road_alpha = nn.Parameter(torch.ones(size, **factory))
 

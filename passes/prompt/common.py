@@ -31,7 +31,7 @@ from surgeon.adapter import CACHE_ARGUMENTS, CallAdapter, EmitContext, ModelCall
 from surgeon.checks import check_choice, check_int
 from surgeon.errors import SpecError
 from surgeon.graph import Graph
-from surgeon.layers import adapter_dtype
+from surgeon.layers import adapter_tensor_kwargs
 from surgeon.passes.prompt.graph import LayerPrefix, graph_sites, insert_prefix
 from surgeon.peft import BOOL, INT, REQUIRED, PeftFormat, PeftKey, task_type
 from surgeon.spec import MethodSpec
@@ -563,4 +563,4 @@ def adapter_factory(model: nn.Module) -> dict[str, Any]:
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     if param is None:
         return {}
-    return {"device": param.device, "dtype": adapter_dtype(param)}
+    return adapter_tensor_kwargs(param)

@@ -60,7 +60,7 @@ from torch import nn
 from surgeon.adapter import EmitContext
 from surgeon.checks import check_bool, check_int, check_positive, check_seed
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.passes.routed.experts import (
     EXPERT_NAMES,
     Factors,
@@ -357,7 +357,7 @@ class ArrowLayer(StackedExpertsLayer):
         general: Sequence[Factors | None],
         spec: Arrow,
     ) -> None:
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
+        factory = adapter_tensor_kwargs(base.weight)
         prototypes = torch.zeros(len(task), in_out_features(base)[0], **factory)
         if all(found is not None for found in task):  # else the adapter's file fills them
             task = [(fa.to(**factory), fb.to(**factory), s) for fa, fb, s in task]

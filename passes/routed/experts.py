@@ -25,7 +25,7 @@ from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_int
 from surgeon.errors import SpecError
 from surgeon.io import CONFIG_NAME, method_from_peft_config, read_adapter
-from surgeon.layers import adapter_dtype, in_out_features
+from surgeon.layers import adapter_tensor_kwargs, in_out_features
 from surgeon.passes.lowrank.lora import LoRA, is_residual_init
 from surgeon.peft import PREFIX, JsonType
 from surgeon.spec import MethodSpec
@@ -290,19 +290,13 @@ class StackedExpertsLayer(AdapterLayer):
     ) -> None:
         super().__init__(base)
         fan_in, fan_out = in_out_features(base)
-        a, b, scales = stacked(factors, rank, fan_in, fan_out, **self.factory)
+        a, b, scales = stacked(factors, rank, fan_in, fan_out, **adapter_tensor_kwargs(base.weight))
         for name, value in (("experts_A", a), ("experts_B", b)):
             if trained:
                 setattr(self, f"{self.method}_{name}", nn.Parameter(value))
             else:
                 self.register_buffer(f"{self.method}_{name}", value)
         self.register_buffer(f"{self.method}_expert_scales", scales)
-
-    @property
-    def factory(self) -> dict[str, Any]:
-        """Where and in which dtype the layer's tensors live."""
-        weight = self.base.weight
-        return {"device": weight.device, "dtype": adapter_dtype(weight)}
 
     def expert_tensors(self) -> dict[str, torch.Tensor]:
         names = ("experts_A", "experts_B", "expert_scales")

@@ -53,7 +53,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_finite, check_positive, check_seed
 from surgeon.errors import SpecError
-from surgeon.layers import in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.passes.routed.experts import (
     EXPERT_NAMES,
     Factors,
@@ -238,7 +238,7 @@ class MoLELayer(StackedExpertsLayer):
     ) -> None:
         super().__init__(base, factors, rank, trained=False)
         fan_out = in_out_features(base)[1]
-        self.gate = Gate(len(factors), fan_out, temperature, **self.factory)
+        self.gate = Gate(len(factors), fan_out, temperature, **adapter_tensor_kwargs(base.weight))
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {"mole_gate.weight": self.gate.weight, **self.expert_tensors()}

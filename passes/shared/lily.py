@@ -45,7 +45,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_choice, check_finite, check_int
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, layer_kind, through_base_dtype
+from surgeon.layers import adapter_tensor_kwargs, layer_kind, through_base_dtype
 from surgeon.peft import (
     BOOL,
     INT,
@@ -231,7 +231,7 @@ def initial_values(
     fan_in, fan_out = weight.shape[1], weight.shape[0]
     shapes = ((spec.rank, fan_in), (spec.num_b, spec.rank), (spec.num_b * spec.rank, fan_out))
     if weight.is_meta:
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         return tuple(torch.empty(shape, **factory) for shape in shapes)
     for shape in (shapes[0], shapes[2], shapes[1]):  # the constructors' order: A, B, router
         kaiming_uniform(*shape)

@@ -53,7 +53,12 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, Cached, EmitContext
 from surgeon.checks import check_finite, check_int, check_probability, check_seed
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind, through_base_dtype
+from surgeon.layers import (
+    adapter_tensor_kwargs,
+    in_out_features,
+    layer_kind,
+    through_base_dtype,
+)
 from surgeon.peft import INT, NUMBER, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -172,7 +177,7 @@ class NOLALayer(AdapterLayer):
         self.scale = spec.alpha / spec.rank
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         bound = 1 / math.sqrt(spec.num_basis_A)
         self.nola_alpha = nn.Parameter(torch.empty(spec.num_basis_A, **factory))
         nn.init.uniform_(self.nola_alpha, -bound, bound)

@@ -53,7 +53,12 @@ from surgeon.checks import (
     check_seed,
 )
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind, through_base_dtype
+from surgeon.layers import (
+    adapter_tensor_kwargs,
+    in_out_features,
+    layer_kind,
+    through_base_dtype,
+)
 from surgeon.peft import BOOL, INT, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -271,7 +276,7 @@ class RandLoRALayer(AdapterLayer):
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.randlora_lambda = nn.Parameter(torch.zeros(rank, self.num_bases, **factory))
         gamma = torch.full((self.num_bases, self.smaller), 1 / max(self.num_bases, self.smaller))
         self.randlora_gamma = nn.Parameter(through_base_dtype(gamma, weight))

@@ -62,7 +62,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_finite, check_int, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import INT, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -231,7 +231,7 @@ class TiedFactors(nn.Module):
     ) -> None:
         super().__init__()
         self.key = key
-        factory = {"device": base_weight.device, "dtype": adapter_dtype(base_weight)}
+        factory = adapter_tensor_kwargs(base_weight)
         self._hold(spec, "A", _start(spec, "A", (spec.rank, in_features), factory))
         self._hold(spec, "B", _start(spec, "B", (out_features, spec.rank), factory))
 
@@ -273,7 +273,7 @@ class TiedLoRALayer(AdapterLayer):
         self.factors = factors
         self.scale = spec.scale
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
+        factory = adapter_tensor_kwargs(base.weight)
         self.tiedlora_u = _vector(spec, "u", spec.rank, factory)
         self.tiedlora_v = _vector(spec, "v", in_out_features(base)[1], factory)
 

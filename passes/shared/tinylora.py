@@ -44,7 +44,7 @@ from surgeon.checks import (
     check_probability,
     check_seed,
 )
-from surgeon.layers import adapter_dtype, layer_kind, through_base_dtype
+from surgeon.layers import adapter_dtype, adapter_tensor_kwargs, layer_kind, through_base_dtype
 from surgeon.peft import (
     BOOL,
     BOOL_OR_STRING,
@@ -205,7 +205,7 @@ class TiedVector(nn.Module):
     ) -> None:
         super().__init__()
         self.group = group
-        factory = {"device": base_weight.device, "dtype": adapter_dtype(base_weight)}
+        factory = adapter_tensor_kwargs(base_weight)
         self.tinylora_v = nn.Parameter(torch.zeros(u, **factory))
         if init == "uniform" and not base_weight.is_meta:
             # PEFT's draw: from the global generator, on the CPU, in the base weight's dtype
@@ -248,7 +248,7 @@ class TinyLoRALayer(AdapterLayer):
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
         weight = self._out_in(base.weight)
         rank = min(spec.rank, *weight.shape)
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         if weight.is_meta:
             a = torch.empty(rank, weight.shape[1], **factory)
             b = torch.empty(weight.shape[0], rank, **factory)

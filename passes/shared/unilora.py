@@ -35,7 +35,12 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, Cached, EmitContext
 from surgeon.checks import check_bool, check_choice, check_int, check_positive, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind, through_base_dtype
+from surgeon.layers import (
+    adapter_tensor_kwargs,
+    in_out_features,
+    layer_kind,
+    through_base_dtype,
+)
 from surgeon.peft import BOOL, INT, NUMBER, STRING, PeftFormat, PeftKey, choices, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -151,7 +156,7 @@ class SharedVector(nn.Module):
 
     def __init__(self, length: int, base_weight: torch.Tensor) -> None:
         super().__init__()
-        factory = {"device": base_weight.device, "dtype": adapter_dtype(base_weight)}
+        factory = adapter_tensor_kwargs(base_weight)
         self.unilora_theta_d = nn.Parameter(torch.empty(length, **factory))
 
     @torch.no_grad()
@@ -227,7 +232,7 @@ class UniLoRALayer(AdapterLayer):
         weight = base.weight
         for factor, shape in zip("AB", self.factor_shapes()):
             indices = torch.empty(shape, dtype=torch.long, device=weight.device)
-            scales = torch.empty(shape, dtype=adapter_dtype(weight), device=weight.device)
+            scales = torch.empty(shape, **adapter_tensor_kwargs(weight))
             self.register_buffer(f"unilora_indices_{factor}", indices, persistent=False)
             self.register_buffer(f"unilora_scales_{factor}", scales, persistent=False)
         # (A, B): built on every training call, kept in eval until θ_d or the buffers change

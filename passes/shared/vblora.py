@@ -36,7 +36,12 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, Cached, EmitContext
 from surgeon.checks import check_bool, check_choice, check_int, check_number, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind, through_base_dtype
+from surgeon.layers import (
+    adapter_tensor_kwargs,
+    in_out_features,
+    layer_kind,
+    through_base_dtype,
+)
 from surgeon.peft import BOOL, INT, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -216,7 +221,7 @@ class VectorBank(nn.Module):
 
     def __init__(self, num_vectors: int, length: int, base_weight: torch.Tensor) -> None:
         super().__init__()
-        factory = {"device": base_weight.device, "dtype": adapter_dtype(base_weight)}
+        factory = adapter_tensor_kwargs(base_weight)
         self.vblora_vector_bank = nn.Parameter(torch.empty(num_vectors, length, **factory))
 
     def draw(self, bound: float) -> torch.Tensor | None:
@@ -256,7 +261,7 @@ class VBLoRALayer(AdapterLayer):
         num_vectors, length = bank.vblora_vector_bank.shape
         fan_in, fan_out = in_out_features(base)
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.vblora_logits_A = nn.Parameter(
             torch.empty(rank, fan_in // length, num_vectors, **factory)
         )

@@ -58,7 +58,7 @@ from surgeon.checks import (
     check_probability,
 )
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import (
     BOOL,
     INT,
@@ -251,9 +251,7 @@ class SparsePart(nn.Module):
         self.collect_from = spec.warmup
         self.mask_at = spec.warmup + spec.mask_steps
         self.squared = spec.accumulation == "mean_squared"
-        self.values = nn.Parameter(
-            torch.zeros(count, device=weight.device, dtype=adapter_dtype(weight))
-        )
+        self.values = nn.Parameter(torch.zeros(count, **adapter_tensor_kwargs(weight)))
         flat = torch.arange(count, device=weight.device)  # placeholders until the mask
         rows, columns = flat // shape[1], flat % shape[1]
         self.register_buffer("indices", torch.stack((rows, columns)).to(torch.int32))
@@ -388,7 +386,7 @@ class RoSALayer(AdapterLayer):
         self.kind = layer_kind(base)
         fan_in, fan_out = in_out_features(base)
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.scale = spec.scale
         self.lora_A = nn.Parameter(torch.empty(spec.rank, fan_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(fan_out, spec.rank, **factory))

@@ -38,7 +38,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, Cached, EmitContext
 from surgeon.checks import check_int, is_int
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import INT, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -328,5 +328,5 @@ class SHiRALayer(SparseUpdateLayer):
         self.rank = rank
         self.register_buffer("shira_indices", indices)
         self.shira_weight = nn.Parameter(
-            torch.zeros(indices.shape[1], device=weight.device, dtype=adapter_dtype(weight))
+            torch.zeros(indices.shape[1], **adapter_tensor_kwargs(weight))
         )

@@ -35,7 +35,7 @@ from torch import nn
 from surgeon.adapter import EmitContext
 from surgeon.checks import check_bool, check_int, check_number, check_positive, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, layer_kind
 from surgeon.passes.sparse.shira import SparseUpdateLayer
 from surgeon.peft import BOOL, INT, NUMBER, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
@@ -172,7 +172,7 @@ class SuperTuningLayer(SparseUpdateLayer):
     def __init__(self, base: nn.Module, spec: SuperTuning, count: int) -> None:
         super().__init__(base)
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.save_indices = spec.save_indices
         self.register_buffer("supertuning_indices", chosen_positions(weight, count, spec.largest))
         self.supertuning_values = nn.Parameter(torch.zeros(count, **factory))

@@ -53,7 +53,7 @@ from surgeon.checks import (
     check_positive,
 )
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import BOOL, INT, MAPPING, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 from surgeon.targets import pattern_value
@@ -403,7 +403,7 @@ class WaveFTLayer(AdapterLayer):
         self.fan_in, self.fan_out = in_out_features(base)
         self.scaling = scaling
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.waveft_spectrum = nn.Parameter(torch.zeros(count, **factory))
         rows, cols = spectral_positions(seed, self.fan_out, self.fan_in, count)
         if wavelet is None:

@@ -37,7 +37,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, Cached, EmitContext
 from surgeon.checks import check_choice, check_int
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype
+from surgeon.layers import adapter_tensor_kwargs
 from surgeon.peft import INT, STRING, PeftFormat, PeftKey, one_of, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -159,7 +159,7 @@ class GLoRALayer(AdapterLayer):
             "D": (out_features,),
             "E": (out_features,),
         }
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         for term in TERMS:  # PEFT's order, so a seed draws PEFT's starting values
             for name, shape in self._parameter_shapes(term, spec.rank).items():
                 self.register_parameter(name, nn.Parameter(torch.zeros(shape, **factory)))

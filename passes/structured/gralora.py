@@ -34,7 +34,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_choice, check_int, check_positive, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import INT, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 from surgeon.targets import select_targets
@@ -188,7 +188,7 @@ class GraLoRALayer(AdapterLayer):
         self.scale = spec.alpha / (rank + hybrid)
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         # PEFT draws each block's A as (r, in/k), B zero, then stores them transposed
         a = torch.empty(k, rank, in_features // k, **factory)
         with torch.no_grad():

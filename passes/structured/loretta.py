@@ -45,7 +45,7 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_int, check_positive, check_probability
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import INT, NUMBER, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -160,7 +160,7 @@ class LoRETTALayer(AdapterLayer):
         self.out_factors = factorise(fan_out, cores)
         self.scaling = scaling
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         ranks = [1, *[rank] * (cores - 1), 1]
         for k, (m, n) in enumerate(zip(self.out_factors, self.in_factors)):
             core = torch.empty(ranks[k], m, n, ranks[k + 1], **factory)

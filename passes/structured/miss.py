@@ -44,7 +44,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_choice, check_int, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, layer_kind, through_base_dtype
+from surgeon.layers import adapter_tensor_kwargs, layer_kind, through_base_dtype
 from surgeon.peft import (
     BOOL_OR_STRING,
     INT,
@@ -249,7 +249,7 @@ class MiSSLayer(AdapterLayer):
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
             self.miss_block = nn.Parameter(through_base_dtype(block, weight))
         else:
-            factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+            factory = adapter_tensor_kwargs(weight)
             self.miss_block = nn.Parameter(torch.zeros(shape, **factory))
         self.rank = shape[-1] if init == "bat" else shape[0]
         self.dropout = nn.Dropout(dropout) if dropout else None

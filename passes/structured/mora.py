@@ -47,7 +47,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_choice, check_int, check_probability
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import INT, NUMBER, PeftFormat, PeftKey, choices, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -196,7 +196,7 @@ class MoRALayer(AdapterLayer):
         self.fan_in, self.fan_out = in_out_features(base)
         self.groups = -(-self.fan_in // size)
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.mora_M = nn.Parameter(torch.zeros(size, size, **factory))
         if variant == "rotation":
             cos, sin = rotation_angles(self.groups, size)

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
-from surgeon.layers import adapter_dtype, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, layer_kind
 from surgeon.peft import PeftFormat, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -67,7 +67,7 @@ class BEFTLayer(AdapterLayer):
         super().__init__(base)
         weight = base.weight
         self.beft_bias = nn.Parameter(
-            torch.zeros(base.out_features, device=weight.device, dtype=adapter_dtype(weight))
+            torch.zeros(base.out_features, **adapter_tensor_kwargs(weight))
         )
         # whether the last merge gave the base layer the bias it lacked (unmerge removes it)
         self.made_base_bias = False

@@ -32,7 +32,7 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, layer_kind
 from surgeon.peft import PeftFormat, selection_keys
 from surgeon.spec import MethodSpec
 from surgeon.targets import PRESETS, select_targets, show_selector
@@ -132,9 +132,7 @@ class BitFitLayer(AdapterLayer):
         super().__init__(base)
         self.kind = bitfit_kind(base)
         bias = base.bias
-        self.bitfit_delta = nn.Parameter(
-            torch.zeros(bias.shape, device=bias.device, dtype=adapter_dtype(bias))
-        )
+        self.bitfit_delta = nn.Parameter(torch.zeros(bias.shape, **adapter_tensor_kwargs(bias)))
 
     def emit(self, ctx: EmitContext, x: fx.Node, base_out: fx.Node) -> fx.Node:
         delta = ctx.attr("bitfit_delta", self.bitfit_delta)

@@ -22,7 +22,7 @@ from torch import nn
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_targets
 from surgeon.errors import SpecError
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind
+from surgeon.layers import adapter_tensor_kwargs, in_out_features, layer_kind
 from surgeon.peft import (
     NAMES,
     PREFIX,
@@ -159,9 +159,7 @@ class IA3Layer(AdapterLayer):
         size = in_features if feedforward else out_features
         shape = (1, size, *(1,) * (base.weight.dim() - 2)) if self.kind == "conv" else (size,)
         weight = base.weight
-        self.ia3_l = nn.Parameter(
-            torch.ones(shape, device=weight.device, dtype=adapter_dtype(weight))
-        )
+        self.ia3_l = nn.Parameter(torch.ones(shape, **adapter_tensor_kwargs(weight)))
 
     @property
     def transforms_input(self) -> bool:

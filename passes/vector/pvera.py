@@ -40,7 +40,12 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_bool, check_choice, check_int, check_positive, check_probability
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind, through_base_dtype
+from surgeon.layers import (
+    adapter_tensor_kwargs,
+    in_out_features,
+    layer_kind,
+    through_base_dtype,
+)
 from surgeon.passes.vector.vera import kaiming_uniform
 from surgeon.peft import BOOL, INT, NUMBER, STRING, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
@@ -219,7 +224,7 @@ class PVeRALayer(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.reparameterisation = reparameterisation
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.pvera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **factory))
         d = torch.full((2 * self.rank,), d_initial, dtype=torch.float32)
         self.pvera_lambda_d = nn.Parameter(through_base_dtype(d, weight))

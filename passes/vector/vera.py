@@ -23,7 +23,12 @@ from torch import nn
 
 from surgeon.adapter import AdapterLayer, EmitContext
 from surgeon.checks import check_bool, check_int, check_positive, check_probability
-from surgeon.layers import adapter_dtype, in_out_features, layer_kind, through_base_dtype
+from surgeon.layers import (
+    adapter_tensor_kwargs,
+    in_out_features,
+    layer_kind,
+    through_base_dtype,
+)
 from surgeon.peft import BOOL, INT, NUMBER, PeftFormat, PeftKey, selection_keys
 from surgeon.spec import MethodSpec
 
@@ -144,7 +149,7 @@ class VeRALayer(AdapterLayer):
         self.projections = projections
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         weight = base.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        factory = adapter_tensor_kwargs(weight)
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **factory))
         d = torch.full((self.rank,), d_initial, dtype=torch.float32)
         self.vera_lambda_d = nn.Parameter(through_base_dtype(d, weight))
